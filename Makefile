@@ -1,0 +1,62 @@
+# The targets here are the commands humans, CI (.ci/run) and the Dockerfile all run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_REPOSITORY ?= models
+DEFAULT_MODEL ?= efficientnet_lite0_imagenet
+
+.PHONY: help serve test lint typecheck pytest bench bench-quick model tools clean
+
+help:
+	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
+	@echo "make test   - set up the venv, then lint, type-check and run the whole test suite"
+	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# One stamp per extra set, so a change to pyproject.toml reinstalls.
+$(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[serve,train]"
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[dev]"
+	touch $@ $(VENV)/.stamp-run
+
+# Builds the default model only when the repository holds no model at all.
+model: $(VENV)/.stamp-run
+	@if [ -z "$$(find $(MODEL_REPOSITORY) -name model.onnx 2>/dev/null | head -n 1)" ]; then \
+		$(BIN)/python -m training pretrained --out $(MODEL_REPOSITORY)/$(DEFAULT_MODEL); \
+	else echo "model repository $(MODEL_REPOSITORY)/ already holds a model; not rebuilding"; fi
+
+serve: model
+	CONVSERVE_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m service
+
+# Static tools the tests use that are not Python packages (promtool from Debian's prometheus).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+		|| echo "NOTE: could not install promtool; the Prometheus config test will be skipped"; }
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.stamp-dev
+	$(BIN)/mypy
+
+pytest: $(VENV)/.stamp-dev tools
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.stamp-dev model
+	$(BIN)/python -m benchmarks
+
+bench-quick: $(VENV)/.stamp-dev model
+	$(BIN)/python -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,107 @@
+# syntax=docker/dockerfile:1
+#
+# Two stages:
+#   model   - CPU-only torch; runs the same `python -m training pretrained` that `make serve` runs, so the
+#             image always carries a working default model (built at image build time, never at run time).
+#   runtime - NVIDIA CUDA + cuDNN base, only the `serve` extra (no torch, no training code), non-root.
+#
+# GPU:  docker compose up                       (see docker-compose.yml)
+# CPU:  docker compose -f docker-compose.yml -f docker-compose.cpu.yml up
+#       (builds the same runtime stage on plain Ubuntu 24.04: RUNTIME_BASE=ubuntu:24.04)
+
+# onnxruntime-gpu 1.31.x on PyPI is built against CUDA 13.0 and cuDNN 9 (its
+# onnxruntime/capi/build_and_package_info.py says cuda_version = '13.0'; the CUDA provider links
+# libcudart.so.13 and libcublas.so.13). This tag ships the CUDA 13.0 runtime libraries (cuBLAS,
+# cuFFT, cuRAND) plus cuDNN 9 for CUDA 13. Host requirement: NVIDIA driver >= 580.65.06 (the R580
+# branch, CUDA 13.0's minimum) and the NVIDIA Container Toolkit.
+ARG RUNTIME_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG BUILD_BASE=python:3.11-slim-bookworm
+
+############################################################################################
+FROM ${BUILD_BASE} AS model
+
+# The `train` extra pins torch==2.14.1 / torchvision==0.29.1. From PyPI those are the CUDA builds,
+# which drag in ~3 GB of nvidia-* wheels that this stage never uses: it only exports one model on the
+# CPU. So the CPU builds of the same versions are installed first from PyTorch's CPU wheel index; the
+# `pip install ".[train]"` that follows sees 2.14.1+cpu as satisfying ==2.14.1 (PEP 440 ignores the
+# local "+cpu" label) and keeps them.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG DEFAULT_MODEL=efficientnet_lite0_imagenet
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /build
+RUN pip install --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+
+# Dependencies first (cached until pyproject.toml changes), then the source.
+COPY pyproject.toml README.md ./
+# DL3013 (pin pip versions) does not apply: this installs the project itself, whose pins are pyproject's.
+# hadolint ignore=DL3013
+RUN pip install ".[train]"
+
+COPY training/ training/
+# hadolint ignore=DL3013
+RUN pip install --no-deps ".[train]" \
+    && python -m training pretrained --out "models/${DEFAULT_MODEL}"
+
+############################################################################################
+FROM ${RUNTIME_BASE} AS runtime
+
+# Build-time only (an ARG, not an ENV): apt must not prompt, but the running container needs no such hint.
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Ubuntu 24.04's Python 3.12 in a venv (PEP 668 forbids pip into the system interpreter). Versions are
+# not pinned: the base tag fixes the distribution release, and Ubuntu replaces exact package versions
+# with security updates, so pins would only make old builds fail.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "${VIRTUAL_ENV}" \
+    && groupadd --system --gid 10001 convserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin convserve
+
+WORKDIR /opt/convserve/src
+
+# Dependency layer: rebuilt only when pyproject.toml (or README.md, which setuptools reads) changes.
+# With no package source copied yet, this installs the serve extra's dependencies and an empty project.
+COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
+RUN pip install ".[serve]"
+
+# The service source, installed without touching the cached dependencies.
+COPY service/ service/
+# hadolint ignore=DL3013
+RUN pip install --no-deps ".[serve]"
+
+# The default model from the build stage. The service reads CONVSERVE_MODEL_REPOSITORY; compose mounts
+# the host's ./models read-only at /app/models, and setting CONVSERVE_MODEL_REPOSITORY=models in .env
+# serves that instead (see .env.example).
+COPY --from=model /build/models /opt/convserve/models
+COPY deploy/healthcheck.py /opt/convserve/healthcheck.py
+
+ENV CONVSERVE_MODEL_REPOSITORY=/opt/convserve/models \
+    CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_PORT=8000
+
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+
+# /readyz is 200 only once the model is loaded and every batch size has been warmed up; warmup on a
+# GPU includes cuDNN's algorithm search, hence the generous start period.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "/opt/convserve/healthcheck.py"]
+
+CMD ["python", "-m", "service"]

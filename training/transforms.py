@@ -1,0 +1,71 @@
+"""Image transforms: the eval transform (defined once, from an `EvalSpec`) and the training one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from training.spec import EvalSpec
+
+_INTERPOLATION = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def eval_transform(spec: EvalSpec) -> transforms.Compose:
+    """PIL RGB image -> normalized CHW float tensor; the service re-implements exactly this.
+
+    Resize (shorter side to `resize_size`, antialiased PIL resize) -> center crop -> [0, 1] ->
+    normalize. The metadata written into the ONNX file (`EvalSpec.to_metadata`) describes it.
+    """
+    interpolation = _INTERPOLATION[spec.interpolation]
+    return transforms.Compose(
+        [
+            transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
+            transforms.CenterCrop(spec.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random training-time changes, the Keras/fastai seeds: flip, rotation, zoom."""
+
+    horizontal_flip: bool = True
+    """Mirror half of the images left-right; turn off when mirroring changes the class (digits)."""
+    rotation_degrees: float = 10.0
+    """Rotate by a uniform angle in [-rotation_degrees, +rotation_degrees] degrees; 0 turns it off."""
+    min_scale: float = 0.7
+    """Smallest fraction of the image area a random crop keeps (zoom in up to 1/min_scale); 1 = off."""
+
+
+NO_AUGMENTATION = Augmentation(horizontal_flip=False, rotation_degrees=0.0, min_scale=1.0)
+
+
+def train_transform(spec: EvalSpec, augmentation: Augmentation) -> transforms.Compose:
+    """The eval pipeline with random zoom (resized crop), rotation and flip mixed in."""
+    interpolation = _INTERPOLATION[spec.interpolation]
+    steps: list[object] = [transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True)]
+    if augmentation.min_scale < 1.0:
+        steps.append(
+            transforms.RandomResizedCrop(
+                spec.input_size,
+                scale=(augmentation.min_scale, 1.0),
+                interpolation=interpolation,
+                antialias=True,
+            )
+        )
+    else:
+        steps.append(transforms.CenterCrop(spec.input_size))
+    if augmentation.rotation_degrees > 0:
+        steps.append(transforms.RandomRotation(augmentation.rotation_degrees, interpolation=interpolation))
+    if augmentation.horizontal_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    return transforms.Compose(steps)

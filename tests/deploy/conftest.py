@@ -1,11 +1,13 @@
-"""Fixtures for the deployment checks: the compose files as loaded YAML."""
+"""Fixtures for the deployment checks: the compose files as loaded YAML, and a live tiny service."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, load_compose
+from livetestserver import LiveServer, export_tiny_model, serve
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +18,12 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def compose_cpu() -> dict[str, Any]:
     return load_compose(COMPOSE_CPU_FILE)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The real service on a free loopback port, serving a tiny exported LeNet-5."""
+    repository = tmp_path_factory.mktemp("models")
+    export_tiny_model(repository)
+    with serve(repository) as server:
+        yield server

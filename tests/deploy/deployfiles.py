@@ -20,6 +20,8 @@ DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "convserve.json"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 HEALTHCHECK_SCRIPT = REPO_ROOT / "deploy" / "healthcheck.py"
 
+PROMTOOL_MISSING = "promtool is not installed (Debian package `prometheus`; `make tools` installs it)"
+
 
 class ComposeReset:
     """A value tagged `!reset` in a Compose file: it removes the key from the files merged before it."""

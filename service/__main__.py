@@ -1,0 +1,67 @@
+"""`python -m service`: read the settings once, check the model repository, run uvicorn.
+
+Exit status 2 means the configuration or the repository is unusable; the message says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.errors import StartupError
+from service.logging_config import log_config
+from service.repository import resolve_model
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+# Extra seconds uvicorn waits for open requests on shutdown beyond the request timeout.
+_SHUTDOWN_MARGIN_S = 5.0
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  CONVSERVE_{'_'.join(str(p) for p in error['loc']).upper() or '(settings)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        logger.error("invalid configuration, not starting:\n%s", problems)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    config = log_config()
+    logging.config.dictConfig(config)
+    settings = _settings_or_exit()
+    try:  # fail here, with a clean message, rather than inside every worker
+        location = resolve_model(settings.model_repository, settings.model_name, settings.model_version)
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
+    logger.info(
+        "serving %s version %d on %s:%d", location.name, location.version, settings.host, settings.port
+    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": config,
+        "access_log": False,  # the service logs one line per request itself, with the request id
+        "timeout_graceful_shutdown": settings.request_timeout_s + _SHUTDOWN_MARGIN_S,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+    else:
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

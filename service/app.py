@@ -1,0 +1,33 @@
+"""Assembles the FastAPI app: state, lifespan, middleware, error handlers, routers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from service import __version__
+from service.error_handlers import install_error_handlers
+from service.lifecycle import lifespan_for
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.routes import health, metrics, predict, v2
+from service.settings import Settings
+from service.state import ServiceState
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The service for `settings`; metrics go to `registry` (a fresh one by default)."""
+    collectors = Metrics(registry or CollectorRegistry(), settings.max_batch_size)
+    state = ServiceState(settings=settings, metrics=collectors)
+    app = FastAPI(title="convserve", version=__version__, lifespan=lifespan_for(state))
+    app.state.convserve = state
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=collectors)
+    for router in (predict.router, health.router, v2.router, metrics.router):
+        app.include_router(router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Uvicorn factory for WORKERS > 1: each worker process reads the same CONVSERVE_* environment."""
+    return create_app(Settings())

@@ -1,0 +1,301 @@
+"""Dynamic batching: many requests' images, one `session.run`.
+
+One collector task takes rows (images) from a FIFO queue of requests, at most `max_batch_size` per
+batch, waiting at most `max_queue_delay_s` after the oldest queued request arrived for the batch to
+fill. A request with more rows than fit is split over consecutive batches and reassembled in order.
+The batch runs on a single worker thread (never on the event loop), and each request gets its rows.
+
+The queue is bounded in images: a request that would overflow it is refused at once (503), one
+whose deadline passes before any of its rows were taken is dropped before compute (504), and a
+failed batch fails every request in it (500) while the next batch runs normally.
+
+This module knows nothing about HTTP or ONNX Runtime: it calls `infer(batch) -> outputs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import (
+    DeadlineExceededError,
+    InferenceError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServiceError,
+    ServiceUnavailableError,
+)
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+InferFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: np.ndarray
+    deadline: float
+    enqueued_at: float
+    future: asyncio.Future[np.ndarray]
+    taken: int = 0
+    """Rows already handed to a batch; the rest are still queued."""
+    completed: int = 0
+    outputs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def untaken(self) -> int:
+        return self.size - self.taken
+
+
+@dataclass(frozen=True)
+class _Segment:
+    request: _Request
+    start: int
+    stop: int
+
+
+def _fail(request: _Request, error: ServiceError) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+        request.future.exception()  # mark retrieved: the waiter may already be gone
+
+
+class DynamicBatcher:
+    """Collects concurrent requests into batches; `submit` is the one public coroutine."""
+
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0:
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue_size >= max_batch_size and a delay >= 0; got "
+                f"{max_batch_size}, {max_queue_size}, {max_queue_delay_s}"
+            )
+        self._infer = infer
+        self._max_batch = max_batch_size
+        self._max_delay = max_queue_delay_s
+        self._max_queue = max_queue_size
+        self._metrics = metrics
+        self._queue: deque[_Request] = deque()
+        self._queued = 0
+        self._in_flight: list[_Segment] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convserve-infer")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_batch_s = 0.0
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting for a batch (not counting the batch being computed)."""
+        return self._queued
+
+    async def start(self) -> None:
+        """Start the collector task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._collect(), name="convserve-batcher")
+
+    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
+        """Outputs for `inputs` ([N, ...] rows, N >= 1) in order; `deadline` is a `time.monotonic()` time."""
+        self._admit(len(inputs))
+        now = time.monotonic()
+        if now >= deadline:
+            raise DeadlineExceededError("the request's deadline passed before it could be queued")
+        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._set_queued(self._queued + request.size)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), timeout=deadline - now)
+        except TimeoutError:
+            if request.taken == 0 and not request.future.done():
+                self._drop(request)
+                raise DeadlineExceededError(
+                    f"the request waited {deadline - now:.3g} s in the queue without reaching the model "
+                    "(CONVSERVE_REQUEST_TIMEOUT_S); the server is overloaded, retry later"
+                ) from None
+            return await request.future  # part of it is computing: accepted work is finished, not dropped
+        except asyncio.CancelledError:
+            if request.taken == 0:
+                self._drop(request)
+            raise
+
+    async def close(self, timeout_s: float) -> None:
+        """Refuse new work, finish queued and in-flight batches (up to `timeout_s`), then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._abandon(timeout_s)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _abandon(self, timeout_s: float) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        stranded = {id(s.request): s.request for s in self._in_flight} | {id(r): r for r in self._queue}
+        logger.error(
+            "batcher did not drain within %.3g s; failing %d unfinished requests", timeout_s, len(stranded)
+        )
+        for request in stranded.values():
+            self._drop(request)
+            _fail(
+                request,
+                ServiceUnavailableError("the server shut down before this request finished; retry it"),
+            )
+
+    def _admit(self, size: int) -> None:
+        if self._closing:
+            raise ServiceUnavailableError("the server is shutting down; retry on another replica")
+        if size < 1:
+            raise ValueError("a request needs at least one row")
+        if size > self._max_queue:
+            raise PayloadTooLargeError(
+                f"the request carries {size} images but at most {self._max_queue} can be queued "
+                "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
+            )
+        if self._queued + size > self._max_queue:
+            retry_after = max(1, math.ceil((self._queued / self._max_batch + 1) * self._last_batch_s))
+            raise QueueFullError(
+                f"the queue is full ({self._queued} of {self._max_queue} images waiting); "
+                f"retry in {retry_after} s",
+                retry_after_s=retry_after,
+            )
+
+    def _set_queued(self, value: int) -> None:
+        self._queued = value
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(value)
+
+    def _drop(self, request: _Request) -> None:
+        """Take a request's remaining rows out of the queue."""
+        with suppress(ValueError):
+            self._queue.remove(request)
+            self._set_queued(self._queued - request.untaken)
+
+    async def _collect(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self._wait_for_batch()
+                segments = self._take_batch()
+                if segments:
+                    await self._run(segments)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop batching for everyone
+                logger.exception("batch collector error; continuing")
+
+    async def _wait_for_batch(self) -> None:
+        flush_at = self._queue[0].enqueued_at + self._max_delay
+        while self._queue and self._queued < self._max_batch and not self._closing:
+            remaining = flush_at - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Segment]:
+        segments: list[_Segment] = []
+        space, now = self._max_batch, time.monotonic()
+        while self._queue and space > 0:
+            request = self._queue[0]
+            if request.taken == 0 and now >= request.deadline:
+                self._drop(request)
+                _fail(request, DeadlineExceededError("the request's deadline passed while it was queued"))
+                continue
+            rows = min(request.untaken, space)
+            segments.append(_Segment(request, request.taken, request.taken + rows))
+            if request.taken == 0 and self._metrics is not None:
+                self._metrics.queue_wait.observe(now - request.enqueued_at)
+            request.taken += rows
+            space -= rows
+            if request.untaken == 0:
+                self._queue.popleft()
+            self._set_queued(self._queued - rows)
+        return segments
+
+    async def _run(self, segments: list[_Segment]) -> None:
+        self._in_flight = segments
+        try:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self._infer_batch, segments)
+        except Exception as exc:
+            self._fail_batch(segments, exc)
+        else:
+            self._deliver(segments, outputs)
+        finally:
+            self._in_flight = []
+
+    def _infer_batch(self, segments: list[_Segment]) -> np.ndarray:
+        """Runs on the inference thread: stack the rows, run the model once."""
+        parts = [s.request.inputs[s.start : s.stop] for s in segments]
+        batch = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=np.float32)
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(batch))
+        start = time.perf_counter()
+        outputs = self._infer(batch)
+        self._last_batch_s = time.perf_counter() - start
+        if self._metrics is not None:
+            self._metrics.inference_duration.observe(self._last_batch_s)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {len(batch)}")
+        return outputs
+
+    def _deliver(self, segments: list[_Segment], outputs: np.ndarray) -> None:
+        offset = 0
+        for segment in segments:
+            request, rows = segment.request, segment.stop - segment.start
+            if not request.future.done():
+                if rows == request.size:
+                    request.future.set_result(outputs[offset : offset + rows])
+                else:
+                    if request.outputs is None:
+                        request.outputs = np.empty((request.size, *outputs.shape[1:]), outputs.dtype)
+                    request.outputs[segment.start : segment.stop] = outputs[offset : offset + rows]
+                    request.completed += rows
+                    if request.completed == request.size:
+                        request.future.set_result(request.outputs)
+            offset += rows
+
+    def _fail_batch(self, segments: list[_Segment], exc: Exception) -> None:
+        rows = sum(s.stop - s.start for s in segments)
+        logger.error("inference failed on a batch of %d images: %s: %s", rows, type(exc).__name__, exc)
+        for request in {id(s.request): s.request for s in segments}.values():
+            self._drop(request)  # the rest of a split request is useless without this part
+            _fail(
+                request,
+                InferenceError(
+                    f"inference failed on the batch of {rows} images this request was part of "
+                    f"({type(exc).__name__}: {exc}); the request was not completed, retry it"
+                ),
+            )

@@ -1,0 +1,98 @@
+"""Every Prometheus collector of the service, built in one place on a registry that is passed in.
+
+Tests give each app a fresh `CollectorRegistry`, so nothing leaks between them. Names follow the
+issue's contract exactly (base units, `_seconds`, `_total`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REJECT_REASONS = ("queue_full", "timeout", "bad_input")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch, plus the largest batch itself."""
+    buckets = {float(max_batch_size)}
+    size = 1
+    while size < max_batch_size:
+        buckets.add(float(size))
+        size *= 2
+    return tuple(sorted(buckets))
+
+
+class Metrics:
+    """The collectors, as attributes; labels are filled in where the events happen."""
+
+    def __init__(self, registry: CollectorRegistry, max_batch_size: int) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "convserve_requests_total",
+            "HTTP requests by route template and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "convserve_request_duration_seconds",
+            "Time from request arrival to the end of the response, by route template.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "convserve_queue_wait_seconds",
+            "Time a request's first images waited in the batching queue before entering a batch.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "convserve_inference_duration_seconds",
+            "Duration of one session.run call (one batch).",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.preprocess_duration = Histogram(
+            "convserve_preprocess_duration_seconds",
+            "Time to decode and preprocess one image.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "convserve_batch_size",
+            "Images per session.run call; mean batch size = sum / count.",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "convserve_queue_depth", "Images waiting in the batching queue.", registry=registry
+        )
+        self.rejected = Counter(
+            "convserve_rejected_total",
+            "Requests refused: queue_full (503), timeout (504 before compute), bad_input (4xx).",
+            ["reason"],
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "convserve_model_info",
+            "The served model; the value is always 1.",
+            ["name", "version", "provider"],
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "convserve_predictions_total",
+            "Top-1 predictions by label, for drift dashboards.",
+            ["label"],
+            registry=registry,
+        )
+        self.prediction_confidence = Histogram(
+            "convserve_prediction_confidence",
+            "Softmax probability of the top-1 class.",
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)  # export zeros so rate() works from the first scrape

@@ -1,0 +1,57 @@
+"""`POST /predict`: images as multipart/form-data, or preprocessed tensors as JSON or .npy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import UnsupportedMediaTypeError
+from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
+from service.state import ServiceState, get_state
+
+router = APIRouter(tags=["predict"])
+
+_TENSOR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {
+    "application/json": parse_json_tensor,
+    "application/x-npy": parse_npy_tensor,
+}
+
+
+async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes], np.ndarray]) -> np.ndarray:
+    body = await read_body(request, state.settings.max_upload_bytes)
+    # A [32, 3, 224, 224] JSON body is ~5 million numbers: parse it off the event loop.
+    return await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse, body)
+
+
+@router.post("/predict")
+async def predict(
+    request: Request,
+    state: Annotated[ServiceState, Depends(get_state)],
+    top_k: Annotated[int, Query(description="How many classes to return per image, best first.")] = 5,
+) -> JSONResponse:
+    """Top-k labels for each image (or tensor row), in the order they were sent."""
+    predictor = state.require_predictor()
+    predictor.check_top_k(top_k)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        images = await read_images(request, state.settings.max_upload_bytes, state.settings.max_queue_size)
+        predictions = await predictor.classify_images(images, top_k)
+    elif media_type in _TENSOR_PARSERS:
+        tensor = await _tensor(request, state, _TENSOR_PARSERS[media_type])
+        predictions = await predictor.classify_tensor(tensor, top_k)
+    else:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {media_type or '(none)'!r} is not accepted; send images as multipart/form-data, "
+            'or a preprocessed tensor as application/json {"inputs": [...]} or application/x-npy'
+        )
+    assert state.location is not None
+    body: dict[str, Any] = {
+        "model": {"name": state.location.name, "version": state.location.version},
+        "predictions": predictions,
+    }
+    return JSONResponse(body)

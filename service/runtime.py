@@ -1,0 +1,173 @@
+"""ONNX Runtime: one inference session for one model, GPU first and CPU as the fallback.
+
+This module knows nothing about batching or HTTP: it loads a file, says which execution provider is
+really active (ORT falls back silently, so we ask the session), and runs float32 NCHW batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import StartupError
+from service.metadata import METADATA_KEY, MetadataError, ModelMetadata
+from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
+
+logger = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# ORT's native log lines look like "<timestamp> [W:onnxruntime:Default, file.cc:12 fn] message".
+_ORT_LOG_PREFIX = re.compile(r"^.*?\[[EW]:onnxruntime:[^\]]*\]\s*")
+
+
+def provider_options(name: str) -> dict[str, Any]:
+    """Options for one execution provider, chosen so the first requests do not stall."""
+    if name == CUDA_PROVIDER:
+        return {
+            "device_id": 0,
+            # The default EXHAUSTIVE search benchmarks every cuDNN algorithm on each new input shape:
+            # hundreds of ms for the first request of each batch size. HEURISTIC picks one at once.
+            "cudnn_conv_algo_search": "HEURISTIC",
+            # Grow the GPU memory arena by what is asked, not by powers of two, so memory tracks need.
+            "arena_extend_strategy": "kSameAsRequested",
+        }
+    return {}
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    """Session options for a server that runs one batch at a time."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    # ORT's worker threads spin after each operator by default; on a small CPU that spinning steals
+    # the cores image decoding needs between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+@contextmanager
+def _native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what native code writes to file descriptor 2 (ORT's logger) inside the block.
+
+    ORT reports why it could not create the CUDA provider only as a log line on stderr, then falls
+    back to CPU; capturing it lets REQUIRE_GPU quote the reason. The text is re-emitted afterwards.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            sink.seek(0)
+            text = _ANSI.sub("", sink.read().decode("utf-8", errors="replace"))
+            lines.extend(line for line in text.splitlines() if line.strip())
+            for line in lines:
+                logger.warning("onnxruntime: %s", _ORT_LOG_PREFIX.sub("", line))
+
+
+def _provider_failure(lines: Iterable[str]) -> str:
+    reasons = [_ORT_LOG_PREFIX.sub("", line) for line in lines if "[E:" in line or "Failed to" in line]
+    return " | ".join(reasons) or "ONNX Runtime logged no reason (is a GPU visible to this process?)"
+
+
+@dataclass
+class OnnxModel:
+    """A loaded model: its session, the provider actually running it, and its metadata."""
+
+    session: ort.InferenceSession
+    metadata: ModelMetadata
+    path: Path
+    input_name: str
+    output_name: str
+    provider_failure: str | None
+    """Why the first requested provider is not active (ORT's own words), or None if it is."""
+
+    @property
+    def active_provider(self) -> str:
+        return str(self.session.get_providers()[0])
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.active_provider in GPU_PROVIDERS
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop."""
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(logits)
+
+    def warmup(self, batch_sizes: Iterable[int]) -> float:
+        """Run each batch size once so allocations and kernel choices happen before traffic; seconds."""
+        start = time.perf_counter()
+        channels, height, width = self.metadata.input_shape
+        for size in batch_sizes:
+            self.run(np.zeros((size, channels, height, width), dtype=np.float32))
+        return time.perf_counter() - start
+
+
+def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
+    """Create the session (preferring `providers` in order), check the graph against the metadata."""
+    options = session_options(intra_op_threads)
+    requested = [(name, provider_options(name)) for name in providers]
+    try:
+        if GPU_PROVIDERS & set(providers):
+            with _native_stderr_captured() as ort_log:
+                session = ort.InferenceSession(str(path), options, providers=requested)
+        else:
+            ort_log = []
+            session = ort.InferenceSession(str(path), options, providers=requested)
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
+        raise StartupError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    try:
+        metadata = ModelMetadata.from_json(
+            session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), str(path)
+        )
+    except MetadataError as exc:
+        raise StartupError(str(exc)) from exc
+    input_name, output_name = _check_signature(session, metadata, path)
+    active = session.get_providers()[0]
+    failure = None if active == providers[0] else _provider_failure(ort_log)
+    return OnnxModel(session, metadata, path, input_name, output_name, failure)
+
+
+def _check_signature(session: ort.InferenceSession, metadata: ModelMetadata, path: Path) -> tuple[str, str]:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise StartupError(
+            f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; expected one image input and one "
+            "logits output"
+        )
+    dims = list(inputs[0].shape)
+    expected = list(metadata.input_shape)
+    if (
+        inputs[0].type != "tensor(float)"
+        or len(dims) != 4
+        or dims[1:] != expected
+        or isinstance(dims[0], int)
+    ):
+        raise StartupError(
+            f"{path} input {inputs[0].name!r} is {inputs[0].type} {dims}; the metadata promises float32 "
+            f"[batch, {expected[0]}, {expected[1]}, {expected[2]}] with a symbolic batch axis"
+        )
+    classes = outputs[0].shape[-1] if outputs[0].shape else None
+    if isinstance(classes, int) and classes != metadata.num_classes:
+        raise StartupError(f"{path} outputs {classes} classes but its metadata lists {metadata.num_classes}")
+    return inputs[0].name, outputs[0].name

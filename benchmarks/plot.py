@@ -22,6 +22,14 @@ def _rows(levels: Sequence[Mapping[str, Any]], server: str, mode: str) -> list[M
     return sorted(rows, key=lambda row: float(row["level"]))
 
 
+def _concurrency_axis(axes: Any, results: Mapping[str, Any]) -> None:
+    levels = sorted({int(row["level"]) for row in results["levels"] if row["mode"] == "concurrency"})
+    axes.set_xscale("log", base=2)
+    if levels:
+        axes.set_xticks(levels, [str(level) for level in levels])
+    axes.set_xlabel("concurrent clients")
+
+
 def _throughput_panel(axes: Any, results: Mapping[str, Any]) -> None:
     for server in SERVERS:
         rows = _rows(results["levels"], server, "concurrency")
@@ -35,8 +43,7 @@ def _throughput_panel(axes: Any, results: Mapping[str, Any]) -> None:
             )
     if results.get("ceiling_img_per_s"):
         axes.axhline(results["ceiling_img_per_s"], color="black", linestyle="--", label="in-process ceiling")
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("concurrent clients")
+    _concurrency_axis(axes, results)
     axes.set_ylabel("images / s")
     axes.set_title("Throughput")
     axes.set_ylim(bottom=0)
@@ -58,9 +65,8 @@ def _latency_panel(axes: Any, results: Mapping[str, Any]) -> None:
                 color=_COLOURS[server],
                 label=f"{SHORT_TITLES[server]} {key.removesuffix('_ms')}",
             )
-    axes.set_xscale("log", base=2)
+    _concurrency_axis(axes, results)
     axes.set_yscale("log")
-    axes.set_xlabel("concurrent clients")
     axes.set_ylabel("latency (ms)")
     axes.set_title("Latency percentiles")
     axes.legend(fontsize="small", ncol=2)

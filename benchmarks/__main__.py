@@ -1,0 +1,127 @@
+"""`python -m benchmarks [--quick] [--output PATH]`: measure the service against its ceiling and baselines.
+
+Writes the results JSON (`--output`), a Markdown table and a PNG plot next to it, and — for full runs —
+regenerates the performance table between the README's perf-table markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from benchmarks.plan import full_plan, quick_plan
+from benchmarks.report import render_markdown, update_readme, write_json
+from benchmarks.runner import RunConfig, run, shell_command
+
+log = logging.getLogger("benchmarks")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALL_SERVERS = ("ceiling", "service", "unbatched", "naive")
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("CONVSERVE_"):
+            raise SystemExit(f"--set expects CONVSERVE_NAME=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument(
+        "--quick",
+        action="store_true",
+        help="short windows and RSS after 1k/3k requests instead of 1k/20k (under 5 min on 2 cores; "
+        "the full run takes under 20)",
+    )
+    run_group.add_argument(
+        "--servers",
+        default=",".join(ALL_SERVERS),
+        help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure (default: all)",
+    )
+    model_group = parser.add_argument_group("model")
+    model_group.add_argument(
+        "--model-repository", type=Path, default=Path("models"), help="model repository (default: models)"
+    )
+    model_group.add_argument("--model-name", help="model to serve (default: the only one in the repository)")
+    model_group.add_argument("--model-version", type=int, help="version to serve (default: the latest)")
+    model_group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="CONVSERVE_NAME=VALUE",
+        help="extra service setting for both service runs and the ceiling's session (repeatable)",
+    )
+    output_group = parser.add_argument_group("output")
+    output_group.add_argument(
+        "--output",
+        type=Path,
+        default=Path("benchmarks/results/latest.json"),
+        help="results JSON; the .md table and .png plot are written next to it "
+        "(default: benchmarks/results/latest.json)",
+    )
+    output_group.add_argument(
+        "--readme", type=Path, default=REPO_ROOT / "README.md", help="README whose perf table to regenerate"
+    )
+    output_group.add_argument(
+        "--update-readme",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="regenerate the README table: auto = for full runs only, so a quick run never replaces "
+        "the figures of record (default: auto)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    args = build_parser().parse_args(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
+    unknown = sorted(set(servers) - set(ALL_SERVERS))
+    if unknown:
+        raise SystemExit(f"--servers: unknown {unknown}; choose from {list(ALL_SERVERS)}")
+    config = RunConfig(
+        repo_root=REPO_ROOT,
+        model_repository=args.model_repository,
+        model_name=args.model_name,
+        model_version=args.model_version,
+        servers=servers,
+        service_env=_parse_env(args.set),
+        command=shell_command(argv),
+    )
+    plan = quick_plan() if args.quick else full_plan()
+    output: Path = args.output
+    results = run(config, plan, output)
+
+    from benchmarks.plot import write_plot
+
+    plot_path = output.with_suffix(".png")
+    write_plot(results, plot_path)
+    readme_dir = args.readme.resolve().parent
+    try:
+        results["plot"] = str(plot_path.resolve().relative_to(readme_dir))
+    except ValueError:
+        results["plot"] = str(plot_path.resolve())
+    write_json(results, output)
+    markdown = render_markdown(results)
+    output.with_suffix(".md").write_text(markdown)
+    log.info("wrote %s, %s and %s", output, output.with_suffix(".md"), plot_path)
+    if args.update_readme == "yes" or (args.update_readme == "auto" and not args.quick):
+        if update_readme(args.readme, markdown):
+            log.info("regenerated the performance table in %s", args.readme)
+    else:
+        log.info("README not touched (quick run); pass --update-readme yes to write it anyway")
+    for target in results["targets"]:
+        log.info("target %-55s measured %-8s met %s", target["target"], target["measured"], target["met"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

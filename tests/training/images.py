@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
-from skimage import data as skimage_data
 
+from training.photos import sample_photo
 from training.spec import EvalSpec
 from training.transforms import eval_transform
 
@@ -16,10 +15,7 @@ TINY_LABELS = ("cat", "coffee", "person")
 
 def photo(name: str) -> Image.Image:
     """A real RGB photograph from scikit-image by function name (e.g. "chelsea", a tabby cat)."""
-    array = getattr(skimage_data, name)()
-    if isinstance(array, tuple):  # stereo pairs come as (left, right, disparity)
-        array = array[0]
-    return Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
+    return sample_photo(name)
 
 
 def preprocess(images: list[Image.Image], spec: EvalSpec) -> torch.Tensor:

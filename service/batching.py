@@ -149,6 +149,8 @@ class DynamicBatcher:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except TimeoutError:
                 self._abandon(timeout_s)
+                with suppress(asyncio.CancelledError):
+                    await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _abandon(self, timeout_s: float) -> None:

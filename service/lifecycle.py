@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -48,7 +48,12 @@ async def start(state: ServiceState) -> asyncio.Task[None]:
     model = await asyncio.to_thread(load_model, location.path, settings.providers, settings.intra_op_threads)
     check_gpu(model, settings.require_gpu)
     if model.provider_failure:
-        logger.warning("%s is not active (%s)", settings.providers[0], model.provider_failure)
+        logger.warning(
+            "%s is not active, running on %s; ONNX Runtime said: %s",
+            settings.providers[0],
+            model.active_provider,
+            model.provider_failure,
+        )
     state.location, state.model = location, model
     state.metrics.model_info.labels(
         name=location.name, version=str(location.version), provider=model.active_provider
@@ -88,10 +93,12 @@ async def warm_up(state: ServiceState) -> None:
     assert state.model is not None
     sizes = range(1, state.settings.max_batch_size + 1)
     try:
-        state.warmup_seconds = await asyncio.to_thread(state.model.warmup, sizes)
+        state.warmup_seconds = await asyncio.to_thread(state.model.warmup, sizes, state.stopping)
     except Exception as exc:
         state.failure = f"warmup failed: {type(exc).__name__}: {exc}"
         logger.error("%s; the service will not become ready", state.failure)
+        return
+    if state.stopping.is_set():
         return
     state.ready = True
     logger.info(
@@ -102,10 +109,9 @@ async def warm_up(state: ServiceState) -> None:
 async def stop(state: ServiceState, warmup: asyncio.Task[None] | None) -> None:
     """Stop taking work, finish what was accepted (bounded by REQUEST_TIMEOUT_S), release threads."""
     state.ready = False
-    if warmup is not None and not warmup.done():
-        warmup.cancel()
-        with suppress(asyncio.CancelledError):
-            await warmup
+    state.stopping.set()
+    if warmup is not None:
+        await warmup  # returns after the batch size being run, at most one session.run away
     if state.batcher is not None:
         # Every queued request's deadline is at most REQUEST_TIMEOUT_S away, which bounds the drain.
         await state.batcher.close(timeout_s=state.settings.request_timeout_s)

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest accepted image area in pixels (8000x5000), checked from the header before decoding."""
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
+# Pillow opens multi-picture JPEGs (phone cameras) through "JPEG" and reports their format as "MPO".
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,

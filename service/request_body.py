@@ -75,6 +75,10 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[Name
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise PayloadTooLargeError(
+                f"the request carries more than {max_files} images (CONVSERVE_MAX_QUEUE_SIZE); split it"
+            ) from exc
         raise BadRequestError(
             f"malformed multipart body: {exc.message} (at most {max_files} files, CONVSERVE_MAX_QUEUE_SIZE)"
         ) from exc
@@ -101,7 +105,8 @@ def parse_json_tensor(body: bytes) -> np.ndarray:
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadRequestError('expected a JSON object {"inputs": <nested list of shape [N, C, H, W]>}')
     try:
-        return np.asarray(payload["inputs"], dtype=np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the finiteness check
+            return np.asarray(payload["inputs"], dtype=np.float32)
     except (ValueError, TypeError) as exc:
         raise InvalidInputError(
             f'"inputs" must be a rectangular nested list of numbers of shape [N, C, H, W] ({exc})'

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # ORT's native log lines look like "<timestamp> [W:onnxruntime:Default, file.cc:12 fn] message".
 _ORT_LOG_PREFIX = re.compile(r"^.*?\[[EW]:onnxruntime:[^\]]*\]\s*")
+# ...and errors carry the C++ location first: "/src/x.cc:12 fn() [ONNXRuntimeError] : 1 : FAIL : message".
+_ORT_ERROR_PREFIX = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def provider_options(name: str) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def _native_stderr_captured() -> Iterator[list[str]]:
     """Collect what native code writes to file descriptor 2 (ORT's logger) inside the block.
 
     ORT reports why it could not create the CUDA provider only as a log line on stderr, then falls
-    back to CPU; capturing it lets REQUIRE_GPU quote the reason. The text is re-emitted afterwards.
+    back to CPU; capturing it lets REQUIRE_GPU quote the reason. The lines are re-logged at DEBUG.
     """
     lines: list[str] = []
     sys.stderr.flush()
@@ -81,11 +84,15 @@ def _native_stderr_captured() -> Iterator[list[str]]:
             text = _ANSI.sub("", sink.read().decode("utf-8", errors="replace"))
             lines.extend(line for line in text.splitlines() if line.strip())
             for line in lines:
-                logger.warning("onnxruntime: %s", _ORT_LOG_PREFIX.sub("", line))
+                logger.debug("onnxruntime: %s", _ORT_LOG_PREFIX.sub("", line))
 
 
 def _provider_failure(lines: Iterable[str]) -> str:
-    reasons = [_ORT_LOG_PREFIX.sub("", line) for line in lines if "[E:" in line or "Failed to" in line]
+    reasons = [
+        _ORT_ERROR_PREFIX.sub("", _ORT_LOG_PREFIX.sub("", line))
+        for line in lines
+        if "[E:" in line or "Failed to" in line
+    ]
     return " | ".join(reasons) or "ONNX Runtime logged no reason (is a GPU visible to this process?)"
 
 
@@ -114,11 +121,16 @@ class OnnxModel:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return np.asarray(logits)
 
-    def warmup(self, batch_sizes: Iterable[int]) -> float:
-        """Run each batch size once so allocations and kernel choices happen before traffic; seconds."""
+    def warmup(self, batch_sizes: Iterable[int], cancel: threading.Event | None = None) -> float:
+        """Run each batch size once so allocations and kernel choices happen before traffic; seconds.
+
+        Setting `cancel` stops after the current size (a shutdown during warmup need not wait for it).
+        """
         start = time.perf_counter()
         channels, height, width = self.metadata.input_shape
         for size in batch_sizes:
+            if cancel is not None and cancel.is_set():
+                break
             self.run(np.zeros((size, channels, height, width), dtype=np.float32))
         return time.perf_counter() - start
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,7 +32,9 @@ class ServiceState:
     """True once the model is loaded and every batch size has been warmed up."""
     failure: str | None = None
     """Why the service can never become ready (e.g. warmup failed); None while healthy."""
-    warmup_seconds: float | None = field(default=None)
+    warmup_seconds: float | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set at shutdown; an unfinished warmup stops at the next batch size."""
 
     def require_predictor(self) -> Predictor:
         """The predictor, or 503 while the model is loading or warming up."""

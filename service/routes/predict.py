@@ -15,6 +15,7 @@ from service.request_body import parse_json_tensor, parse_npy_tensor, read_body,
 from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["predict"])
+DEFAULT_TOP_K = 5
 
 _TENSOR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {
     "application/json": parse_json_tensor,
@@ -32,11 +33,15 @@ async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes]
 async def predict(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
-    top_k: Annotated[int, Query(description="How many classes to return per image, best first.")] = 5,
+    top_k: Annotated[
+        int | None, Query(description="Classes to return per image, best first (default 5, or all if fewer).")
+    ] = None,
 ) -> JSONResponse:
     """Top-k labels for each image (or tensor row), in the order they were sent."""
     predictor = state.require_predictor()
-    predictor.check_top_k(top_k)
+    top_k = predictor.check_top_k(
+        min(DEFAULT_TOP_K, predictor.metadata.num_classes) if top_k is None else top_k
+    )
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         images = await read_images(request, state.settings.max_upload_bytes, state.settings.max_queue_size)

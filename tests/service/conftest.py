@@ -1,0 +1,158 @@
+"""Fixtures for the service tests: a tiny real model exported with the training exporter, apps, servers.
+
+The model is an untrained (seeded) LeNet-5 with 3 classes and 32x32 inputs, exported once per session
+by `training.export.export_onnx` with real photos as parity inputs, so every test runs the real
+ONNX Runtime on a real contract-conforming file.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.runtime import OnnxModel, load_model
+from service.settings import Settings
+from tests.service.photos import TINY_LABELS, photo
+from training.backbones import create_model
+from training.export import export_onnx
+from training.spec import EvalSpec
+from training.transforms import eval_transform
+
+TINY_SPEC = EvalSpec(
+    input_size=(32, 32),
+    resize_size=36,
+    interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+MODEL_NAME = "tiny"
+READY_TIMEOUT_S = 60.0
+
+
+def export_tiny(version_dir: Path, seed: int = 0) -> Path:
+    """Export a seeded LeNet-5 to `version_dir/model.onnx` with the training exporter."""
+    torch.manual_seed(seed)
+    model = create_model("lenet5", num_classes=len(TINY_LABELS), pretrained=False)
+    transform = eval_transform(TINY_SPEC)
+    parity_inputs = torch.stack([transform(photo(name)) for name in ("chelsea", "coffee", "astronaut")])
+    export_onnx(
+        model,
+        version_dir,
+        labels=TINY_LABELS,
+        eval_spec=TINY_SPEC,
+        backbone="lenet5",
+        parity_inputs=parity_inputs,
+    )
+    return version_dir / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one model, `tiny`, version 1."""
+    root = tmp_path_factory.mktemp("models")
+    export_tiny(root / MODEL_NAME / "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_repository: Path) -> Path:
+    return model_repository / MODEL_NAME / "1" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path: Path) -> OnnxModel:
+    return load_model(tiny_model_path, ["CPUExecutionProvider"], intra_op_threads=1)
+
+
+@pytest.fixture
+def make_settings(model_repository: Path) -> Callable[..., Settings]:
+    """Settings for the tiny model on CPU; keyword arguments override fields."""
+
+    def build(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {
+            "model_repository": model_repository,
+            "providers": ["cpu"],
+            "max_batch_size": 4,
+            "max_queue_size": 16,
+            "max_queue_delay_ms": 2.0,
+            "intra_op_threads": 1,
+            "max_upload_bytes": 2 * 1024 * 1024,
+        }
+        fields.update(overrides)
+        return Settings(**fields)
+
+    return build
+
+
+def wait_ready(client: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll /readyz until 200 (warmup runs in the background after start-up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"/readyz did not turn 200 within {timeout_s:.0f} s")
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """The real app (lifespan included) for the tiny model, ready, with a fresh metrics registry."""
+    with TestClient(create_app(make_settings(), CollectorRegistry())) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    url: str
+    host: str
+    port: int
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """`create_app(settings)` under a real uvicorn on a free loopback port, ready, until the block ends."""
+    port = free_port()
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+    config = uvicorn.Config(
+        create_app(settings, CollectorRegistry()), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="convserve-test-server", daemon=True)
+    thread.start()
+    live = LiveServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if not thread.is_alive():
+                raise RuntimeError("the server exited during start-up")
+            with suppress(httpx.TransportError):
+                if httpx.get(f"{live.url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{live.url}/readyz never turned 200")
+            time.sleep(0.05)
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,266 @@
+"""The HTTP API on the real app (lifespan, batcher, ONNX Runtime) through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from service.app import create_app
+from service.predictor import softmax
+from service.preprocessing import ImagePreprocessor
+from service.runtime import OnnxModel
+from service.settings import Settings
+from tests.service.photos import TINY_LABELS, encode, jpeg, photo
+from tests.service.test_preprocessing import png_declaring
+
+Files = list[tuple[str, tuple[str, bytes, str]]]
+
+
+def image_files(*items: tuple[str, bytes]) -> Files:
+    return [("image", (name, data, "application/octet-stream")) for name, data in items]
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def sample_tensor(rows: int = 2) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((rows, 3, 32, 32)).astype(np.float32)
+
+
+def test_predict_multipart_images_returns_ranked_labels_in_upload_order(
+    client: TestClient, tiny_model: OnnxModel
+) -> None:
+    uploads = [
+        ("cat.jpg", jpeg("chelsea")),
+        ("coffee.png", encode(photo("coffee"), "PNG")),
+        ("astronaut.webp", encode(photo("astronaut"), "WEBP")),
+    ]
+    response = client.post("/predict?top_k=2", files=image_files(*uploads))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "tiny", "version": 1}
+    preprocess = ImagePreprocessor.from_metadata(tiny_model.metadata)
+    expected = softmax(tiny_model.run(np.stack([preprocess(data) for _, data in uploads])))
+    assert len(body["predictions"]) == 3
+    for ranked, probabilities in zip(body["predictions"], expected, strict=True):
+        assert len(ranked) == 2
+        assert [p["index"] for p in ranked] == list(np.argsort(-probabilities)[:2])
+        assert all(p["label"] == TINY_LABELS[p["index"]] for p in ranked)
+        assert ranked[0]["score"] == pytest.approx(probabilities.max(), abs=1e-6)
+
+
+def test_top_k_defaults_to_five_or_every_class_when_fewer(client: TestClient) -> None:
+    response = client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
+    assert response.status_code == 200
+    assert len(response.json()["predictions"][0]) == len(TINY_LABELS)
+
+
+@pytest.mark.parametrize("encoding", ["json", "npy"])
+def test_predict_accepts_preprocessed_tensors(
+    client: TestClient, tiny_model: OnnxModel, encoding: str
+) -> None:
+    tensor = sample_tensor(3)
+    if encoding == "json":
+        response = client.post("/predict?top_k=1", json={"inputs": tensor.tolist()})
+    else:
+        response = client.post(
+            "/predict?top_k=1", content=npy(tensor), headers={"content-type": "application/x-npy"}
+        )
+    assert response.status_code == 200, response.text
+    top1 = [ranked[0]["index"] for ranked in response.json()["predictions"]]
+    assert top1 == list(tiny_model.run(tensor).argmax(axis=1))
+
+
+def multipart_over_limit() -> dict[str, Any]:
+    return {"files": image_files(("big.bin", b"\xff" * (3 * 1024 * 1024)))}  # limit is 2 MiB here
+
+
+def multipart_without_files() -> dict[str, Any]:
+    body = b'--xyz\r\nContent-Disposition: form-data; name="comment"\r\n\r\nforgot the file\r\n--xyz--\r\n'
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=xyz"}}
+
+
+BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], str, int, str]] = {
+    "not-an-image": (
+        lambda: {"files": image_files(("notes.txt", b"just some text"))},
+        "",
+        422,
+        "not a readable",
+    ),
+    "zero-bytes": (lambda: {"files": image_files(("empty.jpg", b""))}, "", 422, "empty"),
+    "truncated": (lambda: {"files": image_files(("cut.jpg", jpeg("chelsea")[:3000]))}, "", 422, "truncated"),
+    "bomb": (lambda: {"files": image_files(("bomb.png", png_declaring(9000, 9000)))}, "", 422, "limit"),
+    "over-max-upload": (multipart_over_limit, "", 413, "CONVSERVE_MAX_UPLOAD_BYTES"),
+    "unsupported-type": (
+        lambda: {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        "",
+        415,
+        "multipart/form-data",
+    ),
+    "no-files": (multipart_without_files, "", 400, "no files"),
+    "top-k-zero": (lambda: {"files": image_files(("cat.jpg", jpeg("chelsea")))}, "?top_k=0", 422, "top_k"),
+    "top-k-too-big": (lambda: {"files": image_files(("cat.jpg", jpeg("chelsea")))}, "?top_k=4", 422, "top_k"),
+    "top-k-not-int": (
+        lambda: {"files": image_files(("cat.jpg", jpeg("chelsea")))},
+        "?top_k=abc",
+        422,
+        "top_k",
+    ),
+    "too-many-images": (
+        lambda: {"files": image_files(*[(f"{i}.jpg", b"x") for i in range(17)])},
+        "",
+        413,
+        "more than 16 images",
+    ),
+    "tensor-rank": (lambda: {"json": {"inputs": sample_tensor(1)[0].tolist()}}, "", 422, r"\[N, 3, 32, 32\]"),
+    "tensor-shape": (
+        lambda: {"json": {"inputs": np.zeros((1, 3, 16, 16)).tolist()}},
+        "",
+        422,
+        r"got \[1, 3, 16, 16\]",
+    ),
+    "tensor-ragged": (lambda: {"json": {"inputs": [[[[1.0, 2.0], [3.0]]]]}}, "", 422, "rectangular"),
+    "tensor-inf": (
+        lambda: {
+            "content": json.dumps({"inputs": np.full((1, 3, 32, 32), 1e39).tolist()}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        "",
+        422,
+        "NaN or Inf",
+    ),
+    "tensor-nan": (
+        lambda: {
+            "content": npy(np.full((1, 3, 32, 32), np.nan, np.float32)),
+            "headers": {"content-type": "application/x-npy"},
+        },
+        "",
+        422,
+        "NaN or Inf",
+    ),
+    "tensor-dtype": (
+        lambda: {"content": npy(np.zeros((1, 3, 32, 32))), "headers": {"content-type": "application/x-npy"}},
+        "",
+        422,
+        "float32",
+    ),
+    "npy-garbage": (
+        lambda: {"content": b"\x93NUMPY garbage", "headers": {"content-type": "application/x-npy"}},
+        "",
+        422,
+        ".npy",
+    ),
+    "json-malformed": (
+        lambda: {"content": b"{inputs:", "headers": {"content-type": "application/json"}},
+        "",
+        400,
+        "not valid JSON",
+    ),
+    "json-without-inputs": (lambda: {"json": {"instances": []}}, "", 400, '"inputs"'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_gets_4xx_with_an_error_message_and_the_service_stays_ready(
+    client: TestClient, case: str
+) -> None:
+    make_request, query, status, message = BAD_REQUESTS[case]
+    response = client.post(f"/predict{query}", **make_request())
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error, str)
+    assert re.search(message, error), error
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea")))).status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'convserve_rejected_total{reason="bad_input"} 1.0' in metrics
+
+
+def test_metrics_expose_every_contract_name(client: TestClient) -> None:
+    client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
+    text = client.get("/metrics").text
+    for name in (
+        'convserve_requests_total{endpoint="/predict",status="200"}',
+        'convserve_request_duration_seconds_bucket{endpoint="/predict"',
+        "convserve_queue_wait_seconds_bucket",
+        "convserve_inference_duration_seconds_bucket",
+        "convserve_preprocess_duration_seconds_bucket",
+        "convserve_batch_size_bucket",
+        "convserve_queue_depth ",
+        'convserve_rejected_total{reason="queue_full"}',
+        'convserve_rejected_total{reason="timeout"}',
+        'convserve_rejected_total{reason="bad_input"}',
+        'convserve_model_info{name="tiny",provider="CPUExecutionProvider",version="1"} 1.0',
+        "convserve_predictions_total{label=",
+        "convserve_prediction_confidence_bucket",
+    ):
+        assert name in text, name
+
+
+def test_health_endpoints_and_request_id(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz").json()
+    assert ready["model"] == {"name": "tiny", "version": 1} and ready["provider"] == "CPUExecutionProvider"
+    response = client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert response.headers["x-request-id"] == "trace-42"
+    assert len(client.get("/healthz").headers["x-request-id"]) == 16  # generated when absent
+
+
+def test_not_ready_until_warmed_up(make_settings: Callable[..., Settings]) -> None:
+    # 4096 batch sizes take minutes to warm up; the first answers must come before that.
+    settings = make_settings(max_batch_size=4096, max_queue_size=4096)
+    with TestClient(create_app(settings, CollectorRegistry())) as client:
+        assert client.get("/healthz").status_code == 200
+        readiness = client.get("/readyz")
+        assert readiness.status_code == 503 and "warming up" in readiness.json()["error"]
+        assert client.get("/v2/health/ready").status_code == 400
+        response = client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
+        assert response.status_code == 503 and "warming up" in response.json()["error"]
+
+
+def test_v2_metadata_health_and_json_infer(client: TestClient, tiny_model: OnnxModel) -> None:
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "classification"]
+    for path in (
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/tiny/ready",
+        "/v2/models/tiny/versions/1/ready",
+    ):
+        response = client.get(path)
+        assert (response.status_code, response.content) == (200, b"")
+    metadata = client.get("/v2/models/tiny/versions/1").json()
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert metadata["parameters"]["execution_provider"] == "CPUExecutionProvider"
+    tensor = sample_tensor(2)
+    request = {
+        "inputs": [{"name": "input", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": tensor.tolist()}]
+    }
+    response = client.post("/v2/models/tiny/infer", json=request)
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    logits = np.asarray(output["data"], np.float32).reshape(output["shape"])
+    np.testing.assert_allclose(logits, tiny_model.run(tensor), atol=1e-5)
+
+
+def test_v2_unknown_model_or_version_is_404_with_error(client: TestClient) -> None:
+    for path in ("/v2/models/other", "/v2/models/tiny/versions/2", "/v2/models/other/ready"):
+        response = client.get(path)
+        assert response.status_code == 404 and "error" in response.json(), path
+    response = client.post("/v2/models/tiny/versions/9/infer", json={"inputs": []})
+    assert response.status_code == 404 and "version '9'" in response.json()["error"]
+
+
+def test_unknown_path_gets_404_in_the_error_shape(client: TestClient) -> None:
+    response = client.get("/nope")
+    assert response.status_code == 404 and "error" in response.json()

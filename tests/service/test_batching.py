@@ -1,0 +1,239 @@
+"""The dynamic batcher against the real tiny model's `session.run`, with metrics on a fresh registry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.batching import DynamicBatcher, InferFn
+from service.errors import (
+    DeadlineExceededError,
+    InferenceError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+from service.metrics import Metrics
+from service.runtime import OnnxModel
+
+HANG_GUARD_S = 30.0  # only stops a broken batcher from hanging the suite; never a speed check
+
+
+def rows(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, 32, 32)).astype(np.float32)
+
+
+def batch_sizes(metrics: Metrics) -> tuple[float, float]:
+    """(number of session.run calls, images in them) from the batch-size histogram."""
+    registry = metrics.registry
+    count = registry.get_sample_value("convserve_batch_size_count") or 0.0
+    total = registry.get_sample_value("convserve_batch_size_sum") or 0.0
+    return count, total
+
+
+def run(coroutine_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    async def guarded() -> Any:
+        return await asyncio.wait_for(coroutine_fn(), HANG_GUARD_S)
+
+    return asyncio.run(guarded())
+
+
+def make(infer: InferFn, *, max_batch: int = 4, delay_s: float = 0.002, queue: int = 16) -> DynamicBatcher:
+    metrics = Metrics(CollectorRegistry(), max_batch)
+    return DynamicBatcher(
+        infer, max_batch_size=max_batch, max_queue_delay_s=delay_s, max_queue_size=queue, metrics=metrics
+    )
+
+
+def metrics_of(batcher: DynamicBatcher) -> Metrics:
+    assert batcher._metrics is not None
+    return batcher._metrics
+
+
+def later(seconds: float = HANG_GUARD_S) -> float:
+    return time.monotonic() + seconds
+
+
+def test_batch_flushes_when_full_without_waiting_for_the_delay(tiny_model: OnnxModel) -> None:
+    # A one-minute delay: only a size-triggered flush lets these complete within the hang guard.
+    batcher = make(tiny_model.run, max_batch=4, delay_s=60.0)
+    inputs = [rows(1, seed) for seed in range(4)]
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(x, later()) for x in inputs))
+        await batcher.close(5)
+        return list(results)
+
+    results = run(scenario)
+    assert batch_sizes(metrics_of(batcher)) == (1.0, 4.0)
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(result, tiny_model.run(x), atol=1e-6)
+
+
+def test_lone_request_flushes_after_max_delay(tiny_model: OnnxModel) -> None:
+    delay_s = 0.05
+    batcher = make(tiny_model.run, max_batch=8, delay_s=delay_s)
+
+    async def scenario() -> np.ndarray:
+        await batcher.start()
+        result = await batcher.submit(rows(1), later())
+        await batcher.close(5)
+        return result
+
+    assert run(scenario).shape == (1, 3)
+    metrics = metrics_of(batcher)
+    assert batch_sizes(metrics) == (1.0, 1.0)
+    # The collector holds the first request for the whole delay hoping for company.
+    assert (metrics.registry.get_sample_value("convserve_queue_wait_seconds_sum") or 0) >= delay_s * 0.99
+
+
+def test_concurrent_requests_share_batches(tiny_model: OnnxModel) -> None:
+    batcher = make(tiny_model.run, max_batch=8, delay_s=0.02, queue=64)
+    inputs = [rows(1, seed) for seed in range(16)]
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(x, later()) for x in inputs))
+        await batcher.close(5)
+        return list(results)
+
+    results = run(scenario)
+    calls, images = batch_sizes(metrics_of(batcher))
+    assert images == 16
+    assert images / calls > 1, f"mean batch size {images / calls} shows no batching"
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(result, tiny_model.run(x), atol=1e-6)
+
+
+def test_oversized_request_is_split_and_reassembled_in_order(tiny_model: OnnxModel) -> None:
+    batcher = make(tiny_model.run, max_batch=4, delay_s=0.0)
+    big, small = rows(10, seed=1), rows(3, seed=2)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        await batcher.start()
+        first, second = await asyncio.gather(batcher.submit(big, later()), batcher.submit(small, later()))
+        await batcher.close(5)
+        return first, second
+
+    first, second = run(scenario)
+    np.testing.assert_allclose(first, tiny_model.run(big), atol=1e-6)
+    np.testing.assert_allclose(second, tiny_model.run(small), atol=1e-6)
+    calls, images = batch_sizes(metrics_of(batcher))
+    assert images == 13 and calls == 4  # 4 + 4 + (2 of big + 2 of small) + 1
+
+
+def test_failed_batch_fails_every_waiter_and_the_next_batch_runs(tiny_model: OnnxModel) -> None:
+    # 16x16 rows are the wrong size for the 32x32 model: ONNX Runtime itself rejects the batch.
+    batcher = make(tiny_model.run, max_batch=8, delay_s=0.02)
+    wrong = [np.zeros((1, 3, 16, 16), np.float32) for _ in range(3)]
+
+    async def scenario() -> tuple[list[Any], np.ndarray]:
+        await batcher.start()
+        failed = await asyncio.gather(*(batcher.submit(x, later()) for x in wrong), return_exceptions=True)
+        recovered = await batcher.submit(rows(2), later())
+        await batcher.close(5)
+        return failed, recovered
+
+    failed, recovered = run(scenario)
+    assert all(isinstance(outcome, InferenceError) for outcome in failed), failed
+    assert all(outcome.status_code == 500 and "inference failed" in outcome.message for outcome in failed)
+    np.testing.assert_allclose(recovered, tiny_model.run(rows(2)), atol=1e-6)
+
+
+def test_full_queue_rejects_at_once_with_retry_after(tiny_model: OnnxModel) -> None:
+    # 7 images wait for an 8-image batch (60 s delay); 2 more would overflow the 8-image queue.
+    batcher = make(tiny_model.run, max_batch=8, delay_s=60.0, queue=8)
+
+    async def scenario() -> QueueFullError:
+        await batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(rows(3), later()))
+        also_waiting = asyncio.ensure_future(batcher.submit(rows(4), later()))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError) as refused:
+            await batcher.submit(rows(2), later())
+        assert batcher.queued_images == 7
+        await batcher.close(5)  # drains the two accepted requests
+        await asyncio.gather(waiting, also_waiting)
+        return refused.value
+
+    error = run(scenario)
+    assert error.status_code == 503
+    assert int(error.headers()["Retry-After"]) >= 1
+    assert "queue is full" in error.message
+
+
+def test_request_larger_than_the_queue_is_refused_with_413(tiny_model: OnnxModel) -> None:
+    batcher = make(tiny_model.run, max_batch=4, queue=8)
+
+    async def scenario() -> None:
+        await batcher.start()
+        with pytest.raises(PayloadTooLargeError, match="at most 8"):
+            await batcher.submit(rows(9), later())
+        await batcher.close(5)
+
+    run(scenario)
+
+
+def test_request_past_its_deadline_gets_504_and_is_never_computed(tiny_model: OnnxModel) -> None:
+    batcher = make(tiny_model.run, max_batch=4, delay_s=10.0)
+
+    async def scenario() -> None:
+        await batcher.start()
+        with pytest.raises(DeadlineExceededError) as timed_out:
+            await batcher.submit(rows(1), later(0.05))
+        assert timed_out.value.status_code == 504
+        assert batcher.queued_images == 0
+        await batcher.close(5)
+
+    run(scenario)
+    assert batch_sizes(metrics_of(batcher)) == (0.0, 0.0)
+    assert metrics_of(batcher).registry.get_sample_value("convserve_queue_depth") == 0
+
+
+def test_shutdown_drains_queued_requests(tiny_model: OnnxModel) -> None:
+    # The 10 s delay would hold these; close() must flush them at once and answer every one.
+    batcher = make(tiny_model.run, max_batch=4, delay_s=10.0)
+    inputs = [rows(2, seed) for seed in range(3)]
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(x, later())) for x in inputs]
+        await asyncio.sleep(0)
+        await batcher.close(timeout_s=HANG_GUARD_S)
+        with pytest.raises(ServiceUnavailableError, match="shutting down"):
+            await batcher.submit(rows(1), later())
+        return list(await asyncio.gather(*pending))
+
+    for x, result in zip(inputs, run(scenario), strict=True):
+        np.testing.assert_allclose(result, tiny_model.run(x), atol=1e-6)
+
+
+def test_shutdown_timeout_fails_stuck_requests_instead_of_hanging() -> None:
+    release = threading.Event()
+
+    def stuck_infer(batch: np.ndarray) -> np.ndarray:
+        release.wait(HANG_GUARD_S)  # a model call that never returns in time
+        return np.zeros((len(batch), 3), np.float32)
+
+    batcher = make(stuck_infer, max_batch=2, delay_s=0.0)
+
+    async def scenario() -> list[Any]:
+        await batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(rows(1, s), later())) for s in range(3)]
+        await asyncio.sleep(0.05)
+        await batcher.close(timeout_s=0.1)
+        return list(await asyncio.gather(*pending, return_exceptions=True))
+
+    try:
+        outcomes = run(scenario)
+    finally:
+        release.set()
+    assert all(isinstance(outcome, ServiceUnavailableError) for outcome in outcomes), outcomes

@@ -1,0 +1,187 @@
+"""The service's PIL + numpy preprocessing against the training eval transform, on real photos."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.errors import InvalidInputError
+from service.metadata import ModelMetadata
+from service.preprocessing import ImagePreprocessor
+from service.runtime import OnnxModel
+from tests.service.conftest import TINY_SPEC
+from tests.service.photos import encode, jpeg, large_jpeg, photo
+from training.spec import EvalSpec
+from training.transforms import eval_transform
+
+logger = logging.getLogger(__name__)
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+SPECS = {
+    "tiny-bilinear": TINY_SPEC,
+    "imagenet-bicubic": EvalSpec(input_size=(224, 224), resize_size=256, interpolation="bicubic", **IMAGENET),
+    "nearest-half": EvalSpec(
+        input_size=(64, 64), resize_size=64, interpolation="nearest", mean=(0.5,) * 3, std=(0.5,) * 3
+    ),
+    # Taller than the resized image: CenterCrop pads with zeros first.
+    "padded-crop": EvalSpec(input_size=(40, 20), resize_size=20, interpolation="bilinear", **IMAGENET),
+}
+
+
+def preprocessor_for(spec: EvalSpec, use_draft: bool = False) -> ImagePreprocessor:
+    metadata = ModelMetadata.from_json(json.dumps({"labels": ["a"], **spec.to_metadata()}), "test")
+    return ImagePreprocessor.from_metadata(metadata, use_draft=use_draft)
+
+
+def torchvision_reference(image: Image.Image, spec: EvalSpec) -> np.ndarray:
+    tensor = eval_transform(spec)(image)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor.numpy()
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+@pytest.mark.parametrize("name", PHOTOS)
+def test_transform_matches_training_eval_transform(name: str, spec_name: str) -> None:
+    spec = SPECS[spec_name]
+    image = photo(name)
+    ours = preprocessor_for(spec).transform(image)
+    reference = torchvision_reference(image, spec)
+    assert ours.shape == reference.shape == (3, *spec.input_size)
+    assert ours.dtype == np.float32
+    assert float(np.abs(ours - reference).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_decoded_png_upload_matches_training_eval_transform(name: str) -> None:
+    image = photo(name)
+    ours = preprocessor_for(SPECS["imagenet-bicubic"])(encode(image, "PNG"), f"{name}.png")
+    assert float(np.abs(ours - torchvision_reference(image, SPECS["imagenet-bicubic"])).max()) <= 1e-5
+
+
+def test_draft_decoding_of_large_jpegs_keeps_the_tiny_models_top1(tiny_model: OnnxModel) -> None:
+    exact, drafted = preprocessor_for(TINY_SPEC, use_draft=False), preprocessor_for(TINY_SPEC, use_draft=True)
+    uploads = [large_jpeg(name) for name in PHOTOS]
+    full_size = Image.open(io.BytesIO(uploads[0])).size
+    assert drafted.decode(uploads[0]).size < full_size, "draft mode did not reduce the decode size"
+    exact_batch = np.stack([exact(data) for data in uploads])
+    drafted_batch = np.stack([drafted(data) for data in uploads])
+    difference = float(np.abs(exact_batch - drafted_batch).max())
+    mean_difference = float(np.abs(exact_batch - drafted_batch).mean())
+    logger.warning(
+        "draft vs full decode, %d large JPEGs at %s: max abs diff %.4f, mean %.5f (normalized units)",
+        len(uploads),
+        TINY_SPEC.input_size,
+        difference,
+        mean_difference,
+    )
+    assert difference > 0  # draft mode really took another path
+    exact_top1 = tiny_model.run(exact_batch).argmax(axis=1)
+    drafted_top1 = tiny_model.run(drafted_batch).argmax(axis=1)
+    np.testing.assert_array_equal(exact_top1, drafted_top1)
+
+
+def test_small_jpegs_are_decoded_at_full_size_even_with_draft() -> None:
+    data = jpeg("chelsea")  # 451x300 against a 256 target: no 2x reduction possible
+    assert preprocessor_for(SPECS["imagenet-bicubic"], use_draft=True).decode(data).size == (451, 300)
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = photo("chelsea")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a sideways camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    decoded = preprocessor_for(TINY_SPEC).decode(encode(stored, "PNG", exif=exif.tobytes()))
+    assert decoded.size == upright.size
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(upright))
+
+
+def test_grayscale_image_becomes_three_equal_channels() -> None:
+    gray = photo("coffee").convert("L")
+    decoded = np.asarray(preprocessor_for(TINY_SPEC).decode(encode(gray, "PNG")))
+    assert decoded.shape[2] == 3
+    for channel in range(3):
+        np.testing.assert_array_equal(decoded[:, :, channel], np.asarray(gray))
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits() -> None:
+    gray = np.asarray(photo("coffee").convert("L"))
+    deep = Image.fromarray((gray.astype(np.uint16) * 257).astype(np.uint16))
+    assert deep.mode.startswith("I")
+    decoded = np.asarray(preprocessor_for(TINY_SPEC).decode(encode(deep, "PNG")))
+    np.testing.assert_array_equal(decoded[:, :, 0], gray)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_alpha_and_palette_images_become_rgb(mode: str) -> None:
+    source = photo("astronaut").convert(mode)
+    decoded = preprocessor_for(TINY_SPEC).decode(encode(source, "PNG"))
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(source.convert("RGB")))
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    decoded = preprocessor_for(TINY_SPEC).decode(encode(photo("coffee").convert("CMYK"), "JPEG"))
+    assert decoded.mode == "RGB" and decoded.size == photo("coffee").size
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP"])
+def test_lossless_formats_decode_to_the_original_pixels(fmt: str) -> None:
+    original = photo("chelsea")
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = preprocessor_for(TINY_SPEC).decode(encode(original, fmt, **options))
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(original))
+
+
+def test_animated_gif_uses_its_first_frame() -> None:
+    red, blue = Image.new("RGB", (40, 40), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 0, 255))
+    data = encode(red, "GIF", save_all=True, append_images=[blue])
+    decoded = np.asarray(preprocessor_for(TINY_SPEC).decode(data))
+    assert tuple(decoded[20, 20]) == (255, 0, 0)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose pixel data is a few bytes: a bomb's shape."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(("width", "height"), [(8000, 8000), (40000, 40000)])
+def test_decompression_bomb_is_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(InvalidInputError, match="limit"):
+        preprocessor_for(TINY_SPEC).decode(png_declaring(width, height), "bomb.png")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"hello, I am not an image", "not a readable image"),
+        (jpeg("chelsea")[:2000], "truncated or corrupt"),
+    ],
+    ids=["zero-bytes", "text", "truncated-jpeg"],
+)
+def test_unusable_files_are_refused_with_a_message_naming_the_file(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message) as refused:
+        preprocessor_for(TINY_SPEC)(data, "upload.jpg")
+    assert refused.value.message.startswith("upload.jpg:")
+    assert refused.value.status_code == 422

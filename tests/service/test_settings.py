@@ -1,0 +1,91 @@
+"""Settings: defaults, environment parsing, and refusal of inconsistent values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+ISSUE_VARIABLES = [
+    "MODEL_REPOSITORY",
+    "MODEL_NAME",
+    "MODEL_VERSION",
+    "HOST",
+    "PORT",
+    "MAX_BATCH_SIZE",
+    "MAX_QUEUE_DELAY_MS",
+    "MAX_QUEUE_SIZE",
+    "REQUEST_TIMEOUT_S",
+    "PROVIDERS",
+    "REQUIRE_GPU",
+    "MAX_UPLOAD_BYTES",
+    "INTRA_OP_THREADS",
+    "WORKERS",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ISSUE_VARIABLES:
+        monkeypatch.delenv(f"CONVSERVE_{name}", raising=False)
+
+
+def test_defaults_match_the_issue() -> None:
+    settings = Settings()
+    assert settings.model_repository == Path("models")
+    assert settings.model_name is None and settings.model_version is None
+    assert (settings.host, settings.port, settings.max_batch_size) == ("0.0.0.0", 8000, 32)
+    assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert settings.require_gpu is False
+    assert settings.workers == 1
+
+
+def test_every_issue_variable_is_a_documented_field_with_a_unit_or_meaning() -> None:
+    fields = Settings.model_fields
+    assert sorted(fields) == sorted(name.lower() for name in ISSUE_VARIABLES)
+    for name, field in fields.items():
+        assert field.description and len(field.description) > 20, f"{name} has no docstring"
+
+
+def test_environment_variables_are_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("CONVSERVE_MAX_QUEUE_DELAY_MS", "2.5")
+    monkeypatch.setenv("CONVSERVE_PROVIDERS", "cpu")
+    monkeypatch.setenv("CONVSERVE_MODEL_VERSION", "3")
+    monkeypatch.setenv("CONVSERVE_REQUIRE_GPU", "false")
+    settings = Settings()
+    assert settings.max_batch_size == 8
+    assert settings.max_queue_delay_s == pytest.approx(0.0025)
+    assert settings.providers == ["CPUExecutionProvider"]
+    assert settings.model_version == 3
+
+
+def test_providers_accept_aliases_and_ort_names_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_PROVIDERS", "CUDA, CPUExecutionProvider")
+    assert Settings().providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_batch_size": 64, "max_queue_size": 32}, "MAX_QUEUE_SIZE"),
+        ({"max_queue_delay_ms": 2000, "request_timeout_s": 1}, "MAX_QUEUE_DELAY_MS"),
+        ({"require_gpu": True, "providers": "cpu"}, "REQUIRE_GPU"),
+        ({"providers": "cuda,cuda"}, "twice"),
+        ({"providers": "CUDAExecutionProvder"}, "unknown execution provider"),
+        ({"providers": ""}, "empty"),
+        ({"port": 0}, "port"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"model_version": 0}, "model_version"),
+        ({"model_name": "../elsewhere"}, "MODEL_NAME"),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_inconsistent_or_invalid_values_refuse_with_a_message(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)  # type: ignore[arg-type]

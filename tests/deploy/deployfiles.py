@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +98,54 @@ def venv_tool(name: str) -> str | None:
     if beside_python.exists():
         return str(beside_python)
     return shutil.which(name)
+
+
+# --- Dockerfile reading ----------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One build stage: its FROM line and its instructions (continuation lines joined)."""
+
+    base: str
+    name: str
+    instructions: list[str] = field(default_factory=list)
+
+    def runs(self) -> list[str]:
+        return [i.removeprefix("RUN ").strip() for i in self.instructions if i.startswith("RUN ")]
+
+    def index_of(self, needle: str) -> int:
+        return next(n for n, instruction in enumerate(self.instructions) if needle in instruction)
+
+
+def instructions(text: str) -> list[str]:
+    """Dockerfile instructions with comments dropped and backslash continuations joined."""
+    joined: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    return joined
+
+
+def stages(text: str) -> dict[str, Stage]:
+    parsed: dict[str, Stage] = {}
+    current: Stage | None = None
+    for instruction in instructions(text):
+        match = re.match(r"FROM (\S+) AS (\S+)", instruction, flags=re.IGNORECASE)
+        if match:
+            current = Stage(base=match.group(1), name=match.group(2))
+            parsed[current.name] = current
+        elif current is not None:
+            current.instructions.append(instruction)
+    return parsed
+
+
+def arg_defaults(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.MULTILINE))

@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from deployfiles import ENV_EXAMPLE
+from deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, ENV_EXAMPLE, load_compose, merge_compose
 
 from service.settings import Settings
 
@@ -60,3 +60,19 @@ def test_documented_value_is_the_default_or_an_accepted_example(
 def test_uncommenting_every_line_gives_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from(monkeypatch, documented_variables())
     assert settings.port == 8000
+
+
+def test_compose_service_environment_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = load_compose(COMPOSE_FILE)
+    for compose in (gpu, merge_compose(gpu, load_compose(COMPOSE_CPU_FILE))):
+        environment = compose["services"]["service"]["environment"]
+        assert all(name.startswith(PREFIX) for name in environment)
+        settings = settings_from(monkeypatch, {name: str(value) for name, value in environment.items()})
+        assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+
+
+def test_cpu_override_restricts_onnx_runtime_to_the_cpu_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    merged = merge_compose(load_compose(COMPOSE_FILE), load_compose(COMPOSE_CPU_FILE))
+    environment = merged["services"]["service"]["environment"]
+    settings = settings_from(monkeypatch, {name: str(value) for name, value in environment.items()})
+    assert settings.providers == ["CPUExecutionProvider"]

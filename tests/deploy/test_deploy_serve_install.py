@@ -1,0 +1,170 @@
+"""The runtime image's install and start steps, replayed without Docker.
+
+Docker cannot run here, so this test does what the Dockerfile's runtime stage does, step for step: a fresh
+virtual environment; the stage's `COPY` and `pip install` instructions, read from the Dockerfile and run in
+order in a scratch directory; then `python -m service` from that environment on a tiny model, probed with
+the image's healthcheck, and stopped with SIGTERM as `docker stop` does. A broken install step, a missing
+runtime dependency or a service that needs torch fails here instead of in a user's build.
+
+Slow: it installs the serve extra from the package index into a new environment (~40 s, ~500 MB).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import venv
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from deployfiles import DOCKERFILE, HEALTHCHECK_SCRIPT, REPO_ROOT, stages
+from livetestserver import export_tiny_model, free_port
+
+pytestmark = pytest.mark.slow
+
+INSTALL_WORKDIR = "/opt/convserve/src"
+START_TIMEOUT_S = 180.0
+
+
+def runtime_install_steps() -> list[str]:
+    """The runtime stage's instructions from `WORKDIR /opt/convserve/src` up to the next WORKDIR."""
+    runtime = stages(DOCKERFILE.read_text(encoding="utf-8"))["runtime"]
+    start = runtime.index_of(f"WORKDIR {INSTALL_WORKDIR}") + 1
+    steps = []
+    for instruction in runtime.instructions[start:]:
+        if instruction.startswith("WORKDIR "):
+            break
+        steps.append(instruction)
+    return steps
+
+
+def replay(steps: list[str], workdir: Path, environment: Path) -> None:
+    """Run COPY (from the repository) and RUN (with the new environment first on PATH) in `workdir`."""
+    env = {
+        "PATH": f"{environment / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    for step in steps:
+        keyword, _, rest = step.partition(" ")
+        if keyword == "COPY" and not rest.startswith("--from"):
+            *sources, destination = shlex.split(rest)
+            if os.path.isabs(destination):
+                continue  # files placed outside the install directory (models, healthcheck) are not needed
+            for source in sources:
+                copy_into(REPO_ROOT / source, workdir / destination)
+        elif keyword == "RUN":
+            result = subprocess.run(
+                rest,
+                shell=True,
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
+            assert result.returncode == 0, (
+                f"Dockerfile step failed: RUN {rest}\n{result.stdout}\n{result.stderr}"
+            )
+
+
+def copy_into(source: Path, destination: Path) -> None:
+    """Docker's COPY: a directory's contents into the destination directory, a file into it by name."""
+    if source.is_dir():
+        shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination / source.name)
+
+
+@pytest.fixture(scope="module")
+def runtime_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A new environment holding what the runtime stage installs, removed afterwards (it is large)."""
+    root = tmp_path_factory.mktemp("runtime-image")
+    environment = root / "venv"
+    venv.create(environment, with_pip=True)
+    workdir = root / "src"
+    workdir.mkdir()
+    try:
+        replay(runtime_install_steps(), workdir, environment)
+        yield environment
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_runtime_install_steps_are_the_serve_extra_commands() -> None:
+    runs = [step for step in runtime_install_steps() if step.startswith("RUN ")]
+    assert runs == ['RUN pip install ".[serve]"', 'RUN pip install --no-deps ".[serve]"']
+
+
+def test_runtime_environment_has_the_service_but_no_torch_or_training(runtime_environment: Path) -> None:
+    python = str(runtime_environment / "bin" / "python")
+    probe = "import importlib.util as u; print([m for m in ('torch', 'training', 'onnx') if u.find_spec(m)])"
+    found = subprocess.run([python, "-c", probe], cwd="/", capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+    service = subprocess.run(
+        [python, "-c", "import service.app"], cwd="/", capture_output=True, text=True, check=False
+    )
+    assert service.returncode == 0, service.stderr
+
+
+def test_python_m_service_from_the_runtime_environment_becomes_ready_and_stops_on_sigterm(
+    runtime_environment: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    export_tiny_model(repository)
+    port = free_port()
+    python = str(runtime_environment / "bin" / "python")
+    env = {
+        "PATH": f"{runtime_environment / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+        "CONVSERVE_MODEL_REPOSITORY": str(repository),
+        "CONVSERVE_HOST": "127.0.0.1",
+        "CONVSERVE_PORT": str(port),
+        "CONVSERVE_PROVIDERS": "cpu",
+        "CONVSERVE_MAX_BATCH_SIZE": "4",
+        "CONVSERVE_INTRA_OP_THREADS": "1",
+    }
+    log = tmp_path / "service.log"
+    with log.open("w") as output:
+        # cwd is outside the repository, so only the installed copy of `service` can be imported.
+        process = subprocess.Popen(
+            [python, "-m", "service"], cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until_healthy(python, port, process, log)
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=60)
+            # Uvicorn shuts down cleanly, then re-raises the signal it caught, so the process may end "killed
+            # by SIGTERM" (Docker shows 143); either way the application's shutdown must have completed.
+            assert status in (0, -signal.SIGTERM), log.read_text()
+            assert "Application shutdown complete" in log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def wait_until_healthy(python: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll with the image's own HEALTHCHECK command until it passes."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"python -m service exited early:\n{log.read_text()}"
+        probe = subprocess.run(
+            [python, str(HEALTHCHECK_SCRIPT)],
+            env={"CONVSERVE_PORT": str(port)},
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail(
+        f"healthcheck did not pass within {START_TIMEOUT_S:.0f} s:\n{log.read_text()}\n{sys.executable}"
+    )

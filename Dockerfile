@@ -21,8 +21,8 @@ ARG BUILD_BASE=python:3.11-slim-bookworm
 FROM ${BUILD_BASE} AS model
 
 # The `train` extra pins torch==2.14.1 / torchvision==0.29.1. From PyPI those are the CUDA builds,
-# which drag in ~3 GB of nvidia-* wheels that this stage never uses: it only exports one model on the
-# CPU. So the CPU builds of the same versions are installed first from PyTorch's CPU wheel index; the
+# which drag in ~4 GB of nvidia-* and triton wheels (3.2 GB + 0.9 GB installed) that this stage never
+# uses: it only exports one model on the CPU. So the CPU builds of the same versions are installed first from PyTorch's CPU wheel index; the
 # `pip install ".[train]"` that follows sees 2.14.1+cpu as satisfying ==2.14.1 (PEP 440 ignores the
 # local "+cpu" label) and keeps them.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -99,8 +99,8 @@ WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
 
-# /readyz is 200 only once the model is loaded and every batch size has been warmed up; warmup on a
-# GPU includes cuDNN's algorithm search, hence the generous start period.
+# /readyz is 200 only once the model is loaded and every batch size has been warmed up (on a GPU that
+# includes creating the CUDA context and loading cuDNN), hence the generous start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/opt/convserve/healthcheck.py"]
 

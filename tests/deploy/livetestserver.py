@@ -57,7 +57,7 @@ class LiveServer:
     def zero_tensor(rows: int) -> list[list[list[list[float]]]]:
         """A preprocessed batch of `rows` images of the tiny model's shape, as nested lists."""
         height, width = TINY_SPEC.input_size
-        return np.zeros((rows, 3, height, width), dtype=np.float32).tolist()  # type: ignore[no-any-return]
+        return np.zeros((rows, 3, height, width), dtype=np.float32).tolist()
 
 
 def _jpeg(pixels: np.ndarray) -> bytes:

@@ -22,10 +22,7 @@ def _count_rejection(request: Request, reason: str | None) -> None:
 async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     _count_rejection(request, exc.reject_reason)
-    if exc.status_code >= 500:
-        logger.warning(
-            "request_id=%s %s: %s", getattr(request.state, "request_id", "-"), type(exc).__name__, exc.message
-        )
+    request.state.error = exc.message  # goes into the request's single log line
     return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=exc.headers())
 
 

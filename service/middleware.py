@@ -73,12 +73,14 @@ class RequestContextMiddleware:
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
         level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO
+        error = scope.get("state", {}).get("error")
         logger.log(
             level,
-            "request_id=%s method=%s path=%s status=%d duration_ms=%.1f",
+            "request_id=%s method=%s path=%s status=%d duration_ms=%.1f%s",
             request_id,
             scope["method"],
             scope["path"],
             status,
             seconds * 1000,
+            f" error={error!r}" if error else "",
         )

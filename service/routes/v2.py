@@ -17,7 +17,7 @@ from service import __version__
 from service.errors import NotFoundError
 from service.request_body import decode_content, read_body
 from service.state import ServiceState, get_state
-from service.v2 import HEADER_LENGTH, TensorSpec, encode_infer_response, parse_infer_request
+from service.v2 import HEADER_LENGTH, InferRequest, TensorSpec, encode_infer_response, parse_infer_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 State = Annotated[ServiceState, Depends(get_state)]
@@ -117,11 +117,14 @@ async def infer(
     predictor = state.require_predictor()
     assert state.model is not None and state.location is not None
     limit = state.settings.max_upload_bytes
-    body = decode_content(await read_body(request, limit), request.headers.get("content-encoding"), limit)
+    body = await read_body(request, limit)
     spec = TensorSpec(state.model.input_name, state.model.metadata.input_shape, state.model.output_name)
-    parsed = await asyncio.get_running_loop().run_in_executor(
-        state.decode_executor, parse_infer_request, body, request.headers.get(HEADER_LENGTH), spec
-    )
+    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+
+    def parse() -> InferRequest:  # decompressing and parsing tens of MB must not block the event loop
+        return parse_infer_request(decode_content(body, encoding, limit), header_length, spec)
+
+    parsed = await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse)
     tensor = predictor.check_tensor(parsed.tensor)
     timeout_s = min(state.settings.request_timeout_s, parsed.timeout_s or float("inf"))
     logits = await predictor.infer(tensor, time.monotonic() + timeout_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -264,3 +265,17 @@ def test_v2_unknown_model_or_version_is_404_with_error(client: TestClient) -> No
 def test_unknown_path_gets_404_in_the_error_shape(client: TestClient) -> None:
     response = client.get("/nope")
     assert response.status_code == 404 and "error" in response.json()
+
+
+def test_each_request_logs_one_line_with_its_id_and_error(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service"):
+        client.post(
+            "/predict?top_k=0",
+            files=image_files(("cat.jpg", jpeg("chelsea"))),
+            headers={"X-Request-ID": "r-1"},
+        )
+    lines = [record.getMessage() for record in caplog.records if "r-1" in record.getMessage()]
+    assert len(lines) == 1
+    assert "status=422" in lines[0] and "top_k must be between 1 and 3" in lines[0]

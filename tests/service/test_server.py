@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,9 @@ def test_tritonclient_gets_the_same_top1_as_predict_for_the_same_tensor(server: 
     as_json = client.infer(MODEL_NAME, [json_input], model_version="1", outputs=outputs, request_id="r-7")
     np.testing.assert_allclose(as_json.as_numpy("logits"), logits, atol=1e-5)
     assert as_json.get_response()["id"] == "r-7"
+
+    compressed = client.infer(MODEL_NAME, [infer_input], request_compression_algorithm="gzip")
+    np.testing.assert_allclose(compressed.as_numpy("logits"), logits, atol=1e-5)
 
     classes = client.infer(
         MODEL_NAME, [infer_input], outputs=[triton.InferRequestedOutput("logits", class_count=1)]
@@ -165,11 +169,11 @@ def service_env(model_repository: Path, **variables: str) -> dict[str, str]:
     return env
 
 
-def test_sigterm_finishes_accepted_requests_then_exits(model_repository: Path) -> None:
+@contextmanager
+def service_process(model_repository: Path, **variables: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m service` in a subprocess on a free port, ready; killed if still running at the end."""
     port = free_port()
-    env = service_env(
-        model_repository, PORT=str(port), HOST="127.0.0.1", MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500"
-    )
+    env = service_env(model_repository, PORT=str(port), HOST="127.0.0.1", **variables)
     process = subprocess.Popen(
         [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
@@ -178,13 +182,20 @@ def test_sigterm_finishes_accepted_requests_then_exits(model_repository: Path) -
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, process.communicate()[1]
-            try:
+            with suppress(httpx.TransportError):
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             assert time.monotonic() < deadline, "the service never became ready"
             time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(model_repository: Path) -> None:
+    with service_process(model_repository, MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500") as (process, url):
         with ThreadPoolExecutor(3) as pool:
             upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
             pending = [pool.submit(httpx.post, f"{url}/predict", files=upload, timeout=30) for _ in range(3)]
@@ -193,13 +204,18 @@ def test_sigterm_finishes_accepted_requests_then_exits(model_repository: Path) -
             process.send_signal(signal.SIGTERM)
             assert [future.result().status_code for future in pending] == [200, 200, 200]
         _, log = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     # uvicorn re-raises the signal after a clean shutdown, so the exit status says "terminated by SIGTERM".
     assert process.returncode in (0, -signal.SIGTERM), log
     assert "stopped" in log
+
+
+def test_workers_setting_runs_several_processes_that_each_serve(model_repository: Path) -> None:
+    with service_process(model_repository, WORKERS="2") as (process, url):
+        upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
+        assert all(httpx.post(f"{url}/predict", files=upload).status_code == 200 for _ in range(4))
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=60)
+    assert log.count("warmed up batch sizes") == 2, log
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(ALL_SERVERS),
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure (default: all)",
     )
+    run_group.add_argument(
+        "--profile",
+        action="store_true",
+        help="also sample the service with py-spy at concurrency 32 (an extra level, not in the table) "
+        "and report CPU ms per image by activity; needs `pip install py-spy`",
+    )
     model_group = parser.add_argument_group("model")
     model_group.add_argument(
         "--model-repository", type=Path, default=Path("models"), help="model repository (default: models)"
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         servers=servers,
         service_env=_parse_env(args.set),
         command=shell_command(argv),
+        profile=args.profile,
     )
     plan = quick_plan() if args.quick else full_plan()
     output: Path = args.output

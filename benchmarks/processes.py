@@ -54,6 +54,8 @@ class ServerProcess:
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    startup_s: float | None = field(default=None, init=False)
+    """Seconds from launch until the readiness endpoint answered 200 (model load and warm-up)."""
 
     @property
     def base_url(self) -> str:
@@ -92,7 +94,8 @@ class ServerProcess:
             raise
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
+        launched = time.monotonic()
+        deadline = launched + self.start_timeout_s
         url = f"{self.base_url}{self.ready_path}"
         while time.monotonic() < deadline:
             assert self._process is not None
@@ -104,7 +107,8 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
-                        log.info("%s is ready", self.name)
+                        self.startup_s = round(time.monotonic() - launched, 2)
+                        log.info("%s is ready after %.1f s", self.name, self.startup_s)
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -126,6 +130,15 @@ class ServerProcess:
             log.warning("%s ignored SIGTERM for %.0f s; killing it", self.name, self.stop_timeout_s)
             process.kill()
             process.wait()
+
+    def describe(self) -> dict[str, object]:
+        """How the server was run, for the results."""
+        return {
+            "command": " ".join(self.command),
+            "env": dict(self.env),
+            "startup_s": self.startup_s,
+            "log": str(self.log_path),
+        }
 
     def log_tail(self, lines: int = 30) -> str:
         try:

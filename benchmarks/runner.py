@@ -34,6 +34,7 @@ from benchmarks.processes import (
     python_module_command,
     rss_mb,
 )
+from benchmarks.profiling import SAMPLE_RATE_HZ, PySpyRecorder, summarize
 from benchmarks.promtext import scrape, window_means
 from benchmarks.report import HEADLINE_CONCURRENCY, check_targets, find_level, headline
 
@@ -52,6 +53,8 @@ class RunConfig:
     service_env: Mapping[str, str] = field(default_factory=dict)
     """Extra `CONVSERVE_*` variables for both service runs (e.g. to try another setting)."""
     command: str = "python -m benchmarks"
+    profile: bool = False
+    """Also profile the service with py-spy at concurrency 32 (an extra, unrecorded level)."""
 
 
 @dataclass
@@ -133,6 +136,10 @@ def _run_ceiling(
     return result
 
 
+def _text_or_empty(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 class ServerBench:
     """Load levels against one running server, with metrics deltas and resource samples per level."""
 
@@ -143,8 +150,10 @@ class ServerBench:
         self.url = f"{server.base_url}/predict"
         self.requests_sent = 0
         self.rows: list[dict[str, Any]] = []
+        self.description: dict[str, object] = server.describe()
+        self.profile_result: dict[str, Any] | None = None
 
-    async def _measured(self, load: Any) -> dict[str, Any]:
+    async def _measured(self, load: Any, *, keep: bool = True) -> dict[str, Any]:
         before = await scrape(self.server.base_url)
         async with ResourceSampler(self.server.pid) as sampler:
             result: LoadResult = await load
@@ -170,7 +179,8 @@ class ServerBench:
             row.get("mean_batch_size"),
             row["server_cpu_percent"],
         )
-        self.rows.append(row)
+        if keep:
+            self.rows.append(row)
         return row
 
     async def concurrency_levels(self, levels: Sequence[int], timing: LevelTiming) -> None:
@@ -185,6 +195,30 @@ class ServerBench:
                     max_requests=timing.max_requests,
                 )
             )
+
+    async def profile(self, concurrency: int, timing: LevelTiming, output: Path) -> dict[str, Any]:
+        """An extra, unrecorded level under py-spy (sampling costs CPU, so it never feeds the table)."""
+        seconds = timing.warmup_s + timing.duration_s
+        async with PySpyRecorder(self.server.pid, seconds, output):
+            row = await self._measured(
+                run_concurrency(self.url, self.photos, concurrency, duration_s=seconds, max_requests=10**6),
+                keep=False,
+            )
+        cpu_percent = row["server_cpu_percent"]
+        summary = summarize(
+            await asyncio.to_thread(_text_or_empty, output),
+            rate_hz=SAMPLE_RATE_HZ,
+            images=row["ok"],
+            process_cpu_s=None if cpu_percent is None else cpu_percent / 100 * seconds,
+        )
+        log.info("profile at concurrency %d: %s", concurrency, summary["buckets"])
+        return {
+            "concurrency": concurrency,
+            "img_per_s_while_profiling": row["img_per_s"],
+            "server_cpu_percent": cpu_percent,
+            "raw_stacks": str(output),
+            **summary,
+        }
 
     async def rates(self, rates: Sequence[float], timing: LevelTiming) -> None:
         for rate in rates:
@@ -251,7 +285,7 @@ def _naive_process(model: ServedModel, log_dir: Path) -> ServerProcess:
 
 async def _bench_service(
     config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
-) -> tuple[list[dict[str, Any]], dict[int, float]]:
+) -> tuple[ServerBench, dict[int, float]]:
     with _service_process(config, model, log_dir, batching=True) as server:
         bench = ServerBench("service", server, photos)
         rss: dict[int, float] = {}
@@ -259,6 +293,10 @@ async def _bench_service(
         count, value = await bench.soak_until(first, plan.rss_soak_concurrency, plan.rss_soak_max_s)
         rss[count] = value
         await bench.concurrency_levels(plan.concurrency_levels, plan.service_levels)
+        if config.profile:
+            bench.profile_result = await bench.profile(
+                HEADLINE_CONCURRENCY, plan.service_levels, log_dir / "service-py-spy.txt"
+            )
         capacity = find_level(bench.rows, "service", "concurrency", HEADLINE_CONCURRENCY)
         if capacity and capacity["img_per_s"] > 0:
             rates = [round(capacity["img_per_s"] * fraction, 1) for fraction in plan.rate_fractions]
@@ -266,18 +304,18 @@ async def _bench_service(
         for checkpoint in plan.rss_checkpoints[1:]:
             count, value = await bench.soak_until(checkpoint, plan.rss_soak_concurrency, plan.rss_soak_max_s)
             rss[count] = value
-        return bench.rows, rss
+        return bench, rss
 
 
 async def _bench_baseline(
     name: str, server: ServerProcess, photos: Sequence[Photo], plan: BenchPlan, rates: Sequence[float]
-) -> list[dict[str, Any]]:
+) -> ServerBench:
     with server:
         bench = ServerBench(name, server, photos)
         await bench.concurrency_levels(plan.concurrency_levels, plan.baseline_levels)
         if rates:
             await bench.rates(rates, plan.rate_timing)
-        return bench.rows
+        return bench
 
 
 def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
@@ -294,19 +332,21 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
     log.info("model %s v%d; %d photos; server logs in %s", model.name, model.version, len(photos), log_dir)
 
     in_process = _run_ceiling(config, model, photos, plan) if "ceiling" in config.servers else {}
-    levels: list[dict[str, Any]] = []
+    benches: list[ServerBench] = []
     rss: dict[int, float] = {}
     if "service" in config.servers:
-        service_rows, rss = asyncio.run(_bench_service(config, model, photos, plan, log_dir))
-        levels += service_rows
-    rates = [float(row["level"]) for row in levels if row["mode"] == "rate"]
+        service_bench, rss = asyncio.run(_bench_service(config, model, photos, plan, log_dir))
+        benches.append(service_bench)
+    rates = [float(row["level"]) for bench in benches for row in bench.rows if row["mode"] == "rate"]
     if "unbatched" in config.servers:
         server = _service_process(config, model, log_dir, batching=False)
-        levels += asyncio.run(
-            _bench_baseline("unbatched", server, photos, plan, rates if plan.rates_for_unbatched else [])
-        )
+        unbatched_rates = rates if plan.rates_for_unbatched else []
+        benches.append(asyncio.run(_bench_baseline("unbatched", server, photos, plan, unbatched_rates)))
     if "naive" in config.servers:
-        levels += asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
+        benches.append(
+            asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
+        )
+    levels = [row for bench in benches for row in bench.rows]
 
     results: dict[str, Any] = {
         "schema_version": 1,
@@ -330,7 +370,8 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
                 "onnx_mb": round(model.path.stat().st_size / 2**20, 1),
             },
             "corpus": describe_corpus(photos),
-            "service_env": dict(config.service_env),
+            "servers": {bench.server_name: bench.description for bench in benches},
+            "profile": next((bench.profile_result for bench in benches if bench.profile_result), None),
             "plan": plan.to_dict(),
             "machine": machine,
             "other_processes_cpu_before": busy_before,

@@ -60,6 +60,27 @@ def next_version_dir(model_root: Path) -> Path:
         return candidate
 
 
+def publish_version(staging: Path, model_root: Path) -> Path:
+    """Move a fully written `staging` directory to `model_root/<highest version + 1>` in one rename.
+
+    The service only ever sees complete versions; a number already taken (even by a stray file) is
+    skipped, never replaced.
+    """
+    versions = model_versions(model_root)
+    candidate = (versions[-1] if versions else 0) + 1
+    while True:
+        target = model_root / str(candidate)
+        if not target.exists():
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not target.exists():
+                    raise
+            else:
+                return target
+        candidate += 1
+
+
 def _validate_arguments(labels: Sequence[str], parity_inputs: torch.Tensor, spec: EvalSpec) -> None:
     if len(labels) < 1 or len(set(labels)) != len(labels):
         raise ValueError(f"labels must be a non-empty list of distinct class names, got {list(labels)}")

@@ -74,7 +74,8 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
         "--no-pretrained",
         dest="pretrained",
         action="store_false",
-        help="start from random weights (then by default: no frozen phase, all blocks train)",
+        help="start from random weights, then by default no frozen phase and all blocks train "
+        "(default: pretrained)",
     )
     model.add_argument(
         "--image-size",
@@ -149,7 +150,10 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
 
     augment = parser.add_argument_group("augmentation (training images only)")
     augment.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="no flip, rotation or zoom"
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no flip, rotation or zoom (default: augmentation on)",
     )
     flips = augment.add_mutually_exclusive_group()
     flips.add_argument(
@@ -164,7 +168,8 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
         dest="horizontal_flip",
         action="store_const",
         const=False,
-        help="no horizontal flips (for classes a mirror image changes: digits, text)",
+        help="no horizontal flips, for classes a mirror image changes such as digits or text "
+        "(default: flips on, except demo:digits)",
     )
     augment.add_argument(
         "--rotation",

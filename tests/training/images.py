@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from PIL import Image
 
@@ -22,3 +25,20 @@ def preprocess(images: list[Image.Image], spec: EvalSpec) -> torch.Tensor:
     """The training eval transform applied to each image, stacked into [N, 3, H, W]."""
     transform = eval_transform(spec)
     return torch.stack([transform(image) for image in images])
+
+
+def write_image_folder(root: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """DIR/<class>/*.jpg of real photo crops: "cat" (chelsea), "coffee", "person" (astronaut)."""
+    rng = np.random.default_rng(seed)
+    for label, name in zip(TINY_LABELS, ("chelsea", "coffee", "astronaut"), strict=True):
+        source = photo(name)
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            scale = rng.uniform(0.6, 0.95)
+            width, height = int(source.width * scale), int(source.height * scale)
+            left = int(rng.integers(0, source.width - width + 1))
+            top = int(rng.integers(0, source.height - height + 1))
+            crop = source.crop((left, top, left + width, top + height)).resize((96, 72))
+            crop.save(folder / f"{name}_{index}.jpg", quality=90)
+    return root

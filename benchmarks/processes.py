@@ -185,6 +185,19 @@ def rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of every thread of a process tree, by OS thread id."""
+    times: dict[int, float] = {}
+    for process in _tree(pid):
+        try:
+            threads = process.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            times[thread.id] = thread.user_time + thread.system_time
+    return times
+
+
 def _cpu_seconds(pid: int) -> float:
     total = 0.0
     for process in _tree(pid):

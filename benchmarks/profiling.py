@@ -1,18 +1,20 @@
 """Where the server's CPU goes: py-spy samples of a running server, summed into named buckets.
 
 Optional (`python -m benchmarks --profile`, needs `pip install py-spy`): py-spy samples every Python
-thread of the server without stopping it; each on-CPU stack is put into the first bucket one of its
-frames matches (decode, ORT, multipart parsing, JSON, batching, …). ONNX Runtime's own worker threads
-are native, not Python, so py-spy cannot see them: their share is the process CPU (from psutil) minus
-what the Python threads used, reported as `onnxruntime worker threads (native)`.
+thread of the server without stopping it; each stack is put into the first bucket one of its frames
+matches (decode, ORT, multipart parsing, JSON, batching, …). The kernel's per-thread CPU times are
+then split by those samples, so the result is CPU time, not sample counts. ONNX Runtime's own pool
+threads are native, invisible to py-spy, and get their own bucket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("asyncio event loop", ("asyncio/", "uvloop")),
 )
 OTHER = "other Python"
-NATIVE_ORT = "onnxruntime worker threads (native)"
+NATIVE_ORT = "native threads (ONNX Runtime intra-op pool)"
+_THREAD = re.compile(r"^thread \((\d+)\)")
 
 
 def py_spy_path() -> str | None:
@@ -61,6 +64,7 @@ class PySpyRecorder:
             str(SAMPLE_RATE_HZ),
             "--format",
             "raw",
+            "--threads",  # OS thread ids, to split each thread's kernel-measured CPU time
             "--nonblocking",  # never pause the server: the figures being profiled stay honest
             "--output",
             str(output),
@@ -92,23 +96,44 @@ def bucket_of(stack: str) -> str:
     return OTHER
 
 
-def summarize(raw: str, *, rate_hz: int, images: int, process_cpu_s: float | None) -> dict[str, Any]:
-    """CPU milliseconds per image by bucket from py-spy's raw output (`stack count` per line)."""
-    samples: Counter[str] = Counter()
+def _samples_by_thread(raw: str) -> dict[int, Counter[str]]:
+    """py-spy `--threads` raw lines (`thread (TID): Name;frame;… count`) → samples per bucket per tid."""
+    by_thread: dict[int, Counter[str]] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            samples[bucket_of(stack)] += int(count)
-    python_cpu_s = sum(samples.values()) / rate_hz
-    cpu_s = {name: count / rate_hz for name, count in samples.items()}
-    if process_cpu_s is not None and process_cpu_s > python_cpu_s:
-        cpu_s[NATIVE_ORT] = process_cpu_s - python_cpu_s
-    total = sum(cpu_s.values())
-    per_image = {
+        match = _THREAD.match(stack)
+        if match is None or not count.isdigit():
+            continue
+        by_thread.setdefault(int(match.group(1)), Counter())[bucket_of(stack)] += int(count)
+    return by_thread
+
+
+def summarize(raw: str, *, thread_cpu_s: Mapping[int, float], images: int) -> dict[str, Any]:
+    """CPU milliseconds per image by bucket.
+
+    Each Python thread's measured CPU time (`thread_cpu_s`, by OS thread id, from the kernel) is split
+    over buckets in proportion to that thread's py-spy samples. py-spy counts a thread that is
+    runnable but waiting for a core as active, so raw sample counts overstate busy threads on a
+    crowded machine; the kernel's CPU time does not. Threads py-spy never saw are native (ONNX
+    Runtime's intra-op pool) and form their own bucket.
+    """
+    samples = _samples_by_thread(raw)
+    cpu_s: Counter[str] = Counter()
+    for tid, seconds in thread_cpu_s.items():
+        counts = samples.get(tid)
+        if not counts:
+            cpu_s[NATIVE_ORT if seconds > 0 else OTHER] += seconds
+            continue
+        total = sum(counts.values())
+        for name, count in counts.items():
+            cpu_s[name] += seconds * count / total
+    total_s = sum(cpu_s.values())
+    buckets = {
         name: {
             "cpu_ms_per_image": round(1000 * seconds / images, 2) if images else None,
-            "share": round(seconds / total, 3) if total else None,
+            "share": round(seconds / total_s, 3) if total_s else None,
         }
-        for name, seconds in sorted(cpu_s.items(), key=lambda item: -item[1])
+        for name, seconds in cpu_s.most_common()
+        if seconds > 0
     }
-    return {"images": images, "cpu_s": round(total, 2), "buckets": per_image}
+    return {"images": images, "cpu_s": round(total_s, 2), "buckets": buckets}

@@ -223,7 +223,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines = [
         f"Measured {results['created'][:10]} with `{results['command']}` ({results['mode']} run, "
         f"{results['duration_s']:.0f} s) on {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, "
-        f"no GPU; load generator on the same cores. Model `{results['model']['name']}` "
+        f"ONNX Runtime provider {in_process.get('provider', '?')}; the load generator shares the same "
+        f"cores. Model `{results['model']['name']}` "
         f"v{results['model']['version']} ({results['model'].get('backbone', '?')}, input "
         f"{results['model'].get('input_shape')}). Images: {corpus['count']} JPEGs of "
         f"{corpus['megapixels_min']:.1f}–{corpus['megapixels_max']:.1f} MP made from scikit-image "
@@ -249,10 +250,29 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             "",
         ]
     lines += [*_targets_table(results), ""]
+    lines += _profile_lines(results)
+    for note in (results.get("plan") or {}).get("notes", []):
+        lines += [f"Note: {note}.", ""]
     if results.get("plot"):
         lines += [f"![throughput and latency]({results['plot']})", ""]
     lines.append(f"Full results: `{results['output']}`.")
     return "\n".join(lines) + "\n"
+
+
+def _profile_lines(results: Mapping[str, Any]) -> list[str]:
+    profile = results.get("profile")
+    if not profile:
+        return []
+    lines = [
+        f"Where the service's CPU goes at concurrency {profile['concurrency']} (py-spy, "
+        f"{profile['img_per_s_while_profiling']:.1f} img/s while sampled):",
+        "",
+        "| Activity | CPU ms per image | share |",
+        "|---|---|---|",
+    ]
+    for name, bucket in profile["buckets"].items():
+        lines.append(f"| {name} | {_fmt(bucket['cpu_ms_per_image'])} | {_fmt(bucket['share'] * 100, 0)} % |")
+    return [*lines, ""]
 
 
 def _rss_sentence(results: Mapping[str, Any]) -> str:

@@ -33,8 +33,9 @@ from benchmarks.processes import (
     free_port,
     python_module_command,
     rss_mb,
+    thread_cpu_seconds,
 )
-from benchmarks.profiling import SAMPLE_RATE_HZ, PySpyRecorder, summarize
+from benchmarks.profiling import PySpyRecorder, summarize
 from benchmarks.promtext import scrape, window_means
 from benchmarks.report import HEADLINE_CONCURRENCY, check_targets, find_level, headline
 
@@ -57,7 +58,7 @@ class RunConfig:
     """Also profile the service with py-spy at concurrency 32 (an extra, unrecorded level)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServedModel:
     name: str
     version: int
@@ -89,10 +90,18 @@ def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list
 
 
 def _resolve_model(config: RunConfig) -> ServedModel:
+    from benchmarks.naive_server import read_metadata
     from service.repository import resolve_model
 
     location = resolve_model(config.model_repository, config.model_name, config.model_version)
-    return ServedModel(location.name, location.version, location.path, "?", [])
+    metadata = read_metadata(location.path)
+    return ServedModel(
+        location.name,
+        location.version,
+        location.path,
+        str(metadata.get("backbone", "unknown")),
+        list(metadata["input_shape"]),
+    )
 
 
 def _service_env(config: RunConfig, model: ServedModel, port: int, batching: bool) -> dict[str, str]:
@@ -124,8 +133,6 @@ def _run_ceiling(
         return load_model(model.path, list(settings.providers), intra_op_threads or settings.intra_op_threads)
 
     onnx_model = load(0)
-    model.backbone = onnx_model.metadata.backbone
-    model.input_shape = list(onnx_model.metadata.input_shape)
     preprocess = ImagePreprocessor.from_metadata(onnx_model.metadata)
     log.info("ceiling: in-process pipeline on %s (provider %s)", model.path, onnx_model.active_provider)
     result = measure_ceiling(
@@ -134,6 +141,12 @@ def _run_ceiling(
     result["provider"] = onnx_model.active_provider
     result["service_intra_op_threads"] = settings.intra_op_threads
     return result
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds used so far by this process: the load generator's cost on the shared cores."""
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
 
 
 def _text_or_empty(path: Path) -> str:
@@ -155,8 +168,10 @@ class ServerBench:
 
     async def _measured(self, load: Any, *, keep: bool = True) -> dict[str, Any]:
         before = await scrape(self.server.base_url)
+        client_cpu_before, started = _own_cpu_seconds(), time.perf_counter()
         async with ResourceSampler(self.server.pid) as sampler:
             result: LoadResult = await load
+        client_cpu_percent = 100 * (_own_cpu_seconds() - client_cpu_before) / (time.perf_counter() - started)
         after = await scrape(self.server.base_url)
         self.requests_sent += result.sent_total
         assert sampler.result is not None
@@ -165,10 +180,11 @@ class ServerBench:
             **result.to_dict(),
             **window_means(before, after),
             **sampler.result.to_dict(),
+            "client_cpu_percent": round(client_cpu_percent, 1),
             "server_requests_before": self.requests_sent - result.sent_total,
         }
         log.info(
-            "%-9s %-11s %6g: %6.1f img/s  p50 %s  p99 %s ms  errors %d  batch %s  cpu %s%%",
+            "%-9s %-11s %6g: %6.1f img/s  p50 %s  p99 %s ms  errors %d  batch %s  cpu %s%% (client %s%%)",
             self.server_name,
             row["mode"],
             row["level"],
@@ -178,6 +194,7 @@ class ServerBench:
             row["errors"],
             row.get("mean_batch_size"),
             row["server_cpu_percent"],
+            row["client_cpu_percent"],
         )
         if keep:
             self.rows.append(row)
@@ -199,23 +216,23 @@ class ServerBench:
     async def profile(self, concurrency: int, timing: LevelTiming, output: Path) -> dict[str, Any]:
         """An extra, unrecorded level under py-spy (sampling costs CPU, so it never feeds the table)."""
         seconds = timing.warmup_s + timing.duration_s
+        threads_before = thread_cpu_seconds(self.server.pid)
         async with PySpyRecorder(self.server.pid, seconds, output):
             row = await self._measured(
                 run_concurrency(self.url, self.photos, concurrency, duration_s=seconds, max_requests=10**6),
                 keep=False,
             )
-        cpu_percent = row["server_cpu_percent"]
+        threads_after = thread_cpu_seconds(self.server.pid)
         summary = summarize(
             await asyncio.to_thread(_text_or_empty, output),
-            rate_hz=SAMPLE_RATE_HZ,
+            thread_cpu_s={tid: cpu - threads_before.get(tid, 0.0) for tid, cpu in threads_after.items()},
             images=row["ok"],
-            process_cpu_s=None if cpu_percent is None else cpu_percent / 100 * seconds,
         )
         log.info("profile at concurrency %d: %s", concurrency, summary["buckets"])
         return {
             "concurrency": concurrency,
             "img_per_s_while_profiling": row["img_per_s"],
-            "server_cpu_percent": cpu_percent,
+            "server_cpu_percent": row["server_cpu_percent"],
             "raw_stacks": str(output),
             **summary,
         }
@@ -323,6 +340,9 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
     started = time.perf_counter()
     created = datetime.now(UTC).isoformat(timespec="seconds")
     machine = describe_machine(config.repo_root)
+    inherited = sorted(key for key in os.environ if key.startswith("CONVSERVE_"))
+    if inherited:
+        log.warning("the servers inherit %s from this environment", inherited)
     busy_before = other_processes_cpu()
     if busy_before:
         log.warning("other processes are using CPU and will skew the figures: %s", busy_before)

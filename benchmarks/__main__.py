@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument(
         "--quick",
         action="store_true",
-        help="short windows and RSS after 1k/3k requests instead of 1k/20k (under 5 min on 2 cores; "
+        help="short windows and RSS after 1k/2.5k requests instead of 1k/20k (under 5 min on 2 cores; "
         "the full run takes under 20)",
     )
     run_group.add_argument(

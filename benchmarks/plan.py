@@ -42,7 +42,10 @@ class BenchPlan:
     rates_for_unbatched: bool
     """Also offer the same rates to the batching-off service (equal load, batching on vs off)."""
     rss_checkpoints: tuple[int, ...]
-    """Service lifetime request counts after which its RSS is read (first and last are compared)."""
+    """Service lifetime request counts after which its RSS is read (first and last are compared).
+
+    Reached first, at `rss_soak_concurrency`, before any other level: one steady load, so allocator
+    high-water marks from heavier levels are not mistaken for growth."""
     rss_soak_concurrency: int
     rss_soak_max_s: float
     """Bound on the time spent reaching the last checkpoint; if hit, the RSS is read where it stopped."""
@@ -62,7 +65,7 @@ def quick_plan() -> BenchPlan:
         rate_fractions=(0.5, 0.9),
         rate_timing=LevelTiming(warmup_s=1.0, duration_s=5.0, max_requests=2_000),
         rates_for_unbatched=False,
-        rss_checkpoints=(1_000, 3_000),
+        rss_checkpoints=(1_000, 2_500),
         rss_soak_concurrency=32,
         rss_soak_max_s=60.0,
         ceiling=CeilingPlan(
@@ -74,7 +77,7 @@ def quick_plan() -> BenchPlan:
         ),
         notes=[
             "quick run: short windows (6 s service, 5 s baselines) and RSS compared after 1,000 and "
-            "3,000 requests instead of 1,000 and 20,000; use `make bench` for the figures of record"
+            "2,500 requests instead of 1,000 and 20,000; use `make bench` for the figures of record"
         ],
     )
 
@@ -90,7 +93,7 @@ def full_plan() -> BenchPlan:
         rates_for_unbatched=True,
         rss_checkpoints=(1_000, 20_000),
         rss_soak_concurrency=32,
-        rss_soak_max_s=480.0,
+        rss_soak_max_s=420.0,
         ceiling=CeilingPlan(
             batch_sizes=(1, 8, 16, 32),
             intra_op_threads=(0, 1),

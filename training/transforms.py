@@ -64,7 +64,11 @@ def train_transform(spec: EvalSpec, augmentation: Augmentation) -> transforms.Co
     else:
         steps.append(transforms.CenterCrop(spec.input_size))
     if augmentation.rotation_degrees > 0:
-        steps.append(transforms.RandomRotation(augmentation.rotation_degrees, interpolation=interpolation))
+        # Bilinear: bicubic rotation was the costliest augmentation step (~0.9 ms per 96 px image)
+        # and the difference does not matter for a random perturbation.
+        steps.append(
+            transforms.RandomRotation(augmentation.rotation_degrees, interpolation=InterpolationMode.BILINEAR)
+        )
     if augmentation.horizontal_flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]

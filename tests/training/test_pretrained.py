@@ -190,3 +190,14 @@ def test_pretrained_command_exports_a_servable_imagenet_model(tmp_path: Path) ->
     logits = session.run(None, {"input": preprocess([photo("chelsea")], spec).numpy()})[0]
     assert metadata["labels"][int(logits.argmax())] in {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
     assert metadata["backbone"] == "efficientnet_lite0" and metadata["num_classes"] == 1000
+
+
+def test_torchvision_full_model_weights_load_into_the_headless_base(tmp_path: Path) -> None:
+    from torchvision import models
+
+    torch.manual_seed(2)
+    full = models.alexnet(weights=None)  # features.* plus the FC classifier the base does not have
+    torch.save(full.state_dict(), tmp_path / "alexnet.pth")
+    model = create_model("alexnet", num_classes=5, pretrained=True, weights=tmp_path / "alexnet.pth")
+    for name, tensor in model.base.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[name]), name

@@ -25,7 +25,7 @@ _CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
+    model, flags = platform.processor() or "unknown", list[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

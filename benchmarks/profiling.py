@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ def summarize(raw: str, *, thread_cpu_s: Mapping[int, float], images: int) -> di
     Runtime's intra-op pool) and form their own bucket.
     """
     samples = _samples_by_thread(raw)
-    cpu_s: Counter[str] = Counter()
+    cpu_s: dict[str, float] = defaultdict(float)
     for tid, seconds in thread_cpu_s.items():
         counts = samples.get(tid)
         if not counts:
@@ -133,7 +133,7 @@ def summarize(raw: str, *, thread_cpu_s: Mapping[int, float], images: int) -> di
             "cpu_ms_per_image": round(1000 * seconds / images, 2) if images else None,
             "share": round(seconds / total_s, 3) if total_s else None,
         }
-        for name, seconds in cpu_s.most_common()
+        for name, seconds in sorted(cpu_s.items(), key=lambda item: -item[1])
         if seconds > 0
     }
     return {"images": images, "cpu_s": round(total_s, 2), "buckets": buckets}

@@ -126,7 +126,9 @@ def _run_ceiling(
     from service.settings import Settings
 
     # Sessions are built exactly as the service builds them, from the same settings.
-    overrides = {key.removeprefix("CONVSERVE_").lower(): value for key, value in config.service_env.items()}
+    overrides: dict[str, Any] = {
+        key.removeprefix("CONVSERVE_").lower(): value for key, value in config.service_env.items()
+    }
     settings = Settings(**overrides)
 
     def load(intra_op_threads: int) -> OnnxModel:

@@ -71,6 +71,7 @@ def _publish(model_root: Path, write: Callable[[Path], None]) -> Path:
     """Run `write(staging_dir)` and publish the result as the next version; clean up on failure."""
     model_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a service running as another user must read it
     try:
         write(staging)
         return publish_version(staging, model_root)

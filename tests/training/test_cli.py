@@ -53,6 +53,7 @@ def test_fit_publishes_a_complete_version(fitted: tuple[Path, subprocess.Complet
     out, done = fitted
     assert sorted(p.name for p in out.iterdir()) == ["1"]  # no staging directory left behind
     version = out / "1"
+    assert version.stat().st_mode & 0o755 == 0o755  # readable by a service running as another user
     files = sorted(p.name for p in version.iterdir())
     assert files == sorted([CHECKPOINT_FILENAME, "config.json", "metrics.json", "model.onnx", "training.png"])
     metrics = json.loads((version / "metrics.json").read_text())

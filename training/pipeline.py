@@ -26,7 +26,7 @@ from training.data import ImageDataset, LabelledImages, load_dataset
 from training.export import export_onnx, publish_version
 from training.finetune import Batches, FitResult, Trainer, fine_tune, resolve_device
 from training.report import build_metrics, plot_training, write_metrics
-from training.spec import EvalSpec
+from training.spec import INPUT_NAME, OUTPUT_NAME, EvalSpec
 from training.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def fit(config: RunConfig) -> Path:
             extra_metadata=_extra_metadata(config, dataset),
         )
         metrics["parity_max_abs_diff"] = metadata["parity_max_abs_diff"]
+        metrics.update(_onnx_validation(staging / "model.onnx", val_loader, logits))
         metrics["wall_time_seconds"] = round(time.perf_counter() - started, 1)
         write_metrics(metrics, staging / "metrics.json")
         plot_training(metrics, staging / "training.png")
@@ -162,6 +163,27 @@ def fit(config: RunConfig) -> Path:
     version_dir = _publish(Path(config.out), write)
     logger.info("published %s in %.0f s", version_dir, time.perf_counter() - started)
     return version_dir
+
+
+def _onnx_validation(path: Path, val_loader: Batches, torch_logits: torch.Tensor) -> dict[str, float]:
+    """Accuracy of the exported file itself on the whole validation set (not only the parity batch),
+    and how often its top-1 agrees with PyTorch's."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predictions, labels = [], []
+    for images, batch_labels in val_loader:
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0]
+        predictions.append(torch.from_numpy(logits).argmax(dim=1))
+        labels.append(batch_labels)
+    onnx_top1, truth = torch.cat(predictions), torch.cat(labels)
+    agreement = float((onnx_top1 == torch_logits.argmax(dim=1)).float().mean())
+    if agreement < 1.0:
+        logger.warning("ONNX and PyTorch top-1 differ on %.2f%% of validation images", 100 * (1 - agreement))
+    return {
+        "onnx_val_accuracy": float((onnx_top1 == truth).float().mean()),
+        "onnx_top1_agreement": agreement,
+    }
 
 
 def _log_summary(result: FitResult, metrics: dict[str, Any]) -> None:

@@ -65,6 +65,7 @@ def test_fit_publishes_a_complete_version(fitted: tuple[Path, subprocess.Complet
     matrix = np.array(metrics["confusion_matrix"]["matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == 6  # 2 of 8 per class held out (one cat broken)
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["parity_max_abs_diff"] <= 1e-4
+    assert metrics["onnx_top1_agreement"] == 1.0 and metrics["onnx_val_accuracy"] == metrics["val_accuracy"]
     config = json.loads((version / "config.json").read_text())
     assert config["frozen_epochs"] == 0 and config["unfreeze_blocks"] == "all" and config["image_size"] == 32
     assert (version / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,6 @@ Used by the dashboard and healthcheck tests, which need what a running server re
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,22 +16,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import skimage.data
-import torch
 import uvicorn
 from PIL import Image
 
-from training.backbones import create_model
-from training.export import export_onnx
-from training.spec import EvalSpec
-from training.transforms import eval_transform
+from tests.tinymodel import TINY_SPEC, export_tiny, free_port
 
-TINY_SPEC = EvalSpec(
-    input_size=(32, 32),
-    resize_size=36,
-    interpolation="bilinear",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
 TINY_LABELS = ("cat", "coffee", "astronaut", "rocket", "camera")
 READY_TIMEOUT_S = 120.0
 
@@ -67,28 +55,8 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 
 def export_tiny_model(repository: Path) -> Path:
-    """Export an untrained LeNet-5 into `repository/tiny/1/model.onnx` with real photos for parity."""
-    torch.manual_seed(0)
-    model = create_model("lenet5", num_classes=len(TINY_LABELS), pretrained=False)
-    transform = eval_transform(TINY_SPEC)
-    photos = [skimage.data.chelsea(), skimage.data.coffee()]
-    parity_inputs = torch.stack([transform(Image.fromarray(photo)) for photo in photos])
-    version_dir = repository / "tiny" / "1"
-    export_onnx(
-        model,
-        version_dir,
-        labels=TINY_LABELS,
-        eval_spec=TINY_SPEC,
-        backbone="lenet5",
-        parity_inputs=parity_inputs,
-    )
-    return version_dir / "model.onnx"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Export the tiny LeNet-5 into `repository/tiny/1/model.onnx`."""
+    return export_tiny(repository / "tiny" / "1", TINY_LABELS)
 
 
 def _wait_until_ready(server: LiveServer, thread: threading.Thread) -> None:

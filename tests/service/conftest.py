@@ -7,7 +7,6 @@ ONNX Runtime on a real contract-conforming file.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -26,45 +24,18 @@ from prometheus_client import CollectorRegistry
 from service.app import create_app
 from service.runtime import OnnxModel, load_model
 from service.settings import Settings
-from tests.service.photos import TINY_LABELS, photo
-from training.backbones import create_model
-from training.export import export_onnx
-from training.spec import EvalSpec
-from training.transforms import eval_transform
+from tests.service.photos import TINY_LABELS
+from tests.tinymodel import export_tiny, free_port
 
-TINY_SPEC = EvalSpec(
-    input_size=(32, 32),
-    resize_size=36,
-    interpolation="bilinear",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
 MODEL_NAME = "tiny"
 READY_TIMEOUT_S = 60.0
-
-
-def export_tiny(version_dir: Path, seed: int = 0) -> Path:
-    """Export a seeded LeNet-5 to `version_dir/model.onnx` with the training exporter."""
-    torch.manual_seed(seed)
-    model = create_model("lenet5", num_classes=len(TINY_LABELS), pretrained=False)
-    transform = eval_transform(TINY_SPEC)
-    parity_inputs = torch.stack([transform(photo(name)) for name in ("chelsea", "coffee", "astronaut")])
-    export_onnx(
-        model,
-        version_dir,
-        labels=TINY_LABELS,
-        eval_spec=TINY_SPEC,
-        backbone="lenet5",
-        parity_inputs=parity_inputs,
-    )
-    return version_dir / "model.onnx"
 
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with one model, `tiny`, version 1."""
     root = tmp_path_factory.mktemp("models")
-    export_tiny(root / MODEL_NAME / "1")
+    export_tiny(root / MODEL_NAME / "1", TINY_LABELS)
     return root
 
 
@@ -114,12 +85,6 @@ def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(), CollectorRegistry())) as test_client:
         wait_ready(test_client)
         yield test_client
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

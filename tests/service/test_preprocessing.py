@@ -17,8 +17,8 @@ from service.errors import InvalidInputError
 from service.metadata import ModelMetadata
 from service.preprocessing import ImagePreprocessor
 from service.runtime import OnnxModel
-from tests.service.conftest import TINY_SPEC
 from tests.service.photos import encode, jpeg, large_jpeg, photo
+from tests.tinymodel import TINY_SPEC
 from training.spec import EvalSpec
 from training.transforms import eval_transform
 

@@ -21,8 +21,9 @@ from tritonclient.utils import InferenceServerException
 
 from service.runtime import load_model
 from service.settings import Settings
-from tests.service.conftest import MODEL_NAME, LiveServer, free_port, live_server
+from tests.service.conftest import MODEL_NAME, LiveServer, live_server
 from tests.service.photos import jpeg
+from tests.tinymodel import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

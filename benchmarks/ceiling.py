@@ -54,7 +54,12 @@ class CeilingPlan:
     single_image_runs: int
     """Serial single-image runs (over the corpus, repeated) for the latency percentiles."""
     seconds_per_measurement: float
-    """Wall time of each ORT-alone and each pipeline measurement."""
+    """Wall time of each ORT-alone and each pipeline measurement of the grid."""
+    confirm_seconds: float
+    """Wall time of the final measurement of the best configuration, which is the ceiling.
+
+    The best of many short noisy measurements is biased upwards (it picks the luckiest window), so
+    the winner is measured again, as long as a service level, and that figure is the ceiling."""
 
 
 def measure_single_image(
@@ -172,7 +177,7 @@ def measure_ceiling(
     photos: Sequence[Photo],
     plan: CeilingPlan,
 ) -> dict[str, Any]:
-    """All three measurements; `ceiling_img_per_s` is the best pipeline over the plan's grid.
+    """All three measurements; `ceiling_img_per_s` is the grid's best pipeline, measured again.
 
     The single-image latency uses the service's own thread setting (it is what a request at
     concurrency 1 gets); the grid also tries other intra-op thread counts, because on two cores the
@@ -184,6 +189,21 @@ def measure_ceiling(
     )
     ort_only, pipeline = _pipeline_grid(session_factory, input_name, preprocess, photos, plan)
     best = max(pipeline, key=lambda entry: entry["img_per_s"])
+    confirmed = measure_pipeline(
+        session_factory(best["intra_op_threads"]),
+        input_name,
+        preprocess,
+        photos,
+        batch_size=best["batch_size"],
+        seconds=plan.confirm_seconds,
+        decode_threads=best["decode_threads"],
+    )
+    log.info(
+        "ceiling: best configuration %s re-measured for %.0f s: %.1f img/s",
+        best,
+        plan.confirm_seconds,
+        confirmed,
+    )
     result.update(
         {
             "ort_only": ort_only,
@@ -192,7 +212,8 @@ def measure_ceiling(
             "best_batch_size": best["batch_size"],
             "best_intra_op_threads": best["intra_op_threads"],
             "best_decode_threads": best["decode_threads"],
-            "ceiling_img_per_s": best["img_per_s"],
+            "grid_best_img_per_s": best["img_per_s"],
+            "ceiling_img_per_s": round(confirmed, 2),
         }
     )
     return result

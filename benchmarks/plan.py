@@ -74,6 +74,7 @@ def quick_plan() -> BenchPlan:
             decode_threads=(2,),
             single_image_runs=24,
             seconds_per_measurement=2.5,
+            confirm_seconds=6.0,
         ),
         notes=[
             "quick run: short windows (6 s service, 5 s baselines) and RSS compared after 1,000 and "
@@ -100,5 +101,6 @@ def full_plan() -> BenchPlan:
             decode_threads=(1, 2),
             single_image_runs=80,
             seconds_per_measurement=4.0,
+            confirm_seconds=20.0,
         ),
     )

@@ -88,13 +88,15 @@ def test_ceiling_measures_every_configuration_and_picks_the_best(
         decode_threads=(1, 2),
         single_image_runs=6,
         seconds_per_measurement=0.2,
+        confirm_seconds=0.2,
     )
     result = measure_ceiling(lambda threads: _session(model_path, threads), "input", PREPROCESS, photos, plan)
     assert len(result["pipeline"]) == 2 * 2 * 2
     assert len(result["ort_only"]) == 2 * 2
     best = max(result["pipeline"], key=lambda entry: entry["img_per_s"])
-    assert result["ceiling_img_per_s"] == best["img_per_s"] > 0
+    assert result["grid_best_img_per_s"] == best["img_per_s"] > 0
     assert result["best_batch_size"] == best["batch_size"]
+    assert result["ceiling_img_per_s"] > 0  # the winner measured again
     assert 0 < result["single_image_p50_ms"] <= result["single_image_p99_ms"]
 
 

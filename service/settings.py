@@ -62,7 +62,11 @@ class Settings(BaseSettings):
     """TCP port to listen on."""
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Largest number of images (rows) in one `session.run` call, in images."""
-    max_queue_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    # 0 by default: the collector forms the next batch from whatever queued while the previous
+    # `session.run` was busy, so under load batches fill by themselves, and a lone request is not held
+    # back (measured on 2 CPU cores: p99 at concurrency 1 33.5 ms with 0 vs 39.9 ms with 5 ms, the same
+    # throughput and mean batch size at concurrency 32). Raise it on a GPU, where bigger batches pay.
+    max_queue_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     """Longest time the batcher holds the first queued image waiting for more, in milliseconds (0 = none)."""
     max_queue_size: int = Field(default=256, ge=1)
     """Most images waiting in the batching queue; beyond it requests get 503 + Retry-After, in images."""

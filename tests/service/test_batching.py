@@ -61,10 +61,8 @@ def later(seconds: float = HANG_GUARD_S) -> float:
     return time.monotonic() + seconds
 
 
-def test_batch_flushes_when_full_without_waiting_for_the_delay(tiny_model: OnnxModel) -> None:
-    # A one-minute delay: only a size-triggered flush lets these complete within the hang guard.
-    batcher = make(tiny_model.run, max_batch=4, delay_s=60.0)
-    inputs = [rows(1, seed) for seed in range(4)]
+def submit_all(batcher: DynamicBatcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Start the batcher, submit every input concurrently, drain it, and return the outputs in order."""
 
     async def scenario() -> list[np.ndarray]:
         await batcher.start()
@@ -72,7 +70,14 @@ def test_batch_flushes_when_full_without_waiting_for_the_delay(tiny_model: OnnxM
         await batcher.close(5)
         return list(results)
 
-    results = run(scenario)
+    return list(run(scenario))
+
+
+def test_batch_flushes_when_full_without_waiting_for_the_delay(tiny_model: OnnxModel) -> None:
+    # A one-minute delay: only a size-triggered flush lets these complete within the hang guard.
+    batcher = make(tiny_model.run, max_batch=4, delay_s=60.0)
+    inputs = [rows(1, seed) for seed in range(4)]
+    results = submit_all(batcher, inputs)
     assert batch_sizes(metrics_of(batcher)) == (1.0, 4.0)
     for x, result in zip(inputs, results, strict=True):
         np.testing.assert_allclose(result, tiny_model.run(x), atol=1e-6)
@@ -98,14 +103,7 @@ def test_lone_request_flushes_after_max_delay(tiny_model: OnnxModel) -> None:
 def test_concurrent_requests_share_batches(tiny_model: OnnxModel) -> None:
     batcher = make(tiny_model.run, max_batch=8, delay_s=0.02, queue=64)
     inputs = [rows(1, seed) for seed in range(16)]
-
-    async def scenario() -> list[np.ndarray]:
-        await batcher.start()
-        results = await asyncio.gather(*(batcher.submit(x, later()) for x in inputs))
-        await batcher.close(5)
-        return list(results)
-
-    results = run(scenario)
+    results = submit_all(batcher, inputs)
     calls, images = batch_sizes(metrics_of(batcher))
     assert images == 16
     assert images / calls > 1, f"mean batch size {images / calls} shows no batching"

@@ -1,13 +1,16 @@
 """`python -m service`: read the settings once, check the model repository, run uvicorn.
 
-Exit status 2 means the configuration or the repository is unusable; the message says why.
+Exit status 0 after a clean shutdown (SIGTERM or SIGINT, drained); 2 means the configuration or the
+repository is unusable, 3 that the app failed to start; the log says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.config
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -16,6 +19,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.errors import StartupError
 from service.logging_config import log_config
+from service.protocol import GuardedHttpToolsProtocol
 from service.repository import resolve_model
 from service.settings import Settings
 
@@ -23,6 +27,22 @@ logger = logging.getLogger("service")
 
 # Extra seconds uvicorn waits for open requests on shutdown beyond the request timeout.
 _SHUTDOWN_MARGIN_S = 5.0
+_STARTUP_FAILURE = 3
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, exiting 0 after a signal-initiated graceful shutdown.
+
+    uvicorn re-raises the captured SIGTERM once it has drained, so the process would end with
+    status 143, which container runtimes and supervisors report as a failure. Stopping on request
+    is the normal way for this service to end.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # reached only when serving ended without an exception
 
 
 def _settings_or_exit() -> Settings:
@@ -54,10 +74,16 @@ def main() -> None:
         "port": settings.port,
         "log_config": config,
         "access_log": False,  # the service logs one line per request itself, with the request id
+        "http": GuardedHttpToolsProtocol,  # header timeout, connection cap, drain signal
+        # Accepted requests finish within REQUEST_TIMEOUT_S of arrival; bodies still arriving are
+        # refused as soon as the drain begins, so nothing else can hold the shutdown open.
         "timeout_graceful_shutdown": settings.request_timeout_s + _SHUTDOWN_MARGIN_S,
     }
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        server = Server(uvicorn.Config(create_app(settings), **options))
+        server.run()
+        if not server.started:
+            raise SystemExit(_STARTUP_FAILURE)
     else:
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
 

@@ -5,9 +5,12 @@ batch, waiting at most `max_queue_delay_s` after the oldest queued request arriv
 fill. A request with more rows than fit is split over consecutive batches and reassembled in order.
 The batch runs on a single worker thread (never on the event loop), and each request gets its rows.
 
-The queue is bounded in images: a request that would overflow it is refused at once (503), one
-whose deadline passes before any of its rows were taken is dropped before compute (504), and a
-failed batch fails every request in it (500) while the next batch runs normally.
+The queue is bounded in images, and admission happens before any work: `reserve(n)` holds room for
+a request's n images as soon as their count is known (before decoding), or refuses at once (503).
+So `max_queue_size` counts every image admitted and not yet handed to a batch — waiting to be
+decoded, being decoded, or waiting here — and never the batch being computed. A request whose
+deadline passes before any of its rows were taken is dropped before compute (504), and a failed
+batch fails every request in it (500) while the next batch runs normally.
 
 This module knows nothing about HTTP or ONNX Runtime: it calls `infer(batch) -> outputs`.
 """
@@ -68,6 +71,39 @@ class _Segment:
     stop: int
 
 
+class Reservation:
+    """Room in the queue for one request's images, from admission until they are submitted.
+
+    A context manager: leaving the block without `submit` (a decode error, a timeout, a cancelled
+    request) gives the room back.
+    """
+
+    def __init__(self, batcher: DynamicBatcher, size: int) -> None:
+        self._batcher = batcher
+        self.size = size
+        self._held = True
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
+        """Outputs for `inputs` (exactly `size` rows) in order; `deadline` is a `time.monotonic()` time."""
+        if not self._held:
+            raise RuntimeError("this reservation was already used or released")
+        if len(inputs) != self.size:
+            raise ValueError(f"reserved {self.size} rows but submitted {len(inputs)}")
+        self._held = False  # the rows move into the queue, which already counts them
+        return await self._batcher._enqueue(inputs, deadline)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._unreserve(self.size)
+
+
 def _fail(request: _Request, error: ServiceError) -> None:
     if not request.future.done():
         request.future.set_exception(error)
@@ -107,7 +143,7 @@ class DynamicBatcher:
 
     @property
     def queued_images(self) -> int:
-        """Images waiting for a batch (not counting the batch being computed)."""
+        """Images admitted and not yet in a batch: reserved, being decoded, or queued here."""
         return self._queued
 
     async def start(self) -> None:
@@ -115,15 +151,50 @@ class DynamicBatcher:
         if self._task is None:
             self._task = asyncio.create_task(self._collect(), name="convserve-batcher")
 
+    def check_room(self, size: int = 1) -> None:
+        """Raise what `reserve(size)` would raise, holding nothing (to refuse before reading a body)."""
+        if self._closing:
+            raise ServiceUnavailableError("the server is shutting down; retry on another replica")
+        if size < 1:
+            raise ValueError("a request needs at least one row")
+        if size > self._max_queue:
+            raise PayloadTooLargeError(
+                f"the request carries {size} images but at most {self._max_queue} can be queued "
+                "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
+            )
+        if self._queued + size > self._max_queue:
+            retry_after = max(1, math.ceil((self._queued / self._max_batch + 1) * self._last_batch_s))
+            raise QueueFullError(
+                f"the queue is full ({self._queued} of {self._max_queue} images admitted and waiting); "
+                f"retry in {retry_after} s",
+                retry_after_s=retry_after,
+            )
+
+    def reserve(self, size: int) -> Reservation:
+        """Admit a request of `size` images now or refuse it (503 full, 413 too big, 503 closing)."""
+        self.check_room(size)
+        self._set_queued(self._queued + size)
+        return Reservation(self, size)
+
     async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
         """Outputs for `inputs` ([N, ...] rows, N >= 1) in order; `deadline` is a `time.monotonic()` time."""
-        self._admit(len(inputs))
+        return await self.reserve(len(inputs)).submit(inputs, deadline)
+
+    def _unreserve(self, size: int) -> None:
+        self._set_queued(self._queued - size)
+        self._wakeup.set()  # a draining collector may be waiting for the last reservations
+
+    async def _enqueue(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
+        """Queue rows whose room is already counted in `_queued`; wait for their outputs."""
         now = time.monotonic()
-        if now >= deadline:
-            raise DeadlineExceededError("the request's deadline passed before it could be queued")
         request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future())
+        if self._task is None or self._task.done():
+            self._unreserve(request.size)
+            raise ServiceUnavailableError("the server shut down before this request was queued; retry it")
+        if now >= deadline:
+            self._unreserve(request.size)
+            raise DeadlineExceededError("the request's deadline passed before it could be queued")
         self._queue.append(request)
-        self._set_queued(self._queued + request.size)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout=deadline - now)
@@ -167,24 +238,6 @@ class DynamicBatcher:
                 ServiceUnavailableError("the server shut down before this request finished; retry it"),
             )
 
-    def _admit(self, size: int) -> None:
-        if self._closing:
-            raise ServiceUnavailableError("the server is shutting down; retry on another replica")
-        if size < 1:
-            raise ValueError("a request needs at least one row")
-        if size > self._max_queue:
-            raise PayloadTooLargeError(
-                f"the request carries {size} images but at most {self._max_queue} can be queued "
-                "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
-            )
-        if self._queued + size > self._max_queue:
-            retry_after = max(1, math.ceil((self._queued / self._max_batch + 1) * self._last_batch_s))
-            raise QueueFullError(
-                f"the queue is full ({self._queued} of {self._max_queue} images waiting); "
-                f"retry in {retry_after} s",
-                retry_after_s=retry_after,
-            )
-
     def _set_queued(self, value: int) -> None:
         self._queued = value
         if self._metrics is not None:
@@ -199,7 +252,7 @@ class DynamicBatcher:
     async def _collect(self) -> None:
         while True:
             if not self._queue:
-                if self._closing:
+                if self._closing and self._queued == 0:  # admitted images still decoding come first
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidInputError, ServiceError
-
-logger = logging.getLogger(__name__)
 
 
 def _count_rejection(request: Request, reason: str | None) -> None:
@@ -22,7 +18,7 @@ def _count_rejection(request: Request, reason: str | None) -> None:
 async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     _count_rejection(request, exc.reject_reason)
-    request.state.error = exc.message  # goes into the request's single log line
+    request.state.error = exc.message  # goes into the request's single log line (repr: no raw controls)
     return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=exc.headers())
 
 
@@ -42,17 +38,10 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", "-")
-    logger.error("request_id=%s unhandled error", request_id, exc_info=exc)
-    return JSONResponse(
-        {"error": f"internal server error (request id {request_id}); the server log has the details"},
-        status_code=500,
-    )
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, handle_service_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(HTTPException, handle_http_exception)
-    app.add_exception_handler(Exception, handle_unexpected)
+    # No handler for bare `Exception`: Starlette runs that one outside every middleware and re-raises
+    # after answering, which drops the request id and breaks the keep-alive connection.
+    # RequestContextMiddleware turns unexpected exceptions into the JSON 500 instead.

@@ -45,6 +45,20 @@ class PayloadTooLargeError(ServiceError):
     reject_reason = "bad_input"
 
 
+class RequestTimeoutError(ServiceError):
+    """The client sent its body too slowly (CONVSERVE_BODY_TIMEOUT_S, CONVSERVE_MIN_BODY_RATE)."""
+
+    status_code = 408
+    reject_reason = "slow_client"
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client closed the connection before its body arrived; nobody reads the answer."""
+
+    status_code = 400
+    reject_reason = "bad_input"
+
+
 class UnsupportedMediaTypeError(ServiceError):
     """The Content-Type is not one the endpoint accepts."""
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -20,6 +21,7 @@ from service.batching import DynamicBatcher
 from service.errors import StartupError
 from service.predictor import Predictor
 from service.preprocessing import ImagePreprocessor
+from service.protocol import LIMITS_STATE_KEY, ConnectionLimits
 from service.repository import resolve_model
 from service.runtime import OnnxModel, load_model
 from service.state import ServiceState
@@ -69,7 +71,11 @@ async def start(state: ServiceState) -> asyncio.Task[None]:
     state.decode_executor = ThreadPoolExecutor(decode_threads(), thread_name_prefix="convserve-decode")
     state.predictor = Predictor(
         metadata=model.metadata,
-        preprocessor=ImagePreprocessor.from_metadata(model.metadata),
+        preprocessor=ImagePreprocessor.from_metadata(
+            model.metadata,
+            max_pixels=settings.max_image_pixels,
+            max_decoded_pixels=settings.max_decoded_pixels,
+        ),
         batcher=state.batcher,
         metrics=state.metrics,
         decode_executor=state.decode_executor,
@@ -120,18 +126,33 @@ async def stop(state: ServiceState, warmup: asyncio.Task[None] | None) -> None:
     logger.info("stopped")
 
 
-def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def connection_limits(state: ServiceState) -> ConnectionLimits:
+    """The limits `service.protocol` enforces per connection, counted in `convserve_rejected_total`."""
+
+    def count(reason: str) -> None:
+        state.metrics.rejected.labels(reason="slow_client" if reason == "header_timeout" else reason).inc()
+
+    return ConnectionLimits(
+        header_timeout_s=state.settings.header_timeout_s,
+        max_connections=state.settings.max_connections,
+        draining=state.draining,
+        on_refused=count,
+    )
+
+
+def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]:
     """The FastAPI lifespan bound to `state`."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         try:
             warmup = await start(state)
         except StartupError as exc:
             logger.error("cannot start: %s", exc)
             raise
         try:
-            yield
+            # uvicorn hands the lifespan state to every connection's protocol (service.protocol).
+            yield {LIMITS_STATE_KEY: connection_limits(state)}
         finally:
             await stop(state, warmup)
 

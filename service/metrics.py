@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-REJECT_REASONS = ("queue_full", "timeout", "bad_input")
+REJECT_REASONS = ("queue_full", "timeout", "bad_input", "slow_client", "too_many_connections")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -72,7 +72,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "convserve_rejected_total",
-            "Requests refused: queue_full (503), timeout (504 before compute), bad_input (4xx).",
+            "Requests refused: queue_full (503), timeout (504 before compute), bad_input (4xx), "
+            "slow_client (408 or header timeout), too_many_connections (503).",
             ["reason"],
             registry=registry,
         )

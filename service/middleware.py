@@ -1,10 +1,15 @@
-"""Per-request bookkeeping as plain ASGI middleware: request id, metrics and one log line.
+"""Per-request bookkeeping as plain ASGI middleware: request id, arrival time, metrics, one log line.
 
-Plain ASGI rather than `BaseHTTPMiddleware`, which would buffer every response through an extra task.
+It is also the last line of defence: an exception no handler turned into a response becomes our
+JSON 500 (with `X-Request-ID`, logged once), and any error response sent before the request body
+was fully read says `Connection: close`, so the unread bytes can never be parsed as the next request
+and the client knows to open a new connection. Plain ASGI rather than `BaseHTTPMiddleware`, which
+would buffer every response through an extra task.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -14,6 +19,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.textsafety import printable
 
 logger = logging.getLogger("service.access")
 
@@ -32,9 +38,61 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 def _endpoint(scope: Scope) -> str:
     route: Any = scope.get("route")
     return str(getattr(route, "path", "unmatched"))
+
+
+class _Exchange:
+    """What the middleware learns about one request while it runs."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.request_id = _request_id(scope)
+        self.status = 500
+        self.started = False
+        self.body_pending = _has_body(scope)
+        self._receive, self._send = receive, send
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.body_pending = False
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started, self.status = True, message["status"]
+            headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), self.request_id.encode())]
+            if self.status >= 400 and self.body_pending:
+                headers.append((b"connection", b"close"))
+            message["headers"] = headers
+        await self._send(message)
+
+    async def send_internal_error(self) -> None:
+        body = json.dumps(
+            {
+                "error": f"internal server error (request id {self.request_id}); the server log has the "
+                "details, and retrying may help"
+            }
+        ).encode()
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await self.send({"type": "http.response.body", "body": body})
 
 
 class RequestContextMiddleware:
@@ -48,25 +106,20 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
+        exchange = _Exchange(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrived_at"] = exchange.request_id, time.monotonic()
         start = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
-                ]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, exchange.receive, exchange.send)
+        except Exception as exc:  # no handler answered: still one JSON 500, logged once, connection kept sane
+            logger.error("request_id=%s unhandled error", exchange.request_id, exc_info=exc)
+            state["error"] = f"internal error: {type(exc).__name__}"
+            if not exchange.started:
+                exchange.body_pending = True  # the failure may have left the body half read
+                await exchange.send_internal_error()
         finally:
-            self._record(scope, request_id, status, time.perf_counter() - start)
+            self._record(scope, exchange.request_id, exchange.status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
         endpoint = _endpoint(scope)
@@ -79,7 +132,7 @@ class RequestContextMiddleware:
             "request_id=%s method=%s path=%s status=%d duration_ms=%.1f%s",
             request_id,
             scope["method"],
-            scope["path"],
+            printable(scope["path"]),
             status,
             seconds * 1000,
             f" error={error!r}" if error else "",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.batching import DynamicBatcher
-from service.errors import InvalidInputError
+from service.errors import DeadlineExceededError, InvalidInputError
 from service.metadata import ModelMetadata
 from service.metrics import Metrics
 from service.preprocessing import ImagePreprocessor
@@ -81,39 +81,68 @@ class Predictor:
             raise InvalidInputError("the tensor contains NaN or Inf values; send finite numbers only")
         return tensor.astype(np.float32, copy=False)
 
-    async def preprocess(self, images: Sequence[NamedImage]) -> np.ndarray:
-        """Decode and transform every image on the decode threads; [N, C, H, W] float32."""
+    async def preprocess(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
+        """Decode and transform every image on the decode threads; [N, C, H, W] float32.
+
+        The first failure cancels the images not yet started, so a bad or late request stops
+        costing decode time at once.
+        """
         loop = asyncio.get_running_loop()
-        rows = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_executor, self._preprocess_one, image) for image in images)
-        )
+        jobs = [
+            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline)
+            for image in images
+        ]
+        try:
+            rows = await asyncio.gather(*jobs)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
         return np.stack(rows)
 
-    def _preprocess_one(self, image: NamedImage) -> np.ndarray:
+    def _preprocess_one(self, image: NamedImage, deadline: float) -> np.ndarray:
+        if time.monotonic() >= deadline:  # waited in the decode queue past the deadline: not worth decoding
+            raise DeadlineExceededError(
+                f"the request waited {self._timeout_s:g} s for decoding (CONVSERVE_REQUEST_TIMEOUT_S); "
+                "the server is overloaded, retry later"
+            )
         start = time.perf_counter()
         row = self._preprocessor(image.data, image.name)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
         return row
 
-    async def infer(self, tensor: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    def deadline(self, arrived_at: float, client_timeout_s: float | None = None) -> float:
+        """The `time.monotonic()` time a request that arrived at `arrived_at` must be computed by."""
+        return arrived_at + min(self._timeout_s, client_timeout_s or self._timeout_s)
+
+    def check_room(self) -> None:
+        """Refuse at once (503) when not even one more image could be admitted."""
+        self._batcher.check_room(1)
+
+    async def infer(self, tensor: np.ndarray, deadline: float) -> np.ndarray:
         """Logits for a checked tensor, through the batcher; `deadline` is a `time.monotonic()` time."""
-        if deadline is None:
-            deadline = time.monotonic() + self._timeout_s
         logits = await self._batcher.submit(tensor, deadline)
         self._record(logits)
         return logits
 
-    async def classify_images(self, images: Sequence[NamedImage], top_k: int) -> list[list[dict[str, Any]]]:
-        """Top-k predictions for each image, in order."""
+    async def classify_images(
+        self, images: Sequence[NamedImage], top_k: int, arrived_at: float
+    ) -> list[list[dict[str, Any]]]:
+        """Top-k predictions for each image, in order; admitted (or refused) before any decoding."""
         self.check_top_k(top_k)
-        deadline = time.monotonic() + self._timeout_s
-        tensor = await self.preprocess(images)
-        return self.rank(await self.infer(tensor, deadline), top_k)
+        deadline = self.deadline(arrived_at)
+        with self._batcher.reserve(len(images)) as reservation:
+            tensor = await self.preprocess(images, deadline)
+            logits = await reservation.submit(tensor, deadline)
+        self._record(logits)
+        return self.rank(logits, top_k)
 
-    async def classify_tensor(self, tensor: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+    async def classify_tensor(
+        self, tensor: np.ndarray, top_k: int, arrived_at: float
+    ) -> list[list[dict[str, Any]]]:
         """Top-k predictions for each row of a client-preprocessed tensor, in order."""
         self.check_top_k(top_k)
-        return self.rank(await self.infer(self.check_tensor(tensor)), top_k)
+        return self.rank(await self.infer(self.check_tensor(tensor), self.deadline(arrived_at)), top_k)
 
     def rank(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
         probabilities = softmax(logits)

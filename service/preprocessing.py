@@ -3,9 +3,15 @@
 It reproduces the training eval transform (torchvision `Resize(resize_size)` -> `CenterCrop` ->
 `ToTensor` -> `Normalize`) operation for operation, so a PIL image gives the same floats as in
 training (tests/service/test_preprocessing.py proves it on real photos). On top of that, for any
-uploaded file: a pixel cap checked from the header before decoding (decompression bombs), JPEG
-decoding at reduced size when the target is much smaller (Pillow's draft mode), EXIF orientation,
-and conversion of grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
+uploaded file, its cost is bounded before it is paid, from the header alone:
+- the declared area must fit `max_pixels` (decompression bombs);
+- the aspect ratio must fit `MAX_ASPECT_RATIO`: the resize output is `resize_size`² times the ratio,
+  so the cap bounds it (a 4000x1 strip would otherwise become 1,024,000x256), and no model can use
+  the 5 % of such a strip that its center crop keeps;
+- JPEGs are decoded at reduced size when the target is much smaller (DCT scaling, Pillow's draft
+  mode), and the pixels that will really be decoded must fit `max_decoded_pixels` (PNG, WebP, BMP
+  and GIF have no reduced decoding and pay for every pixel).
+Then EXIF orientation, and conversion of grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from service.metadata import ModelMetadata
 logger = logging.getLogger(__name__)
 
 MAX_IMAGE_PIXELS = 40_000_000
-"""Largest accepted image area in pixels (8000x5000), checked from the header before decoding."""
+"""Largest accepted declared image area in pixels (8000x5000), checked from the header before decoding."""
+# 2048x2048: a PNG of that size decodes in ~90 ms on one core here (zlib), ten times a 2-MP JPEG
+# decoded with DCT scaling; a JPEG only reaches it when it declares more than 64x that area.
+MAX_DECODED_PIXELS = 4_194_304
+"""Largest area actually decoded, in pixels: after draft reduction for JPEGs, the full size otherwise."""
+MAX_ASPECT_RATIO = 20.0
+"""Largest longer-side / shorter-side ratio accepted."""
 # Pillow opens multi-picture JPEGs (phone cameras) through "JPEG" and reports their format as "MPO".
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 _RESAMPLE = {
@@ -78,9 +90,16 @@ class ImagePreprocessor:
     use_draft: bool = True
     """Decode large JPEGs at a reduced size (DCT scaling) when it still covers `resize_size`."""
     max_pixels: int = MAX_IMAGE_PIXELS
+    max_decoded_pixels: int = MAX_DECODED_PIXELS
 
     @classmethod
-    def from_metadata(cls, metadata: ModelMetadata, use_draft: bool = True) -> ImagePreprocessor:
+    def from_metadata(
+        cls,
+        metadata: ModelMetadata,
+        use_draft: bool = True,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        max_decoded_pixels: int = MAX_DECODED_PIXELS,
+    ) -> ImagePreprocessor:
         _, height, width = metadata.input_shape
         return cls(
             input_size=(height, width),
@@ -89,6 +108,8 @@ class ImagePreprocessor:
             mean=metadata.mean,
             std=metadata.std,
             use_draft=use_draft,
+            max_pixels=max_pixels,
+            max_decoded_pixels=max_decoded_pixels,
         )
 
     def __call__(self, data: bytes, name: str = "image") -> np.ndarray:
@@ -105,6 +126,7 @@ class ImagePreprocessor:
         if self.use_draft and image.format in ("JPEG", "MPO"):
             target = max(self.resize_size, *self.input_size)
             image.draft("RGB", (target, target))
+        self._check_decoded_size(image, name)
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -141,7 +163,22 @@ class ImagePreprocessor:
                 f"{name}: declared size {width}x{height} ({width * height} pixels) is over the limit of "
                 f"{self.max_pixels} pixels; downscale the image before sending it"
             )
+        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+            raise InvalidInputError(
+                f"{name}: {width}x{height} has an aspect ratio beyond {MAX_ASPECT_RATIO:g}:1, which the "
+                f"model's {self.input_size[1]}x{self.input_size[0]} center crop cannot use; crop the region "
+                "of interest before sending it"
+            )
         return image
+
+    def _check_decoded_size(self, image: Image.Image, name: str) -> None:
+        width, height = image.size  # after draft(): the reduced size a JPEG will really be decoded at
+        if width * height > self.max_decoded_pixels:
+            raise InvalidInputError(
+                f"{name}: decoding this {image.format} would produce {width}x{height} pixels, over the limit "
+                f"of {self.max_decoded_pixels} (CONVSERVE_MAX_DECODED_PIXELS); downscale it, or send a JPEG, "
+                "which is decoded at reduced size"
+            )
 
     @staticmethod
     def _upright(image: Image.Image, name: str) -> Image.Image:

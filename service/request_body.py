@@ -1,16 +1,26 @@
-"""Reading request bodies within MAX_UPLOAD_BYTES: raw bytes, multipart image files, JSON and .npy tensors.
+"""Reading request bodies within bounds: raw bytes, multipart image files, JSON and .npy tensors.
 
-The limit is checked against Content-Length before reading and again while streaming (chunked
-bodies have no Content-Length), so an oversized upload is refused without being held in memory.
-Parsing that is CPU-heavy for big inputs (JSON tensors, .npy) is done by the caller off the loop.
+Every body is read under `BodyLimits`: the size limit is checked against Content-Length before
+reading and again while streaming (chunked bodies have no Content-Length); a body that stalls for
+`idle_timeout_s`, or that averages under `min_rate` bytes/s after its first `idle_timeout_s`, gets
+408; a body still arriving when the server starts draining gets 503 (it was never accepted). So a
+slow or lying client holds a connection for a bounded time and never delays shutdown.
+
+Parsing never trusts a declared size: a `.npy` header must match the bytes that follow before
+anything is allocated, JSON depth is bounded by the parser's recursion limit, and integers of any
+length become floats (out of float32 range -> inf -> refused by the finiteness check).
+CPU-heavy parsing (JSON tensors, .npy) is done by the caller off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
-import json
+import math
+import time
 import zlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,10 +28,37 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.errors import (
+    BadRequestError,
+    ClientDisconnectedError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+)
+from service.jsonparse import json_numbers, loads_json
 from service.predictor import NamedImage
+from service.textsafety import printable
 
 _MAX_FORM_FIELDS = 64
+_MAX_NPY_HEADER_BYTES = 10_000
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How much of a body the server reads, and how slowly it lets a client send it."""
+
+    max_bytes: int
+    idle_timeout_s: float
+    min_rate: float
+    """Bytes per second a body must average once it is older than `idle_timeout_s`."""
+    draining: asyncio.Event | None = None
+    """Set when the server begins a graceful shutdown."""
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
@@ -31,21 +68,61 @@ def _too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
-async def _limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+async def _next_message(request: Request, timeout_s: float, draining: asyncio.Event | None) -> Any:
+    """The next ASGI receive message, `None` on timeout; `ServiceUnavailableError` once draining."""
+    if draining is None:
+        try:
+            return await asyncio.wait_for(request.receive(), timeout_s)
+        except TimeoutError:
+            return None
+    receiving = asyncio.ensure_future(request.receive())
+    drained = asyncio.ensure_future(draining.wait())
+    try:
+        done, _ = await asyncio.wait({receiving, drained}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+    finally:
+        for task in (receiving, drained):
+            task.cancel()
+    if receiving in done:
+        return receiving.result()
+    if drained in done:
+        raise ServiceUnavailableError(
+            "the server is shutting down and the request body had not fully arrived; retry on another replica"
+        )
+    return None
+
+
+async def _limited_stream(request: Request, limits: BodyLimits) -> AsyncGenerator[bytes, None]:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    received = 0
-    async for chunk in request.stream():
+    if declared.isascii() and declared.isdigit() and int(declared) > limits.max_bytes:
+        raise _too_large(limits.max_bytes)
+    started, received = time.monotonic(), 0
+    while True:
+        # No gap over idle_timeout_s, and after the first idle_timeout_s an average of min_rate.
+        rate_deadline = started + limits.idle_timeout_s + received / limits.min_rate
+        timeout = min(limits.idle_timeout_s, rate_deadline - time.monotonic())
+        message = await _next_message(request, max(timeout, 0.0), limits.draining)
+        if message is None:
+            raise RequestTimeoutError(
+                f"the request body arrived too slowly ({received} bytes in "
+                f"{time.monotonic() - started:.1f} s); "
+                f"send it without pauses over {limits.idle_timeout_s:g} s and at {limits.min_rate:g} bytes/s "
+                "or more (CONVSERVE_BODY_TIMEOUT_S, CONVSERVE_MIN_BODY_RATE)"
+            )
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnectedError("the client closed the connection before sending the whole body")
+        chunk = message.get("body", b"")
         received += len(chunk)
-        if received > limit:
-            raise _too_large(limit)
-        yield chunk
+        if received > limits.max_bytes:
+            raise _too_large(limits.max_bytes)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes (413)."""
-    return b"".join([chunk async for chunk in _limited_stream(request, limit)])
+async def read_body(request: Request, limits: BodyLimits) -> bytes:
+    """The whole body within `limits` (413 too large, 408 too slow, 503 draining)."""
+    return b"".join([chunk async for chunk in _limited_stream(request, limits)])
 
 
 def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -55,7 +132,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaTypeError(
-            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+            f"Content-Encoding {printable(encoding)!r} is not supported; use gzip, deflate or none"
         )
     decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
@@ -67,10 +144,10 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
     return data
 
 
-async def read_images(request: Request, limit: int, max_files: int) -> list[NamedImage]:
+async def read_images(request: Request, limits: BodyLimits, max_files: int) -> list[NamedImage]:
     """Every file part of a multipart/form-data body (any field name), in order."""
     parser = MultiPartParser(
-        request.headers, _limited_stream(request, limit), max_files=max_files, max_fields=_MAX_FORM_FIELDS
+        request.headers, _limited_stream(request, limits), max_files=max_files, max_fields=_MAX_FORM_FIELDS
     )
     try:
         form = await parser.parse()
@@ -86,7 +163,7 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[Name
     try:
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):
-                images.append(NamedImage(value.filename or field, await value.read()))
+                images.append(NamedImage(printable(value.filename or field), await value.read()))
     finally:
         await form.close()
     if not images:
@@ -98,29 +175,36 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[Name
 
 def parse_json_tensor(body: bytes) -> np.ndarray:
     """`{"inputs": <nested list [N, C, H, W]>}` -> float32 array; blocking for big bodies."""
-    try:
-        payload: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"the body is not valid JSON ({exc})") from exc
+    payload = loads_json(body, "the body")
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadRequestError('expected a JSON object {"inputs": <nested list of shape [N, C, H, W]>}')
-    try:
-        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the finiteness check
-            return np.asarray(payload["inputs"], dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError(
-            f'"inputs" must be a rectangular nested list of numbers of shape [N, C, H, W] ({exc})'
-        ) from exc
+    return json_numbers(payload["inputs"], '"inputs"')
 
 
 def parse_npy_tensor(body: bytes) -> np.ndarray:
-    """A `.npy` file (no pickles) -> array; blocking for big bodies."""
+    """A `.npy` file (no pickles) -> array, its declared size checked against the bytes sent first."""
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in read_header:
+            raise ValueError(f"format version {version} is not supported; use numpy.save")
+        shape, fortran_order, dtype = read_header[version](stream, max_header_size=_MAX_NPY_HEADER_BYTES)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise InvalidInputError(
-            f"the body is not a readable .npy array ({exc}); save it with numpy.save"
-        ) from exc
-    if not isinstance(array, np.ndarray):
-        raise InvalidInputError("the body must be a single .npy array, not an .npz archive")
-    return array
+            f"the body is not a readable .npy array ({printable(str(exc))[:200]}); save it with numpy.save"
+        ) from None
+    if dtype.hasobject:
+        raise InvalidInputError("the .npy array holds Python objects; send a float32 array")
+    offset = stream.tell()
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(body) - offset:
+        raise InvalidInputError(
+            f"the .npy header declares shape {list(shape)} of {dtype} ({expected} bytes) but "
+            f"{len(body) - offset} bytes follow it"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")

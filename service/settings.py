@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     """Refuse to start unless a GPU provider (CUDA or TensorRT) is the one actually active (true/false)."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest accepted request body, in bytes; larger bodies get 413."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Largest image area an upload may declare in its header, in pixels; larger ones get 422."""
+    max_decoded_pixels: int = Field(default=4_194_304, ge=1)
+    """Largest area actually decoded (after JPEG DCT-scaling; PNG and others at full size), in pixels."""
+    header_timeout_s: float = Field(default=10.0, gt=0.0)
+    """Time a connection gets to send a complete request head (line and headers), in seconds."""
+    body_timeout_s: float = Field(default=10.0, gt=0.0)
+    """Longest pause allowed while a request body arrives, in seconds; beyond it 408."""
+    min_body_rate: float = Field(default=16_384.0, gt=0.0)
+    """Average rate a body must keep once it is older than BODY_TIMEOUT_S, in bytes per second."""
+    max_connections: int = Field(default=512, ge=1)
+    """Open client connections per worker, a count; requests on connections beyond it get 503."""
     intra_op_threads: int = Field(default=0, ge=0)
     """Threads ONNX Runtime uses inside one operator, a count (0 = ONNX Runtime's default, one per core)."""
     workers: int = Field(default=1, ge=1)
@@ -119,6 +131,11 @@ class Settings(BaseSettings):
                 f"CONVSERVE_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms:g} ms) is not below "
                 f"CONVSERVE_REQUEST_TIMEOUT_S ({self.request_timeout_s:g} s), so a lone request could time "
                 "out while the batcher waits for company; lower the delay or raise the timeout"
+            )
+        if self.max_decoded_pixels > self.max_image_pixels:
+            raise ValueError(
+                f"CONVSERVE_MAX_DECODED_PIXELS ({self.max_decoded_pixels}) is above "
+                f"CONVSERVE_MAX_IMAGE_PIXELS ({self.max_image_pixels}); no image could use the difference"
             )
         if self.require_gpu and not GPU_PROVIDERS & set(self.providers):
             raise ValueError(

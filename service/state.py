@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from service.errors import ServiceUnavailableError
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.repository import ModelLocation
+from service.request_body import BodyLimits
 from service.runtime import OnnxModel
 from service.settings import Settings
 
@@ -35,6 +37,18 @@ class ServiceState:
     warmup_seconds: float | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     """Set at shutdown; an unfinished warmup stops at the next batch size."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by the HTTP protocol when the server begins a graceful shutdown (see `service.protocol`)."""
+
+    @property
+    def body_limits(self) -> BodyLimits:
+        """How request bodies are read under these settings."""
+        return BodyLimits(
+            max_bytes=self.settings.max_upload_bytes,
+            idle_timeout_s=self.settings.body_timeout_s,
+            min_rate=self.settings.min_body_rate,
+            draining=self.draining,
+        )
 
     def require_predictor(self) -> Predictor:
         """The predictor, or 503 while the model is loading or warming up."""

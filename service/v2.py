@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,23 @@ from typing import Any
 import numpy as np
 
 from service.errors import BadRequestError, InvalidInputError
+from service.jsonparse import json_numbers, loads_json
+from service.textsafety import brief
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_BYTE_COUNT = re.compile(r"[0-9]{1,15}")
+# A V2 timeout is microseconds; a day is far beyond any server deadline and keeps floats exact.
+_MAX_TIMEOUT_US = 86_400 * 10**6
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (`true` is a bool in Python, and bools are ints there)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    """A JSON number with no fractional part (`parse_int=float` turns every JSON integer into a float)."""
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value == int(value)
 
 
 @dataclass(frozen=True)
@@ -61,10 +77,12 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: TensorSpec
         raise BadRequestError(f"{len(binary) - used} bytes of binary data follow the tensors unused")
     parameters = _parameters(header, "the request")
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequestError(f'"id" must be a string, got {brief(request_id)}')
     return InferRequest(
-        id=str(request_id) if request_id is not None else None,
+        id=request_id,
         tensor=tensor,
-        outputs=_requested_outputs(header, bool(parameters.get("binary_data_output", False)), spec),
+        outputs=_requested_outputs(header, _flag(parameters, "binary_data_output"), spec),
         timeout_s=_timeout_s(parameters),
     )
 
@@ -83,17 +101,14 @@ def _raw_request(body: bytes, spec: TensorSpec) -> InferRequest:
 def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         length = len(body)
-    elif header_length.strip().isdigit() and int(header_length) <= len(body):
+    elif _BYTE_COUNT.fullmatch(header_length.strip()) and int(header_length) <= len(body):
         length = int(header_length)
     else:
         raise BadRequestError(
-            f"{HEADER_LENGTH}: {header_length!r} must be a byte count no larger than the body "
-            f"({len(body)} bytes)"
+            f"{HEADER_LENGTH}: {brief(header_length)} must be a byte count no larger than the "
+            f"body ({len(body)} bytes)"
         )
-    try:
-        header = json.loads(body[:length])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"the inference header is not valid JSON ({exc})") from exc
+    header = loads_json(body[:length], "the inference header")
     if not isinstance(header, dict):
         raise BadRequestError("the inference header must be a JSON object")
     return header, body[length:]
@@ -110,33 +125,35 @@ def _input_tensor(entry: dict[str, Any], binary: bytes, spec: TensorSpec) -> tup
     """The input as float32 and the number of binary bytes it used."""
     if entry.get("name") != spec.input_name:
         raise BadRequestError(
-            f"unknown input {entry.get('name')!r}; this model has one input {spec.input_name!r}"
+            f"unknown input {brief(entry.get('name'))}; this model has one input {spec.input_name!r}"
         )
     expected = f"[N, {', '.join(map(str, spec.input_shape))}]"
     if entry.get("datatype") != "FP32":
         raise InvalidInputError(
-            f"input {spec.input_name!r} must be FP32 {expected}, got {entry.get('datatype')!r}"
+            f"input {spec.input_name!r} must be FP32 {expected}, got {brief(entry.get('datatype'))}"
         )
-    shape = entry.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    raw_shape = entry.get("shape")
+    if not (
+        isinstance(raw_shape, list)
+        and len(raw_shape) <= 8
+        and all(_is_whole(d) and d >= 0 for d in raw_shape)
+    ):
         raise BadRequestError(
-            f'"shape" of {spec.input_name!r} must be a list of non-negative integers, got {shape!r}'
+            f'"shape" of {spec.input_name!r} must be a list of non-negative integers, got {brief(raw_shape)}'
         )
+    shape = [int(d) for d in raw_shape]
     count = math.prod(shape)
     size = _parameters(entry, f"input {spec.input_name!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * 4 or size > len(binary):
+        if not _is_whole(size) or size != count * 4 or size > len(binary):
             raise InvalidInputError(
-                f"binary_data_size {size!r} of {spec.input_name!r} must equal 4 x prod(shape {shape}) = "
-                f"{count * 4} bytes, and that many bytes must follow the header ({len(binary)} do)"
+                f"binary_data_size {brief(size)} of {spec.input_name!r} must equal 4 x prod(shape "
+                f"{shape}) = {count * 4} bytes, and that many bytes must follow the header ({len(binary)} do)"
             )
-        return np.frombuffer(binary[:size], dtype="<f4").reshape(shape), size
+        return np.frombuffer(binary[: int(size)], dtype="<f4").reshape(shape), int(size)
     if "data" not in entry:
         raise BadRequestError(f'input {spec.input_name!r} has neither "data" nor parameters.binary_data_size')
-    try:
-        values = np.asarray(entry["data"], dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError(f'"data" of {spec.input_name!r} must be numbers ({exc})') from exc
+    values = json_numbers(entry["data"], f'"data" of {spec.input_name!r}')
     if values.size != count:
         raise InvalidInputError(
             f'"data" of {spec.input_name!r} has {values.size} values but shape {shape} needs {count}'
@@ -156,27 +173,36 @@ def _requested_outputs(
     for entry in entries:
         if entry.get("name") != spec.output_name:
             raise BadRequestError(
-                f"unknown output {entry.get('name')!r}; this model has one output {spec.output_name!r}"
+                f"unknown output {brief(entry.get('name'))}; this model has one output {spec.output_name!r}"
             )
         parameters = _parameters(entry, f"output {spec.output_name!r}")
         class_count = parameters.get("classification", 0)
-        if not isinstance(class_count, int) or class_count < 0:
-            raise BadRequestError(f"classification must be a non-negative integer, got {class_count!r}")
-        outputs.append(
-            RequestedOutput(
-                spec.output_name, bool(parameters.get("binary_data", binary_default)), class_count
-            )
-        )
+        if not _is_whole(class_count) or class_count < 0:
+            raise BadRequestError(f"classification must be a non-negative integer, got {brief(class_count)}")
+        binary = _flag(parameters, "binary_data", binary_default)
+        outputs.append(RequestedOutput(spec.output_name, binary, int(min(class_count, 2**31))))
     return tuple(outputs)
+
+
+def _flag(parameters: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequestError(f"the {name} parameter must be true or false, got {brief(value)}")
+    return value
 
 
 def _timeout_s(parameters: dict[str, Any]) -> float | None:
     timeout = parameters.get("timeout")
     if timeout is None:
         return None
-    if not isinstance(timeout, int | float) or timeout <= 0:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= _MAX_TIMEOUT_US
+    ):
         raise BadRequestError(
-            f"the timeout parameter must be a positive number of microseconds, got {timeout!r}"
+            f"the timeout parameter must be a positive number of microseconds up to {_MAX_TIMEOUT_US}, "
+            f"got {brief(timeout)}"
         )
     return float(timeout) / 1e6
 

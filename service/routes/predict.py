@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from service.errors import UnsupportedMediaTypeError
 from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
 from service.state import ServiceState, get_state
+from service.textsafety import printable
 
 router = APIRouter(tags=["predict"])
 DEFAULT_TOP_K = 5
@@ -24,7 +25,7 @@ _TENSOR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {
 
 
 async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes], np.ndarray]) -> np.ndarray:
-    body = await read_body(request, state.settings.max_upload_bytes)
+    body = await read_body(request, state.body_limits)
     # A [32, 3, 224, 224] JSON body is ~5 million numbers: parse it off the event loop.
     return await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse, body)
 
@@ -43,16 +44,20 @@ async def predict(
         min(DEFAULT_TOP_K, predictor.metadata.num_classes) if top_k is None else top_k
     )
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    arrived_at: float = request.state.arrived_at
     if media_type == "multipart/form-data":
-        images = await read_images(request, state.settings.max_upload_bytes, state.settings.max_queue_size)
-        predictions = await predictor.classify_images(images, top_k)
+        predictor.check_room()  # overloaded: refuse before reading the upload
+        images = await read_images(request, state.body_limits, state.settings.max_queue_size)
+        predictions = await predictor.classify_images(images, top_k, arrived_at)
     elif media_type in _TENSOR_PARSERS:
+        predictor.check_room()
         tensor = await _tensor(request, state, _TENSOR_PARSERS[media_type])
-        predictions = await predictor.classify_tensor(tensor, top_k)
+        predictions = await predictor.classify_tensor(tensor, top_k, arrived_at)
     else:
         raise UnsupportedMediaTypeError(
-            f"Content-Type {media_type or '(none)'!r} is not accepted; send images as multipart/form-data, "
-            'or a preprocessed tensor as application/json {"inputs": [...]} or application/x-npy'
+            f"Content-Type {printable(media_type or '(none)')!r} is not accepted; send images as "
+            'multipart/form-data, or a preprocessed tensor as application/json {"inputs": [...]} or '
+            "application/x-npy"
         )
     assert state.location is not None
     body: dict[str, Any] = {

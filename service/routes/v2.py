@@ -7,7 +7,6 @@ says. The server serves one model version; other names or versions get 404.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -116,8 +115,9 @@ async def infer(
     _check_served(state, model_name, model_version)
     predictor = state.require_predictor()
     assert state.model is not None and state.location is not None
+    predictor.check_room()  # overloaded: refuse before reading the body
     limit = state.settings.max_upload_bytes
-    body = await read_body(request, limit)
+    body = await read_body(request, state.body_limits)
     spec = TensorSpec(state.model.input_name, state.model.metadata.input_shape, state.model.output_name)
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
 
@@ -126,8 +126,7 @@ async def infer(
 
     parsed = await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse)
     tensor = predictor.check_tensor(parsed.tensor)
-    timeout_s = min(state.settings.request_timeout_s, parsed.timeout_s or float("inf"))
-    logits = await predictor.infer(tensor, time.monotonic() + timeout_s)
+    logits = await predictor.infer(tensor, predictor.deadline(request.state.arrived_at, parsed.timeout_s))
     content, headers = encode_infer_response(
         model_name=state.location.name,
         model_version=str(state.location.version),

@@ -24,6 +24,13 @@ ISSUE_VARIABLES = [
     "MAX_UPLOAD_BYTES",
     "INTRA_OP_THREADS",
     "WORKERS",
+    # issue 8: what a slow, hostile or mistaken client can cost
+    "MAX_IMAGE_PIXELS",
+    "MAX_DECODED_PIXELS",
+    "HEADER_TIMEOUT_S",
+    "BODY_TIMEOUT_S",
+    "MIN_BODY_RATE",
+    "MAX_CONNECTIONS",
 ]
 
 

@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from service.openapi import ErrorBody, errors
 from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={500: {"model": ErrorBody, "description": "Start-up failed for good."}})
 async def healthz(state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
     """200 while the process can serve or is getting ready; 500 once startup failed for good."""
     if state.failure is not None:
@@ -20,7 +21,7 @@ async def healthz(state: Annotated[ServiceState, Depends(get_state)]) -> JSONRes
     return JSONResponse({"status": "alive"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=errors(503))
 async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
     """200 only after the model is loaded and warmed up; 503 before (and while shutting down)."""
     if not state.ready or state.model is None or state.location is None:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.errors import UnsupportedMediaTypeError
+from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse
 from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
 from service.state import ServiceState, get_state
 from service.textsafety import printable
@@ -30,7 +31,11 @@ async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes]
     return await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse, body)
 
 
-@router.post("/predict")
+@router.post(
+    "/predict",
+    responses={200: {"model": PredictResponse}, **INFERENCE_ERRORS},
+    openapi_extra=PREDICT_BODY,
+)
 async def predict(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],

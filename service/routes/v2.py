@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from service import __version__
 from service.errors import NotFoundError
+from service.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
 from service.request_body import decode_content, read_body
 from service.state import ServiceState, get_state
 from service.v2 import HEADER_LENGTH, InferRequest, TensorSpec, encode_infer_response, parse_infer_request
@@ -44,18 +45,18 @@ async def server_metadata() -> JSONResponse:
     )
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_class=Response, responses=NO_CONTENT_HEALTH)
 async def live(state: State) -> Response:
     return Response(status_code=200 if state.failure is None else 400)
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_class=Response, responses=NO_CONTENT_HEALTH)
 async def ready(state: State) -> Response:
     return Response(status_code=200 if state.ready else 400)
 
 
-@router.get(MODEL)
-@router.get(VERSIONED)
+@router.get(MODEL, responses=errors(404))
+@router.get(VERSIONED, responses=errors(404))
 async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> JSONResponse:
     _check_served(state, model_name, model_version)
     assert state.location is not None and state.model is not None
@@ -77,8 +78,8 @@ async def model_metadata(state: State, model_name: str, model_version: str | Non
     return JSONResponse(body)
 
 
-@router.get(MODEL + "/config")
-@router.get(VERSIONED + "/config")
+@router.get(MODEL + "/config", responses=errors(404))
+@router.get(VERSIONED + "/config", responses=errors(404))
 async def model_config(state: State, model_name: str, model_version: str | None = None) -> JSONResponse:
     """A minimal Triton model configuration, enough for perf_analyzer to benchmark this server."""
     _check_served(state, model_name, model_version)
@@ -100,15 +101,22 @@ async def model_config(state: State, model_name: str, model_version: str | None 
     )
 
 
-@router.get(MODEL + "/ready")
-@router.get(VERSIONED + "/ready")
+@router.get(MODEL + "/ready", response_class=Response, responses={**NO_CONTENT_HEALTH, **errors(404)})
+@router.get(VERSIONED + "/ready", response_class=Response, responses={**NO_CONTENT_HEALTH, **errors(404)})
 async def model_ready(state: State, model_name: str, model_version: str | None = None) -> Response:
     _check_served(state, model_name, model_version)
     return Response(status_code=200 if state.ready else 400)
 
 
-@router.post(MODEL + "/infer")
-@router.post(VERSIONED + "/infer")
+_INFER_ERRORS = {**INFERENCE_ERRORS, **errors(404)}
+
+
+@router.post(
+    MODEL + "/infer", response_class=Response, responses=_INFER_ERRORS, openapi_extra=V2_INFER_OPENAPI
+)
+@router.post(
+    VERSIONED + "/infer", response_class=Response, responses=_INFER_ERRORS, openapi_extra=V2_INFER_OPENAPI
+)
 async def infer(
     request: Request, state: State, model_name: str, model_version: str | None = None
 ) -> Response:

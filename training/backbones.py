@@ -5,9 +5,9 @@ EfficientNet-Lite0 alike. `base` maps images to features (a feature map or, for 
 `head` is the new classifier (global pool -> dropout -> linear), and `block_groups` lists the base's
 modules from the input (bottom) to the output (top), so "unfreeze the top N groups" is well defined.
 
-Which names come from where: `lenet5` is defined here; `alexnet`, `vgg16` and `googlenet` come from
-torchvision (timm has no AlexNet/GoogLeNet, and its VGG replaces the FC layers by convolutions); any
-other name is a timm model (e.g. `efficientnet_lite0`, `resnet50`).
+Which names come from where: `lenet5` and `zfnet` are defined here (trained from scratch); `alexnet`,
+`vgg16` and `googlenet` come from torchvision (timm has no AlexNet/GoogLeNet, and its VGG replaces
+the FC layers by convolutions); any other name is a timm model (e.g. `efficientnet_lite0`, `resnet50`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from torch import nn
 
 from training.lenet import LeNet5Features
 from training.torchvision_bases import TORCHVISION_BASES
+from training.zfnet import MIN_IMAGE_SIZE as ZFNET_MIN_IMAGE_SIZE
+from training.zfnet import ZFNetFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,8 @@ class BackboneDefaults:
     """Per-channel RGB mean the pretrained weights expect after scaling to [0, 1]."""
     std: tuple[float, float, float]
     """Per-channel RGB standard deviation the pretrained weights expect."""
+    min_image_size: int = 32
+    """Smallest input side in pixels the architecture accepts (its pooling needs enough to pool)."""
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,24 +113,37 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 _TORCHVISION_DEFAULTS = {
-    "alexnet": BackboneDefaults(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    # Below 63 px AlexNet's last 3x3 max pool has less than 3x3 to pool.
+    "alexnet": BackboneDefaults(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD, min_image_size=63),
     "vgg16": BackboneDefaults(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
     # torchvision's GoogLeNet weights were trained on (x - 0.5) / 0.5 (its transform_input undoes
     # ImageNet normalization); we normalize that way directly.
     "googlenet": BackboneDefaults(224, 0.875, "bilinear", HALF, HALF),
 }
-_LENET_DEFAULTS = BackboneDefaults(32, 1.0, "bilinear", HALF, HALF)
+
+# Architectures defined here and trained from scratch: no weights for them exist offline.
+SCRATCH_BASES: dict[str, type[LeNet5Features | ZFNetFeatures]] = {
+    "lenet5": LeNet5Features,
+    "zfnet": ZFNetFeatures,
+}
+_SCRATCH_DEFAULTS = {
+    "lenet5": BackboneDefaults(32, 1.0, "bilinear", HALF, HALF),
+    # The paper's 224 px crops; ImageNet statistics stand in for its per-pixel mean image.
+    "zfnet": BackboneDefaults(
+        224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD, min_image_size=ZFNET_MIN_IMAGE_SIZE
+    ),
+}
 
 
-def _build_lenet5(num_classes: int, drop_rate: float) -> Classifier:
-    base = LeNet5Features()
+def _build_scratch(name: str, num_classes: int, drop_rate: float) -> Classifier:
+    base = SCRATCH_BASES[name]()
     return Classifier(
         base,
         base.num_features,
         num_classes,
         base.block_groups,
         drop_rate=drop_rate,
-        # Trained from scratch: there are no pretrained statistics to protect (and LeNet-5 has no BN).
+        # Trained from scratch: there are no pretrained statistics to protect (and neither has BN).
         freeze_batchnorm=False,
     )
 
@@ -162,7 +179,7 @@ def _build_timm(name: str, num_classes: int, drop_rate: float) -> Classifier:
 
 def known_backbones() -> list[str]:
     """Names handled here rather than passed on to timm."""
-    return ["lenet5", *sorted(TORCHVISION_BASES)]
+    return sorted([*SCRATCH_BASES, *TORCHVISION_BASES])
 
 
 def create_model(
@@ -182,8 +199,8 @@ def create_model(
     a randomly initialized base has no statistics worth protecting.
     """
     key = name.lower()
-    if key == "lenet5":
-        model = _build_lenet5(num_classes, drop_rate)
+    if key in SCRATCH_BASES:
+        model = _build_scratch(key, num_classes, drop_rate)
     elif key in TORCHVISION_BASES:
         model = _build_torchvision(key)(num_classes, drop_rate)
     else:
@@ -199,8 +216,8 @@ def create_model(
 def backbone_defaults(name: str) -> BackboneDefaults:
     """Input size, crop, interpolation and normalization the backbone's pretrained weights expect."""
     key = name.lower()
-    if key == "lenet5":
-        return _LENET_DEFAULTS
+    if key in _SCRATCH_DEFAULTS:
+        return _SCRATCH_DEFAULTS[key]
     if key in _TORCHVISION_DEFAULTS:
         return _TORCHVISION_DEFAULTS[key]
     if key == DEFAULT_BACKBONE:

@@ -64,7 +64,7 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--backbone",
         default=DEFAULT_BACKBONE,
-        help=f"lenet5, alexnet, vgg16, googlenet, {DEFAULT_BACKBONE} or any timm model name "
+        help=f"lenet5, zfnet, alexnet, vgg16, googlenet, {DEFAULT_BACKBONE} or any timm model name "
         f"(default: {DEFAULT_BACKBONE})",
     )
     model.add_argument(

@@ -26,7 +26,7 @@ class RunConfig:
     out: str
     """Model directory; the run is published as out/<next version>/."""
     backbone: str = DEFAULT_BACKBONE
-    """Backbone name: lenet5, alexnet, vgg16, googlenet or any timm model (e.g. resnet50)."""
+    """Backbone name: lenet5, zfnet, alexnet, vgg16, googlenet or any timm model (e.g. resnet50)."""
     weights: str | None = None
     """Local pretrained weights file for the backbone (.pth/.safetensors); None = built-in source."""
     pretrained: bool = True
@@ -106,6 +106,11 @@ class RunConfig:
             }
         )
         resolved.validate()
+        if (resolved.image_size or 0) < defaults.min_image_size:
+            raise ValueError(
+                f"--image-size {resolved.image_size} is too small for {self.backbone}: "
+                f"it needs at least {defaults.min_image_size} px"
+            )
         return resolved
 
     def _resolved_unfreeze_blocks(self) -> int | str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.backbones import HALF, BackboneDefaults, Classifier
+from training.backbones import HALF, SCRATCH_BASES, BackboneDefaults, Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def load_pretrained(model: Classifier, name: str, weights: Path | None = None) -
     if weights is not None:
         load_base_weights(model, read_state_dict(weights), str(weights))
         return
-    if name == "lenet5":
-        raise WeightsUnavailableError("lenet5 has no pretrained weights: train it with --no-pretrained")
+    if name in SCRATCH_BASES:
+        raise WeightsUnavailableError(f"{name} has no pretrained weights: train it with --no-pretrained")
     if name == "efficientnet_lite0":
         path = packaged_efficientnet_lite0_path()
         load_base_weights(model, read_state_dict(path), str(path))

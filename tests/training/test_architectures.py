@@ -15,11 +15,12 @@ from PIL import Image
 
 from tests.training.images import TINY_LABELS, preprocess
 from training.backbones import Classifier, create_model
+from training.config import RunConfig
 from training.export import export_onnx, next_version_dir
 from training.freezing import freeze_base, group_index, parameter_groups, top_groups, unfreeze_top
 from training.spec import EvalSpec
 
-SEED_ARCHITECTURES = ("lenet5", "alexnet", "vgg16", "googlenet", "resnet50", "efficientnet_lite0")
+SEED_ARCHITECTURES = ("lenet5", "alexnet", "zfnet", "vgg16", "googlenet", "resnet50", "efficientnet_lite0")
 SMALL = EvalSpec((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3)
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -77,6 +78,27 @@ def test_lenet5_takes_any_square_input_of_at_least_32_px() -> None:
     for size in (32, 33, 48, 100):
         assert model(torch.zeros(2, 3, size, size)).shape == (2, 5)
     assert not model.freeze_batchnorm
+
+
+def test_zfnet_reproduces_the_papers_layer_table_at_224_px() -> None:
+    base = create_model("zfnet", num_classes=5).base.eval()
+    features, shapes = torch.zeros(1, 3, 224, 224), []
+    for group in base.block_groups:
+        features = getattr(base, group[0])(features)
+        shapes.append(tuple(features.shape[1:]))
+    # Zeiler & Fergus, Fig. 3: 55x55x96, 13x13x256, 13x13x384, 13x13x384, 6x6x256.
+    assert shapes == [(96, 55, 55), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
+    first = base.layer1[0]
+    assert first.kernel_size == (7, 7) and first.stride == (2, 2)
+
+
+def test_zfnet_is_trained_from_scratch_at_a_size_it_can_pool() -> None:
+    with pytest.raises(ValueError, match="zfnet has no pretrained weights: train it with --no-pretrained"):
+        create_model("zfnet", num_classes=3, pretrained=True)
+    assert not create_model("zfnet", num_classes=3).freeze_batchnorm
+    with pytest.raises(ValueError, match="too small for zfnet: it needs at least 63 px"):
+        RunConfig(data="photos", out="m", backbone="zfnet", pretrained=False, image_size=48).resolve()
+    assert RunConfig(data="photos", out="m", backbone="zfnet", pretrained=False).resolve().image_size == 224
 
 
 @pytest.mark.slow

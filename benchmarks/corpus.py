@@ -46,7 +46,7 @@ def _sample_photo(name: str) -> np.ndarray:
     return loader()
 
 
-def _resize_to_megapixels(image: Image.Image, megapixels: float) -> Image.Image:
+def resize_to_megapixels(image: Image.Image, megapixels: float) -> Image.Image:
     scale = math.sqrt(megapixels * 1e6 / (image.width * image.height))
     size = (round(image.width * scale), round(image.height * scale))
     return image.resize(size, Image.Resampling.LANCZOS)
@@ -66,7 +66,7 @@ def build_corpus(megapixels: Sequence[float] = DEFAULT_MEGAPIXELS) -> list[Photo
     photos = []
     for index, size in enumerate(megapixels):
         name = _PHOTO_NAMES[index % len(_PHOTO_NAMES)]
-        image = _resize_to_megapixels(Image.fromarray(_sample_photo(name)).convert("RGB"), size)
+        image = resize_to_megapixels(Image.fromarray(_sample_photo(name)).convert("RGB"), size)
         photos.append(
             Photo(
                 filename=f"{name}_{image.width}x{image.height}.jpg",

@@ -58,5 +58,10 @@ bench: $(VENV)/.stamp-dev model
 bench-quick: $(VENV)/.stamp-dev model
 	$(BIN)/python -m benchmarks --quick
 
+# Hostile files, 2x overload, slow clients and SIGTERM under load against a real server (~10 min).
+.PHONY: soak
+soak: $(VENV)/.stamp-dev model
+	$(BIN)/python -m benchmarks --robustness
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

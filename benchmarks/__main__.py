@@ -2,6 +2,9 @@
 
 Writes the results JSON (`--output`), a Markdown table and a PNG plot next to it, and — for full runs —
 regenerates the performance table between the README's perf-table markers.
+
+`python -m benchmarks --robustness` (`make soak`) instead sends the service hostile files, twice its
+capacity, slow clients and SIGTERM under load, and writes benchmarks/results/robustness.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.plan import full_plan, quick_plan
 from benchmarks.report import render_markdown, update_readme, write_json
+from benchmarks.robustness import PHASES
 from benchmarks.runner import RunConfig, run, shell_command
 
 log = logging.getLogger("benchmarks")
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sample the service with py-spy at concurrency 32 (an extra level, not in the table) "
         "and report CPU ms per image by activity; needs `pip install py-spy`",
     )
+    _add_robustness_arguments(parser)
     model_group = parser.add_argument_group("model")
     model_group.add_argument(
         "--model-repository", type=Path, default=Path("models"), help="model repository (default: models)"
@@ -68,9 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     output_group.add_argument(
         "--output",
         type=Path,
-        default=Path("benchmarks/results/latest.json"),
         help="results JSON; the .md table and .png plot are written next to it "
-        "(default: benchmarks/results/latest.json)",
+        "(default: benchmarks/results/latest.json, or robustness.json with --robustness)",
     )
     output_group.add_argument(
         "--readme", type=Path, default=REPO_ROOT / "README.md", help="README whose perf table to regenerate"
@@ -80,15 +84,71 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "yes", "no"),
         default="auto",
         help="regenerate the README table: auto = for full runs only, so a quick run never replaces "
-        "the figures of record (default: auto)",
+        "the figures of record; with --robustness, for runs of every phase against this checkout "
+        "(default: auto)",
     )
     return parser
+
+
+def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("robustness (issue 8: safe to expose)")
+    group.add_argument(
+        "--robustness",
+        action="store_true",
+        help="measure hostile files, 2x overload, slow clients and SIGTERM under load instead (~10 min)",
+    )
+    group.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
+    )
+    group.add_argument(
+        "--soak-seconds",
+        type=float,
+        default=30.0,
+        help="open-loop window at 2x capacity, seconds (default: 30)",
+    )
+    group.add_argument(
+        "--slowloris-connections", type=int, default=200, help="slow connections per mode (default: 200)"
+    )
+    group.add_argument(
+        "--slowloris-wait",
+        type=float,
+        default=30.0,
+        help="how long slow connections wait, seconds (default: 30)",
+    )
+    group.add_argument(
+        "--sigterm-clients",
+        default="32,256",
+        help="client counts for SIGTERM under load, comma-separated (default: 32,256)",
+    )
+    group.add_argument(
+        "--rss-kill-mb",
+        type=float,
+        default=6144.0,
+        help="SIGKILL the server if its RSS passes this while decoding one hostile file, MiB (default: 6144)",
+    )
+    group.add_argument(
+        "--service-dir",
+        type=Path,
+        help="run `python -m service` from this checkout (e.g. a git worktree of an older commit) to "
+        "measure it; the model repository path is made absolute (default: this checkout)",
+    )
+    group.add_argument(
+        "--compare-with",
+        type=Path,
+        help="an earlier robustness JSON whose figures go in the Markdown's `before` column",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     args = build_parser().parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.robustness:
+        from benchmarks.robustness_cli import run_from_arguments
+
+        return run_from_arguments(args, shell_command(argv), REPO_ROOT, _parse_env(args.set))
     servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
     unknown = sorted(set(servers) - set(ALL_SERVERS))
     if unknown:
@@ -104,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
     )
     plan = quick_plan() if args.quick else full_plan()
-    output: Path = args.output
+    output: Path = args.output or Path("benchmarks/results/latest.json")
     results = run(config, plan, output)
 
     from benchmarks.plot import write_plot

@@ -53,6 +53,8 @@ class ServerProcess:
     ready_path: str = "/readyz"
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
+    cwd: Path | None = None
+    """Working directory of the server (None: this process's), e.g. a worktree of an older commit."""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     startup_s: float | None = field(default=None, init=False)
     """Seconds from launch until the readiness endpoint answered 200 (model load and warm-up)."""
@@ -86,6 +88,7 @@ class ServerProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
         try:
             self._wait_ready()
@@ -131,10 +134,36 @@ class ServerProcess:
             process.kill()
             process.wait()
 
+    def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the server process (not its children) without waiting."""
+        if self._process is None:
+            raise RuntimeError(f"server {self.name} is not running")
+        self._process.send_signal(signum)
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The exit code once the process has exited (negative: killed by that signal), None on timeout."""
+        if self._process is None:
+            raise RuntimeError(f"server {self.name} was never started")
+        try:
+            return self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it (used when it runs away with memory or time)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def describe(self) -> dict[str, object]:
         """How the server was run, for the results."""
         return {
             "command": " ".join(self.command),
+            "cwd": str(self.cwd) if self.cwd else None,
             "env": dict(self.env),
             "startup_s": self.startup_s,
             "log": str(self.log_path),
@@ -198,7 +227,8 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return times
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) so far of a process and all its children."""
     total = 0.0
     for process in _tree(pid):
         try:
@@ -222,7 +252,7 @@ class ResourceSampler:
         self.result: ResourceSample | None = None
 
     async def __aenter__(self) -> ResourceSampler:
-        self._cpu_start = _cpu_seconds(self._pid)
+        self._cpu_start = cpu_seconds(self._pid)
         self._time_start = time.perf_counter()
         self._task = asyncio.create_task(self._sample_forever())
         return self
@@ -233,7 +263,7 @@ class ResourceSampler:
             await asyncio.gather(self._task, return_exceptions=True)
         self._rss.append(rss_mb(self._pid))
         elapsed = time.perf_counter() - self._time_start
-        cpu_used = _cpu_seconds(self._pid) - self._cpu_start
+        cpu_used = cpu_seconds(self._pid) - self._cpu_start
         self.result = ResourceSample(
             cpu_percent_mean=round(100.0 * cpu_used / elapsed, 1) if elapsed > 0 else None,
             rss_mb_peak=max(self._rss),

@@ -290,23 +290,20 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     temporary.replace(path)
 
 
-def update_readme(readme: Path, table_markdown: str) -> bool:
-    """Replace the text between the perf-table markers; False (and a warning) when they are missing."""
+def update_readme(
+    readme: Path, table_markdown: str, start: str = README_START, end: str = README_END
+) -> bool:
+    """Replace the text between two markers (the perf table's by default); False when they are missing."""
     try:
         text = readme.read_text()
     except FileNotFoundError:
         log.warning("%s does not exist; the performance table was not written into it", readme)
         return False
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        log.warning(
-            "%s has no %s … %s block; add both markers where the table belongs",
-            readme,
-            README_START,
-            README_END,
-        )
+    begin, finish = text.find(start), text.find(end)
+    if begin < 0 or finish < begin:
+        log.warning("%s has no %s … %s block; add both markers where the table belongs", readme, start, end)
         return False
-    updated = text[: start + len(README_START)] + "\n" + table_markdown + text[end:]
+    updated = text[: begin + len(start)] + "\n" + table_markdown + text[finish:]
     if updated != text:
         readme.write_text(updated)
     return True

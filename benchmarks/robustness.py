@@ -1,0 +1,279 @@
+"""`python -m benchmarks --robustness`: the service against hostile files, overload, slow clients and SIGTERM.
+
+Four phases, each against a fresh `python -m service` on loopback (so one phase's leftovers never
+colour the next), run one after another on the shared cores:
+1. corpus — every hostile case and cost probe, one request at a time: status vs expected, wall
+   time, server CPU seconds and peak RSS increase, as ratios to a normal 2-MP JPEG;
+2. overload — capacity at 32 clients, then an open loop at `overload_factor` × capacity;
+3. slow clients — partial heads, then partial bodies, while a normal client keeps asking;
+4. SIGTERM under load — for each client count, a fresh server is loaded and terminated.
+A phase that fails is recorded with its error and the others still run. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.corpus import build_corpus
+from benchmarks.hostile_inputs import HostileCase, case_named, cost_probes, hostile_cases
+from benchmarks.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
+from benchmarks.loadgen import run_concurrency
+from benchmarks.machine import describe_machine, git_commit
+from benchmarks.overload import client_session, open_loop, summarize_outcomes
+from benchmarks.processes import LOOPBACK, ResourceSampler, ServerProcess, free_port, python_module_command
+from benchmarks.robustness_targets import check_targets
+from benchmarks.runner import other_processes_cpu
+from benchmarks.sigterm_drain import sigterm_under_load
+from benchmarks.slowloris import slow_clients
+
+log = logging.getLogger(__name__)
+
+PHASES = ("corpus", "overload", "slowloris", "sigterm")
+REFERENCE = "reference_jpeg_2mp"
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    repo_root: Path
+    model_repository: Path
+    model_name: str | None = None
+    model_version: int | None = None
+    service_dir: Path | None = None
+    """Checkout whose `service` package to run (working directory and PYTHONPATH); None = this one."""
+    service_env: Mapping[str, str] = field(default_factory=dict)
+    phases: tuple[str, ...] = PHASES
+    soak_seconds: float = 30.0
+    overload_factor: float = 2.0
+    capacity_seconds: float = 10.0
+    slowloris_connections: int = 200
+    slowloris_wait_s: float = 30.0
+    sigterm_clients: tuple[int, ...] = (32, 256)
+    sigterm_load_s: float = 8.0
+    rss_kill_mb: float = 6144.0
+    case_timeout_s: float = 60.0
+    reference_repeats: int = 5
+    command: str = "python -m benchmarks --robustness"
+
+
+class ServerFactory:
+    """Fresh service processes with the same model and settings, each on a new free port.
+
+    `new()` returns the server unstarted: use it as a context manager, or `start()` and `stop()` it.
+    """
+
+    def __init__(self, config: RobustnessConfig, log_dir: Path) -> None:
+        self.config = config
+        self.log_dir = log_dir
+        self.servers: list[ServerProcess] = []
+
+    def new(self, label: str) -> ServerProcess:
+        config, port = self.config, free_port()
+        env = {
+            "CONVSERVE_MODEL_REPOSITORY": str(config.model_repository.resolve()),
+            "CONVSERVE_HOST": LOOPBACK,
+            "CONVSERVE_PORT": str(port),
+            **({"CONVSERVE_MODEL_NAME": config.model_name} if config.model_name else {}),
+            **({"CONVSERVE_MODEL_VERSION": str(config.model_version)} if config.model_version else {}),
+            **config.service_env,
+        }
+        if config.service_dir is not None:
+            env["PYTHONPATH"] = str(config.service_dir.resolve())
+        server = ServerProcess(
+            name=f"service-{label}",
+            command=python_module_command("service"),
+            env=env,
+            port=port,
+            log_path=self.log_dir / f"{label}-{len(self.servers)}.log",
+            cwd=config.service_dir,
+            stop_timeout_s=60.0,
+        )
+        self.servers.append(server)
+        return server
+
+
+async def _attempts(
+    server: ServerProcess, case: HostileCase, repeats: int, config: RobustnessConfig
+) -> list[Attempt]:
+    url = f"{server.base_url}/predict"
+    attempts: list[Attempt] = []
+    async with client_session(4, config.case_timeout_s) as session:
+        for _ in range(repeats):
+            attempt = await measure_attempt(
+                session,
+                url,
+                server.pid,
+                case=case,
+                timeout_s=config.case_timeout_s,
+                kill_above_mb=config.rss_kill_mb,
+            )
+            attempts.append(attempt)
+            # Expensive or fatal cases run once: repeating them would only spend the time budget.
+            if attempt.server_died or attempt.error or attempt.seconds > 2.0:
+                break
+    return attempts
+
+
+async def corpus_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    server = factory.new("corpus")
+    restarts: list[str] = []
+    try:
+        server.start()
+        reference_case = case_named(REFERENCE)
+        await _attempts(server, reference_case, 3, config)  # warm-up: first requests allocate pools
+        reference_attempts = await _attempts(server, reference_case, config.reference_repeats, config)
+        reference = summarize_case(reference_case, reference_attempts, None)
+        rows = []
+        probes = cost_probes()
+        for case in [*hostile_cases(), *probes]:
+            attempts = await _attempts(server, case, 3, config)
+            row = summarize_case(case, attempts, reference)
+            row["cost_probe"] = case in probes
+            rows.append(row)
+            log.info(
+                "%-28s status %s (expected %s) %.3f s cpu %s s rss +%s MB%s",
+                case.name,
+                row["statuses"],
+                case.expected_status,
+                row["seconds"] or 0.0,
+                row["cpu_s"],
+                row["rss_increase_mb"],
+                f" errors {row['errors']}" if row["errors"] else "",
+            )
+            if row["server_died"] or row["errors"] or not server.alive():
+                # A timed-out request may still be burning CPU; a fresh server keeps the next case clean.
+                restarts.append(case.name)
+                server.kill()
+                server = factory.new("corpus")
+                server.start()
+        return {"reference": reference, "cases": rows, "server_restarted_after": restarts}
+    finally:
+        server.stop()
+
+
+async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    photos = build_corpus()
+    with factory.new("overload") as server:
+        url = f"{server.base_url}/predict"
+        capacity = await run_concurrency(
+            url, photos, 32, duration_s=config.capacity_seconds, warmup_s=3.0, max_requests=100_000
+        )
+        if capacity.img_per_s <= 0:
+            raise RuntimeError(f"capacity measurement answered nothing: {capacity.error_kinds}")
+        rate = round(capacity.img_per_s * config.overload_factor, 1)
+        log.info("capacity %.1f img/s at 32 clients; open loop at %.1f req/s", capacity.img_per_s, rate)
+        await asyncio.sleep(2.0)
+        rss_before = tree_rss_mb(server.pid)
+        async with ResourceSampler(server.pid, interval_s=0.25) as sampler:
+            outcomes, skipped = await open_loop(url, photos, rate, config.soak_seconds)
+        await asyncio.sleep(2.0)
+        rss_after = tree_rss_mb(server.pid)
+        assert sampler.result is not None
+        return {
+            "capacity_img_per_s_at_32": round(capacity.img_per_s, 2),
+            "capacity_errors": capacity.error_kinds,
+            "offered_req_per_s": rate,
+            "overload_factor": config.overload_factor,
+            "seconds": config.soak_seconds,
+            "skipped_client_backlog": skipped,
+            **summarize_outcomes(outcomes),
+            "rss_before_mb": None if rss_before is None else round(rss_before, 1),
+            "rss_after_mb": None if rss_after is None else round(rss_after, 1),
+            "rss_max_mb": sampler.result.rss_mb_peak,
+            "server_cpu_percent": sampler.result.cpu_percent_mean,
+        }
+
+
+async def slowloris_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    photo = build_corpus([0.3])[0]
+    results = {}
+    with factory.new("slowloris") as server:
+        for mode in ("head", "body"):
+            results[mode] = await slow_clients(
+                LOOPBACK,
+                server.port,
+                photo,
+                connections=config.slowloris_connections,
+                mode=mode,
+                wait_s=config.slowloris_wait_s,
+            )
+            log.info(
+                "slow clients (%s): %s", mode, {k: v for k, v in results[mode].items() if "latency" not in k}
+            )
+            await asyncio.sleep(1.0)
+    return results
+
+
+async def sigterm_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    photos = build_corpus()
+    results = {}
+    for clients in config.sigterm_clients:
+        with factory.new(f"sigterm-{clients}") as server:
+            results[str(clients)] = await sigterm_under_load(
+                server, photos, clients=clients, load_s=config.sigterm_load_s, exit_timeout_s=60.0
+            )
+            log.info("SIGTERM under %d clients: %s", clients, results[str(clients)])
+    return results
+
+
+_PHASE_RUNNERS: dict[str, Callable[[ServerFactory, RobustnessConfig], Any]] = {
+    "corpus": corpus_phase,
+    "overload": overload_phase,
+    "slowloris": slowloris_phase,
+    "sigterm": sigterm_phase,
+}
+
+
+def run_robustness(config: RobustnessConfig, output: Path) -> dict[str, Any]:
+    """Run the chosen phases and return the results dict (the caller writes the files)."""
+    started = time.perf_counter()
+    log_dir = Path(tempfile.mkdtemp(prefix="convserve-robustness-"))
+    factory = ServerFactory(config, log_dir)
+    service_dir = config.service_dir or config.repo_root
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": config.command,
+        "output": str(output),
+        "service_dir": str(service_dir),
+        "service_commit": git_commit(service_dir),
+        "config": {key: _jsonable(value) for key, value in asdict(config).items()},
+        "machine": describe_machine(config.repo_root),
+        "other_processes_cpu_before": other_processes_cpu(),
+        "server_logs": str(log_dir),
+    }
+    try:
+        for phase in config.phases:
+            log.info("phase %s", phase)
+            phase_started = time.perf_counter()
+            try:
+                results[phase] = asyncio.run(_PHASE_RUNNERS[phase](factory, config))
+            except Exception as exc:  # one broken phase must not cost the others' figures
+                log.exception("phase %s failed", phase)
+                results[phase] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[phase]["phase_seconds"] = round(time.perf_counter() - phase_started, 1)
+    finally:
+        for server in factory.servers:  # none may outlive the run, whatever failed
+            server.stop()
+    results["servers"] = [server.describe() for server in factory.servers]
+    results["targets"] = check_targets(results)
+    results["other_processes_cpu_after"] = other_processes_cpu()
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["duration_s"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value

@@ -1,0 +1,216 @@
+"""The robustness run's key figures and README block, computed from its results JSON alone.
+
+`render_markdown(after, before)` writes the block: the issue's figures before → after, the targets,
+and the per-file table of the latest run. Anything a run did not measure shows as "–".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from benchmarks.robustness_targets import Row, get, small_file_rows, worst
+
+README_START = "<!-- robustness:start -->"
+README_END = "<!-- robustness:end -->"
+
+
+def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def _seconds(ms: Any) -> str:
+    return "–" if ms is None else f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
+def _case_figure(results: Row, name: str) -> str:
+    row = next((r for r in get(results, "corpus", "cases") or [] if r["name"] == name), None)
+    if row is None:
+        return "–"
+    status = row["status"] if row["status"] is not None else ", ".join(row["errors"]) or "no answer"
+    return (
+        f"{status} in {_seconds(row['seconds'] * 1000 if row['seconds'] is not None else None)}, "
+        f"CPU {_fmt(row['cpu_s'], 2, ' s')}, RSS +{_fmt(row['rss_increase_mb'], 0, ' MB')}"
+    )
+
+
+def _worst_figure(results: Row, key: str) -> str:
+    row = worst(small_file_rows(results), key)
+    return "–" if row is None else f"{row[key]:g} × (`{row['name']}`)"
+
+
+def _overload_figures(results: Row) -> list[tuple[str, str]]:
+    o = get(results, "overload") or {}
+    if "requests" not in o:
+        return [("2× load", "–" if not o.get("error") else f"failed: {o['error']}")]
+    refused, answered = o["refused_latency_ms"], o["answered_latency_ms"]
+    return [
+        (
+            "capacity at 32 clients → offered rate",
+            f"{o['capacity_img_per_s_at_32']:.1f} img/s → {o['offered_req_per_s']:.1f} req/s "
+            f"for {o['seconds']:g} s",
+        ),
+        (
+            "2× load: answered / 503 / lost",
+            f"{o['answered']:,} / {o['refused']:,} / {o['lost_total']:,} of {o['requests']:,}",
+        ),
+        ("2× load: 503 latency p50 / p99", f"{_seconds(refused['p50_ms'])} / {_seconds(refused['p99_ms'])}"),
+        (
+            "2× load: accepted latency p50 / p99",
+            f"{_seconds(answered['p50_ms'])} / {_seconds(answered['p99_ms'])}",
+        ),
+        (
+            "2× load: RSS before → after (max)",
+            f"{_fmt(o['rss_before_mb'])} → {_fmt(o['rss_after_mb'])} MB ({_fmt(o['rss_max_mb'])})",
+        ),
+    ]
+
+
+def _slow_figure(run: Row | None) -> str:
+    if not run or "opened" not in run:
+        return "–"
+    closed = run["closed_by_server"]
+    when = (
+        ""
+        if not closed
+        else f" after {run['closed_after_s']['p50_s']:g} s median, {run['closed_after_s']['max_s']:g} s max"
+    )
+    refused = f", {run['refused_at_connect']} refused at connect" if run["refused_at_connect"] else ""
+    return (
+        f"{closed} of {run['opened']} closed{when}{refused}; normal requests "
+        f"{run['normal_requests_ok']}/{run['normal_requests_meanwhile']} OK"
+    )
+
+
+def _sigterm_figure(run: Row | None) -> str:
+    if not run or "exit_status" not in run:
+        return "–"
+    exited = (
+        "killed (no exit)"
+        if run["exit_status"] is None
+        else f"exit {run['exit_status']} after {run['exited_after_s']:g} s"
+    )
+    return (
+        f"{exited}; in flight {run['in_flight_at_sigterm']}: {run['answered_200']} answered, "
+        f"{run['refused_503']} 503, {run['lost']} lost"
+    )
+
+
+def _expected_count(corpus: list[Row]) -> str:
+    cases = [row for row in corpus if not row.get("cost_probe")]
+    return f"{sum(row['as_expected'] for row in cases)} of {len(cases)}" if cases else "–"
+
+
+def key_figures(results: Row) -> list[tuple[str, str]]:
+    """The issue's figures as (label, value) pairs, in a fixed order, "–" where not measured."""
+    corpus = get(results, "corpus", "cases") or []
+    figures = [
+        ("hostile files with the expected status", _expected_count(corpus)),
+        ("normal 2-MP JPEG (the reference)", _case_figure(results, "reference_jpeg_2mp")),
+        ("4000×1 PNG", _case_figure(results, "png_4000x1")),
+        ("40000×1 PNG", _case_figure(results, "png_40000x1")),
+        ("1×39000000 PNG (77 KB)", _case_figure(results, "png_1x39000000")),
+        ("worst file < 1 MB: CPU vs reference", _worst_figure(results, "cpu_ratio")),
+        ("worst file < 1 MB: peak RSS increase vs reference", _worst_figure(results, "memory_ratio")),
+        *_overload_figures(results),
+    ]
+    slow = get(results, "slowloris") or {}
+    figures += [
+        (
+            f"{get(slow, mode, 'connections') or ''} slow clients, partial {mode}",
+            _slow_figure(slow.get(mode)),
+        )
+        for mode in ("head", "body")
+    ]
+    sigterm = get(results, "sigterm") or {}
+    figures += [
+        (f"SIGTERM under {clients} clients", _sigterm_figure(run))
+        for clients, run in sigterm.items()
+        if isinstance(run, Mapping)
+    ]
+    return figures
+
+
+def _describe_run(results: Row) -> str:
+    machine = results.get("machine") or {}
+    return (
+        f"{results.get('created', '?')[:10]}, service at `{results.get('service_commit') or '?'}`, "
+        f"{machine.get('cpu_model', '?')} × {machine.get('logical_cpus', '?')}"
+    )
+
+
+def _figures_table(after: Row, before: Row | None) -> list[str]:
+    if before is None:
+        return ["| Figure | measured |", "|---|---|", *(f"| {k} | {v} |" for k, v in key_figures(after))]
+    earlier = dict(key_figures(before))
+    lines = ["| Figure | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {earlier.get(label, '–')} | {value} |" for label, value in key_figures(after)]
+    return lines
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{value:,.4g}" if isinstance(value, float) else str(value)
+
+
+def _met(flag: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "not measured"}[flag]
+
+
+def _cases_table(results: Row) -> list[str]:
+    reference = get(results, "corpus", "reference") or {}
+    lines = [
+        "Per file (one request at a time; ratios to the 2-MP JPEG, which took "
+        f"{_fmt(reference.get('cpu_s'), 3, ' s')} CPU and "
+        f"+{_fmt(reference.get('rss_increase_mb'), 1, ' MB')} peak RSS; "
+        "memory ratios floor the reference at 1 MB):",
+        "",
+        "| File | bytes | expected | got | time | CPU s (× ref) | peak RSS +MB (× ref) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in get(results, "corpus", "cases") or []:
+        got = (
+            "/".join(str(s) for s in dict.fromkeys(row["statuses"]))
+            if row["status"]
+            else ", ".join(row["errors"])
+        )
+        mark = "" if row["as_expected"] else " ✗"
+        name = f"{row['name']} (probe)" if row.get("cost_probe") else row["name"]
+        lines.append(
+            f"| `{name}` | {row['upload_bytes']:,} | {row['expected_status']} | {got}{mark} | "
+            f"{_seconds(None if row['seconds'] is None else row['seconds'] * 1000)} | "
+            f"{_fmt(row['cpu_s'], 3)} ({_fmt(row.get('cpu_ratio'), 1)}) | "
+            f"{_fmt(row['rss_increase_mb'], 1)} ({_fmt(row.get('memory_ratio'), 1)}) |"
+        )
+    return lines
+
+
+def render_markdown(after: Row, before: Row | None = None) -> str:
+    """The README block: key figures (before → after when given), targets, per-file table."""
+    lines = [
+        f"Measured with `{after.get('command')}` against a real `python -m service` on loopback "
+        f"(default settings, model from `models/`): after = {_describe_run(after)}"
+        + (f"; before = {_describe_run(before)}" if before else "")
+        + ".",
+        "",
+        *_figures_table(after, before),
+        "",
+        "| Target | threshold | measured | met |",
+        "|---|---|---|---|",
+        *(
+            f"| {t['target']} | {_number(t['threshold'])} | {_number(t['measured'])} | {_met(t['met'])} |"
+            for t in after.get("targets", [])
+        ),
+        "",
+        "<details><summary>Every hostile file</summary>",
+        "",
+        *_cases_table(after),
+        "",
+        "</details>",
+        "",
+        f"Full results: `{after.get('output')}`.",
+    ]
+    return "\n".join(lines) + "\n"

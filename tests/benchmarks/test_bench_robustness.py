@@ -1,0 +1,180 @@
+"""The robustness run's pieces against real processes and sockets: cost, overload, slow clients, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.corpus import Photo, build_corpus
+from benchmarks.hostile_inputs import HostileCase, case_named
+from benchmarks.input_cost import (
+    Attempt,
+    MemoryWatch,
+    measure_attempt,
+    peak_rss_mb,
+    reset_peak_rss,
+    tree_rss_mb,
+)
+from benchmarks.overload import client_session, open_loop, summarize_outcomes
+from benchmarks.processes import LOOPBACK, ServerProcess, free_port
+from benchmarks.sigterm_drain import shell_exit_status
+from benchmarks.slowloris import slow_clients
+
+TINY_SERVER = Path(__file__).with_name("tiny_upload_server.py")
+# Allocates and touches N MiB, frees it, says "ready" and waits for stdin to close.
+ALLOCATE_THEN_WAIT = (
+    "import sys\n"
+    "block = bytearray(int(sys.argv[1]) * 2**20)\n"
+    "for i in range(0, len(block), 4096): block[i] = 1\n"
+    "del block\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    port = free_port()
+    server = ServerProcess(
+        name="tiny",
+        command=[sys.executable, str(TINY_SERVER), str(port)],
+        env={},
+        port=port,
+        log_path=tmp_path_factory.mktemp("tiny") / "server.log",
+        start_timeout_s=60,
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Photo]:
+    return build_corpus([0.05])
+
+
+def _process(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_peak_rss_reset_forgets_an_earlier_peak() -> None:
+    process = _process(ALLOCATE_THEN_WAIT, "200")
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        before_reset = peak_rss_mb(process.pid)
+        assert before_reset is not None and before_reset > 200
+        if not reset_peak_rss(process.pid):
+            pytest.skip("this kernel does not allow resetting VmHWM through /proc/<pid>/clear_refs")
+        after_reset = peak_rss_mb(process.pid)
+        assert after_reset is not None and after_reset < 100
+    finally:
+        process.communicate("")
+
+
+def test_memory_watch_kills_a_process_over_the_cap() -> None:
+    grow = (
+        "import time\nblocks = []\nwhile True:\n    blocks.append(bytearray(8 * 2**20)); time.sleep(0.005)\n"
+    )
+    process = _process(grow)
+
+    async def watch() -> MemoryWatch:
+        async with MemoryWatch(process.pid, kill_above_mb=150) as watcher:
+            for _ in range(600):
+                if watcher.killed:
+                    break
+                await asyncio.sleep(0.05)
+        return watcher
+
+    watcher = asyncio.run(watch())
+    assert process.wait(timeout=10) == -signal.SIGKILL
+    assert watcher.killed and watcher.peak_mb > 150
+    assert tree_rss_mb(process.pid) is None
+
+
+def test_attempt_reports_status_cpu_and_memory_of_one_request(tiny_server: ServerProcess) -> None:
+    async def measure(case: HostileCase) -> Attempt:
+        async with client_session(2, 30) as session:
+            return await measure_attempt(
+                session,
+                f"{tiny_server.base_url}/predict",
+                tiny_server.pid,
+                case=case,
+                timeout_s=30,
+                kill_above_mb=4096,
+            )
+
+    attempt = asyncio.run(measure(case_named("hundred_files")))
+    assert attempt.status == 200
+    assert attempt.error is None and not attempt.server_died
+    assert attempt.cpu_s is not None and attempt.cpu_s > 0
+    assert attempt.rss_increase_mb is not None and attempt.rss_increase_mb >= 0
+
+
+def test_open_loop_sorts_answers_from_refusals(tiny_server: ServerProcess, photos: list[Photo]) -> None:
+    rejected = Photo("reject.jpg", photos[0].data, photos[0].width, photos[0].height)
+    outcomes, skipped = asyncio.run(
+        open_loop(f"{tiny_server.base_url}/predict", [photos[0], rejected], 40.0, 0.5)
+    )
+    summary = summarize_outcomes(outcomes)
+    assert skipped == 0
+    assert summary["requests"] == 20
+    assert summary["answered"] == 10 and summary["refused"] == 10
+    assert summary["lost_total"] == 0
+    assert summary["by_status"] == {"200": 10, "503": 10}
+    assert summary["refused_latency_ms"]["p99_ms"] is not None
+
+
+def test_connection_errors_count_as_lost(photos: list[Photo]) -> None:
+    outcomes, _ = asyncio.run(open_loop(f"http://{LOOPBACK}:{free_port()}/predict", photos, 20.0, 0.2))
+    summary = summarize_outcomes(outcomes)
+    assert summary["connection_errors"] == summary["lost_total"] == summary["requests"] == 4
+    assert summary["answered_latency_ms"]["p50_ms"] is None
+
+
+def test_slow_clients_stay_open_on_a_server_without_header_timeouts(
+    tiny_server: ServerProcess, photos: list[Photo]
+) -> None:
+    result = asyncio.run(
+        slow_clients(LOOPBACK, tiny_server.port, photos[0], connections=5, mode="head", wait_s=1.5)
+    )
+    assert result["opened"] == 5
+    assert result["closed_by_server"] == 0 and result["still_open_at_end"] == 5
+    assert result["normal_requests_meanwhile"] >= 1
+    assert result["normal_requests_ok"] == result["normal_requests_meanwhile"]
+
+
+def test_slow_clients_closed_by_the_server_are_timed(photos: list[Photo]) -> None:
+    async def run() -> dict[str, object]:
+        async def close_after_first_bytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(100)
+            await asyncio.sleep(0.2)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(close_after_first_bytes, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await slow_clients(LOOPBACK, port, photos[0], connections=4, mode="body", wait_s=10)
+
+    started = time.monotonic()
+    result = asyncio.run(run())
+    assert time.monotonic() - started < 5  # it returns when the server has closed them all
+    assert result["closed_by_server"] == 4 and result["still_open_at_end"] == 0
+    assert result["server_answers"] == ["HTTP/1.1 408 Request Timeout"]
+    closed_after = result["closed_after_s"]
+    assert isinstance(closed_after, dict) and 0.1 < closed_after["p50_s"] < 3
+
+
+def test_exit_status_reads_like_a_shell() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    process.send_signal(signal.SIGTERM)
+    assert shell_exit_status(process.wait(timeout=10)) == 143
+    assert shell_exit_status(0) == 0

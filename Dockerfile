@@ -38,12 +38,15 @@ WORKDIR /build
 RUN pip install --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# Dependencies first (cached until pyproject.toml changes), then the source.
-COPY pyproject.toml README.md ./
+# Dependencies first, cached until pyproject.toml changes, then the source. setuptools reads the README
+# that pyproject.toml names; an empty stand-in here keeps README edits from re-running this step (the real
+# file is copied with the source).
+COPY pyproject.toml ./
 # DL3013 (pin pip versions) does not apply: this installs the project itself, whose pins are pyproject's.
 # hadolint ignore=DL3013
-RUN pip install ".[train]"
+RUN touch README.md && pip install ".[train]"
 
+COPY README.md ./
 COPY training/ training/
 # hadolint ignore=DL3013
 RUN pip install --no-deps ".[train]" \
@@ -74,13 +77,15 @@ RUN apt-get update \
 
 WORKDIR /opt/convserve/src
 
-# Dependency layer: rebuilt only when pyproject.toml (or README.md, which setuptools reads) changes.
-# With no package source copied yet, this installs the serve extra's dependencies and an empty project.
-COPY pyproject.toml README.md ./
+# Dependency layer: rebuilt only when pyproject.toml changes (an empty README stand-in, as in the model
+# stage). With no package source copied yet, this installs the serve extra's dependencies and an empty
+# project.
+COPY pyproject.toml ./
 # hadolint ignore=DL3013
-RUN pip install ".[serve]"
+RUN touch README.md && pip install ".[serve]"
 
 # The service source, installed without touching the cached dependencies.
+COPY README.md ./
 COPY service/ service/
 # hadolint ignore=DL3013
 RUN pip install --no-deps ".[serve]"

@@ -5,11 +5,20 @@ BIN := $(VENV)/bin
 MODEL_REPOSITORY ?= models
 DEFAULT_MODEL ?= efficientnet_lite0_imagenet
 
-.PHONY: help serve test lint typecheck pytest bench bench-quick model tools clean
+# Build arguments of the image test (make image-test BUILD_BASE=...): the CPU variant's real bases and
+# PyTorch's CPU index. Where they cannot be pulled or reached, the test uses the local stand-ins of
+# ../shared/tools/docker-offline-bases.sh and PyPI's torch, and says so.
+BUILD_BASE ?= python:3.11-slim-bookworm
+RUNTIME_BASE ?= ubuntu:24.04
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL
+
+.PHONY: help serve test lint typecheck pytest image-test bench bench-quick model tools clean
 
 help:
 	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
 	@echo "make test   - set up the venv, then lint, type-check and run the whole test suite"
+	@echo "make image-test - build the CPU image and test the running container (needs a Docker daemon)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
 
 $(BIN)/python:
@@ -51,6 +60,11 @@ pytest: $(VENV)/.stamp-dev tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The image test alone. `make test` runs it too (inside pytest) when a Docker daemon answers, and
+# otherwise reports it skipped with how to enable it.
+image-test: $(VENV)/.stamp-dev
+	$(BIN)/pytest -m image tests/deploy
 
 bench: $(VENV)/.stamp-dev model
 	$(BIN)/python -m benchmarks

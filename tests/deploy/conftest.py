@@ -27,3 +27,13 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     export_tiny_model(repository)
     with serve(repository) as server:
         yield server
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The image test's figures (size, build and start times, `docker stop` under load), when it ran."""
+    from dockerimage import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("convserve image")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")

@@ -8,7 +8,17 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from deployfiles import DOCKERFILE, DOCKERIGNORE, REPO_ROOT, Stage, arg_defaults, stages, venv_tool
+from deployfiles import (
+    COMPOSE_CPU_FILE,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    REPO_ROOT,
+    Stage,
+    arg_defaults,
+    load_compose,
+    stages,
+    venv_tool,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +66,7 @@ def test_model_stage_installs_cpu_torch_before_the_train_extra(
     model = build_stages["model"]
     runs = model.runs()
     torch_install = next(n for n, r in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in r)
-    train_install = next(n for n, r in enumerate(runs) if r.startswith('pip install ".[train]"'))
+    train_install = next(n for n, r in enumerate(runs) if 'pip install ".[train]"' in r)
     assert torch_install < train_install
     args = arg_defaults(dockerfile_text)
     assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
@@ -102,9 +112,10 @@ def test_runtime_stage_installs_only_the_serve_extra_with_dependencies_cached_be
     runtime = build_stages["runtime"]
     text = "\n".join(runtime.instructions)
     assert "[train]" not in text and "torch" not in text and "COPY training" not in text
-    deps = runtime.index_of('RUN pip install ".[serve]"')
-    assert runtime.index_of("COPY pyproject.toml README.md ./") < deps
-    assert deps < runtime.index_of("COPY service/ service/")
+    deps = runtime.index_of('RUN touch README.md && pip install ".[serve]"')
+    assert runtime.index_of("COPY pyproject.toml ./") < deps
+    # The README comes after the dependency layer, so editing it does not reinstall the dependencies.
+    assert deps < runtime.index_of("COPY README.md ./") < runtime.index_of("COPY service/ service/")
     assert runtime.index_of("COPY service/ service/") < runtime.index_of(
         'RUN pip install --no-deps ".[serve]"'
     )
@@ -157,3 +168,17 @@ def test_dockerignore_sends_copied_sources_and_keeps_local_state_out(dockerfile_
         assert dockerignore_excludes(patterns, private), (
             f".dockerignore lets {private} into the build context"
         )
+
+
+def test_makefile_image_test_defaults_are_the_real_cpu_variant(dockerfile_text: str) -> None:
+    # `make image-test` passes these through as build arguments; by default they must be the real ones.
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    defaults = dict(
+        re.findall(r"^(BUILD_BASE|RUNTIME_BASE|TORCH_INDEX_URL) \?= (\S+)$", makefile, flags=re.MULTILINE)
+    )
+    args = arg_defaults(dockerfile_text)
+    assert defaults["BUILD_BASE"] == args["BUILD_BASE"]
+    assert defaults["TORCH_INDEX_URL"] == args["TORCH_INDEX_URL"]
+    cpu = load_compose(COMPOSE_CPU_FILE)
+    assert defaults["RUNTIME_BASE"] == cpu["services"]["service"]["build"]["args"]["RUNTIME_BASE"]
+    assert re.search(r"^export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL$", makefile, flags=re.MULTILINE)

@@ -1,6 +1,7 @@
 """The runtime image's install and start steps, replayed without Docker.
 
-Docker cannot run here, so this test does what the Dockerfile's runtime stage does, step for step: a fresh
+test_deploy_image.py builds the real image where a Docker daemon answers; this replay needs none and runs
+everywhere. It does what the Dockerfile's runtime stage does, step for step: a fresh
 virtual environment; the stage's `COPY` and `pip install` instructions, read from the Dockerfile and run in
 order in a scratch directory; then `python -m service` from that environment on a tiny model, probed with
 the image's healthcheck, and stopped with SIGTERM as `docker stop` does. A broken install step, a missing
@@ -100,7 +101,7 @@ def runtime_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 
 def test_runtime_install_steps_are_the_serve_extra_commands() -> None:
     runs = [step for step in runtime_install_steps() if step.startswith("RUN ")]
-    assert runs == ['RUN pip install ".[serve]"', 'RUN pip install --no-deps ".[serve]"']
+    assert runs == ['RUN touch README.md && pip install ".[serve]"', 'RUN pip install --no-deps ".[serve]"']
 
 
 def test_runtime_environment_has_the_service_but_no_torch_or_training(runtime_environment: Path) -> None:

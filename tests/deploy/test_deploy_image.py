@@ -1,0 +1,250 @@
+"""The image, built and run: what `docker compose up` and a Kubernetes pod really get.
+
+Builds the CPU variant with the legacy builder (see dockerimage.py for the base images and the torch
+index), then runs it the way the Kubernetes manifests do (read-only root, /tmp as tmpfs, no capabilities)
+and checks readiness, Docker's health status, a real prediction, the user, a model from a bind mount, and
+`docker stop` under load. Skips with one line when no Docker daemon answers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from deployfiles import COMPOSE_FILE, DOCKERFILE, load_compose
+from dockerimage import (
+    DEFAULT_BUILD_BUDGET_S,
+    ENABLE_HINT,
+    FIGURES,
+    Container,
+    build_image,
+    build_plan,
+    docker,
+    docker_unavailable,
+    image_size_bytes,
+    run_container,
+    wait_for,
+)
+from livetestserver import TINY_LABELS, LiveServer, export_tiny_model
+from PIL import Image
+
+from tests.tinymodel import free_port
+
+_BUDGET_S = float(os.environ.get("IMAGE_BUILD_BUDGET_S", DEFAULT_BUILD_BUDGET_S))
+# The build runs in the first test's setup: its budget, not pytest's default timeout, bounds it.
+pytestmark = [pytest.mark.image, pytest.mark.timeout(int(_BUDGET_S) + 600)]
+
+_UNAVAILABLE = docker_unavailable()
+if _UNAVAILABLE:
+    pytest.skip(f"image test not run: {_UNAVAILABLE}; to enable it, {ENABLE_HINT}", allow_module_level=True)
+
+CAT_CLASSES = {281, 282, 285}  # ImageNet tabby, tiger cat, Egyptian cat: scikit-image's chelsea
+ESPRESSO = 967  # scikit-image's coffee
+LOAD_CLIENTS = 6
+# The service's one line per request (service/middleware.py), for the load test's request ids.
+_ACCESS_LINE = r"request_id=(load-\d+-\d+) method=POST path=/predict status=(\d+)"
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m)", text)
+    assert match, f"unexpected duration {text!r}"
+    return int(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2)]
+
+
+def healthcheck_timing() -> dict[str, float]:
+    """The Dockerfile HEALTHCHECK's --interval, --start-period and --retries."""
+    options = dict(
+        re.findall(r"--([a-z-]+)=(\S+)", DOCKERFILE.read_text(encoding="utf-8").split("HEALTHCHECK")[1])
+    )
+    return {
+        "interval": _seconds(options["interval"]),
+        "start_period": _seconds(options["start-period"]),
+        "retries": float(options["retries"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    try:
+        plan = build_plan()
+    except LookupError as exc:
+        pytest.skip(f"image test not run: {exc}; to enable it, {ENABLE_HINT}")
+    seconds = build_image(plan, _BUDGET_S)
+    substitutions = f" with {'; '.join(plan.notes)}" if plan.notes else ""
+    FIGURES["build"] = f"{seconds:.0f} s{substitutions}"
+    FIGURES["image size"] = f"{image_size_bytes() / 1e6:.0f} MB"
+    return "convserve:image-test"
+
+
+def ready(container: Container) -> bool:
+    try:
+        return httpx.get(f"{container.url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(image: str) -> Iterator[Container]:
+    """The image as built: default model baked in, default settings but the CPU provider."""
+    with run_container(free_port(), {}) as container:
+        seconds = wait_for("/readyz 200", lambda: ready(container), 300, container)
+        FIGURES["start to /readyz 200"] = f"{seconds:.1f} s"
+        yield container
+
+
+def test_readyz_answers_within_the_healthcheck_start_period(served: Container) -> None:
+    # The fixture waited for readiness; the time it took must fit the period Docker grants.
+    start_period = healthcheck_timing()["start_period"]
+    took = float(FIGURES["start to /readyz 200"].removesuffix(" s"))
+    assert took < start_period, (
+        f"/readyz took {took:.1f} s, HEALTHCHECK --start-period is {start_period:.0f} s"
+    )
+
+
+def test_docker_reports_the_container_healthy(served: Container) -> None:
+    timing = healthcheck_timing()
+    limit = timing["start_period"] + timing["interval"] * (timing["retries"] + 1)
+    seconds = wait_for(
+        "Docker health status `healthy`",
+        lambda: served.inspect("{{.State.Health.Status}}") == "healthy",
+        limit,
+        served,
+    )
+    FIGURES["start to healthy"] = f"{seconds:.1f} s"
+
+
+def test_predict_names_the_cat_and_the_espresso(served: Container) -> None:
+    cat, coffee = LiveServer.jpeg_photos()
+    files = [("file", ("chelsea.jpg", cat, "image/jpeg")), ("file", ("coffee.jpg", coffee, "image/jpeg"))]
+    response = httpx.post(f"{served.url}/predict", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    first, second = (row[0] for row in response.json()["predictions"])
+    assert first["index"] in CAT_CLASSES, first
+    assert second["index"] == ESPRESSO, second
+
+
+def test_upload_larger_than_the_spool_threshold_uses_the_writable_tmp(served: Container) -> None:
+    # Starlette spools uploads over 1 MB to a temporary file: with a read-only root, /tmp (a tmpfs here,
+    # an emptyDir in the manifests) is what makes them work.
+    pixels = np.random.default_rng(0).integers(0, 256, size=(900, 900, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) > 2 * 1024 * 1024
+    files = {"file": ("noise.png", buffer.getvalue(), "image/png")}
+    response = httpx.post(f"{served.url}/predict", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_service_runs_as_uid_10001_without_capabilities_or_torch(served: Container) -> None:
+    status = served.exec("cat", "/proc/1/status")
+    assert re.search(r"^Uid:\s+10001\s+10001\s+10001\s+10001$", status, flags=re.MULTILINE), status
+    assert re.search(r"^CapEff:\s+0+$", status, flags=re.MULTILINE), status
+    probe = "import importlib.util as u; print([m for m in ('torch', 'training') if u.find_spec(m)])"
+    assert served.exec("python", "-c", probe).strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def mounted_repository() -> Iterator[Path]:
+    """A tiny model in a directory the container's user (10001) can read, as a host would share it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        repository = Path(scratch) / "models"
+        export_tiny_model(repository)
+        for path in [Path(scratch), *repository.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield repository
+
+
+def test_model_from_a_bind_mount_is_served(image: str, mounted_repository: Path) -> None:
+    mount = ("--mount", f"type=bind,source={mounted_repository},target=/models,readonly")
+    with run_container(free_port(), {"CONVSERVE_MODEL_REPOSITORY": "/models"}, mount) as container:
+        wait_for("/readyz 200", lambda: ready(container), 300, container)
+        assert httpx.get(f"{container.url}/readyz").json()["model"] == {"name": "tiny", "version": 1}
+        cat, _ = LiveServer.jpeg_photos()
+        response = httpx.post(
+            f"{container.url}/predict", files={"file": ("c.jpg", cat, "image/jpeg")}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0][0]["label"] in TINY_LABELS
+
+
+# --- docker stop under load ----------------------------------------------------------------------------
+
+
+class LoadClient(threading.Thread):
+    """Posts the cat photo over one keep-alive connection until the server stops taking connections."""
+
+    def __init__(self, number: int, url: str) -> None:
+        super().__init__(daemon=True, name=f"load-{number}")
+        self.number, self.url = number, url
+        self.outcomes: dict[str, Any] = {}  # request id -> status code or the transport error
+
+    def run(self) -> None:
+        cat, _ = LiveServer.jpeg_photos()
+        with httpx.Client(timeout=120) as client:
+            for sequence in range(100_000):
+                request_id = f"load-{self.number}-{sequence}"
+                try:
+                    response = client.post(
+                        f"{self.url}/predict",
+                        files={"file": ("c.jpg", cat, "image/jpeg")},
+                        headers={"X-Request-ID": request_id},
+                    )
+                except httpx.TransportError as exc:
+                    self.outcomes[request_id] = exc
+                    return  # the server closed the connection or refuses new ones: it is stopping
+                self.outcomes[request_id] = response.status_code
+
+
+def test_docker_stop_under_load_loses_no_accepted_request(image: str) -> None:
+    grace_s = _seconds(load_compose(COMPOSE_FILE)["services"]["service"]["stop_grace_period"])
+    with run_container(free_port(), {}) as container:
+        wait_for("/readyz 200", lambda: ready(container), 300, container)
+        clients = [LoadClient(n, container.url) for n in range(LOAD_CLIENTS)]
+        for client in clients:
+            client.start()
+        # Arrange the condition: every client has had answers, so all of them are in a steady loop.
+        wait_for(
+            "answers to every load client",
+            lambda: all(sum(o == 200 for o in c.outcomes.values()) >= 2 for c in clients),
+            120,
+            container,
+        )
+        FIGURES["memory under load"] = docker(
+            "stats", "--no-stream", "--format", "{{.MemUsage}}", container.name
+        ).stdout.strip()
+        started = time.monotonic()
+        docker("stop", "-t", str(int(grace_s)), container.name, timeout=grace_s + 30)
+        stop_s = time.monotonic() - started
+        for client in clients:
+            client.join(timeout=30)
+        exit_code = int(container.inspect("{{.State.ExitCode}}"))
+        log = container.logs()
+
+    seen = dict(re.findall(_ACCESS_LINE, log))
+    # Requests the service finished after uvicorn began shutting down: proof the drain ran under load.
+    after_stop = len(re.findall(_ACCESS_LINE, log.partition("uvicorn.error: Shutting down")[2]))
+    outcomes = {rid: outcome for client in clients for rid, outcome in client.outcomes.items()}
+    lost = {rid: outcomes.get(rid) for rid in seen if outcomes.get(rid) != 200}
+    never_accepted = [rid for rid, outcome in outcomes.items() if rid not in seen]
+    FIGURES["docker stop under load"] = (
+        f"{len(lost)} lost of {len(seen)} accepted ({after_stop} finished while draining, "
+        f"{len(never_accepted)} refused at the door), exited {exit_code} in {stop_s:.1f} s of {grace_s:.0f} s"
+    )
+    assert not lost, f"accepted requests without a 200 answer: {lost}\n{log[-3000:]}"
+    assert all(isinstance(outcomes[rid], httpx.TransportError) for rid in never_accepted), never_accepted
+    assert after_stop > 0, "no request finished after `Shutting down`; the drain went untested"
+    assert exit_code in (0, 143), (
+        f"exit status {exit_code} (137 means Docker had to SIGKILL it)\n{log[-3000:]}"
+    )
+    assert stop_s < grace_s, f"`docker stop` took {stop_s:.1f} s, stop_grace_period is {grace_s:.0f} s"
+    assert "Application shutdown complete" in log

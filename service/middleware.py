@@ -115,8 +115,7 @@ class RequestContextMiddleware:
         except Exception as exc:  # no handler answered: still one JSON 500, logged once, connection kept sane
             logger.error("request_id=%s unhandled error", exchange.request_id, exc_info=exc)
             state["error"] = f"internal error: {type(exc).__name__}"
-            if not exchange.started:
-                exchange.body_pending = True  # the failure may have left the body half read
+            if not exchange.started:  # (a half-read body still gets `Connection: close`)
                 await exchange.send_internal_error()
         finally:
             self._record(scope, exchange.request_id, exchange.status, time.perf_counter() - start)

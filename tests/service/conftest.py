@@ -18,10 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
+from service.protocol import GuardedHttpToolsProtocol
 from service.runtime import OnnxModel, load_model
 from service.settings import Settings
 from tests.service.photos import TINY_LABELS
@@ -92,20 +94,27 @@ class LiveServer:
     url: str
     host: str
     port: int
+    app: FastAPI
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    """`create_app(settings)` under a real uvicorn on a free loopback port, ready, until the block ends."""
+def live_server(
+    settings: Settings, customize: Callable[[FastAPI], None] | None = None
+) -> Iterator[LiveServer]:
+    """`create_app(settings)` under a real uvicorn (with the service's HTTP protocol) on a free loopback
+    port, ready, until the block ends; `customize` may add routes to the app first."""
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+    app = create_app(settings, CollectorRegistry())
+    if customize is not None:
+        customize(app)
     config = uvicorn.Config(
-        create_app(settings, CollectorRegistry()), host="127.0.0.1", port=port, log_level="warning"
+        app, host="127.0.0.1", port=port, log_level="warning", http=GuardedHttpToolsProtocol
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="convserve-test-server", daemon=True)
     thread.start()
-    live = LiveServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port)
+    live = LiveServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, app=app)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,18 +196,38 @@ def service_process(model_repository: Path, **variables: str) -> Iterator[tuple[
             process.wait()
 
 
-def test_sigterm_finishes_accepted_requests_then_exits(model_repository: Path) -> None:
-    with service_process(model_repository, MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500") as (process, url):
-        with ThreadPoolExecutor(3) as pool:
-            upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
-            pending = [pool.submit(httpx.post, f"{url}/predict", files=upload, timeout=30) for _ in range(3)]
-            while metric(httpx.get(f"{url}/metrics").text, "convserve_queue_depth") < 3:
-                time.sleep(0.01)  # all three are queued, held by the 1.5 s batching delay
+def test_sigterm_finishes_accepted_requests_refuses_stalled_uploads_and_exits_0(
+    model_repository: Path,
+) -> None:
+    # Body and request timeouts of a minute: only the drain can end the stalled upload before that.
+    timeouts = {"BODY_TIMEOUT_S": "60", "REQUEST_TIMEOUT_S": "60"}
+    with (
+        service_process(model_repository, MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500", **timeouts) as (
+            process,
+            url,
+        ),
+        ThreadPoolExecutor(3) as pool,
+    ):
+        upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
+        pending = [pool.submit(httpx.post, f"{url}/predict", files=upload, timeout=30) for _ in range(3)]
+        while metric(httpx.get(f"{url}/metrics").text, "convserve_queue_depth") < 3:
+            time.sleep(0.01)  # all three are queued, held by the 1.5 s batching delay
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 100000\r\n\r\n"
+            )
+            # uvicorn sends 100 Continue when the app first asks for the body: it is reading it now.
+            assert stalled.recv(65536).startswith(b"HTTP/1.1 100")
+            stalled.sendall(b'{"inputs": ')
             process.send_signal(signal.SIGTERM)
             assert [future.result().status_code for future in pending] == [200, 200, 200]
+            refused = stalled.recv(65536)
         _, log = process.communicate(timeout=30)
-    # uvicorn re-raises the signal after a clean shutdown, so the exit status says "terminated by SIGTERM".
-    assert process.returncode in (0, -signal.SIGTERM), log
+    assert refused.startswith(b"HTTP/1.1 503"), refused
+    assert b"shutting down" in refused
+    assert process.returncode == 0, log
     assert "stopped" in log
 
 

@@ -43,11 +43,15 @@ model: $(VENV)/.stamp-run
 serve: model
 	CONVSERVE_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m service
 
-# Static tools the tests use that are not Python packages (promtool from Debian's prometheus).
+# Static tools the tests use that are not Python packages (promtool from Debian's prometheus; kubectl,
+# which renders the kustomize manifests offline).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 		|| echo "NOTE: could not install promtool; the Prometheus config test will be skipped"; }
+	@command -v kubectl >/dev/null 2>&1 || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl >/dev/null) \
+		|| echo "NOTE: could not install kubectl; the Kubernetes manifest tests will be skipped"; }
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .

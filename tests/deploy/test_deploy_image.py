@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from deployfiles import COMPOSE_FILE, DOCKERFILE, load_compose
+import yaml
+from deployfiles import COMPOSE_FILE, DOCKERFILE, REPO_ROOT, load_compose
 from dockerimage import (
     DEFAULT_BUILD_BUDGET_S,
     ENABLE_HINT,
@@ -151,6 +152,15 @@ def test_service_runs_as_uid_10001_without_capabilities_or_torch(served: Contain
     assert re.search(r"^CapEff:\s+0+$", status, flags=re.MULTILINE), status
     probe = "import importlib.util as u; print([m for m in ('torch', 'training') if u.find_spec(m)])"
     assert served.exec("python", "-c", probe).strip() == "[]"
+
+
+def test_kubernetes_prestop_command_exists_in_the_image(served: Container) -> None:
+    deployment = yaml.safe_load((REPO_ROOT / "deploy/k8s/base/deployment.yaml").read_text(encoding="utf-8"))
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"][
+        "command"
+    ]
+    result = docker("exec", served.name, command[0], "0", check=False)
+    assert result.returncode == 0, f"preStop runs {command}, which the image cannot: {result.stderr}"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
@@ -169,7 +171,69 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], str, int, str]] = {
         "not valid JSON",
     ),
     "json-without-inputs": (lambda: {"json": {"instances": []}}, "", 400, '"inputs"'),
+    # Issue 8: inputs that used to cost a 500 (or seconds and gigabytes) before any check.
+    "json-number-with-400-digits": (
+        lambda: json_body(
+            json.dumps({"inputs": np.zeros((1, 3, 32, 32)).tolist()}).replace("0.0", "1" * 400, 1)
+        ),
+        "",
+        422,
+        "NaN or Inf",
+    ),
+    "json-number-with-5000-digits": (
+        lambda: json_body(b'{"inputs": [[[[' + b"9" * 5000 + b"]]]]}"),
+        "",
+        422,
+        r"\[N, 3, 32, 32\]",
+    ),
+    "json-nested-100000-deep": (
+        lambda: json_body(b'{"inputs": ' + b"[" * 100_000),
+        "",
+        400,
+        "nested too deeply",
+    ),
+    "json-nan-literal": (lambda: json_body(b'{"inputs": NaN}'), "", 400, "not a number"),
+    "npy-header-larger-than-its-data": (
+        lambda: {
+            "content": npy(np.zeros((1, 3, 32, 32), np.float32)).replace(
+                b"(1, 3, 32, 32)", b"(100000, 3, 224, 224)"
+            )[:128]
+            + b"\0" * 16,
+            "headers": {"content-type": "application/x-npy"},
+        },
+        "",
+        422,
+        r"declares shape \[100000, 3, 224, 224\]",
+    ),
+    "npy-of-python-objects": (
+        lambda: {"content": npy_objects(), "headers": {"content-type": "application/x-npy"}},
+        "",
+        422,
+        "Python objects",
+    ),
+    "aspect-ratio-4000x1": (
+        lambda: {"files": image_files(("strip.png", encode(Image.new("RGB", (4000, 1)), "PNG")))},
+        "",
+        422,
+        "aspect ratio beyond 20:1",
+    ),
+    "png-over-the-decode-budget": (
+        lambda: {"files": image_files(("big.png", encode(Image.new("L", (2100, 2100)), "PNG")))},
+        "",
+        422,
+        "CONVSERVE_MAX_DECODED_PIXELS",
+    ),
 }
+
+
+def json_body(content: bytes | str) -> dict[str, Any]:
+    return {"content": content, "headers": {"content-type": "application/json"}}
+
+
+def npy_objects() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
@@ -252,6 +316,82 @@ def test_v2_metadata_health_and_json_infer(client: TestClient, tiny_model: OnnxM
     (output,) = response.json()["outputs"]
     logits = np.asarray(output["data"], np.float32).reshape(output["shape"])
     np.testing.assert_allclose(logits, tiny_model.run(tensor), atol=1e-5)
+
+
+def v2_input(**overrides: Any) -> dict[str, Any]:
+    entry = {"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 3072}
+    return {"inputs": [{**entry, **overrides}]}
+
+
+def binary_declaring_56_gib() -> dict[str, Any]:
+    """A binary-extension header declaring [100000, 3, 224, 224] FP32, followed by 16 bytes."""
+    shape = [100_000, 3, 224, 224]
+    entry = {
+        "name": "input",
+        "shape": shape,
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": 4 * math.prod(shape)},
+    }
+    header = json.dumps({"inputs": [entry]}).encode()
+    return {"content": header + b"\0" * 16, "headers": {"Inference-Header-Content-Length": str(len(header))}}
+
+
+V2_MISTAKES: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
+    "shape-of-booleans": (lambda: {"json": v2_input(shape=[True, 3, 32, 32])}, 400, "non-negative integers"),
+    "shape-of-strings": (lambda: {"json": v2_input(shape=["1", 3, 32, 32])}, 400, "non-negative integers"),
+    "shape-with-200-dims": (lambda: {"json": v2_input(shape=[1] * 200)}, 400, "a list of 200 items"),
+    "timeout-10e400": (
+        lambda: {
+            "content": json.dumps({**v2_input(), "parameters": {"timeout": 0}}).replace(
+                '"timeout": 0', '"timeout": 1' + "0" * 400
+            )
+        },
+        400,
+        "timeout parameter",
+    ),
+    "timeout-boolean": (
+        lambda: {"json": {**v2_input(), "parameters": {"timeout": True}}},
+        400,
+        "timeout parameter",
+    ),
+    "non-ascii-header-length": (
+        lambda: {
+            "content": json.dumps(v2_input()).encode(),
+            "headers": {"Inference-Header-Content-Length": "²".encode()},
+        },
+        400,
+        "must be a byte count",
+    ),
+    "binary-size-boolean": (
+        lambda: {"json": v2_input(data=None, parameters={"binary_data_size": True})},
+        422,
+        "binary_data_size",
+    ),
+    "binary-declared-larger-than-sent": (binary_declaring_56_gib, 422, "must follow the header"),
+    "id-not-a-string": (lambda: {"json": {**v2_input(), "id": {"x": 1}}}, 400, '"id" must be a string'),
+    "binary-output-flag-not-boolean": (
+        lambda: {"json": {**v2_input(), "parameters": {"binary_data_output": "yes"}}},
+        400,
+        "true or false",
+    ),
+    "classification-boolean": (
+        lambda: {
+            "json": {**v2_input(), "outputs": [{"name": "logits", "parameters": {"classification": True}}]}
+        },
+        400,
+        "non-negative integer",
+    ),
+    "json-nested-100000-deep": (lambda: {"content": b"[" * 100_000}, 400, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", V2_MISTAKES)
+def test_v2_client_mistakes_get_4xx_with_an_error_message(client: TestClient, case: str) -> None:
+    make_request, status, message = V2_MISTAKES[case]
+    response = client.post("/v2/models/tiny/infer", **make_request())
+    assert response.status_code == status, response.text
+    assert re.search(message, response.json()["error"]), response.json()["error"]
+    assert client.get("/readyz").status_code == 200
 
 
 def test_v2_unknown_model_or_version_is_404_with_error(client: TestClient) -> None:

@@ -109,6 +109,12 @@ def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
         help="open-loop window at 2x capacity, seconds (default: 30)",
     )
     group.add_argument(
+        "--overload-rate",
+        type=float,
+        help="offer this many requests/s instead of 2x the capacity measured just before (to give two "
+        "builds the same load on a shared machine)",
+    )
+    group.add_argument(
         "--slowloris-connections", type=int, default=200, help="slow connections per mode (default: 200)"
     )
     group.add_argument(
@@ -137,7 +143,8 @@ def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compare-with",
         type=Path,
-        help="an earlier robustness JSON whose figures go in the Markdown's `before` column",
+        help="an earlier robustness JSON whose figures go in the Markdown's `before` column "
+        "(default: benchmarks/results/robustness-before.json, the service before issue 8, if present)",
     )
 
 

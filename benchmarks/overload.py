@@ -116,8 +116,13 @@ def summarize_outcomes(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         by_kind[outcome.kind].append(outcome)
     statuses = Counter(str(outcome.status) for outcome in outcomes if outcome.status is not None)
     errors = Counter(outcome.error for outcome in outcomes if outcome.error is not None)
+    answered = by_kind["answered"]
+    span = max((o.finished for o in answered), default=0.0) - min(
+        (o.scheduled for o in outcomes), default=0.0
+    )
     return {
         "requests": len(outcomes),
+        "answered_per_s": round(len(answered) / span, 2) if answered and span > 0 else None,
         "answered": len(by_kind["answered"]),
         "refused": len(by_kind["refused"]),
         "lost_after_acceptance": len(by_kind["lost"]),

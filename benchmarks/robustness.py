@@ -53,6 +53,9 @@ class RobustnessConfig:
     phases: tuple[str, ...] = PHASES
     soak_seconds: float = 30.0
     overload_factor: float = 2.0
+    overload_rate: float | None = None
+    """Fixed offered rate, requests/s (None: `overload_factor` × the capacity measured just before).
+    A fixed rate offers two builds the very same load, whatever else the shared cores were doing."""
     capacity_seconds: float = 10.0
     slowloris_connections: int = 200
     slowloris_wait_s: float = 30.0
@@ -168,7 +171,7 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
         )
         if capacity.img_per_s <= 0:
             raise RuntimeError(f"capacity measurement answered nothing: {capacity.error_kinds}")
-        rate = round(capacity.img_per_s * config.overload_factor, 1)
+        rate = config.overload_rate or round(capacity.img_per_s * config.overload_factor, 1)
         log.info("capacity %.1f img/s at 32 clients; open loop at %.1f req/s", capacity.img_per_s, rate)
         await asyncio.sleep(2.0)
         rss_before = tree_rss_mb(server.pid)

@@ -16,6 +16,8 @@ from benchmarks.robustness_report import README_END, README_START, key_figures, 
 log = logging.getLogger("benchmarks")
 
 DEFAULT_OUTPUT = Path("benchmarks/results/robustness.json")
+DEFAULT_BEFORE = Path("benchmarks/results/robustness-before.json")
+"""The service as it was before issue 8 ("Safe to expose"), measured by this tool: the README's baseline."""
 
 
 def config_from_arguments(
@@ -44,6 +46,7 @@ def config_from_arguments(
         service_env=service_env,
         phases=phases,
         soak_seconds=args.soak_seconds,
+        overload_rate=args.overload_rate,
         slowloris_connections=args.slowloris_connections,
         slowloris_wait_s=args.slowloris_wait,
         sigterm_clients=clients,
@@ -67,7 +70,10 @@ def run_from_arguments(
     args: argparse.Namespace, command: str, repo_root: Path, service_env: dict[str, str]
 ) -> int:
     config = config_from_arguments(args, command, repo_root, service_env)
-    before = json.loads(args.compare_with.read_text()) if args.compare_with else None
+    compare_with: Path | None = args.compare_with
+    if compare_with is None and (repo_root / DEFAULT_BEFORE).is_file():
+        compare_with = repo_root / DEFAULT_BEFORE
+    before = json.loads(compare_with.read_text()) if compare_with else None
     output: Path = args.output or DEFAULT_OUTPUT
     results = run_robustness(config, output)
     write_json(results, output)

@@ -54,6 +54,7 @@ def _overload_figures(results: Row) -> list[tuple[str, str]]:
             f"{o['capacity_img_per_s_at_32']:.1f} img/s → {o['offered_req_per_s']:.1f} req/s "
             f"for {o['seconds']:g} s",
         ),
+        ("2× load: answered per second", _fmt(o.get("answered_per_s"), 1, " img/s")),
         (
             "2× load: answered / 503 / lost",
             f"{o['answered']:,} / {o['refused']:,} / {o['lost_total']:,} of {o['requests']:,}",

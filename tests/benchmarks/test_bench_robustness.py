@@ -16,6 +16,7 @@ from benchmarks.corpus import Photo, build_corpus
 from benchmarks.hostile_inputs import HostileCase, case_named
 from benchmarks.input_cost import (
     Attempt,
+    CpuClock,
     MemoryWatch,
     measure_attempt,
     peak_rss_mb,
@@ -75,6 +76,26 @@ def test_peak_rss_reset_forgets_an_earlier_peak() -> None:
             pytest.skip("this kernel does not allow resetting VmHWM through /proc/<pid>/clear_refs")
         after_reset = peak_rss_mb(process.pid)
         assert after_reset is not None and after_reset < 100
+    finally:
+        process.communicate("")
+
+
+def test_cpu_clock_counts_the_cpu_a_process_burns_meanwhile() -> None:
+    burn = (
+        "import sys, time\n"
+        "for line in sys.stdin:\n"
+        "    end = time.process_time() + 0.3\n"
+        "    while time.process_time() < end: pass\n"
+        "    print('done', flush=True)\n"
+    )
+    process = _process(burn)
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        clock = CpuClock(process.pid)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "done\n"
+        assert 0.29 <= clock.seconds() < 1.0
     finally:
         process.communicate("")
 

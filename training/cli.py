@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,16 +42,17 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
         description="Phase 1 trains a new head (global pool -> dropout -> linear) on the frozen base; "
         "phase 2 unfreezes the top block groups at a lower learning rate. BatchNorm statistics of a "
         "pretrained base stay frozen throughout. The best validation epoch is exported to "
-        "OUT/<next version>/ with metrics.json, training.png, config.json and checkpoint.pt.",
+        "OUT/<next version>/ with metrics.json, training.png, config.json and checkpoint.pt. "
+        "Under torchrun (torchrun --nproc_per_node N -m training fit ...) the same recipe runs "
+        "data-parallel: --batch-size per process, learning rates unchanged, rank 0 publishes.",
     )
     io = parser.add_argument_group("data and output")
     io.add_argument(
         "--data",
-        required=True,
         help="image folder DIR/<class>/*.jpg (or DIR/train + DIR/val), "
-        "or demo:digits (scikit-learn's 1,797 8x8 digits; no download)",
+        "or demo:digits (scikit-learn's 1,797 8x8 digits; no download); required unless --resume",
     )
-    io.add_argument("--out", type=Path, required=True, help="model directory, e.g. models/digits")
+    io.add_argument("--out", type=Path, help="model directory, e.g. models/digits; required unless --resume")
     io.add_argument(
         "--val-split",
         type=float,
@@ -143,7 +145,13 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
         default=0.1,
         help="label smoothing of the training loss, 0 = off (default: 0.1)",
     )
-    phases.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    phases.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per step and process; under torchrun the effective batch is N times this, "
+        "at the same learning rates (default: 64)",
+    )
     phases.add_argument(
         "--patience",
         type=int,
@@ -191,6 +199,13 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--seed", type=int, default=0, help="seed of split, init, shuffling, augmentation (default: 0)"
+    )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        help="continue a stopped run from its last completed epoch: OUT/.run-*/ (or its checkpoint.pt, "
+        "or a version's) with the run's own configuration; only --out, --workers and --device may "
+        "change (default: a new run)",
     )
     run.add_argument(
         "--device",
@@ -243,12 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    if args.resume is None and (args.data is None or args.out is None):
+        raise ValueError("fit needs --data and --out (or --resume to continue a stopped run)")
     from training.config import RunConfig
-    from training.pipeline import fit
+    from training.pipeline import fit, resume
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    options["out"] = str(options["out"])
-    fit(RunConfig(**options))
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "resume")}
+    if args.resume is not None:
+        # Only the options typed on the command line count: they must agree with the run's own.
+        defaults = build_parser().parse_args(["fit"])
+        resume(args.resume, {k: v for k, v in options.items() if v != getattr(defaults, k)})
+        return 0
+    fit(RunConfig(**{**options, "out": str(args.out)}))
     return 0
 
 
@@ -274,8 +295,10 @@ def _run_pretrained(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process runs this; rank 0 tells the story, the others only warn.
+    quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The ONNX exporter's graph passes log every rewrite at INFO; keep the run log readable.
@@ -288,3 +311,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User mistakes end with the message that says how to fix them, not a traceback.
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C or SIGTERM; the run directory and the way to resume are logged

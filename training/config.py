@@ -57,7 +57,7 @@ class RunConfig:
     drop_rate: float = 0.2
     """Dropout probability before the head's linear layer."""
     batch_size: int = 64
-    """Images per training step."""
+    """Images per training step of each process (the effective batch is batch_size x world_size)."""
     val_split: float = 0.2
     """Fraction of each class held out for validation when DIR has no train/ and val/ folders."""
     patience: int = 3
@@ -76,6 +76,16 @@ class RunConfig:
     """False disables flip, rotation and zoom."""
     workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
+    world_size: int = 1
+    """Data-parallel training processes (torchrun's WORLD_SIZE; not a flag). Learning rates are not
+    scaled with it: N processes at batch B take the same steps as one process at batch N x B with the
+    same rates. The linear scaling rule is an SGD heuristic (AdamW's step size does not grow with the
+    gradient), and a hidden rescale would make one command train differently on another machine."""
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * self.world_size
 
     @property
     def is_demo_digits(self) -> bool:
@@ -167,7 +177,7 @@ class RunConfig:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "effective_batch_size": self.effective_batch_size}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> RunConfig:

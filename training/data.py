@@ -12,13 +12,19 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.transforms import eval_transform  # re-exported: the one eval transform
+from training.spec import EvalSpec
+from training.transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from training.config import RunConfig
+    from training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +35,11 @@ _IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image
 Source = Path | Image.Image
 Sample = tuple[Source, int]
 
-__all__ = ["ImageDataset", "LabelledImages", "eval_transform", "load_dataset"]
+Batches = DataLoader[tuple[torch.Tensor, int]]
+PARITY_IMAGES = 16
+"""Validation images kept for the export parity check (and stored in the checkpoint for `export`)."""
+
+__all__ = ["ImageDataset", "LabelledImages", "Loaders", "eval_transform", "load_dataset", "make_loaders"]
 
 
 class DatasetError(ValueError):
@@ -210,3 +220,45 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
                     self.skipped.append(str(source))
                     logger.warning("skipping unreadable image %s", source)
         raise DatasetError("no image in the dataset could be read")
+
+
+@dataclass(frozen=True)
+class Loaders:
+    train: Batches
+    """This process's shard of every epoch, reshuffled per epoch (`set_epoch`)."""
+    val_shard: Batches
+    """This process's share of the validation set, for the per-epoch validation."""
+    val: Batches
+    """The whole validation set, for rank 0's final metrics and ONNX check."""
+
+
+def make_loaders(dataset: LabelledImages, config: RunConfig, spec: EvalSpec, ranks: Ranks) -> Loaders:
+    train = ImageDataset(dataset.train, train_transform(spec, config.augmentation()), dataset.skipped)
+    val = ImageDataset(dataset.val, eval_transform(spec), dataset.skipped)
+    # One process or many, the same sampler: epoch e's order is a function of (seed, e), which is
+    # what lets a resumed run replay the epochs an uninterrupted one would have seen.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=config.seed
+    )
+    train_loader = DataLoader(
+        train,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        # A last batch of one breaks BatchNorm layers that train (random-init bases).
+        drop_last=len(sampler) > config.batch_size,
+    )
+    val_all = DataLoader(val, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
+    if ranks.world_size == 1:
+        return Loaders(train_loader, val_all, val_all)
+    # Strided shards without padding (DistributedSampler would repeat images to even them out).
+    shard = list(range(ranks.rank, len(val), ranks.world_size))
+    val_shard = DataLoader(val, batch_size=config.batch_size, sampler=shard, num_workers=config.workers)
+    return Loaders(train_loader, val_shard, val_all)
+
+
+def parity_inputs(dataset: LabelledImages, spec: EvalSpec) -> torch.Tensor:
+    """Real held-out images for the export check (topped up from training images if val is tiny)."""
+    transform = eval_transform(spec)
+    samples = (dataset.val + dataset.train)[: max(2, min(PARITY_IMAGES, len(dataset.val)))]
+    return torch.stack([ImageDataset(samples, transform, dataset.skipped)[i][0] for i in range(len(samples))])

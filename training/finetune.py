@@ -3,6 +3,11 @@
 Both phases use AdamW with a linear warmup and a cosine decay and stop early when the validation loss
 (plain cross-entropy, whatever the training label smoothing) has not improved for `patience` epochs.
 The weights of the best validation epoch across both phases are kept: that state is exported.
+
+A run can be continued: after every epoch `on_epoch_end` receives the `Progress` (epoch records, best
+and current weights, optimizer and scheduler state), and `fine_tune(..., resume=progress)` carries on
+from there. Everything else is derived: the early-stopping counter and the best epoch from the records,
+and each epoch's randomness from (seed, epoch, rank), so there is no RNG state to carry.
 """
 
 from __future__ import annotations
@@ -10,22 +15,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch.utils.data import DistributedSampler
 
 from training.backbones import Classifier
 from training.config import RunConfig
+from training.data import Batches
+from training.distributed import Ranks
 from training.freezing import freeze_base, parameter_groups, unfreeze_top
+from training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-Batches = DataLoader[tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -51,6 +57,32 @@ class PhaseRecord:
     epochs: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
 
+    def stale_epochs(self) -> int:
+        """Epochs since the phase's lowest validation loss: the early-stopping counter."""
+        losses = [epoch.val_loss for epoch in self.epochs]
+        return len(losses) - 1 - losses.index(min(losses)) if losses else 0
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> PhaseRecord:
+        epochs = [EpochRecord(**epoch) for epoch in values["epochs"]]
+        return cls(values["name"], list(values["trainable_groups"]), epochs, bool(values["stopped_early"]))
+
+
+@dataclass
+class Progress:
+    """A run after its last completed epoch: what a checkpoint stores to continue it exactly."""
+
+    phases: list[PhaseRecord]
+    """Every completed epoch so far, by phase."""
+    best_state: dict[str, torch.Tensor]
+    """Weights of the best epoch so far (the ones exported)."""
+    model_state: dict[str, torch.Tensor] | None
+    """Weights at the end of the last epoch; None once the run has finished."""
+    optimizer_state: dict[str, Any] | None
+    """The current phase's AdamW state; None once the run has finished."""
+    scheduler_state: dict[str, Any] | None
+    """The current phase's learning-rate schedule position; None once the run has finished."""
+
 
 @dataclass
 class FitResult:
@@ -60,6 +92,21 @@ class FitResult:
     best_epoch: int
     best_val_accuracy: float
     best_val_loss: float
+
+
+@dataclass(frozen=True)
+class _Phase:
+    name: str
+    epochs: int
+    head_lr: float
+
+
+def _plan(config: RunConfig) -> list[_Phase]:
+    phases = [
+        _Phase("frozen", config.frozen_epochs or 0, config.head_lr),
+        _Phase("unfrozen", config.unfrozen_epochs, config.unfrozen_head_lr),
+    ]
+    return [phase for phase in phases if phase.epochs > 0]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -74,79 +121,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class Trainer:
-    """Runs epochs of one model on one device; mixed precision on CUDA, plain float32 on CPU."""
-
-    def __init__(self, model: Classifier, config: RunConfig, device: torch.device) -> None:
-        # channels_last convolutions measured 35% (frozen) / 16% (unfrozen) faster per step on CPU.
-        self.model = model.to(device).to(memory_format=torch.channels_last)
-        self.config = config
-        self.device = device
-        self.train_loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.val_loss = nn.CrossEntropyLoss(reduction="sum")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-
-    def _autocast(self) -> AbstractContextManager[object]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
-
-    def _batches(self, loader: Batches, description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # disable=None: a progress bar on a terminal, nothing in a captured log.
-        for batch, labels in tqdm(loader, desc=description, leave=False, disable=None, unit="batch"):
-            images = batch.to(self.device, memory_format=torch.channels_last, non_blocking=True)
-            yield images, labels.to(self.device, non_blocking=True)
-
-    def train_epoch(
-        self,
-        loader: Batches,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        description: str,
-    ) -> tuple[float, float]:
-        self.model.train()  # Classifier.train keeps a pretrained base's BatchNorm in inference mode
-        total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in self._batches(loader, description):
-            optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                logits = self.model(images)
-                loss = self.train_loss(logits, labels)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            scheduler.step()
-            total_loss += loss.item() * len(labels)
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            seen += len(labels)
-        return total_loss / max(seen, 1), correct / max(seen, 1)
-
-    @torch.no_grad()
-    def predict(self, loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (float32, CPU) and labels of every sample, in loader order."""
-        self.model.eval()
-        outputs, targets = [], []
-        for images, labels in self._batches(loader, "validate"):
-            with self._autocast():
-                outputs.append(self.model(images).float().cpu())
-            targets.append(labels.cpu())
-        return torch.cat(outputs), torch.cat(targets)
-
-    def evaluate(self, loader: Batches) -> tuple[float, float]:
-        logits, labels = self.predict(loader)
-        loss = float(self.val_loss(logits, labels)) / len(labels)
-        return loss, float((logits.argmax(dim=1) == labels).float().mean())
-
-
-def _optimizer(model: Classifier, head_lr: float, base_lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, head_lr, base_lr, weight_decay))
+def _schedule(
+    model: Classifier, config: RunConfig, phase: _Phase, steps_per_epoch: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW(parameter_groups(model, phase.head_lr, config.base_lr, config.weight_decay))
+    steps = phase.epochs * steps_per_epoch
+    warmup = min(steps // 2, max(1, round(config.warmup_epochs * steps_per_epoch)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
 
 
 def _current_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float | None]:
@@ -155,8 +136,10 @@ def _current_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float | None]
     return float(head), None if base is None else float(base)
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Each epoch's augmentation and dropout from (seed, epoch, rank): a resumed run replays exactly
+    the epochs an uninterrupted one would, and the processes of a DDP run draw different numbers."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
 class _BestTracker:
@@ -164,92 +147,137 @@ class _BestTracker:
 
     Best = highest validation accuracy, ties broken by lower validation loss: the exported model is
     judged by its accuracy, and the loss alone can rise while accuracy still improves (a few
-    confidently wrong images dominate it).
+    confidently wrong images dominate it). On resume it is replayed from the epoch records.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, phases: list[PhaseRecord], state: dict[str, torch.Tensor] | None) -> None:
         self.accuracy, self.loss = -1.0, math.inf
-        self.state: dict[str, torch.Tensor] = {}
         self.phase, self.epoch = "", 0
+        for phase in phases:
+            for epoch in phase.epochs:
+                self._better(phase.name, epoch.epoch, epoch.val_accuracy, epoch.val_loss)
+        self.state: dict[str, torch.Tensor] = state or {}
 
-    def offer(self, model: nn.Module, phase: str, epoch: int, accuracy: float, loss: float) -> bool:
+    def _better(self, phase: str, epoch: int, accuracy: float, loss: float) -> bool:
         if (accuracy, -loss) <= (self.accuracy, -self.loss):
             return False
         self.accuracy, self.loss, self.phase, self.epoch = accuracy, loss, phase, epoch
-        self.state = _snapshot(model)
+        return True
+
+    def offer(self, model: nn.Module, phase: str, epoch: int, accuracy: float, loss: float) -> bool:
+        if not self._better(phase, epoch, accuracy, loss):
+            return False
+        self.state = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
         return True
 
 
 def _run_phase(
     trainer: Trainer,
-    record: PhaseRecord,
     *,
-    epochs: int,
-    lrs: tuple[float, float],
+    phases: list[PhaseRecord],
+    phase: _Phase,
+    schedule: tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR],
     loaders: tuple[Batches, Batches],
     best: _BestTracker,
+    on_epoch_end: Callable[[Progress], None] | None,
 ) -> None:
-    config, train_loader, val_loader = trainer.config, loaders[0], loaders[1]
-    optimizer = _optimizer(trainer.model, lrs[0], lrs[1], config.weight_decay)
-    steps = epochs * len(train_loader)
-    warmup = min(steps // 2, max(1, round(config.warmup_epochs * len(train_loader))))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
-    stale, phase_best_loss = 0, math.inf
-    for epoch in range(1, epochs + 1):
+    config, record, (optimizer, scheduler) = trainer.config, phases[-1], schedule
+    for epoch in range(len(record.epochs) + 1, phase.epochs + 1):
         started = time.perf_counter()
-        description = f"{record.name} {epoch}/{epochs}"
-        train_loss, train_accuracy = trainer.train_epoch(train_loader, optimizer, scheduler, description)
-        val_loss, val_accuracy = trainer.evaluate(val_loader)
+        run_epoch = sum(len(p.epochs) for p in phases) + 1  # counts across phases, for fresh shuffles
+        _seed_epoch(config.seed, run_epoch, trainer.ranks.rank)
+        if isinstance(loaders[0].sampler, DistributedSampler):
+            loaders[0].sampler.set_epoch(run_epoch)
+        description = f"{record.name} {epoch}/{phase.epochs}"
+        train_loss, train_accuracy = trainer.train_epoch(loaders[0], optimizer, scheduler, description)
+        val_loss, val_accuracy = trainer.evaluate(loaders[1])
         head_lr, base_lr = _current_lrs(optimizer)
+        seconds = time.perf_counter() - started
         entry = EpochRecord(
-            epoch,
-            train_loss,
-            train_accuracy,
-            val_loss,
-            val_accuracy,
-            head_lr,
-            base_lr,
-            time.perf_counter() - started,
+            epoch, train_loss, train_accuracy, val_loss, val_accuracy, head_lr, base_lr, seconds
         )
         record.epochs.append(entry)
         improved = best.offer(trainer.model, record.name, epoch, val_accuracy, val_loss)
         # Early stopping watches the validation loss, per phase: phase 2 gets its own patience.
-        stale = 0 if val_loss < phase_best_loss else stale + 1
-        phase_best_loss = min(phase_best_loss, val_loss)
+        # Every process sees the same (summed) validation numbers, so all of them stop together.
+        stale = record.stale_epochs()
+        record.stopped_early = stale >= config.patience and epoch < phase.epochs
         logger.info(
             "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e%s | %.1f s%s",
-            record.name, epoch, epochs, train_loss, train_accuracy, val_loss, val_accuracy, head_lr,
+            record.name, epoch, phase.epochs, train_loss, train_accuracy, val_loss, val_accuracy, head_lr,
             "" if base_lr is None else f" base {base_lr:.2e}", entry.seconds, " *best*" if improved else "",
         )  # fmt: skip
-        if stale >= config.patience and epoch < epochs:
-            record.stopped_early = True
+        if on_epoch_end is not None:
+            on_epoch_end(
+                Progress(
+                    phases,
+                    best.state,
+                    trainer.model.state_dict(),
+                    optimizer.state_dict(),
+                    scheduler.state_dict(),
+                )
+            )
+        if record.stopped_early:
             logger.info("%s phase: no lower val loss for %d epochs, stopping early", record.name, stale)
             break
 
 
-def fine_tune(model: Classifier, config: RunConfig, train_loader: Batches, val_loader: Batches) -> FitResult:
-    """Phase 1 (frozen base) then phase 2 (top block groups unfrozen); returns the best weights."""
-    trainer = Trainer(model, config, resolve_device(config.device))
-    best, phases = _BestTracker(), []
-    loaders = (train_loader, val_loader)
-    if config.frozen_epochs:
+def _set_trainable(model: Classifier, phase: str, config: RunConfig) -> list[str]:
+    if phase == "frozen":
         freeze_base(model)
-        phases.append(PhaseRecord("frozen", trainable_groups=[]))
+        return []
+    groups = unfreeze_top(model, config.unfreeze_count)
+    logger.info("unfrozen phase trains the head and block groups %s", groups)
+    return groups
+
+
+def fine_tune(
+    model: Classifier,
+    config: RunConfig,
+    loaders: tuple[Batches, Batches],
+    ranks: Ranks,
+    *,
+    resume: Progress | None = None,
+    on_epoch_end: Callable[[Progress], None] | None = None,
+) -> FitResult:
+    """Phase 1 (frozen base) then phase 2 (top block groups unfrozen); returns the best weights.
+
+    `loaders` are (training, validation) batches of this process's shard; `resume` continues a run
+    from its last completed epoch.
+    """
+    trainer = Trainer(model, config, ranks)
+    phases = resume.phases if resume else []
+    best = _BestTracker(phases, resume.best_state if resume else None)
+    if resume is not None and resume.model_state is not None:
+        model.load_state_dict(resume.model_state)
+    trained = False
+    for phase in _plan(config):
+        record = next((r for r in phases if r.name == phase.name), None)
+        if record is not None and (record.stopped_early or len(record.epochs) >= phase.epochs):
+            continue  # finished before the interruption
+        if record is None:
+            if phases:
+                model.load_state_dict(best.state)  # phase 2 starts from the best head, not an overfit one
+            record = PhaseRecord(phase.name, trainable_groups=[])
+            phases.append(record)
+        record.trainable_groups = _set_trainable(model, phase.name, config)
+        trainer.wrap()  # DDP registers the parameters that train now
+        schedule = _schedule(model, config, phase, len(loaders[0]))
+        if record.epochs and resume is not None and resume.optimizer_state is not None:
+            schedule[0].load_state_dict(resume.optimizer_state)
+            schedule[1].load_state_dict(resume.scheduler_state or {})
+        trained = True
         _run_phase(
             trainer,
-            phases[-1],
-            epochs=config.frozen_epochs,
-            lrs=(config.head_lr, config.base_lr),
+            phases=phases,
+            phase=phase,
+            schedule=schedule,
             loaders=loaders,
             best=best,
+            on_epoch_end=on_epoch_end,
         )
-        model.load_state_dict(best.state)  # phase 2 starts from the best head, not an overfit one
-    if config.unfrozen_epochs > 0:
-        groups = unfreeze_top(model, config.unfreeze_count)
-        logger.info("unfrozen phase trains the head and block groups %s", groups)
-        phases.append(PhaseRecord("unfrozen", trainable_groups=groups))
-        lrs = (config.unfrozen_head_lr, config.base_lr)
-        _run_phase(trainer, phases[-1], epochs=config.unfrozen_epochs, lrs=lrs, loaders=loaders, best=best)
+    if resume is not None and not trained:
+        logger.info("the checkpoint's run had finished: nothing left to train, exporting its best epoch")
     model.load_state_dict(best.state)
     model.to(memory_format=torch.contiguous_format)  # plain layout for export and checkpoints
     return FitResult(phases, best.state, best.phase, best.epoch, best.accuracy, best.loss)

@@ -1,8 +1,10 @@
 """The `fit` and `export` commands as library calls: data -> model -> two phases -> verified export.
 
-Everything for a run is written to a hidden staging directory inside the model directory and then
-published as the next version with one rename, so a crash or a failed parity check never leaves a
-half-written version behind for the service.
+A run works in a run directory inside the model directory and is published as the next version with
+one rename once its model is exported and verified (`training.runs`), so a crash, a failed parity check,
+Ctrl-C or SIGTERM never leaves a half-written version behind for the service; a stopped run leaves the
+checkpoint of its last completed epoch, and `resume` continues it. Under torchrun every process runs
+`fit`; only rank 0 touches files.
 """
 
 from __future__ import annotations
@@ -13,58 +15,42 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from training import runs
 from training.backbones import Classifier, backbone_defaults, create_model
+from training.checkpoint import (
+    CHECKPOINT_FILENAME,
+    eval_spec_of,
+    load_checkpoint,
+    progress_of,
+    read_checkpoint,
+    save_checkpoint,
+)
 from training.config import RunConfig
-from training.data import ImageDataset, LabelledImages, load_dataset
+from training.data import Batches, LabelledImages, load_dataset, make_loaders, parity_inputs
+from training.distributed import Ranks, process_group
 from training.export import export_onnx, publish_version
-from training.finetune import Batches, FitResult, Trainer, fine_tune, resolve_device
+from training.finetune import FitResult, Progress, fine_tune
 from training.report import build_metrics, plot_training, write_metrics
 from training.spec import INPUT_NAME, OUTPUT_NAME, EvalSpec
-from training.transforms import eval_transform, train_transform
+from training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "convserve-checkpoint/1"
-PARITY_IMAGES = 16
-"""Validation images kept for the export parity check (and stored in the checkpoint for `export`)."""
+RESUME_MAY_CHANGE = ("out", "workers", "device")
+"""Options `resume` may change: where the result goes and how it runs, never what is trained."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _loaders(dataset: LabelledImages, config: RunConfig, spec: EvalSpec) -> tuple[Batches, Batches]:
-    generator = torch.Generator().manual_seed(config.seed)
-    train = ImageDataset(dataset.train, train_transform(spec, config.augmentation()), dataset.skipped)
-    val = ImageDataset(dataset.val, eval_transform(spec), dataset.skipped)
-    train_loader = DataLoader(
-        train,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=config.workers,
-        # A last batch of one breaks BatchNorm layers that train (random-init bases).
-        drop_last=len(train) > config.batch_size,
-    )
-    val_loader = DataLoader(val, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
-    return train_loader, val_loader
-
-
-def _parity_inputs(dataset: LabelledImages, spec: EvalSpec) -> torch.Tensor:
-    """Real held-out images for the export check (topped up from training images if val is tiny)."""
-    transform = eval_transform(spec)
-    samples = (dataset.val + dataset.train)[: max(2, min(PARITY_IMAGES, len(dataset.val)))]
-    return torch.stack([ImageDataset(samples, transform, dataset.skipped)[i][0] for i in range(len(samples))])
 
 
 def _publish(model_root: Path, write: Callable[[Path], None]) -> Path:
@@ -79,27 +65,6 @@ def _publish(model_root: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
 
 
-def _checkpoint(
-    model: Classifier, config: RunConfig, classes: list[str], spec: EvalSpec, **extra: Any
-) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "backbone": config.backbone,
-        "labels": classes,
-        "drop_rate": config.drop_rate,
-        "eval_spec": {
-            "input_size": list(spec.input_size),
-            "resize_size": spec.resize_size,
-            "interpolation": spec.interpolation,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-        },
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": config.to_json(),
-        **extra,
-    }
-
-
 def _extra_metadata(config: RunConfig, dataset: LabelledImages) -> dict[str, Any]:
     return {
         "pretrained": config.pretrained,
@@ -110,59 +75,149 @@ def _extra_metadata(config: RunConfig, dataset: LabelledImages) -> dict[str, Any
     }
 
 
-def fit(config: RunConfig) -> Path:
-    """Fine-tune per `config` and publish `out/<version>/` (model.onnx, metrics, plot, checkpoint)."""
+def fit(config: RunConfig, *, on_epoch_end: Callable[[Progress], None] | None = None) -> Path:
+    """Fine-tune per `config` and publish `out/<version>/` (model.onnx, metrics, plot, checkpoint).
+
+    Under torchrun every process calls this and gets the published directory back. `on_epoch_end`
+    is called after each epoch's checkpoint is written (progress reports; raising stops the run).
+    """
+    with process_group(config.device) as ranks:
+        config = replace(config.resolve(), world_size=ranks.world_size)
+        return _run(_Run(config, ranks), on_epoch_end)
+
+
+def resume(
+    path: Path,
+    changes: dict[str, Any] | None = None,
+    *,
+    on_epoch_end: Callable[[Progress], None] | None = None,
+) -> Path:
+    """Continue the run whose checkpoint is `path` (or a run/version directory holding one) from its
+    last completed epoch, and publish it as the next version.
+
+    `changes` are options given again: they must match the run's configuration, except `out`,
+    `workers` and `device`. The run continues in its run directory when `path` is one.
+    """
+    checkpoint = read_checkpoint(path)
+    progress = progress_of(checkpoint, path)
+    directory = path if path.is_dir() else path.parent
+    config = _resumed_config(RunConfig.from_json(checkpoint["config"]), directory, changes or {}, path)
+    run_dir = (
+        directory
+        if runs.is_run_dir(directory) and directory.parent.resolve() == Path(config.out).resolve()
+        else None
+    )
+    with process_group(config.device) as ranks:
+        if ranks.world_size != config.world_size:
+            raise ValueError(
+                f"{path} was written by a run on {config.world_size} process(es); resume it on as many "
+                f"(torchrun --nproc_per_node {config.world_size}, or no torchrun for 1): the shards and "
+                f"the learning-rate schedule depend on it"
+            )
+        return _run(_Run(config, ranks, progress, checkpoint["labels"], run_dir), on_epoch_end)
+
+
+def _resumed_config(stored: RunConfig, directory: Path, changes: dict[str, Any], path: Path) -> RunConfig:
+    conflicts = [
+        f"--{name.replace('_', '-')} {value} (the run has {getattr(stored, name)})"
+        for name, value in changes.items()
+        if name not in RESUME_MAY_CHANGE and getattr(stored, name) != value
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--resume continues {path} with its own configuration, but "
+            + "; ".join(conflicts)
+            + ": drop those options (only --out, --workers and --device may change)"
+        )
+    return replace(
+        stored,
+        out=str(changes.get("out", directory.parent)),
+        workers=int(changes.get("workers", stored.workers)),
+        device=str(changes.get("device", stored.device)),
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    config: RunConfig
+    ranks: Ranks
+    progress: Progress | None = None
+    """Where a resumed run stands (None for a new run)."""
+    labels: list[str] | None = None
+    """The class names of a resumed run, which the dataset must still have."""
+    run_dir: Path | None = None
+    """The run directory of a resumed run to continue in (None: a new one)."""
+
+
+def _run(run: _Run, on_epoch_end: Callable[[Progress], None] | None) -> Path:
     started = time.perf_counter()
-    config = config.resolve()
+    config, ranks = run.config, run.ranks
     seed_everything(config.seed)
     dataset = load_dataset(config.data, config.val_split, config.seed)
-    weights = Path(config.weights) if config.weights else None
+    if run.labels is not None and dataset.classes != run.labels:
+        raise ValueError(
+            f"{config.data} now has classes {dataset.classes} but the run trained on {run.labels}; "
+            "resume with the same data"
+        )
     model = create_model(
-        config.backbone, len(dataset.classes), config.pretrained, weights=weights, drop_rate=config.drop_rate
+        config.backbone,
+        len(dataset.classes),
+        config.pretrained and run.progress is None,  # a resumed run has every weight in its checkpoint
+        weights=Path(config.weights) if config.weights else None,
+        drop_rate=config.drop_rate,
+        freeze_batchnorm=config.pretrained,
     )
     defaults = backbone_defaults(config.backbone)
     spec = config.eval_spec(defaults.interpolation, defaults.mean, defaults.std)
-    train_loader, val_loader = _loaders(dataset, config, spec)
+    loaders = make_loaders(dataset, config, spec, ranks)
     logger.info("training %s on %s at %d px: %s", config.backbone, config.data, config.image_size, config)
+    if not ranks.is_main:
+        fine_tune(model, config, (loaders.train, loaders.val_shard), ranks, resume=run.progress)
+        return Path(ranks.share(None))  # waits for rank 0 to publish
 
-    result = fine_tune(model, config, train_loader, val_loader)
-    logits, labels = Trainer(model, config, resolve_device(config.device)).predict(val_loader)
-    parity_inputs = _parity_inputs(dataset, spec)
+    run_dir = run.run_dir or runs.new_run_dir(Path(config.out))
+    parity = parity_inputs(dataset, spec)
 
-    def write(staging: Path) -> None:
-        metrics = build_metrics(
-            result, dataset.classes, logits, labels, skipped_images=dataset.skipped, extra={}
-        )
-        metadata = export_onnx(
-            model,
-            staging,
+    def save(progress: Progress) -> None:
+        best = max((e.val_accuracy for p in progress.phases for e in p.epochs), default=None)
+        save_checkpoint(
+            run_dir / CHECKPOINT_FILENAME,
+            progress,
+            config=config,
             labels=dataset.classes,
-            eval_spec=spec,
-            backbone=config.backbone,
-            parity_inputs=parity_inputs,
-            val_accuracy=metrics["val_accuracy"],
-            extra_metadata=_extra_metadata(config, dataset),
+            spec=spec,
+            parity_inputs=parity,
+            val_accuracy=best,
         )
-        metrics["parity_max_abs_diff"] = metadata["parity_max_abs_diff"]
-        metrics.update(_onnx_validation(staging / "model.onnx", val_loader, logits))
-        metrics["wall_time_seconds"] = round(time.perf_counter() - started, 1)
-        write_metrics(metrics, staging / "metrics.json")
-        plot_training(metrics, staging / "training.png")
-        config.write(staging / "config.json")
-        checkpoint = _checkpoint(
-            model,
-            config,
-            dataset.classes,
-            spec,
-            parity_inputs=parity_inputs,
-            val_accuracy=metrics["val_accuracy"],
-        )
-        torch.save(checkpoint, staging / CHECKPOINT_FILENAME)
-        _log_summary(result, metrics)
 
-    version_dir = _publish(Path(config.out), write)
+    def after_epoch(progress: Progress) -> None:
+        save(progress)
+        if on_epoch_end is not None:
+            on_epoch_end(progress)
+
+    try:
+        with runs.sigterm_as_interrupt():
+            shards = (loaders.train, loaders.val_shard)
+            result = fine_tune(model, config, shards, ranks, resume=run.progress, on_epoch_end=after_epoch)
+            runs.clear_outputs(run_dir)
+            _write_outputs(
+                run_dir,
+                model=model,
+                config=config,
+                dataset=dataset,
+                spec=spec,
+                result=result,
+                val_loader=loaders.val,
+                parity_inputs=parity,
+                started=started,
+            )
+            save(Progress(result.phases, result.best_state, None, None, None))  # finished: nothing to carry
+            version_dir = publish_version(run_dir, Path(config.out))
+    except BaseException as error:
+        runs.leave(run_dir, error)
+        raise
     logger.info("published %s in %.0f s", version_dir, time.perf_counter() - started)
-    return version_dir
+    return Path(ranks.share(str(version_dir)))
 
 
 def _onnx_validation(path: Path, val_loader: Batches, torch_logits: torch.Tensor) -> dict[str, float]:
@@ -199,38 +254,54 @@ def _log_summary(result: FitResult, metrics: dict[str, Any]) -> None:
     )
 
 
-def load_checkpoint(path: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model saved by `fit` (no pretrained weights needed: the state dict has them all)."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist (fit writes <out>/<version>/{CHECKPOINT_FILENAME})"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint written by `python -m training fit`")
-    model = create_model(checkpoint["backbone"], len(checkpoint["labels"]), drop_rate=checkpoint["drop_rate"])
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    return model.eval(), checkpoint
+def _write_outputs(
+    run_dir: Path,
+    *,
+    model: Classifier,
+    config: RunConfig,
+    dataset: LabelledImages,
+    spec: EvalSpec,
+    result: FitResult,
+    val_loader: Batches,
+    parity_inputs: torch.Tensor,
+    started: float,
+) -> None:
+    """model.onnx (verified), metrics.json, training.png and config.json of a finished run."""
+    logits, labels = Trainer(model, config, Ranks(device=next(model.parameters()).device)).predict(val_loader)
+    model.to(memory_format=torch.contiguous_format)
+    extra = {"world_size": config.world_size, "effective_batch_size": config.effective_batch_size}
+    metrics = build_metrics(
+        result, dataset.classes, logits, labels, skipped_images=dataset.skipped, extra=extra
+    )
+    metadata = export_onnx(
+        model,
+        run_dir,
+        labels=dataset.classes,
+        eval_spec=spec,
+        backbone=config.backbone,
+        parity_inputs=parity_inputs,
+        val_accuracy=metrics["val_accuracy"],
+        extra_metadata=_extra_metadata(config, dataset),
+    )
+    metrics["parity_max_abs_diff"] = metadata["parity_max_abs_diff"]
+    metrics.update(_onnx_validation(run_dir / "model.onnx", val_loader, logits))
+    metrics["wall_time_seconds"] = round(time.perf_counter() - started, 1)
+    write_metrics(metrics, run_dir / "metrics.json")
+    plot_training(metrics, run_dir / "training.png")
+    config.write(run_dir / "config.json")
+    _log_summary(result, metrics)
 
 
 def export_checkpoint(path: Path, model_root: Path) -> Path:
     """Re-export a `fit` checkpoint as the next version of `model_root`."""
     model, checkpoint = load_checkpoint(path)
-    stored = checkpoint["eval_spec"]
-    spec = EvalSpec(
-        input_size=(stored["input_size"][0], stored["input_size"][1]),
-        resize_size=stored["resize_size"],
-        interpolation=stored["interpolation"],
-        mean=tuple(stored["mean"]),
-        std=tuple(stored["std"]),
-    )
 
     def write(staging: Path) -> None:
         export_onnx(
             model,
             staging,
             labels=checkpoint["labels"],
-            eval_spec=spec,
+            eval_spec=eval_spec_of(checkpoint),
             backbone=checkpoint["backbone"],
             parity_inputs=checkpoint["parity_inputs"],
             val_accuracy=checkpoint.get("val_accuracy"),

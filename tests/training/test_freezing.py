@@ -14,9 +14,11 @@ from tests.training.images import TINY_LABELS, write_image_folder
 from training.backbones import Classifier, create_model
 from training.config import RunConfig
 from training.data import ImageDataset, load_dataset
-from training.finetune import Trainer, warmup_cosine
+from training.distributed import Ranks
+from training.finetune import warmup_cosine
 from training.freezing import freeze_base, group_index, parameter_groups, top_groups, unfreeze_top
 from training.spec import EvalSpec
+from training.trainer import Trainer
 from training.transforms import Augmentation, train_transform
 
 SPEC = EvalSpec((64, 64), 64, "bicubic", (0.5,) * 3, (0.5,) * 3)
@@ -44,7 +46,7 @@ def _bn_buffers(model: Classifier) -> dict[str, torch.Tensor]:
 
 def _train(model: Classifier, loader: DataLoader, head_lr: float, base_lr: float, epochs: int = 2) -> None:
     config = RunConfig(data="demo:digits", out="unused", label_smoothing=0.1)
-    trainer = Trainer(model, config, torch.device("cpu"))
+    trainer = Trainer(model, config, Ranks())
     optimizer = torch.optim.AdamW(parameter_groups(model, head_lr, base_lr, 1e-2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(loader), 1))
     for epoch in range(epochs):

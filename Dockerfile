@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
 #
-# Two stages:
-#   model   - CPU-only torch; runs the same `python -m training pretrained` that `make serve` runs, so the
-#             image always carries a working default model (built at image build time, never at run time).
-#   runtime - NVIDIA CUDA + cuDNN base, only the `serve` extra (no torch, no training code), non-root.
+# Three stages:
+#   requirements - the `train` and `serve` dependency lists, read from pyproject.toml, so that the install
+#                  layers are cached on those lists rather than on the whole file (dev tools, linter
+#                  settings and the version change often; the dependencies rarely).
+#   model        - CPU-only torch; runs the same `python -m training pretrained` that `make serve` runs, so
+#                  the image always carries a working default model (built at build time, never at run time).
+#   runtime      - NVIDIA CUDA + cuDNN base, only the `serve` extra (no torch, no training code), non-root.
 #
 # GPU:  docker compose up                       (see docker-compose.yml)
 # CPU:  docker compose -f docker-compose.yml -f docker-compose.cpu.yml up
@@ -16,6 +19,14 @@
 # branch, CUDA 13.0's minimum) and the NVIDIA Container Toolkit.
 ARG RUNTIME_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 ARG BUILD_BASE=python:3.11-slim-bookworm
+
+############################################################################################
+FROM ${BUILD_BASE} AS requirements
+
+WORKDIR /requirements
+COPY pyproject.toml deploy/docker/requirements.py ./
+RUN python requirements.py pyproject.toml train > train.txt \
+    && python requirements.py pyproject.toml serve > serve.txt
 
 ############################################################################################
 FROM ${BUILD_BASE} AS model
@@ -38,19 +49,15 @@ WORKDIR /build
 RUN pip install --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# Dependencies first, cached until pyproject.toml changes, then the source. setuptools reads the README
-# that pyproject.toml names; an empty stand-in here keeps README edits from re-running this step (the real
-# file is copied with the source).
-COPY pyproject.toml ./
-# DL3013 (pin pip versions) does not apply: this installs the project itself, whose pins are pyproject's.
+# Dependencies first (cached until the train extra's list changes), then the source. The export runs
+# the training package from this directory: it is not installed, so only training/ changes re-run it.
+COPY --from=requirements /requirements/train.txt ./
+# DL3013 (pin pip versions) does not apply: the pins are pyproject.toml's.
 # hadolint ignore=DL3013
-RUN touch README.md && pip install ".[train]"
+RUN pip install -r train.txt
 
-COPY README.md ./
 COPY training/ training/
-# hadolint ignore=DL3013
-RUN pip install --no-deps ".[train]" \
-    && python -m training pretrained --out "models/${DEFAULT_MODEL}"
+RUN python -m training pretrained --out "models/${DEFAULT_MODEL}"
 
 ############################################################################################
 FROM ${RUNTIME_BASE} AS runtime
@@ -77,15 +84,13 @@ RUN apt-get update \
 
 WORKDIR /opt/convserve/src
 
-# Dependency layer: rebuilt only when pyproject.toml changes (an empty README stand-in, as in the model
-# stage). With no package source copied yet, this installs the serve extra's dependencies and an empty
-# project.
-COPY pyproject.toml ./
+# Dependency layer: rebuilt only when the serve extra's list changes (see the requirements stage).
+COPY --from=requirements /requirements/serve.txt ./
 # hadolint ignore=DL3013
-RUN touch README.md && pip install ".[serve]"
+RUN pip install -r serve.txt
 
 # The service source, installed without touching the cached dependencies.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY service/ service/
 # hadolint ignore=DL3013
 RUN pip install --no-deps ".[serve]"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -54,10 +56,35 @@ def test_hadolint_flags_a_known_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout
 
 
-def test_build_is_multi_stage_with_a_model_stage_and_a_runtime_stage(
+def test_build_is_multi_stage_with_requirements_model_and_runtime_stages(
     build_stages: dict[str, Stage],
 ) -> None:
-    assert list(build_stages) == ["model", "runtime"]
+    assert list(build_stages) == ["requirements", "model", "runtime"]
+
+
+def test_requirements_stage_writes_the_lists_the_other_stages_install(build_stages: dict[str, Stage]) -> None:
+    runs = " ".join(build_stages["requirements"].runs())
+    for extra in ("train", "serve"):
+        assert f"python requirements.py pyproject.toml {extra} > {extra}.txt" in runs
+        stage = build_stages["model" if extra == "train" else "runtime"]
+        copied = stage.index_of(f"COPY --from=requirements /requirements/{extra}.txt ./")
+        assert copied < stage.index_of(f"RUN pip install -r {extra}.txt")
+
+
+def test_requirements_script_lists_the_base_dependencies_and_the_extra() -> None:
+    sys.path.insert(0, str(REPO_ROOT / "deploy" / "docker"))
+    try:
+        from requirements import requirements  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    text = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    project = tomllib.loads(text)["project"]
+    serve = requirements(text, ["serve"])
+    assert serve == project["dependencies"] + project["optional-dependencies"]["serve"]
+    assert not any(line.startswith("torch") for line in serve)
+    assert "torch==2.14.1" in requirements(text, ["train"])
+    with pytest.raises(SystemExit, match="unknown extra"):
+        requirements(text, ["servee"])
 
 
 def test_model_stage_installs_cpu_torch_before_the_train_extra(
@@ -66,7 +93,7 @@ def test_model_stage_installs_cpu_torch_before_the_train_extra(
     model = build_stages["model"]
     runs = model.runs()
     torch_install = next(n for n, r in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in r)
-    train_install = next(n for n, r in enumerate(runs) if 'pip install ".[train]"' in r)
+    train_install = runs.index("pip install -r train.txt")
     assert torch_install < train_install
     args = arg_defaults(dockerfile_text)
     assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
@@ -112,10 +139,13 @@ def test_runtime_stage_installs_only_the_serve_extra_with_dependencies_cached_be
     runtime = build_stages["runtime"]
     text = "\n".join(runtime.instructions)
     assert "[train]" not in text and "torch" not in text and "COPY training" not in text
-    deps = runtime.index_of('RUN touch README.md && pip install ".[serve]"')
-    assert runtime.index_of("COPY pyproject.toml ./") < deps
-    # The README comes after the dependency layer, so editing it does not reinstall the dependencies.
-    assert deps < runtime.index_of("COPY README.md ./") < runtime.index_of("COPY service/ service/")
+    deps = runtime.index_of("RUN pip install -r serve.txt")
+    # pyproject.toml and the README come after the dependency layer: editing them does not reinstall.
+    assert (
+        deps
+        < runtime.index_of("COPY pyproject.toml README.md ./")
+        < runtime.index_of("COPY service/ service/")
+    )
     assert runtime.index_of("COPY service/ service/") < runtime.index_of(
         'RUN pip install --no-deps ".[serve]"'
     )

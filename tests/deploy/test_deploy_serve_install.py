@@ -30,35 +30,47 @@ from livetestserver import export_tiny_model, free_port
 pytestmark = pytest.mark.slow
 
 INSTALL_WORKDIR = "/opt/convserve/src"
+REQUIREMENTS_WORKDIR = "/requirements"
 START_TIMEOUT_S = 180.0
 
 
-def runtime_install_steps() -> list[str]:
-    """The runtime stage's instructions from `WORKDIR /opt/convserve/src` up to the next WORKDIR."""
-    runtime = stages(DOCKERFILE.read_text(encoding="utf-8"))["runtime"]
-    start = runtime.index_of(f"WORKDIR {INSTALL_WORKDIR}") + 1
+def stage_steps(name: str, workdir: str) -> list[str]:
+    """A stage's instructions from `WORKDIR workdir` up to the next WORKDIR."""
+    stage = stages(DOCKERFILE.read_text(encoding="utf-8"))[name]
+    start = stage.index_of(f"WORKDIR {workdir}") + 1
     steps = []
-    for instruction in runtime.instructions[start:]:
+    for instruction in stage.instructions[start:]:
         if instruction.startswith("WORKDIR "):
             break
         steps.append(instruction)
     return steps
 
 
-def replay(steps: list[str], workdir: Path, environment: Path) -> None:
-    """Run COPY (from the repository) and RUN (with the new environment first on PATH) in `workdir`."""
+def runtime_install_steps() -> list[str]:
+    """The runtime stage's instructions from `WORKDIR /opt/convserve/src` up to the next WORKDIR."""
+    return stage_steps("runtime", INSTALL_WORKDIR)
+
+
+def replay(steps: list[str], workdir: Path, environment: Path, stage_dirs: dict[str, Path]) -> None:
+    """Run COPY (from the repository, or from an earlier stage replayed into `stage_dirs`) and RUN (with
+    the new environment first on PATH) in `workdir`."""
     env = {
         "PATH": f"{environment / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
     for step in steps:
         keyword, _, rest = step.partition(" ")
-        if keyword == "COPY" and not rest.startswith("--from"):
+        if keyword == "COPY":
             *sources, destination = shlex.split(rest)
             if os.path.isabs(destination):
                 continue  # files placed outside the install directory (models, healthcheck) are not needed
+            origin = REPO_ROOT
+            if sources[0].startswith("--from="):
+                stage = sources.pop(0).removeprefix("--from=")
+                origin = stage_dirs[stage]  # its files are named by absolute paths inside the stage
+                sources = [source.removeprefix(REQUIREMENTS_WORKDIR + "/") for source in sources]
             for source in sources:
-                copy_into(REPO_ROOT / source, workdir / destination)
+                copy_into(origin / source, workdir / destination)
         elif keyword == "RUN":
             result = subprocess.run(
                 rest,
@@ -90,10 +102,12 @@ def runtime_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     root = tmp_path_factory.mktemp("runtime-image")
     environment = root / "venv"
     venv.create(environment, with_pip=True)
-    workdir = root / "src"
+    workdir, requirements = root / "src", root / "requirements"
     workdir.mkdir()
+    requirements.mkdir()
     try:
-        replay(runtime_install_steps(), workdir, environment)
+        replay(stage_steps("requirements", REQUIREMENTS_WORKDIR), requirements, environment, {})
+        replay(runtime_install_steps(), workdir, environment, {"requirements": requirements})
         yield environment
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -101,7 +115,7 @@ def runtime_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 
 def test_runtime_install_steps_are_the_serve_extra_commands() -> None:
     runs = [step for step in runtime_install_steps() if step.startswith("RUN ")]
-    assert runs == ['RUN touch README.md && pip install ".[serve]"', 'RUN pip install --no-deps ".[serve]"']
+    assert runs == ["RUN pip install -r serve.txt", 'RUN pip install --no-deps ".[serve]"']
 
 
 def test_runtime_environment_has_the_service_but_no_torch_or_training(runtime_environment: Path) -> None:

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -137,6 +137,7 @@ class Container:
     name: str
     port: int
     started_at: float
+    ready_s: float | None = None  # seconds from `docker run` to /readyz 200, once known
 
     @property
     def url(self) -> str:
@@ -174,9 +175,8 @@ def run_container(port: int, env: dict[str, str], extra: tuple[str, ...] = ()) -
         docker("rm", "-f", name, check=False)
 
 
-def wait_for(condition_name: str, check: object, timeout_s: float, container: Container) -> float:
+def wait_for(condition_name: str, check: Callable[[], bool], timeout_s: float, container: Container) -> float:
     """Poll `check()` until it is true; seconds since the container started. Fails with the log."""
-    assert callable(check)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():

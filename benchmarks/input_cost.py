@@ -229,10 +229,13 @@ def _median(values: list[float | None]) -> float | None:
 def summarize_case(
     case: HostileCase, attempts: list[Attempt], reference: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Per-case row: statuses, medians of time/CPU/memory, and ratios to the reference photo."""
+    """Per-case row: statuses, median time and CPU, largest memory increase, ratios to the reference."""
     statuses = [attempt.status for attempt in attempts]
     cpu = _median([attempt.cpu_s for attempt in attempts])
-    memory = _median([attempt.rss_increase_mb for attempt in attempts])
+    # The largest increase, not the median: after the first attempt the allocator often still holds
+    # the pages it needs, so repeats understate what the file costs a server meeting it first.
+    increases = [attempt.rss_increase_mb for attempt in attempts if attempt.rss_increase_mb is not None]
+    memory = max(increases) if increases else None
     row: dict[str, Any] = {
         "name": case.name,
         "description": case.description,

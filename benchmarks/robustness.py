@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PHASES = ("corpus", "overload", "slowloris", "sigterm")
 REFERENCE = "reference_jpeg_2mp"
+RESTART_ABOVE_BASELINE_MB = 64.0
+"""A corpus server whose RSS stays this far above its warmed-up baseline is replaced before the next case."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +127,32 @@ async def _attempts(
     return attempts
 
 
-async def corpus_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+async def _fresh_corpus_server(
+    factory: ServerFactory, config: RobustnessConfig
+) -> tuple[ServerProcess, float]:
+    """A started, warmed-up server and its RSS then (the baseline later cases are compared with)."""
     server = factory.new("corpus")
-    restarts: list[str] = []
+    server.start()
+    await _attempts(server, case_named(REFERENCE), 3, config)  # first requests allocate pools
+    return server, tree_rss_mb(server.pid) or 0.0
+
+
+def _restart_reason(server: ServerProcess, row: dict[str, Any], baseline_mb: float) -> str | None:
+    if row["server_died"] or row["errors"] or not server.alive():
+        # A timed-out request may still be burning CPU: the next case needs an idle server.
+        return "died or failed"
+    kept = (tree_rss_mb(server.pid) or 0.0) - baseline_mb
+    if kept > RESTART_ABOVE_BASELINE_MB:
+        # The allocator keeps freed pages: the next case would reuse them and show no RSS increase.
+        return f"kept {kept:.0f} MB"
+    return None
+
+
+async def corpus_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    server, baseline = await _fresh_corpus_server(factory, config)
+    restarts: dict[str, str] = {}
     try:
-        server.start()
         reference_case = case_named(REFERENCE)
-        await _attempts(server, reference_case, 3, config)  # warm-up: first requests allocate pools
         reference_attempts = await _attempts(server, reference_case, config.reference_repeats, config)
         reference = summarize_case(reference_case, reference_attempts, None)
         rows = []
@@ -151,12 +172,12 @@ async def corpus_phase(factory: ServerFactory, config: RobustnessConfig) -> dict
                 row["rss_increase_mb"],
                 f" errors {row['errors']}" if row["errors"] else "",
             )
-            if row["server_died"] or row["errors"] or not server.alive():
-                # A timed-out request may still be burning CPU; a fresh server keeps the next case clean.
-                restarts.append(case.name)
+            reason = _restart_reason(server, row, baseline)
+            if reason:
+                log.info("restarting the server after %s (%s)", case.name, reason)
+                restarts[case.name] = reason
                 server.kill()
-                server = factory.new("corpus")
-                server.start()
+                server, baseline = await _fresh_corpus_server(factory, config)
         return {"reference": reference, "cases": rows, "server_restarted_after": restarts}
     finally:
         server.stop()

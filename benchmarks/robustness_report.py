@@ -57,7 +57,12 @@ def _overload_figures(results: Row) -> list[tuple[str, str]]:
         ("2× load: answered per second", _fmt(o.get("answered_per_s"), 1, " img/s")),
         (
             "2× load: answered / 503 / lost",
-            f"{o['answered']:,} / {o['refused']:,} / {o['lost_total']:,} of {o['requests']:,}",
+            f"{o['answered']:,} / {o['refused']:,} / {o['lost_total']:,} of {o['requests']:,} sent"
+            + (
+                f" ({o['skipped_client_backlog']:,} unsent: too many outstanding)"
+                if o.get("skipped_client_backlog")
+                else ""
+            ),
         ),
         ("2× load: 503 latency p50 / p99", f"{_seconds(refused['p50_ms'])} / {_seconds(refused['p99_ms'])}"),
         (

@@ -37,8 +37,8 @@ from training.data import Batches, LabelledImages, load_dataset, make_loaders, p
 from training.distributed import Ranks, process_group
 from training.export import export_onnx, publish_version
 from training.finetune import FitResult, Progress, fine_tune
-from training.report import build_metrics, plot_training, write_metrics
-from training.spec import INPUT_NAME, OUTPUT_NAME, EvalSpec
+from training.report import build_metrics, onnx_validation, plot_training, write_metrics
+from training.spec import EvalSpec
 from training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -220,27 +220,6 @@ def _run(run: _Run, on_epoch_end: Callable[[Progress], None] | None) -> Path:
     return Path(ranks.share(str(version_dir)))
 
 
-def _onnx_validation(path: Path, val_loader: Batches, torch_logits: torch.Tensor) -> dict[str, float]:
-    """Accuracy of the exported file itself on the whole validation set (not only the parity batch),
-    and how often its top-1 agrees with PyTorch's."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    predictions, labels = [], []
-    for images, batch_labels in val_loader:
-        logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0]
-        predictions.append(torch.from_numpy(logits).argmax(dim=1))
-        labels.append(batch_labels)
-    onnx_top1, truth = torch.cat(predictions), torch.cat(labels)
-    agreement = float((onnx_top1 == torch_logits.argmax(dim=1)).float().mean())
-    if agreement < 1.0:
-        logger.warning("ONNX and PyTorch top-1 differ on %.2f%% of validation images", 100 * (1 - agreement))
-    return {
-        "onnx_val_accuracy": float((onnx_top1 == truth).float().mean()),
-        "onnx_top1_agreement": agreement,
-    }
-
-
 def _log_summary(result: FitResult, metrics: dict[str, Any]) -> None:
     for phase in metrics["phases"]:
         logger.info("%s phase: best val accuracy %.4f", phase["name"], phase["best_val_accuracy"] or 0.0)
@@ -284,7 +263,7 @@ def _write_outputs(
         extra_metadata=_extra_metadata(config, dataset),
     )
     metrics["parity_max_abs_diff"] = metadata["parity_max_abs_diff"]
-    metrics.update(_onnx_validation(run_dir / "model.onnx", val_loader, logits))
+    metrics.update(onnx_validation(run_dir / "model.onnx", val_loader, logits))
     metrics["wall_time_seconds"] = round(time.perf_counter() - started, 1)
     write_metrics(metrics, run_dir / "metrics.json")
     plot_training(metrics, run_dir / "training.png")

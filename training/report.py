@@ -1,8 +1,10 @@
-"""What a person looks at after a run: `metrics.json` and `training.png`."""
+"""What a person looks at after a run: `metrics.json` (including how the exported file itself scores)
+and `training.png`."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.data import Batches
 from training.finetune import FitResult
+from training.spec import INPUT_NAME, OUTPUT_NAME
+
+logger = logging.getLogger(__name__)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -59,6 +65,27 @@ def build_metrics(
         "skipped_images": len(skipped_images),
         "skipped_files": skipped_images[:100],
         **extra,
+    }
+
+
+def onnx_validation(path: Path, val_loader: Batches, torch_logits: torch.Tensor) -> dict[str, float]:
+    """Accuracy of the exported file itself on the whole validation set (not only the parity batch),
+    and how often its top-1 agrees with PyTorch's."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predictions, labels = [], []
+    for images, batch_labels in val_loader:
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0]
+        predictions.append(torch.from_numpy(logits).argmax(dim=1))
+        labels.append(batch_labels)
+    onnx_top1, truth = torch.cat(predictions), torch.cat(labels)
+    agreement = float((onnx_top1 == torch_logits.argmax(dim=1)).float().mean())
+    if agreement < 1.0:
+        logger.warning("ONNX and PyTorch top-1 differ on %.2f%% of validation images", 100 * (1 - agreement))
+    return {
+        "onnx_val_accuracy": float((onnx_top1 == truth).float().mean()),
+        "onnx_top1_agreement": agreement,
     }
 
 

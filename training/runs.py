@@ -40,7 +40,7 @@ def is_run_dir(directory: Path) -> bool:
 
 
 def clear_outputs(run_dir: Path) -> None:
-    """Remove what an earlier, failed export left next to the checkpoint."""
+    """Remove everything but the checkpoint (what a failed export or an interrupted write left)."""
     for child in run_dir.iterdir():
         if child.name != CHECKPOINT_FILENAME:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -49,6 +49,7 @@ def clear_outputs(run_dir: Path) -> None:
 def leave(run_dir: Path, error: BaseException) -> None:
     """After a run stopped unpublished: keep a resumable checkpoint, remove anything else."""
     if (run_dir / CHECKPOINT_FILENAME).is_file():
+        clear_outputs(run_dir)  # a half-written export or checkpoint file is of no use to --resume
         logger.warning(
             "run stopped (%s); %s holds the checkpoint of the last completed epoch, continue with: "
             "python -m training fit --resume %s",

@@ -19,10 +19,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tests.training.images import write_image_folder
 from training.checkpoint import CHECKPOINT_FILENAME, load_checkpoint
 from training.config import RunConfig
+from training.distributed import Ranks
 from training.pipeline import fit
 
 SETTINGS = {"backbone": "lenet5", "pretrained": False, "image_size": 32, "frozen_epochs": 1,
@@ -99,3 +102,32 @@ def test_one_process_at_the_same_effective_batch_takes_the_same_steps(
             assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-3)
             assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-3)
             assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 1 / 6 + 1e-9  # one of 6 images
+
+
+def _collectives(rank: int, world_size: int, directory: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world_size
+    )
+    try:
+        ranks = Ranks(rank, world_size, torch.device("cpu"))
+        norm = torch.nn.BatchNorm2d(2)
+        norm.running_mean.fill_(float(rank))  # what each shard's BatchNorm learned differs
+        norm.running_var.fill_(1.0 + 2 * rank)
+        ranks.average_buffers(norm)
+        result = {
+            "mean": norm.running_mean.tolist(),
+            "var": norm.running_var.tolist(),
+            "sum": ranks.sum([1.0, rank]),
+            "shared": ranks.share(f"from rank {rank}"),
+        }
+        (Path(directory) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_average_trained_batchnorm_and_sum_metrics_over_gloo(tmp_path: Path) -> None:
+    mp.spawn(_collectives, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["mean"] == [0.5, 0.5] and result["var"] == [2.0, 2.0]
+        assert result["sum"] == [2.0, 1.0] and result["shared"] == "from rank 0"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import logging.config
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.errors import StartupError
 from service.logging_config import log_config
+from service.metrics import MULTIPROCESS_DIR_ENV
 from service.protocol import GuardedHttpToolsProtocol
 from service.repository import resolve_model
 from service.settings import Settings
@@ -85,7 +88,10 @@ def main() -> None:
         if not server.started:
             raise SystemExit(_STARTUP_FAILURE)
     else:
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+        # A fresh directory per start: values left by an earlier run must not be counted again.
+        with tempfile.TemporaryDirectory(prefix="convserve-metrics-") as directory:
+            os.environ[MULTIPROCESS_DIR_ENV] = directory  # read by each worker as it starts
+            uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
 
 
 if __name__ == "__main__":

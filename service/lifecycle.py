@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from service.batching import DynamicBatcher
 from service.errors import StartupError
+from service.metrics import forget_dead_workers, forget_worker
 from service.predictor import Predictor
 from service.preprocessing import ImagePreprocessor
 from service.protocol import LIMITS_STATE_KEY, ConnectionLimits
@@ -46,6 +47,7 @@ def check_gpu(model: OnnxModel, require_gpu: bool) -> None:
 async def start(state: ServiceState) -> asyncio.Task[None]:
     """Load the model and start batching; returns the warmup task."""
     settings = state.settings
+    forget_dead_workers()
     location = resolve_model(settings.model_repository, settings.model_name, settings.model_version)
     model = await asyncio.to_thread(load_model, location.path, settings.providers, settings.intra_op_threads)
     check_gpu(model, settings.require_gpu)
@@ -123,6 +125,7 @@ async def stop(state: ServiceState, warmup: asyncio.Task[None] | None) -> None:
         await state.batcher.close(timeout_s=state.settings.request_timeout_s)
     if state.decode_executor is not None:
         state.decode_executor.shutdown(wait=False, cancel_futures=True)
+    forget_worker()
     logger.info("stopped")
 
 

@@ -2,13 +2,26 @@
 
 Tests give each app a fresh `CollectorRegistry`, so nothing leaks between them. Names follow the
 issue's contract exactly (base units, `_seconds`, `_total`).
+
+With several uvicorn workers, each process only sees its own events, so `python -m service` gives the
+workers prometheus-client's multiprocess mode (a fresh `PROMETHEUS_MULTIPROC_DIR` per start): every
+process writes its values to files there, and a scrape, whichever worker answers it, aggregates all
+of them — counters and histograms summed, gauges by the mode declared on each. A worker that stops
+or dies leaves its counts in the totals but its live gauges are removed.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REJECT_REASONS = ("queue_full", "timeout", "bad_input", "slow_client", "too_many_connections")
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's own switch: set before the workers start, it puts every process's values there."""
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -68,7 +81,10 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "convserve_queue_depth", "Images waiting in the batching queue.", registry=registry
+            "convserve_queue_depth",
+            "Images admitted and not yet in a batch (waiting to be decoded, decoding, or queued).",
+            registry=registry,
+            multiprocess_mode="livesum",  # the process group's queue is the sum of the workers'
         )
         self.rejected = Counter(
             "convserve_rejected_total",
@@ -82,6 +98,7 @@ class Metrics:
             "The served model; the value is always 1.",
             ["name", "version", "provider"],
             registry=registry,
+            multiprocess_mode="livemax",  # one series per model, not one per worker
         )
         self.predictions = Counter(
             "convserve_predictions_total",
@@ -97,3 +114,42 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)  # export zeros so rate() works from the first scrape
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this registry, or every worker's values in multiprocess mode."""
+        if not os.environ.get(MULTIPROCESS_DIR_ENV):
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of worker processes that no longer exist (no-op outside multiprocess mode).
+
+    A worker that stops cleanly calls `forget_worker` itself; one that crashed is cleaned up here
+    by whichever worker starts next (uvicorn replaces dead workers).
+    """
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if not directory:
+        return
+    for path in Path(directory).iterdir():
+        match = _LIVE_GAUGE_FILE.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            multiprocess.mark_process_dead(int(match.group(1)), directory)
+
+
+def forget_worker() -> None:
+    """Remove this process's live gauges at a clean shutdown (no-op outside multiprocess mode)."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        multiprocess.mark_process_dead(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -18,6 +18,8 @@ commands:
   fit         fine-tune a pretrained CNN on an image folder (or demo:digits) and export it
   export      re-export a checkpoint written by fit
   pretrained  export the ImageNet EfficientNet-Lite0 (the service's out-of-the-box model)
+
+data-parallel on N GPUs or CPU processes: torchrun --nproc_per_node N -m training fit ...
 """
 
 
@@ -203,6 +205,7 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--resume",
         type=Path,
+        metavar="RUN",
         help="continue a stopped run from its last completed epoch: OUT/.run-*/ (or its checkpoint.pt, "
         "or a version's) with the run's own configuration; only --out, --workers and --device may "
         "change (default: a new run)",

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _history(version: Path) -> list[list[dict]]:
     return [[{k: v for k, v in e.items() if k != "seconds"} for e in p["epochs"]] for p in phases]
 
 
-def _stop_after(epochs: int, how: str):  # type: ignore[no-untyped-def]
+def _stop_after(epochs: int, how: str) -> Callable[[Progress], None]:
     def on_epoch_end(progress: Progress) -> None:
         if sum(len(phase.epochs) for phase in progress.phases) == epochs:
             if how == "SIGTERM":

@@ -60,7 +60,13 @@ async def post_photo(session: aiohttp.ClientSession, url: str, photo: Photo) -> 
             await response.read()
             return response.status, None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return None, type(exc).__name__
+        return None, error_kind(exc)
+
+
+def error_kind(exc: BaseException) -> str:
+    """`ClientOSError(errno 104)`: the class, plus the errno that tells a reset from a refusal."""
+    errno = getattr(exc, "errno", None)
+    return f"{type(exc).__name__}(errno {errno})" if errno else type(exc).__name__
 
 
 def client_session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
@@ -133,4 +139,5 @@ def summarize_outcomes(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "refused_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["refused"]]),
         "answered_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["answered"]]),
         "lost_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["lost"]]),
+        "connection_error_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["connection_error"]]),
     }

@@ -68,3 +68,28 @@ async def scrape(base_url: str, timeout_s: float = 10.0) -> dict[str, HistogramT
             return {}
         response.raise_for_status()
         return parse_histogram_totals(await response.text())
+
+
+def counter_by_label(text: str, name: str, label: str) -> dict[str, float]:
+    """A counter's samples in a text exposition, keyed by one label's value (summed over the others)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name.removesuffix("_total"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = sample.labels.get(label, "")
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+async def scrape_counter(base_url: str, name: str, label: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """GET `/metrics` and read one counter by label; {} when the server cannot be scraped."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(f"{base_url}/metrics") as response,
+        ):
+            return counter_by_label(await response.text(), name, label) if response.status == 200 else {}
+    except (aiohttp.ClientError, TimeoutError):
+        return {}

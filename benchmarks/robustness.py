@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.corpus import build_corpus
 from benchmarks.hostile_inputs import HostileCase, case_named, cost_probes, hostile_cases
 from benchmarks.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
@@ -30,6 +32,7 @@ from benchmarks.loadgen import run_concurrency
 from benchmarks.machine import describe_machine, git_commit
 from benchmarks.overload import client_session, open_loop, summarize_outcomes
 from benchmarks.processes import LOOPBACK, ResourceSampler, ServerProcess, free_port, python_module_command
+from benchmarks.promtext import scrape_counter
 from benchmarks.robustness_targets import check_targets
 from benchmarks.runner import other_processes_cpu
 from benchmarks.sigterm_drain import sigterm_under_load
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("corpus", "overload", "slowloris", "sigterm")
 REFERENCE = "reference_jpeg_2mp"
+REJECTED_COUNTER = "convserve_rejected_total"
 RESTART_ABOVE_BASELINE_MB = 64.0
 """A corpus server whose RSS stays this far above its warmed-up baseline is replaced before the next case."""
 
@@ -196,10 +200,15 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
         log.info("capacity %.1f img/s at 32 clients; open loop at %.1f req/s", capacity.img_per_s, rate)
         await asyncio.sleep(2.0)
         rss_before = tree_rss_mb(server.pid)
+        rejected_before = await scrape_counter(server.base_url, REJECTED_COUNTER, "reason")
+        client_cpu = psutil.Process().cpu_times()
+        started = time.perf_counter()
         async with ResourceSampler(server.pid, interval_s=0.25) as sampler:
             outcomes, skipped = await open_loop(url, photos, rate, config.soak_seconds)
+        client_cpu_percent = 100 * _cpu_since(client_cpu) / (time.perf_counter() - started)
         await asyncio.sleep(2.0)
         rss_after = tree_rss_mb(server.pid)
+        rejected_after = await scrape_counter(server.base_url, REJECTED_COUNTER, "reason")
         assert sampler.result is not None
         return {
             "capacity_img_per_s_at_32": round(capacity.img_per_s, 2),
@@ -213,7 +222,20 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
             "rss_after_mb": None if rss_after is None else round(rss_after, 1),
             "rss_max_mb": sampler.result.rss_mb_peak,
             "server_cpu_percent": sampler.result.cpu_percent_mean,
+            "client_cpu_percent": round(client_cpu_percent, 1),
+            # The server's own count of refusals by reason, where it exports one (after issue 8).
+            "server_rejected_by_reason": {
+                reason: round(count - rejected_before.get(reason, 0.0))
+                for reason, count in rejected_after.items()
+                if count > rejected_before.get(reason, 0.0)
+            },
         }
+
+
+def _cpu_since(start: Any) -> float:
+    """CPU seconds this process (the load generator) used since `start` (a psutil cpu_times)."""
+    now = psutil.Process().cpu_times()
+    return float(now.user + now.system - start.user - start.system)
 
 
 async def slowloris_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:

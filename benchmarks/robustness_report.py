@@ -40,7 +40,10 @@ def _case_figure(results: Row, name: str) -> str:
 
 def _worst_figure(results: Row, key: str) -> str:
     row = worst(small_file_rows(results), key)
-    return "–" if row is None else f"{row[key]:g} × (`{row['name']}`)"
+    if row is None:
+        return "–"
+    absolute = f"{row['cpu_s']:.3f} s" if key == "cpu_ratio" else f"+{row['rss_increase_mb']:.1f} MB"
+    return f"{row[key]:g} × (`{row['name']}`, {absolute})"
 
 
 def _overload_figures(results: Row) -> list[tuple[str, str]]:
@@ -143,9 +146,11 @@ def key_figures(results: Row) -> list[tuple[str, str]]:
 
 def _describe_run(results: Row) -> str:
     machine = results.get("machine") or {}
+    others = sum(entry["cpu_percent"] for entry in results.get("other_processes_cpu_before") or [])
     return (
-        f"{results.get('created', '?')[:10]}, service at `{results.get('service_commit') or '?'}`, "
-        f"{machine.get('cpu_model', '?')} × {machine.get('logical_cpus', '?')}"
+        f"{results.get('created', '?')[:16].replace('T', ' ')} UTC, service at "
+        f"`{results.get('service_commit') or '?'}`, {machine.get('cpu_model', '?')} × "
+        f"{machine.get('logical_cpus', '?')}, other processes using {others:.0f} % CPU at the start"
     )
 
 

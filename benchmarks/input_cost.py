@@ -16,6 +16,7 @@ to allocate tens of gigabytes for one hostile file, and the machine is shared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import statistics
@@ -142,7 +143,8 @@ class MemoryWatch:
                 log.warning("server RSS %.0f MB passed the %.0f MB cap: killing it", rss, self.kill_above_mb)
                 self.killed = True
                 for process in reversed(_tree(self.pid)):
-                    process.kill()
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
                 return
             await asyncio.sleep(self.interval_s)
 

@@ -214,7 +214,7 @@ def _run(run: _Run, on_epoch_end: Callable[[Progress], None] | None) -> Path:
             save(Progress(result.phases, result.best_state, None, None, None))  # finished: nothing to carry
             version_dir = publish_version(run_dir, Path(config.out))
     except BaseException as error:
-        runs.leave(run_dir, error)
+        runs.leave(run_dir, error, ranks.world_size)
         raise
     logger.info("published %s in %.0f s", version_dir, time.perf_counter() - started)
     return Path(ranks.share(str(version_dir)))

@@ -46,15 +46,17 @@ def clear_outputs(run_dir: Path) -> None:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def leave(run_dir: Path, error: BaseException) -> None:
+def leave(run_dir: Path, error: BaseException, world_size: int) -> None:
     """After a run stopped unpublished: keep a resumable checkpoint, remove anything else."""
     if (run_dir / CHECKPOINT_FILENAME).is_file():
         clear_outputs(run_dir)  # a half-written export or checkpoint file is of no use to --resume
+        launcher = f"torchrun --nproc_per_node {world_size} -m" if world_size > 1 else "python -m"
         logger.warning(
             "run stopped (%s); %s holds the checkpoint of the last completed epoch, continue with: "
-            "python -m training fit --resume %s",
+            "%s training fit --resume %s",
             type(error).__name__,
             run_dir / CHECKPOINT_FILENAME,
+            launcher,
             run_dir,
         )
     else:

@@ -1,4 +1,5 @@
-"""Datasets: an ImageFolder on disk or `demo:digits`, split, checked and wrapped for training.
+"""Datasets: an ImageFolder on disk or `demo:digits`, split, checked and wrapped for training, and
+the loaders that hand each training process its shard.
 
 Every problem that would waste a training run is raised here, before any training: a missing
 directory, fewer than two classes, an empty class. Unreadable or corrupt image files are skipped

@@ -20,10 +20,10 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.errors import StartupError
+from service.lifecycle import check_repository
 from service.logging_config import log_config
 from service.metrics import MULTIPROCESS_DIR_ENV
 from service.protocol import GuardedHttpToolsProtocol
-from service.repository import resolve_model
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -65,12 +65,17 @@ def main() -> None:
     logging.config.dictConfig(config)
     settings = _settings_or_exit()
     try:  # fail here, with a clean message, rather than inside every worker
-        location = resolve_model(settings.model_repository, settings.model_name, settings.model_version)
+        names = check_repository(settings)
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     logger.info(
-        "serving %s version %d on %s:%d", location.name, location.version, settings.host, settings.port
+        "serving %s (versions: %s, model control: %s) on %s:%d",
+        ", ".join(names),
+        settings.policy,
+        settings.model_control,
+        settings.host,
+        settings.port,
     )
     options: dict[str, Any] = {
         "host": settings.host,

@@ -10,7 +10,7 @@ from service.error_handlers import install_error_handlers
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.routes import health, metrics, predict, v2
+from service.routes import health, metrics, predict, repository, v2
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -23,7 +23,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.state.convserve = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=collectors)
-    for router in (predict.router, health.router, v2.router, metrics.router):
+    for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
         app.include_router(router)
     return app
 

@@ -37,7 +37,7 @@ from service.errors import (
     ServiceError,
     ServiceUnavailableError,
 )
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
-        metrics: Metrics | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0:
             raise ValueError(

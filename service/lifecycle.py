@@ -1,132 +1,90 @@
-"""Start-up and shutdown of the model: load, check, warm up, batch; then drain.
+"""Start-up and shutdown: check the repository, load and warm every model, keep them in sync; drain.
 
-Loading happens before the server accepts traffic, so a bad repository or REQUIRE_GPU refuses to
-start. Warmup runs in the background: `/healthz` answers meanwhile and `/readyz` turns 200 only
-once every batch size the batcher can form has run once.
+The repository is checked before the server accepts traffic, so an empty or missing one refuses to
+start. Loading and warmup run in the background: `/healthz` answers meanwhile and `/readyz` turns
+200 once every model the version policy requires has a ready version. With MODEL_CONTROL=poll the
+repository is then rescanned every REPOSITORY_POLL_S; with `explicit` the V2 repository API loads
+and unloads; with `none` the start-up set stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
 
-from service.batching import DynamicBatcher
 from service.errors import StartupError
 from service.metrics import forget_dead_workers, forget_worker
-from service.predictor import Predictor
-from service.preprocessing import ImagePreprocessor
 from service.protocol import LIMITS_STATE_KEY, ConnectionLimits
-from service.repository import resolve_model
-from service.runtime import OnnxModel, load_model
+from service.repository import MODEL_FILENAME, ModelLocation, list_models, model_versions
+from service.runtime import check_gpu, load_model
+from service.settings import Settings
 from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
 
-def decode_threads() -> int:
-    """Image decoding threads: one per core, at most 4 (ORT's own threads need cores too)."""
-    return max(1, min(4, os.cpu_count() or 1))
+def models_in_scope(settings: Settings) -> list[str]:
+    """The models to serve now: CONVSERVE_MODELS, or every model in the repository."""
+    return list(settings.models) or list_models(settings.model_repository)
 
 
-def check_gpu(model: OnnxModel, require_gpu: bool) -> None:
-    """Refuse to serve on CPU when a GPU was required, quoting why ONNX Runtime fell back."""
-    if require_gpu and not model.on_gpu:
+def check_repository(settings: Settings) -> list[str]:
+    """The start-up set of models; `StartupError` saying how to fix an unusable repository."""
+    root = settings.model_repository
+    if not root.is_dir():
         raise StartupError(
-            f"CONVSERVE_REQUIRE_GPU=true but ONNX Runtime is running on {model.active_provider}; "
-            f"ONNX Runtime said: {model.provider_failure}"
+            f"model repository {str(root)!r} does not exist; build a model with "
+            f"`python -m training pretrained --out {root}/<name>` or set CONVSERVE_MODEL_REPOSITORY"
         )
+    available = list_models(root)
+    missing = [name for name in settings.models if name not in available]
+    if missing:
+        raise StartupError(
+            f"CONVSERVE_MODELS names {missing}, not in repository {str(root)!r}; available: {available}"
+        )
+    names = models_in_scope(settings)
+    if not names:
+        raise StartupError(
+            f"model repository {str(root)!r} holds no model (expected <name>/<version>/{MODEL_FILENAME}); "
+            f"build one with `python -m training pretrained --out {root}/<name>`"
+        )
+    if settings.model_name is not None and settings.model_name not in names:
+        raise StartupError(
+            f"model {settings.model_name!r} (CONVSERVE_MODEL_NAME) is not in repository {str(root)!r}; "
+            f"available: {names}"
+        )
+    return names
 
 
-async def start(state: ServiceState) -> asyncio.Task[None]:
-    """Load the model and start batching; returns the warmup task."""
-    settings = state.settings
-    forget_dead_workers()
-    location = resolve_model(settings.model_repository, settings.model_name, settings.model_version)
-    model = await asyncio.to_thread(load_model, location.path, settings.providers, settings.intra_op_threads)
-    check_gpu(model, settings.require_gpu)
-    if model.provider_failure:
-        logger.warning(
-            "%s is not active, running on %s; ONNX Runtime said: %s",
-            settings.providers[0],
-            model.active_provider,
-            model.provider_failure,
-        )
-    state.location, state.model = location, model
-    state.metrics.model_info.labels(
-        name=location.name, version=str(location.version), provider=model.active_provider
-    ).set(1)
-    state.batcher = DynamicBatcher(
-        model.run,
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_s=settings.max_queue_delay_s,
-        max_queue_size=settings.max_queue_size,
-        metrics=state.metrics,
-    )
-    await state.batcher.start()
-    state.decode_executor = ThreadPoolExecutor(decode_threads(), thread_name_prefix="convserve-decode")
-    state.predictor = Predictor(
-        metadata=model.metadata,
-        preprocessor=ImagePreprocessor.from_metadata(
-            model.metadata,
-            max_pixels=settings.max_image_pixels,
-            max_decoded_pixels=settings.max_decoded_pixels,
-        ),
-        batcher=state.batcher,
-        metrics=state.metrics,
-        decode_executor=state.decode_executor,
-        request_timeout_s=settings.request_timeout_s,
-    )
+async def control(state: ServiceState, names: list[str]) -> None:
+    """Load the start-up set, then keep the served versions in line with the repository (poll mode)."""
+    registry, settings = state.registry, state.settings
+    await registry.sync(names)
     logger.info(
-        "loaded model %s version %d from %s on %s: input %s, %d classes, backbone %s",
-        location.name,
-        location.version,
-        location.path,
-        model.active_provider,
-        list(model.metadata.input_shape),
-        model.metadata.num_classes,
-        model.metadata.backbone,
+        "serving %s; %s", registry.served(), "ready" if registry.ready else "NOT ready (see the index)"
     )
-    return asyncio.create_task(warm_up(state), name="convserve-warmup")
+    if settings.model_control != "poll":
+        return
+    while True:
+        await asyncio.sleep(settings.repository_poll_s)
+        # Models that left the repository are synced too, so that they are unloaded.
+        await registry.sync(sorted(set(models_in_scope(settings)) | set(registry.served())))
 
 
-async def warm_up(state: ServiceState) -> None:
-    """Run batch sizes 1..MAX_BATCH_SIZE once, then mark the service ready."""
-    assert state.model is not None
-    sizes = range(1, state.settings.max_batch_size + 1)
+def probe_gpu(settings: Settings, name: str) -> None:
+    """With REQUIRE_GPU, open one model's session now and refuse to start if it is not on a GPU."""
+    location = ModelLocation(name, model_versions(settings.model_repository / name)[-1])
+    model = load_model(location.path(settings.model_repository), settings.providers)
     try:
-        state.warmup_seconds = await asyncio.to_thread(state.model.warmup, sizes, state.stopping)
-    except Exception as exc:
-        state.failure = f"warmup failed: {type(exc).__name__}: {exc}"
-        logger.error("%s; the service will not become ready", state.failure)
-        return
-    if state.stopping.is_set():
-        return
-    state.ready = True
-    logger.info(
-        "warmed up batch sizes 1-%d in %.2f s; ready", state.settings.max_batch_size, state.warmup_seconds
-    )
-
-
-async def stop(state: ServiceState, warmup: asyncio.Task[None] | None) -> None:
-    """Stop taking work, finish what was accepted (bounded by REQUEST_TIMEOUT_S), release threads."""
-    state.ready = False
-    state.stopping.set()
-    if warmup is not None:
-        await warmup  # returns after the batch size being run, at most one session.run away
-    if state.batcher is not None:
-        # Every queued request's deadline is at most REQUEST_TIMEOUT_S away, which bounds the drain.
-        await state.batcher.close(timeout_s=state.settings.request_timeout_s)
-    if state.decode_executor is not None:
-        state.decode_executor.shutdown(wait=False, cancel_futures=True)
-    forget_worker()
-    logger.info("stopped")
+        check_gpu(model, require_gpu=True)
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        raise
 
 
 def connection_limits(state: ServiceState) -> ConnectionLimits:
@@ -148,15 +106,28 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        forget_dead_workers()
         try:
-            warmup = await start(state)
+            names = check_repository(state.settings)
         except StartupError as exc:
             logger.error("cannot start: %s", exc)
             raise
+        if state.settings.require_gpu:  # a deployment error: refuse to start rather than never be ready
+            await asyncio.to_thread(probe_gpu, state.settings, names[0])
+        state.registry.expect(names)
+        controller = asyncio.create_task(control(state, names), name="convserve-model-control")
         try:
             # uvicorn hands the lifespan state to every connection's protocol (service.protocol).
             yield {LIMITS_STATE_KEY: connection_limits(state)}
         finally:
-            await stop(state, warmup)
+            controller.cancel()
+            with suppress(asyncio.CancelledError):
+                await controller
+            # Requests have finished by now (uvicorn waits for them first); each version then drains
+            # its batcher, bounded by REQUEST_TIMEOUT_S.
+            await state.registry.close()
+            state.decode_executor.shutdown(wait=False, cancel_futures=True)
+            forget_worker()
+            logger.info("stopped")
 
     return lifespan

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -38,51 +41,86 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(sorted(buckets))
 
 
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The collectors one loaded model version records into, with `model` and `version` bound."""
+
+    name: str
+    version: str
+    queue_wait: Any
+    inference_duration: Any
+    preprocess_duration: Any
+    batch_size: Any
+    queue_depth: Any
+    prediction_confidence: Any
+    predictions: Counter
+
+    def count_prediction(self, label: str) -> None:
+        self.predictions.labels(model=self.name, version=self.version, label=label).inc()
+
+
 class Metrics:
     """The collectors, as attributes; labels are filled in where the events happen."""
 
+    # Collectors whose series belong to one loaded version (removed when it is unloaded).
+    _PER_VERSION = (
+        "queue_wait",
+        "inference_duration",
+        "preprocess_duration",
+        "batch_size",
+        "queue_depth",
+        "prediction_confidence",
+    )
+
     def __init__(self, registry: CollectorRegistry, max_batch_size: int) -> None:
         self.registry = registry
+        model = ["model", "version"]
         self.requests = Counter(
             "convserve_requests_total",
-            "HTTP requests by route template and status code.",
-            ["endpoint", "status"],
+            "HTTP requests by route template, status code and the model version that answered "
+            "(empty for routes that reach no model).",
+            ["endpoint", "status", *model],
             registry=registry,
         )
         self.request_duration = Histogram(
             "convserve_request_duration_seconds",
-            "Time from request arrival to the end of the response, by route template.",
-            ["endpoint"],
+            "Time from request arrival to the end of the response, by route template and model version.",
+            ["endpoint", *model],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.queue_wait = Histogram(
             "convserve_queue_wait_seconds",
             "Time a request's first images waited in the batching queue before entering a batch.",
+            model,
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.inference_duration = Histogram(
             "convserve_inference_duration_seconds",
             "Duration of one session.run call (one batch).",
+            model,
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.preprocess_duration = Histogram(
             "convserve_preprocess_duration_seconds",
             "Time to decode and preprocess one image.",
+            model,
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
             "convserve_batch_size",
             "Images per session.run call; mean batch size = sum / count.",
+            model,
             buckets=batch_size_buckets(max_batch_size),
             registry=registry,
         )
         self.queue_depth = Gauge(
             "convserve_queue_depth",
             "Images admitted and not yet in a batch (waiting to be decoded, decoding, or queued).",
+            model,
             registry=registry,
             multiprocess_mode="livesum",  # the process group's queue is the sum of the workers'
         )
@@ -95,25 +133,62 @@ class Metrics:
         )
         self.model_info = Gauge(
             "convserve_model_info",
-            "The served model; the value is always 1.",
-            ["name", "version", "provider"],
+            "One series per loaded model version with its state and execution provider; the value is 1.",
+            [*model, "state", "provider"],
             registry=registry,
-            multiprocess_mode="livemax",  # one series per model, not one per worker
+            multiprocess_mode="livemax",  # one series per version, not one per worker
+        )
+        self.model_loads = Counter(
+            "convserve_model_loads_total",
+            "Model version loads by result (success, failure).",
+            ["model", "result"],
+            registry=registry,
+        )
+        self.model_load_duration = Histogram(
+            "convserve_model_load_duration_seconds",
+            "Time to load one model version: session creation plus warmup.",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=registry,
         )
         self.predictions = Counter(
             "convserve_predictions_total",
-            "Top-1 predictions by label, for drift dashboards.",
-            ["label"],
+            "Top-1 predictions by model version and label, for drift dashboards.",
+            [*model, "label"],
             registry=registry,
         )
         self.prediction_confidence = Histogram(
             "convserve_prediction_confidence",
             "Softmax probability of the top-1 class.",
+            model,
             buckets=_CONFIDENCE_BUCKETS,
             registry=registry,
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)  # export zeros so rate() works from the first scrape
+        self._info_labels: dict[tuple[str, int], tuple[str, str, str, str]] = {}
+
+    def for_model(self, name: str, version: int) -> ModelMetrics:
+        """The collectors of one model version, labels bound."""
+        labels = {"model": name, "version": str(version)}
+        bound = {attribute: getattr(self, attribute).labels(**labels) for attribute in self._PER_VERSION}
+        bound["queue_depth"].set(0)  # exported from the start, so the series exists before the first request
+        return ModelMetrics(name=name, version=str(version), predictions=self.predictions, **bound)
+
+    def set_model_state(self, name: str, version: int, state: str, provider: str) -> None:
+        """`convserve_model_info` for one version: its current state replaces the previous one."""
+        previous = self._info_labels.pop((name, version), None)
+        if previous is not None:
+            _retire(self.model_info, previous)
+        self._info_labels[(name, version)] = (name, str(version), state, provider)
+        self.model_info.labels(*self._info_labels[(name, version)]).set(1)
+
+    def forget_model(self, name: str, version: int) -> None:
+        """Retire an unloaded version's `convserve_model_info` and queue-depth series."""
+        previous = self._info_labels.pop((name, version), None)
+        if previous is not None:
+            _retire(self.model_info, previous)
+        _retire(self.queue_depth, (name, str(version)))
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this registry, or every worker's values in multiprocess mode."""
@@ -122,6 +197,15 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
+
+
+def _retire(gauge: Gauge, labels: tuple[str, ...]) -> None:
+    """Remove a gauge series; in multiprocess mode, where prometheus-client cannot remove, zero it."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        gauge.labels(*labels).set(0)
+    else:
+        with suppress(KeyError):
+            gauge.remove(*labels)
 
 
 def forget_dead_workers() -> None:

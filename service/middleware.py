@@ -122,8 +122,10 @@ class RequestContextMiddleware:
 
     def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
         endpoint = _endpoint(scope)
-        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
+        model, version = scope.get("state", {}).get("model", ("", ""))  # set when a model answered
+        labels = {"endpoint": endpoint, "model": model, "version": version}
+        self.metrics.requests.labels(status=str(status), **labels).inc()
+        self.metrics.request_duration.labels(**labels).observe(seconds)
         level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO
         error = scope.get("state", {}).get("error")
         logger.log(

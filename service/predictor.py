@@ -19,7 +19,7 @@ import numpy as np
 from service.batching import DynamicBatcher
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.metadata import ModelMetadata
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.preprocessing import ImagePreprocessor
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Predictor:
         metadata: ModelMetadata,
         preprocessor: ImagePreprocessor,
         batcher: DynamicBatcher,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         decode_executor: ThreadPoolExecutor,
         request_timeout_s: float,
     ) -> None:
@@ -156,5 +156,5 @@ class Predictor:
     def _record(self, logits: np.ndarray) -> None:
         probabilities = softmax(logits)
         for top1, confidence in zip(probabilities.argmax(axis=1), probabilities.max(axis=1), strict=True):
-            self._metrics.predictions.labels(label=self.metadata.labels[top1]).inc()
+            self._metrics.count_prediction(self.metadata.labels[top1])
             self._metrics.prediction_confidence.observe(float(confidence))

@@ -1,7 +1,9 @@
-"""Find the model to serve in a repository laid out as `<root>/<name>/<version>/model.onnx`.
+"""The model repository on disk, `<root>/<name>/<version>/model.onnx`, and which versions to serve.
 
 Versions are positive integer directory names; a version counts only once its `model.onnx` exists
-(the exporter moves the file in last), so a half-finished export is never picked.
+(the exporter moves the file in last), so a half-finished export is never picked. Which of a
+model's versions are served is a `VersionPolicy`, in Triton's vocabulary: `latest` (the newest
+only), `latest:N`, `all`, `specific:1,3`.
 """
 
 from __future__ import annotations
@@ -9,21 +11,62 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import StartupError
-
 MODEL_FILENAME = "model.onnx"
 
 
 @dataclass(frozen=True)
 class ModelLocation:
-    """One resolved model version."""
+    """One model version on disk."""
 
     name: str
     version: int
-    path: Path
-    """The `model.onnx` file."""
-    available_versions: tuple[int, ...]
-    """Every complete version of this model in the repository, ascending."""
+
+    def path(self, root: Path) -> Path:
+        """Its `model.onnx` under repository `root`."""
+        return root / self.name / str(self.version) / MODEL_FILENAME
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model to serve: the newest `latest` ones, `specific` ones, or all."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """`latest`, `latest:N`, `all` or `specific:V[,V...]`; `ValueError` naming the forms otherwise."""
+        kind, _, argument = text.strip().lower().partition(":")
+        try:
+            if kind == "all" and not argument:
+                return cls(latest=None)
+            if kind == "latest":
+                count = int(argument) if argument else 1
+                if count >= 1:
+                    return cls(latest=count)
+            if kind == "specific":
+                versions = tuple(sorted({int(part) for part in argument.split(",") if part.strip()}))
+                if versions and versions[0] >= 1:
+                    return cls(latest=None, specific=versions)
+        except ValueError:
+            pass
+        raise ValueError(
+            f"version policy {text!r} is not one of latest, latest:N, all, specific:V[,V...] "
+            "(N and V positive integers)"
+        )
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions to serve among `versions` (ascending)."""
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        if self.latest is None:
+            return list(versions)
+        return list(versions[-self.latest :])
+
+    def __str__(self) -> str:
+        if self.specific:
+            return "specific:" + ",".join(map(str, self.specific))
+        return "all" if self.latest is None else f"latest:{self.latest}"
 
 
 def model_versions(model_dir: Path) -> list[int]:
@@ -48,40 +91,6 @@ def list_models(root: Path) -> list[str]:
     )
 
 
-def resolve_model(root: Path, name: str | None = None, version: int | None = None) -> ModelLocation:
-    """The model to serve: `name` (default: the only model) at `version` (default: the latest)."""
-    if not root.is_dir():
-        raise StartupError(
-            f"model repository {str(root)!r} does not exist; build a model with "
-            f"`python -m training pretrained --out {root}/<name>` or set CONVSERVE_MODEL_REPOSITORY"
-        )
-    models = list_models(root)
-    if not models:
-        raise StartupError(
-            f"model repository {str(root)!r} holds no model (expected <name>/<version>/{MODEL_FILENAME}); "
-            f"build one with `python -m training pretrained --out {root}/<name>`"
-        )
-    if name is None:
-        if len(models) > 1:
-            raise StartupError(
-                f"model repository {str(root)!r} holds several models {models}; "
-                "choose one with CONVSERVE_MODEL_NAME"
-            )
-        name = models[0]
-    elif name not in models:
-        raise StartupError(
-            f"model {name!r} (CONVSERVE_MODEL_NAME) is not in repository {str(root)!r}; available: {models}"
-        )
-    versions = model_versions(root / name)
-    if version is None:
-        version = versions[-1]
-    elif version not in versions:
-        raise StartupError(
-            f"model {name!r} has no version {version} (CONVSERVE_MODEL_VERSION); available: {versions}"
-        )
-    return ModelLocation(
-        name=name,
-        version=version,
-        path=root / name / str(version) / MODEL_FILENAME,
-        available_versions=tuple(versions),
-    )
+def scan(root: Path, names: list[str] | None = None) -> dict[str, list[int]]:
+    """Every model in scope (`names`, or all in the repository) with its complete versions."""
+    return {name: model_versions(root / name) for name in (names if names is not None else list_models(root))}

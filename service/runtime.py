@@ -6,6 +6,8 @@ really active (ORT falls back silently, so we ask the session), and runs float32
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -133,6 +135,39 @@ class OnnxModel:
                 break
             self.run(np.zeros((size, channels, height, width), dtype=np.float32))
         return time.perf_counter() - start
+
+
+def check_gpu(model: OnnxModel, require_gpu: bool) -> None:
+    """Refuse to serve on CPU when a GPU was required, quoting why ONNX Runtime fell back."""
+    if require_gpu and not model.on_gpu:
+        raise StartupError(
+            f"CONVSERVE_REQUIRE_GPU=true but ONNX Runtime is running on {model.active_provider}; "
+            f"ONNX Runtime said: {model.provider_failure}"
+        )
+
+
+def warmup_sizes(model: OnnxModel, max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes worth running before traffic on the active provider.
+
+    On a GPU the CUDA provider picks kernels (cuDNN algorithms) per input shape, so every size the
+    batcher can form is run once. On the CPU nothing depends on the batch size beyond the memory
+    arena, so the smallest and the largest batch are enough: the largest grows the arena to its
+    peak once, the smallest covers the single-image path (measured: 1 and 32 in ~1 s vs 17 s for
+    1..32 on EfficientNet-Lite0 here).
+    """
+    if model.on_gpu:
+        return tuple(range(1, max_batch_size + 1))
+    return tuple(sorted({1, max_batch_size}))
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS (after a session is released).
+
+    ONNX Runtime frees a released session's arena with `free`, but glibc keeps most of it in its
+    own pools; without this, RSS would only ever grow across model swaps. No-op off glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:

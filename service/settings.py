@@ -8,10 +8,12 @@ variables involved, so a bad deployment fails at start-up rather than under load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.repository import VersionPolicy
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -43,6 +45,11 @@ def normalize_provider(name: str) -> str:
     return canonical
 
 
+def _check_directory_name(name: str, variable: str) -> None:
+    if not name.strip() or "/" in name or name.startswith("."):
+        raise ValueError(f"{variable}: {name!r} must be a directory name inside the repository")
+
+
 class Settings(BaseSettings):
     """Every knob of the service; each maps to the environment variable `CONVSERVE_<NAME>`."""
 
@@ -52,10 +59,18 @@ class Settings(BaseSettings):
 
     model_repository: Path = Path("models")
     """Directory holding `<name>/<version>/model.onnx` (a path; relative to the working directory)."""
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Models (repository sub-directories) to serve, comma-separated; empty = every model there."""
     model_name: str | None = None
-    """Model (sub-directory of the repository) to serve; unset = the only model (an error if several)."""
+    """Default model for `/predict` without `?model=`; unset = the only model served (400 if several)."""
     model_version: int | None = Field(default=None, ge=1)
-    """Version directory (a positive integer) to serve; unset = the highest version present."""
+    """Shortcut for VERSION_POLICY=specific:<version> (a positive integer); unset = use VERSION_POLICY."""
+    version_policy: str = "latest"
+    """Versions served per model: `latest` (newest only), `latest:N`, `all`, or `specific:1,3`."""
+    model_control: Literal["poll", "explicit", "none"] = "poll"
+    """`poll`: rescan the repository; `explicit`: V2 load/unload API; `none`: load at start only."""
+    repository_poll_s: float = Field(default=5.0, gt=0.0)
+    """Seconds between repository scans when MODEL_CONTROL=poll."""
     host: str = "0.0.0.0"
     """Interface address to listen on (0.0.0.0 = all interfaces)."""
     port: int = Field(default=8000, ge=1, le=65535)
@@ -112,11 +127,41 @@ class Settings(BaseSettings):
             raise ValueError(f"CONVSERVE_PROVIDERS lists a provider twice: {names}")
         return names
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_directory_name(name, "CONVSERVE_MODELS")
+        return value
+
+    @field_validator("version_policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        try:
+            VersionPolicy.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"CONVSERVE_VERSION_POLICY: {exc}") from None
+        return value
+
+    @property
+    def policy(self) -> VersionPolicy:
+        """The version policy (MODEL_VERSION, when set, pins that one version)."""
+        if self.model_version is not None:
+            return VersionPolicy(latest=None, specific=(self.model_version,))
+        return VersionPolicy.parse(self.version_policy)
+
     @field_validator("model_name")
     @classmethod
     def _check_model_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or "/" in value or value.startswith(".")):
-            raise ValueError(f"CONVSERVE_MODEL_NAME={value!r} must be a directory name inside the repository")
+        if value is not None:
+            _check_directory_name(value, "CONVSERVE_MODEL_NAME")
         return value or None
 
     @model_validator(mode="after")
@@ -131,6 +176,11 @@ class Settings(BaseSettings):
                 f"CONVSERVE_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms:g} ms) is not below "
                 f"CONVSERVE_REQUEST_TIMEOUT_S ({self.request_timeout_s:g} s), so a lone request could time "
                 "out while the batcher waits for company; lower the delay or raise the timeout"
+            )
+        if self.model_version is not None and self.version_policy != "latest":
+            raise ValueError(
+                "CONVSERVE_MODEL_VERSION and CONVSERVE_VERSION_POLICY are both set; use "
+                f"CONVSERVE_VERSION_POLICY=specific:{self.model_version} alone"
             )
         if self.max_decoded_pixels > self.max_image_pixels:
             raise ValueError(

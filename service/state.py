@@ -1,44 +1,43 @@
-"""What the app holds at run time: settings, metrics and, once loaded, the model and its predictor."""
+"""What the app holds at run time: settings, metrics, the model registry and the shared decode threads."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Query, Request
 
-from service.batching import DynamicBatcher
-from service.errors import ServiceUnavailableError
+from service.errors import NotFoundError
 from service.metrics import Metrics
-from service.predictor import Predictor
-from service.repository import ModelLocation
+from service.registry import LoadedModel, ModelRegistry
 from service.request_body import BodyLimits
-from service.runtime import OnnxModel
 from service.settings import Settings
+
+
+def decode_threads() -> int:
+    """Image decoding threads: one per core, at most 4 (ORT's own threads need cores too)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
 class ServiceState:
-    """Filled in by the lifespan; routes read it through `get_state`."""
+    """Built with the app; models come and go inside `registry`, never as fields here."""
 
     settings: Settings
     metrics: Metrics
-    location: ModelLocation | None = None
-    model: OnnxModel | None = None
-    batcher: DynamicBatcher | None = None
-    predictor: Predictor | None = None
-    decode_executor: ThreadPoolExecutor | None = None
-    ready: bool = False
-    """True once the model is loaded and every batch size has been warmed up."""
-    failure: str | None = None
-    """Why the service can never become ready (e.g. warmup failed); None while healthy."""
-    warmup_seconds: float | None = None
-    stopping: threading.Event = field(default_factory=threading.Event)
-    """Set at shutdown; an unfinished warmup stops at the next batch size."""
+    decode_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(decode_threads(), thread_name_prefix="convserve-decode")
+    )
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the HTTP protocol when the server begins a graceful shutdown (see `service.protocol`)."""
+    registry: ModelRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry = ModelRegistry(self.settings, self.metrics, self.decode_executor)
 
     @property
     def body_limits(self) -> BodyLimits:
@@ -50,18 +49,52 @@ class ServiceState:
             draining=self.draining,
         )
 
-    def require_predictor(self) -> Predictor:
-        """The predictor, or 503 while the model is loading or warming up."""
-        if self.failure is not None:
-            raise ServiceUnavailableError(f"the model failed to start: {self.failure}")
-        if not self.ready or self.predictor is None:
-            raise ServiceUnavailableError(
-                "the model is still loading or warming up; retry shortly (see /readyz)"
-            )
-        return self.predictor
-
 
 def get_state(request: Request) -> ServiceState:
     """FastAPI dependency: the app's `ServiceState`."""
     state: ServiceState = request.app.state.convserve
     return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+async def _leased(
+    request: Request, state: ServiceState, name: str | None, version: int | None
+) -> AsyncIterator[LoadedModel]:
+    loaded = state.registry.resolve(name, version)
+    with state.registry.lease(loaded):
+        request.state.model = (loaded.name, str(loaded.version))  # labels the request's metrics
+        yield loaded
+
+
+async def requested_model(
+    request: Request,
+    state: State,
+    model: Annotated[
+        str | None, Query(description="Model to use (default: CONVSERVE_MODEL_NAME or the only one).")
+    ] = None,
+    version: Annotated[
+        int | None, Query(ge=1, description="Version to use (default: the newest ready one).")
+    ] = None,
+) -> AsyncIterator[LoadedModel]:
+    """FastAPI dependency for `/predict`: the model version named in the query, held for the request."""
+    async for loaded in _leased(request, state, model, version):
+        yield loaded
+
+
+async def path_model(
+    request: Request, state: State, model_name: str, model_version: str | None = None
+) -> AsyncIterator[LoadedModel]:
+    """FastAPI dependency for V2 routes: the model version named in the path, held for the request."""
+    async for loaded in _leased(request, state, model_name, parse_version(model_version)):
+        yield loaded
+
+
+def parse_version(text: str | None) -> int | None:
+    """A V2 path's version: empty = the newest ready one; not a positive integer = 404."""
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise NotFoundError(f"version {text!r} is not a positive integer")
+    return int(text)

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.openapi import ErrorBody, errors
-from service.state import ServiceState, get_state
+from service.openapi import errors
+from service.state import State
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", responses={500: {"model": ErrorBody, "description": "Start-up failed for good."}})
-async def healthz(state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
-    """200 while the process can serve or is getting ready; 500 once startup failed for good."""
-    if state.failure is not None:
-        return JSONResponse({"error": f"the model failed to start: {state.failure}"}, status_code=500)
+@router.get("/healthz")
+async def healthz() -> JSONResponse:
+    """200 while the process serves HTTP: a model that fails to load is reported, not fatal."""
     return JSONResponse({"status": "alive"})
 
 
 @router.get("/readyz", responses=errors(503))
-async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
-    """200 only after the model is loaded and warmed up; 503 before (and while shutting down)."""
-    if not state.ready or state.model is None or state.location is None:
-        reason = state.failure or "the model is loading or warming up"
-        return JSONResponse({"error": f"not ready: {reason}"}, status_code=503)
+async def readyz(state: State) -> JSONResponse:
+    """200 while every model the version policy requires has a ready version; 503 otherwise."""
+    registry = state.registry
+    served = registry.served()
+    if not registry.ready:
+        missing = sorted(name for name in registry.required if not served.get(name)) or ["(loading)"]
+        return JSONResponse({"error": f"not ready: no ready version of {missing}"}, status_code=503)
     body: dict[str, Any] = {
         "status": "ready",
-        "model": {"name": state.location.name, "version": state.location.version},
-        "provider": state.model.active_provider,
+        "models": {name: versions for name, versions in served.items()},
     }
     return JSONResponse(body)

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.errors import UnsupportedMediaTypeError
-from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse
+from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
+from service.registry import LoadedModel
 from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
-from service.state import ServiceState, get_state
+from service.state import ServiceState, State, requested_model
 from service.textsafety import printable
 
 router = APIRouter(tags=["predict"])
@@ -33,18 +34,20 @@ async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes]
 
 @router.post(
     "/predict",
-    responses={200: {"model": PredictResponse}, **INFERENCE_ERRORS},
+    responses={200: {"model": PredictResponse}, **INFERENCE_ERRORS, **errors(404)},
     openapi_extra=PREDICT_BODY,
 )
 async def predict(
     request: Request,
-    state: Annotated[ServiceState, Depends(get_state)],
+    state: State,
+    loaded: Annotated[LoadedModel, Depends(requested_model)],
     top_k: Annotated[
         int | None, Query(description="Classes to return per image, best first (default 5, or all if fewer).")
     ] = None,
 ) -> JSONResponse:
-    """Top-k labels for each image (or tensor row), in the order they were sent."""
-    predictor = state.require_predictor()
+    """Top-k labels for each image (or tensor row), in the order they were sent, and which model
+    version computed them (`?model=NAME&version=V`, default: the default model's newest version)."""
+    predictor = loaded.predictor
     top_k = predictor.check_top_k(
         min(DEFAULT_TOP_K, predictor.metadata.num_classes) if top_k is None else top_k
     )
@@ -64,9 +67,8 @@ async def predict(
             'multipart/form-data, or a preprocessed tensor as application/json {"inputs": [...]} or '
             "application/x-npy"
         )
-    assert state.location is not None
     body: dict[str, Any] = {
-        "model": {"name": state.location.name, "version": state.location.version},
+        "model": {"name": loaded.name, "version": loaded.version},
         "predictions": predictions,
     }
     return JSONResponse(body)

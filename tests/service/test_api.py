@@ -256,19 +256,21 @@ def test_metrics_expose_every_contract_name(client: TestClient) -> None:
     client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
     text = client.get("/metrics").text
     for name in (
-        'convserve_requests_total{endpoint="/predict",status="200"}',
-        'convserve_request_duration_seconds_bucket{endpoint="/predict"',
-        "convserve_queue_wait_seconds_bucket",
-        "convserve_inference_duration_seconds_bucket",
-        "convserve_preprocess_duration_seconds_bucket",
-        "convserve_batch_size_bucket",
-        "convserve_queue_depth ",
+        'convserve_requests_total{endpoint="/predict",model="tiny",status="200",version="1"}',
+        'convserve_request_duration_seconds_bucket{endpoint="/predict",le="0.005",model="tiny",version="1"}',
+        'convserve_queue_wait_seconds_bucket{le="0.0005",model="tiny",version="1"}',
+        'convserve_inference_duration_seconds_bucket{le="0.0005",model="tiny",version="1"}',
+        'convserve_preprocess_duration_seconds_bucket{le="0.0005",model="tiny",version="1"}',
+        'convserve_batch_size_bucket{le="1.0",model="tiny",version="1"}',
+        'convserve_queue_depth{model="tiny",version="1"} 0.0',
         'convserve_rejected_total{reason="queue_full"}',
         'convserve_rejected_total{reason="timeout"}',
         'convserve_rejected_total{reason="bad_input"}',
-        'convserve_model_info{name="tiny",provider="CPUExecutionProvider",version="1"} 1.0',
+        'convserve_model_info{model="tiny",provider="CPUExecutionProvider",state="READY",version="1"} 1.0',
+        'convserve_model_loads_total{model="tiny",result="success"} 1.0',
+        'convserve_model_load_duration_seconds_count{model="tiny"} 1.0',
         "convserve_predictions_total{label=",
-        "convserve_prediction_confidence_bucket",
+        'convserve_prediction_confidence_bucket{le="0.1",model="tiny",version="1"}',
     ):
         assert name in text, name
 
@@ -276,7 +278,7 @@ def test_metrics_expose_every_contract_name(client: TestClient) -> None:
 def test_health_endpoints_and_request_id(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz").json()
-    assert ready["model"] == {"name": "tiny", "version": 1} and ready["provider"] == "CPUExecutionProvider"
+    assert ready == {"status": "ready", "models": {"tiny": [1]}}
     response = client.get("/healthz", headers={"X-Request-ID": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
     assert len(client.get("/healthz").headers["x-request-id"]) == 16  # generated when absent
@@ -288,14 +290,18 @@ def test_not_ready_until_warmed_up(make_settings: Callable[..., Settings]) -> No
     with TestClient(create_app(settings, CollectorRegistry())) as client:
         assert client.get("/healthz").status_code == 200
         readiness = client.get("/readyz")
-        assert readiness.status_code == 503 and "warming up" in readiness.json()["error"]
+        assert readiness.status_code == 503 and "no ready version of ['tiny']" in readiness.json()["error"]
         assert client.get("/v2/health/ready").status_code == 400
         response = client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
-        assert response.status_code == 503 and "warming up" in response.json()["error"]
+        assert response.status_code == 503 and "retry shortly" in response.json()["error"]
 
 
 def test_v2_metadata_health_and_json_infer(client: TestClient, tiny_model: OnnxModel) -> None:
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "classification"]
+    assert client.get("/v2").json()["extensions"] == [
+        "binary_tensor_data",
+        "classification",
+        "model_repository",
+    ]
     for path in (
         "/v2/health/live",
         "/v2/health/ready",
@@ -399,7 +405,7 @@ def test_v2_unknown_model_or_version_is_404_with_error(client: TestClient) -> No
         response = client.get(path)
         assert response.status_code == 404 and "error" in response.json(), path
     response = client.post("/v2/models/tiny/versions/9/infer", json={"inputs": []})
-    assert response.status_code == 404 and "version '9'" in response.json()["error"]
+    assert response.status_code == 404 and "no version 9" in response.json()["error"]
 
 
 def test_unknown_path_gets_404_in_the_error_shape(client: TestClient) -> None:

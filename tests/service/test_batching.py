@@ -30,12 +30,17 @@ def rows(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, 32, 32)).astype(np.float32)
 
 
+LABELS = {"model": "test", "version": "1"}
+_METRICS: dict[int, Metrics] = {}
+
+
+def sample(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name, LABELS) or 0.0
+
+
 def batch_sizes(metrics: Metrics) -> tuple[float, float]:
     """(number of session.run calls, images in them) from the batch-size histogram."""
-    registry = metrics.registry
-    count = registry.get_sample_value("convserve_batch_size_count") or 0.0
-    total = registry.get_sample_value("convserve_batch_size_sum") or 0.0
-    return count, total
+    return sample(metrics, "convserve_batch_size_count"), sample(metrics, "convserve_batch_size_sum")
 
 
 def run(coroutine_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -47,14 +52,19 @@ def run(coroutine_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 def make(infer: InferFn, *, max_batch: int = 4, delay_s: float = 0.002, queue: int = 16) -> DynamicBatcher:
     metrics = Metrics(CollectorRegistry(), max_batch)
-    return DynamicBatcher(
-        infer, max_batch_size=max_batch, max_queue_delay_s=delay_s, max_queue_size=queue, metrics=metrics
+    batcher = DynamicBatcher(
+        infer,
+        max_batch_size=max_batch,
+        max_queue_delay_s=delay_s,
+        max_queue_size=queue,
+        metrics=metrics.for_model(LABELS["model"], int(LABELS["version"])),
     )
+    _METRICS[id(batcher)] = metrics
+    return batcher
 
 
 def metrics_of(batcher: DynamicBatcher) -> Metrics:
-    assert batcher._metrics is not None
-    return batcher._metrics
+    return _METRICS[id(batcher)]
 
 
 def later(seconds: float = HANG_GUARD_S) -> float:
@@ -97,7 +107,7 @@ def test_lone_request_flushes_after_max_delay(tiny_model: OnnxModel) -> None:
     metrics = metrics_of(batcher)
     assert batch_sizes(metrics) == (1.0, 1.0)
     # The collector holds the first request for the whole delay hoping for company.
-    assert (metrics.registry.get_sample_value("convserve_queue_wait_seconds_sum") or 0) >= delay_s * 0.99
+    assert sample(metrics, "convserve_queue_wait_seconds_sum") >= delay_s * 0.99
 
 
 def test_concurrent_requests_share_batches(tiny_model: OnnxModel) -> None:
@@ -193,7 +203,7 @@ def test_request_past_its_deadline_gets_504_and_is_never_computed(tiny_model: On
 
     run(scenario)
     assert batch_sizes(metrics_of(batcher)) == (0.0, 0.0)
-    assert metrics_of(batcher).registry.get_sample_value("convserve_queue_depth") == 0
+    assert sample(metrics_of(batcher), "convserve_queue_depth") == 0
 
 
 def test_shutdown_drains_queued_requests(tiny_model: OnnxModel) -> None:

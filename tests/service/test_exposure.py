@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from service.settings import Settings
 from tests.service.conftest import LiveServer, live_server
 from tests.service.photos import jpeg
-from tests.service.test_server import metric
+from tests.service.promtext import metric
 
 SOCKET_TIMEOUT_S = 30.0  # a bound on waiting, far above every server-side timeout these tests set
 

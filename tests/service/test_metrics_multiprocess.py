@@ -14,21 +14,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.metrics import MULTIPROCESS_DIR_ENV, Metrics, forget_dead_workers
+from tests.service.promtext import metric
 
 # Spawned workers import this module: it stays light (no torch, no model) so they start in a second.
-
-
-def metric(text: str, sample: str) -> float:
-    (value,) = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(sample + " ")]
-    return float(value)
 
 
 def _worker(requests: int, queued: int, ready: str, release: str) -> None:
     metrics = Metrics(CollectorRegistry(), max_batch_size=4)
     for _ in range(requests):
-        metrics.requests.labels(endpoint="/predict", status="200").inc()
-    metrics.queue_depth.set(queued)
-    metrics.model_info.labels(name="tiny", version="1", provider="CPUExecutionProvider").set(1)
+        metrics.requests.labels(endpoint="/predict", status="200", model="tiny", version="1").inc()
+    metrics.for_model("tiny", 1).queue_depth.set(queued)
+    metrics.set_model_state("tiny", 1, "READY", "CPUExecutionProvider")
     Path(ready).touch()
     deadline = time.monotonic() + 60
     while not Path(release).exists() and time.monotonic() < deadline:  # a live worker until released

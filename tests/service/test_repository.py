@@ -1,4 +1,4 @@
-"""Model repository resolution: defaults, several models, versions, and the errors users see."""
+"""The model repository on disk and version policies: what counts as a version, what is selected."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from service.errors import StartupError
-from service.repository import list_models, resolve_model
+from service.lifecycle import check_repository
+from service.repository import VersionPolicy, list_models, model_versions, scan
+from service.settings import Settings
 
 
 def add_version(root: Path, name: str, version: str, source: Path, complete: bool = True) -> None:
@@ -18,48 +20,61 @@ def add_version(root: Path, name: str, version: str, source: Path, complete: boo
         shutil.copy(source, directory / "model.onnx")
 
 
-def test_the_only_model_at_its_latest_version_is_the_default(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_versions_are_complete_integer_directories_in_numeric_order(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
     for version in ("1", "2", "10"):
         add_version(tmp_path, "flowers", version, tiny_model_path)
-    location = resolve_model(tmp_path)
-    assert (location.name, location.version) == ("flowers", 10)  # numeric, not lexical, order
-    assert location.path == tmp_path / "flowers" / "10" / "model.onnx"
-    assert location.available_versions == (1, 2, 10)
-
-
-def test_incomplete_and_non_numeric_version_directories_are_ignored(
-    tmp_path: Path, tiny_model_path: Path
-) -> None:
-    add_version(tmp_path, "flowers", "1", tiny_model_path)
-    add_version(tmp_path, "flowers", "2", tiny_model_path, complete=False)  # export in progress
+    add_version(tmp_path, "flowers", "11", tiny_model_path, complete=False)  # export in progress
     add_version(tmp_path, "flowers", "latest", tiny_model_path)
     add_version(tmp_path, "flowers", "0", tiny_model_path)
-    assert resolve_model(tmp_path).version == 1
+    add_version(tmp_path, ".run-123", "1", tiny_model_path)  # a training run's work directory
+    assert model_versions(tmp_path / "flowers") == [1, 2, 10]  # numeric, not lexical, order
+    assert list_models(tmp_path) == ["flowers"]
+    assert scan(tmp_path) == {"flowers": [1, 2, 10]}
 
 
-def test_several_models_without_a_name_is_an_error_listing_them(
-    tmp_path: Path, tiny_model_path: Path
-) -> None:
+@pytest.mark.parametrize(
+    ("text", "selected"),
+    [
+        ("latest", [10]),
+        ("latest:2", [2, 10]),
+        ("LATEST:9", [1, 2, 10]),
+        ("all", [1, 2, 10]),
+        ("specific:1,10,99", [1, 10]),
+        ("specific:3", []),
+    ],
+)
+def test_version_policies_select_as_triton_does(text: str, selected: list[int]) -> None:
+    assert VersionPolicy.parse(text).select([1, 2, 10]) == selected
+
+
+@pytest.mark.parametrize("text", ["newest", "latest:0", "latest:x", "specific:", "specific:0", "all:2"])
+def test_bad_version_policies_name_the_accepted_forms(text: str) -> None:
+    with pytest.raises(ValueError, match=r"latest, latest:N, all, specific"):
+        VersionPolicy.parse(text)
+
+
+def test_several_models_are_all_served_unless_a_list_is_given(tmp_path: Path, tiny_model_path: Path) -> None:
     add_version(tmp_path, "flowers", "1", tiny_model_path)
     add_version(tmp_path, "digits", "1", tiny_model_path)
-    assert list_models(tmp_path) == ["digits", "flowers"]
-    with pytest.raises(StartupError, match=r"several models \['digits', 'flowers'\].*CONVSERVE_MODEL_NAME"):
-        resolve_model(tmp_path)
-    assert resolve_model(tmp_path, "digits").name == "digits"
+    assert check_repository(Settings(model_repository=tmp_path, providers=["cpu"])) == ["digits", "flowers"]
+    chosen = Settings(model_repository=tmp_path, providers=["cpu"], models="flowers")
+    assert check_repository(chosen) == ["flowers"]
 
 
-def test_unknown_name_or_version_lists_what_exists(tmp_path: Path, tiny_model_path: Path) -> None:
-    add_version(tmp_path, "flowers", "1", tiny_model_path)
-    add_version(tmp_path, "flowers", "2", tiny_model_path)
-    with pytest.raises(StartupError, match=r"'roses'.*available: \['flowers'\]"):
-        resolve_model(tmp_path, "roses")
-    with pytest.raises(StartupError, match=r"no version 7.*available: \[1, 2\]"):
-        resolve_model(tmp_path, "flowers", 7)
-    assert resolve_model(tmp_path, "flowers", 1).version == 1
+def test_unknown_models_and_empty_repositories_say_how_to_fix_them(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    def settings(**fields: object) -> Settings:
+        return Settings(providers=["cpu"], **fields)  # type: ignore[arg-type]
 
-
-def test_missing_or_empty_repository_says_how_to_build_a_model(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match=r"does not exist.*python -m training pretrained"):
-        resolve_model(tmp_path / "nowhere")
+        check_repository(settings(model_repository=tmp_path / "nowhere"))
     with pytest.raises(StartupError, match="holds no model"):
-        resolve_model(tmp_path)
+        check_repository(settings(model_repository=tmp_path))
+    add_version(tmp_path, "flowers", "1", tiny_model_path)
+    with pytest.raises(StartupError, match=r"CONVSERVE_MODELS names \['roses'\].*available: \['flowers'\]"):
+        check_repository(settings(model_repository=tmp_path, models="roses"))
+    with pytest.raises(StartupError, match=r"'roses' \(CONVSERVE_MODEL_NAME\).*available: \['flowers'\]"):
+        check_repository(settings(model_repository=tmp_path, model_name="roses"))

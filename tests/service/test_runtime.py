@@ -10,9 +10,8 @@ import onnx
 import pytest
 
 from service.errors import StartupError
-from service.lifecycle import check_gpu
 from service.metadata import METADATA_KEY
-from service.runtime import OnnxModel, load_model
+from service.runtime import OnnxModel, check_gpu, load_model
 from tests.service.photos import TINY_LABELS
 
 

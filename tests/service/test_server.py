@@ -25,6 +25,7 @@ from service.runtime import load_model
 from service.settings import Settings
 from tests.service.conftest import MODEL_NAME, LiveServer, live_server
 from tests.service.photos import jpeg
+from tests.service.promtext import metric
 from tests.tinymodel import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,13 +43,6 @@ def server(model_repository: Path) -> Iterator[LiveServer]:
     )
     with live_server(settings) as live:
         yield live
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_predict_over_real_http_names_the_model_and_ranks_labels(server: LiveServer) -> None:
@@ -255,7 +249,7 @@ def test_two_workers_serve_and_every_scrape_counts_the_whole_process_group(model
         process.send_signal(signal.SIGTERM)
         _, log = process.communicate(timeout=60)
     assert process.returncode == 0, log
-    workers = set(re.findall(r"\[(\d+)\] service\.lifecycle: warmed up batch sizes", log))
+    workers = set(re.findall(r"\[(\d+)\] service\.registry: model tiny version 1 loaded", log))
     served = re.findall(
         r"\[(\d+)\] service\.access: request_id=\S+ method=POST path=/predict status=200", log
     )

@@ -31,6 +31,11 @@ ISSUE_VARIABLES = [
     "BODY_TIMEOUT_S",
     "MIN_BODY_RATE",
     "MAX_CONNECTIONS",
+    # issue 9: several models, version policies, model control
+    "MODELS",
+    "VERSION_POLICY",
+    "MODEL_CONTROL",
+    "REPOSITORY_POLL_S",
 ]
 
 

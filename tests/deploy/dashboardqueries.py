@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 # Grafana's macros and this dashboard's variables, replaced by values that make plain PromQL.
-GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "20s", "$__range": "1h", "$endpoint": ".*"}
+# A variable becomes `.*`, every value (what "All" sends for $model and $version, their allValue).
+GRAFANA_SUBSTITUTIONS = {
+    "$__rate_interval": "20s",
+    "$__range": "1h",
+    "$endpoint": ".*",
+    "$model": ".*",
+    "$version": ".*",
+}
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

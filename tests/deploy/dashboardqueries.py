@@ -108,3 +108,12 @@ def label_names(expr: str) -> set[str]:
     for matchers in _MATCHERS.findall(text):
         labels.update(_MATCHER_LABEL.findall(matchers))
     return labels
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """Every series selector as (metric, matchers inside the braces, "" when none), in order of appearance."""
+    found = []
+    for name in metric_names(expr):
+        pattern = re.compile(rf"(?<![\w:]){re.escape(name)}(?![\w:])\s*(?:\{{([^}}]*)\}})?")
+        found += [(match.start(), name, match.group(1) or "") for match in pattern.finditer(expr)]
+    return [(name, matchers) for _, name, matchers in sorted(found)]

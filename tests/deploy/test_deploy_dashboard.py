@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from dashboardqueries import Query, dashboard_queries, label_names, metric_names
+from dashboardqueries import Query, dashboard_queries, label_names, metric_names, selectors
 from deployfiles import DASHBOARD_FILE, GRAFANA_DIR, PROMETHEUS_CONFIG, PROMTOOL_MISSING
 from livetestserver import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -75,8 +75,23 @@ def test_dashboard_has_the_panels_issue_4_asks_for(dashboard: dict[str, Any]) ->
         "errors by status",
         "predicted class",
         "confidence",
+        "model loads",
+        "model load duration",
+        "model version states",
     ):
         assert wanted in titles, f"no panel about {wanted!r}"
+
+
+def test_model_and_version_variables_list_loaded_versions(dashboard: dict[str, Any]) -> None:
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    model, version = variables["model"], variables["version"]
+    assert model["query"]["query"] == "label_values(convserve_model_info, model)"
+    # The version list follows the model selection.
+    assert version["query"]["query"] == 'label_values(convserve_model_info{model=~"$model"}, version)'
+    for variable in (model, version):
+        assert variable["multi"] and variable["includeAll"], f"${variable['name']}: several values and All"
+        # All as `.*`, not the list of current versions: an unloaded version's history stays visible.
+        assert variable["allValue"] == ".*"
 
 
 def test_dashboard_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:
@@ -124,6 +139,10 @@ def test_query_reader_finds_metric_and_label_names() -> None:
     )
     assert metric_names(expr) == {"convserve_x_bucket", "convserve_y_total"}
     assert label_names(expr) == {"le", "endpoint", "status"}
+    assert selectors(expr) == [
+        ("convserve_x_bucket", 'status!~"2..", endpoint=~"$endpoint"'),
+        ("convserve_y_total", ""),
+    ]
     variable = 'label_values(convserve_z_total{status!="200"}, endpoint)'
     assert metric_names(variable) == {"convserve_z_total"}
     assert label_names(variable) == {"endpoint", "status"}
@@ -213,6 +232,24 @@ def test_dashboard_queries_use_only_labels_those_metrics_carry(
             available |= exposed.get(name, set())
         unknown = label_names(query.expr) - available
         assert not unknown, f"{query.where} uses labels {sorted(unknown)} that its metrics do not carry"
+
+
+def test_panels_filter_model_series_on_the_selected_versions(
+    queries: list[Query], metrics_after_traffic: str
+) -> None:
+    # A selector that forgot the filter would mix every model into a panel the user narrowed to one.
+    exposed = exposed_series(metrics_after_traffic)
+    wanted = {"model": 'model=~"$model"', "version": 'version=~"$version"'}
+    checked = set()
+    for query in queries:
+        if not query.where.startswith("panel"):
+            continue  # the variables' own queries list the values the filters choose from
+        for name, matchers in selectors(query.expr):
+            for label, matcher in wanted.items():
+                if label in exposed.get(name, set()):
+                    checked.add(name)
+                    assert matcher in matchers, f"{query.where}: {name} is not filtered on {matcher}"
+    assert {"convserve_model_info", "convserve_model_loads_total", "convserve_batch_size_sum"} <= checked
 
 
 def test_traffic_fills_the_series_the_main_panels_plot(metrics_after_traffic: str) -> None:

@@ -1,5 +1,8 @@
 """The Grafana dashboard: valid PromQL that names only what the real service exports on /metrics.
 
+Every panel narrows model series to the `$model`/`$version` selection, and the state timeline's query is
+run by Prometheus's own engine (`promtool test rules`) over a version swap.
+
 The live half starts the real app (`service.app.create_app`) under uvicorn on a free loopback port with a
 tiny LeNet-5 exported by the training package's exporter, sends a few good and bad requests, and reads
 /metrics back.
@@ -129,6 +132,57 @@ def test_every_query_is_valid_promql(queries: list[Query], tmp_path: Path) -> No
         [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, f"promtool rejects a dashboard query:\n{result.stdout}{result.stderr}"
+
+
+def test_state_timeline_shows_each_version_through_a_swap(queries: list[Query], tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(PROMTOOL_MISSING)
+    # Prometheus's own engine (promtool test rules) runs the panel's query over a swap from version 1 to 2
+    # on one instance: 2 loads while 1 serves, 1 drains, then leaves. A multi-worker server zeroes a
+    # series it retires instead of removing it, as these do (one sample per minute).
+    (timeline,) = [query for query in queries if query.where.startswith("panel 'Model version states'")]
+    info = 'convserve_model_info{{model="digits", version="{}", state="{}", provider="CPU"}}'
+    series = {
+        info.format(1, "READY"): "1 1 1 1 0 0 0",
+        info.format(1, "UNLOADING"): "_ _ _ _ 1 1 0",
+        info.format(2, "LOADING"): "1 1 0 0 0 0 0",
+        info.format(2, "READY"): "_ _ 1 1 1 1 1",
+        info.format(3, "UNAVAILABLE"): "_ _ _ _ _ 1 1",  # a failed load
+    }
+    expected = {  # minute -> version -> shown value (1 READY, 2 LOADING, 3 UNLOADING, 4 UNAVAILABLE, 0 gone)
+        1: {"1": 1, "2": 2},
+        3: {"1": 1, "2": 1},
+        5: {"1": 3, "2": 1, "3": 4},
+        6: {"1": 0, "2": 1, "3": 4},
+    }
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": timeline.promql(),
+                        "eval_time": f"{minute}m",
+                        "exp_samples": [
+                            {"labels": f'{{model="digits", version="{version}"}}', "value": value}
+                            for version, value in shown.items()
+                        ],
+                    }
+                    for minute, shown in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "timeline-test.yml"
+    path.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"the state timeline shows other states:\n{result.stdout}{result.stderr}"
 
 
 def test_query_reader_finds_metric_and_label_names() -> None:

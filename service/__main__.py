@@ -24,6 +24,7 @@ from service.lifecycle import check_repository
 from service.logging_config import log_config
 from service.metrics import MULTIPROCESS_DIR_ENV
 from service.protocol import GuardedHttpToolsProtocol
+from service.runtime import limit_malloc_arenas
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -61,6 +62,7 @@ def _settings_or_exit() -> Settings:
 
 
 def main() -> None:
+    limit_malloc_arenas()  # before any thread exists: model swaps must not grow RSS
     config = log_config()
     logging.config.dictConfig(config)
     settings = _settings_or_exit()

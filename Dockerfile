@@ -56,6 +56,8 @@ COPY --from=requirements /requirements/train.txt ./
 # hadolint ignore=DL3013
 RUN pip install -r train.txt
 
+# modelcontract/ is the torch-free model contract training and serving both import.
+COPY modelcontract/ modelcontract/
 COPY training/ training/
 RUN python -m training pretrained --out "models/${DEFAULT_MODEL}"
 
@@ -91,6 +93,7 @@ RUN pip install -r serve.txt
 
 # The service source, installed without touching the cached dependencies.
 COPY pyproject.toml README.md ./
+COPY modelcontract/ modelcontract/
 COPY service/ service/
 # hadolint ignore=DL3013
 RUN pip install --no-deps ".[serve]"

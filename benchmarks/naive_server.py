@@ -41,7 +41,7 @@ def read_metadata(model_file: Path) -> dict[str, Any]:
     """The `convserve` metadata JSON embedded in the ONNX file (the weights are not loaded)."""
     import onnx
 
-    from training.spec import METADATA_KEY
+    from modelcontract import METADATA_KEY
 
     proto = onnx.load(str(model_file), load_external_data=False)
     for prop in proto.metadata_props:

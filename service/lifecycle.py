@@ -17,10 +17,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from modelcontract import MODEL_FILENAME, complete_versions
 from service.errors import StartupError
 from service.metrics import forget_dead_workers, forget_worker
 from service.protocol import LIMITS_STATE_KEY, ConnectionLimits
-from service.repository import MODEL_FILENAME, ModelLocation, list_models, model_versions
+from service.repository import ModelLocation, list_models
 from service.runtime import check_gpu, load_model
 from service.settings import Settings
 from service.state import ServiceState
@@ -78,7 +79,7 @@ async def control(state: ServiceState, names: list[str]) -> None:
 
 def probe_gpu(settings: Settings, name: str) -> None:
     """With REQUIRE_GPU, open one model's session now and refuse to start if it is not on a GPU."""
-    location = ModelLocation(name, model_versions(settings.model_repository / name)[-1])
+    location = ModelLocation(name, complete_versions(settings.model_repository / name)[-1])
     model = load_model(location.path(settings.model_repository), settings.providers)
     try:
         check_gpu(model, require_gpu=True)

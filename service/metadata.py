@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-METADATA_KEY = "convserve"
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+from modelcontract import INTERPOLATIONS, METADATA_KEY
 
 
 class MetadataError(ValueError):

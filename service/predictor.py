@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from modelcontract import softmax
 from service.batching import DynamicBatcher
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.metadata import ModelMetadata
@@ -31,13 +32,6 @@ class NamedImage:
 
     name: str
     data: bytes
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (numerically stable)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
 
 
 class Predictor:

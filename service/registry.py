@@ -28,7 +28,7 @@ from service.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.preprocessing import ImagePreprocessor
-from service.repository import ModelLocation, model_versions
+from service.repository import ModelLocation, complete_versions
 from service.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
 from service.settings import Settings
 
@@ -181,7 +181,7 @@ class ModelRegistry:
 
     async def _sync_model(self, name: str) -> None:
         root = self._settings.model_repository
-        on_disk = model_versions(root / name)
+        on_disk = complete_versions(root / name)
         wanted = self._policy.select(on_disk)
         if on_disk:
             self.required.add(name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODEL_FILENAME = "model.onnx"
+from modelcontract import MODEL_FILENAME, complete_versions
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,6 @@ class VersionPolicy:
         return "all" if self.latest is None else f"latest:{self.latest}"
 
 
-def model_versions(model_dir: Path) -> list[int]:
-    """Complete versions (integer directories holding `model.onnx`) of one model, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(child.name)
-        for child in model_dir.iterdir()
-        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILENAME).is_file()
-    )
-
-
 def list_models(root: Path) -> list[str]:
     """Names of the models in the repository that have at least one complete version."""
     if not root.is_dir():
@@ -87,10 +76,12 @@ def list_models(root: Path) -> list[str]:
     return sorted(
         child.name
         for child in root.iterdir()
-        if child.is_dir() and not child.name.startswith(".") and model_versions(child)
+        if child.is_dir() and not child.name.startswith(".") and complete_versions(child)
     )
 
 
 def scan(root: Path, names: list[str] | None = None) -> dict[str, list[int]]:
     """Every model in scope (`names`, or all in the repository) with its complete versions."""
-    return {name: model_versions(root / name) for name in (names if names is not None else list_models(root))}
+    return {
+        name: complete_versions(root / name) for name in (names if names is not None else list_models(root))
+    }

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelcontract import METADATA_KEY
 from service.errors import StartupError
-from service.metadata import METADATA_KEY, MetadataError, ModelMetadata
+from service.metadata import MetadataError, ModelMetadata
 from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
 
 logger = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from training.spec import INPUT_NAME, METADATA_KEY, ONNX_OPSET, OUTPUT_NAME, EvalSpec
+from modelcontract import METADATA_KEY, MODEL_FILENAME, softmax, version_numbers
+from training.spec import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, EvalSpec
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILENAME = "model.onnx"
 PARITY_TOLERANCE = 1e-4
 """Largest allowed absolute difference between PyTorch and ONNX Runtime softmax probabilities."""
 
@@ -36,49 +36,17 @@ class ExportParityError(RuntimeError):
     """ONNX Runtime does not reproduce the PyTorch model closely enough; the export is refused."""
 
 
-def model_versions(model_root: Path) -> list[int]:
-    """The version numbers present under `model_root` (positive integer directory names), sorted."""
-    if not model_root.is_dir():
-        return []
-    return sorted(
-        int(child.name)
-        for child in model_root.iterdir()
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0
-    )
-
-
 def next_version_dir(model_root: Path) -> Path:
     """Create and return `model_root/<highest version + 1>`; an existing version is never reused."""
     model_root.mkdir(parents=True, exist_ok=True)
     while True:
-        versions = model_versions(model_root)
+        versions = version_numbers(model_root)
         candidate = model_root / str((versions[-1] if versions else 0) + 1)
         try:
             candidate.mkdir()  # atomic: a concurrent export that took this number makes us retry
         except FileExistsError:
             continue
         return candidate
-
-
-def publish_version(staging: Path, model_root: Path) -> Path:
-    """Move a fully written `staging` directory to `model_root/<highest version + 1>` in one rename.
-
-    The service only ever sees complete versions; a number already taken (even by a stray file) is
-    skipped, never replaced.
-    """
-    versions = model_versions(model_root)
-    candidate = (versions[-1] if versions else 0) + 1
-    while True:
-        target = model_root / str(candidate)
-        if not target.exists():
-            try:
-                os.rename(staging, target)
-            except OSError:
-                if not target.exists():
-                    raise
-            else:
-                return target
-        candidate += 1
 
 
 def _validate_arguments(labels: Sequence[str], parity_inputs: torch.Tensor, spec: EvalSpec) -> None:
@@ -134,15 +102,9 @@ def _check_graph(proto: onnx.ModelProto, num_classes: int, spec: EvalSpec) -> No
         )
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def _parity(reference: np.ndarray, candidate: np.ndarray, what: str) -> float:
     """Max abs softmax difference; raises `ExportParityError` beyond tolerance or on a top-1 change."""
-    diff = float(np.abs(_softmax(reference) - _softmax(candidate)).max())
+    diff = float(np.abs(softmax(reference) - softmax(candidate)).max())
     same_top1 = bool((reference.argmax(axis=1) == candidate.argmax(axis=1)).all())
     if diff > PARITY_TOLERANCE or not same_top1:
         raise ExportParityError(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelcontract import publish_version
 from training import runs
 from training.backbones import Classifier, backbone_defaults, create_model
 from training.checkpoint import (
@@ -35,7 +36,7 @@ from training.checkpoint import (
 from training.config import RunConfig
 from training.data import Batches, LabelledImages, load_dataset, make_loaders, parity_inputs
 from training.distributed import Ranks, process_group
-from training.export import export_onnx, publish_version
+from training.export import export_onnx
 from training.finetune import FitResult, Progress, fine_tune
 from training.report import build_metrics, onnx_validation, plot_training, write_metrics
 from training.spec import EvalSpec

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-METADATA_KEY = "convserve"
+from modelcontract import INTERPOLATIONS
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ONNX_OPSET = 18
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 @dataclass(frozen=True)

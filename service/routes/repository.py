@@ -12,9 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from modelcontract import complete_versions
 from service.errors import BadRequestError, NotFoundError
 from service.openapi import errors
-from service.repository import list_models, model_versions
+from service.repository import list_models
 from service.state import ServiceState, State
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"])
@@ -30,7 +31,7 @@ async def repository_index(state: State) -> JSONResponse:
     ]
     root = state.settings.model_repository
     for name in list_models(root):
-        for version in model_versions(root / name):
+        for version in complete_versions(root / name):
             if (name, version) not in known:
                 entries.append(
                     {"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": "not loaded"}
@@ -51,7 +52,7 @@ def _explicit_only(state: ServiceState, action: str) -> None:
 async def load(state: State, model_name: str) -> Response:
     """Load (or reload) a model's versions per the version policy; 200 once one is ready."""
     _explicit_only(state, "load")
-    if not model_versions(state.settings.model_repository / model_name):
+    if not complete_versions(state.settings.model_repository / model_name):
         raise NotFoundError(f"model {model_name!r} has no complete version in the repository")
     await state.registry.sync([model_name])
     if not state.registry.served().get(model_name):

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from modelcontract import softmax
 from service.app import create_app
-from service.predictor import softmax
 from service.preprocessing import ImagePreprocessor
 from service.runtime import OnnxModel
 from service.settings import Settings

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from modelcontract import complete_versions
 from service.errors import StartupError
 from service.lifecycle import check_repository
-from service.repository import VersionPolicy, list_models, model_versions, scan
+from service.repository import VersionPolicy, list_models, scan
 from service.settings import Settings
 
 
@@ -29,7 +30,7 @@ def test_versions_are_complete_integer_directories_in_numeric_order(
     add_version(tmp_path, "flowers", "latest", tiny_model_path)
     add_version(tmp_path, "flowers", "0", tiny_model_path)
     add_version(tmp_path, ".run-123", "1", tiny_model_path)  # a training run's work directory
-    assert model_versions(tmp_path / "flowers") == [1, 2, 10]  # numeric, not lexical, order
+    assert complete_versions(tmp_path / "flowers") == [1, 2, 10]  # numeric, not lexical, order
     assert list_models(tmp_path) == ["flowers"]
     assert scan(tmp_path) == {"flowers": [1, 2, 10]}
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+from modelcontract import METADATA_KEY
 from service.errors import StartupError
-from service.metadata import METADATA_KEY
 from service.runtime import OnnxModel, check_gpu, load_model
 from tests.service.photos import TINY_LABELS
 

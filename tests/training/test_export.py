@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from modelcontract import METADATA_KEY, version_numbers
 from tests.training.images import TINY_LABELS, preprocess
-from training.export import ExportParityError, export_onnx, model_versions, next_version_dir
-from training.spec import INPUT_NAME, METADATA_KEY, ONNX_OPSET, OUTPUT_NAME, EvalSpec
+from training.export import ExportParityError, export_onnx, next_version_dir
+from training.spec import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, EvalSpec
 
 CONTRACT_KEYS = {
     "labels", "input_shape", "mean", "std", "resize_size", "interpolation", "backbone", "val_accuracy",
@@ -116,7 +117,7 @@ def test_parity_failure_raises_and_leaves_no_version(
             parity_inputs=tiny_batch[:4],
         )
     assert not version_dir.exists()
-    assert model_versions(tmp_path / "broken") == []
+    assert version_numbers(tmp_path / "broken") == []
 
 
 def test_export_refuses_one_parity_image_and_wrong_shapes(
@@ -156,6 +157,6 @@ def test_next_version_dir_counts_up_past_the_highest_and_ignores_other_names(tmp
     for name in ("7", "0", "latest", ".export-x"):
         (root / name).mkdir()
     (root / "9").write_text("a file is not a version")
-    assert model_versions(root) == [1, 2, 7]
+    assert version_numbers(root) == [1, 2, 7]
     assert next_version_dir(root) == root / "8"
     assert (root / "8").is_dir()

@@ -180,7 +180,7 @@ def test_model_from_a_bind_mount_is_served(image: str, mounted_repository: Path)
     mount = ("--mount", f"type=bind,source={mounted_repository},target=/models,readonly")
     with run_container(free_port(), {"CONVSERVE_MODEL_REPOSITORY": "/models"}, mount) as container:
         wait_for("/readyz 200", lambda: ready(container), 300, container)
-        assert httpx.get(f"{container.url}/readyz").json()["model"] == {"name": "tiny", "version": 1}
+        assert httpx.get(f"{container.url}/readyz").json()["models"] == {"tiny": [1]}
         cat, _ = LiveServer.jpeg_photos()
         response = httpx.post(
             f"{container.url}/predict", files={"file": ("c.jpg", cat, "image/jpeg")}, timeout=60

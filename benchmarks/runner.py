@@ -90,15 +90,31 @@ def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list
 
 
 def _resolve_model(config: RunConfig) -> ServedModel:
+    """The one model version the benchmark serves: `--model-name`/`--model-version`, else the only
+    model in the repository at its newest complete version (the service serves them all now)."""
     from benchmarks.naive_server import read_metadata
-    from service.repository import resolve_model
+    from service.repository import ModelLocation, scan
 
-    location = resolve_model(config.model_repository, config.model_name, config.model_version)
-    metadata = read_metadata(location.path)
+    root = config.model_repository
+    found = {
+        name: versions
+        for name, versions in scan(root, [config.model_name] if config.model_name else None).items()
+        if versions
+    }
+    if not found:
+        raise SystemExit(f"no model with a complete version in {root}/ (run `make model`)")
+    if len(found) > 1:
+        raise SystemExit(f"{root}/ holds several models {sorted(found)}; choose one with --model-name")
+    name, versions = next(iter(found.items()))
+    version = config.model_version or versions[-1]
+    if version not in versions:
+        raise SystemExit(f"{name} has no complete version {version}; it has {versions}")
+    path = ModelLocation(name, version).path(root)
+    metadata = read_metadata(path)
     return ServedModel(
-        location.name,
-        location.version,
-        location.path,
+        name,
+        version,
+        path,
         str(metadata.get("backbone", "unknown")),
         list(metadata["input_shape"]),
     )

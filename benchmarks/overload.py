@@ -12,6 +12,7 @@ Lost requests and connection errors together are what the issue calls lost reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -140,4 +141,32 @@ def summarize_outcomes(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "answered_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["answered"]]),
         "lost_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["lost"]]),
         "connection_error_latency_ms": latency_summary_ms([o.latency_s for o in by_kind["connection_error"]]),
+    }
+
+
+async def probe_health(base_url: str, stop: asyncio.Event, interval_s: float = 1.0) -> dict[str, Any]:
+    """GET /healthz on a new connection every `interval_s` until `stop`: how long a liveness probe
+    (Kubernetes, a load balancer) waits while the server is overloaded, from connect to answer."""
+    results: list[tuple[int | None, float]] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as session,
+                session.get(f"{base_url}/healthz") as response,
+            ):
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = None
+        results.append((status, time.perf_counter() - started))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                stop.wait(), timeout=max(0.0, interval_s - (time.perf_counter() - started))
+            )
+    return {
+        "probes": len(results),
+        "ok": sum(status == 200 for status, _ in results),
+        "latency_ms": latency_summary_ms([seconds for _, seconds in results]),
     }

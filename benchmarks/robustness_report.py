@@ -72,11 +72,20 @@ def _overload_figures(results: Row) -> list[tuple[str, str]]:
             "2× load: accepted latency p50 / p99",
             f"{_seconds(answered['p50_ms'])} / {_seconds(answered['p99_ms'])}",
         ),
+        ("2× load: /healthz latency p50 / max", _health_figure(o.get("healthz_meanwhile"))),
         (
             "2× load: RSS before → after (max)",
             f"{_fmt(o['rss_before_mb'])} → {_fmt(o['rss_after_mb'])} MB ({_fmt(o['rss_max_mb'])})",
         ),
     ]
+
+
+def _health_figure(health: Row | None) -> str:
+    if not health or not health.get("probes"):
+        return "–"
+    latency = health["latency_ms"]
+    answered = f"{health['ok']}/{health['probes']} OK"
+    return f"{_seconds(latency['p50_ms'])} / {_seconds(latency['max_ms'])} ({answered})"
 
 
 def _slow_figure(run: Row | None) -> str:

@@ -23,7 +23,7 @@ from benchmarks.input_cost import (
     reset_peak_rss,
     tree_rss_mb,
 )
-from benchmarks.overload import client_session, open_loop, summarize_outcomes
+from benchmarks.overload import client_session, open_loop, probe_health, summarize_outcomes
 from benchmarks.processes import LOOPBACK, ServerProcess, free_port
 from benchmarks.sigterm_drain import shell_exit_status
 from benchmarks.slowloris import slow_clients
@@ -151,6 +151,19 @@ def test_open_loop_sorts_answers_from_refusals(tiny_server: ServerProcess, photo
     assert summary["lost_total"] == 0
     assert summary["by_status"] == {"200": 10, "503": 10}
     assert summary["refused_latency_ms"]["p99_ms"] is not None
+
+
+def test_health_probe_times_each_answer_until_stopped(tiny_server: ServerProcess) -> None:
+    async def run() -> dict[str, object]:
+        stop = asyncio.Event()
+        probe = asyncio.create_task(probe_health(tiny_server.base_url, stop, interval_s=0.2))
+        await asyncio.sleep(0.7)
+        stop.set()
+        return await probe
+
+    result = asyncio.run(run())
+    assert isinstance(result["probes"], int) and 2 <= result["probes"] <= 5
+    assert result["ok"] == result["probes"]
 
 
 def test_connection_errors_count_as_lost(photos: list[Photo]) -> None:

@@ -1,7 +1,7 @@
 """A tiny real HTTP server for the harness tests: `python tiny_upload_server.py PORT`.
 
 It speaks just enough of the service's interface for the load generator and the metrics reader:
-`GET /readyz`, `POST /predict` with multipart uploads (503 for files whose name starts with
+`GET /readyz` and `/healthz`, `POST /predict` with multipart uploads (503 for files whose name starts with
 `reject`, the way an overloaded server answers), and `GET /metrics` with a `convserve_batch_size`
 histogram that records 2 per request, so the expected mean batch size is known exactly.
 """
@@ -25,6 +25,10 @@ def create_app() -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> dict[str, str]:
         return {"status": "ready"}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:

@@ -116,6 +116,10 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
         if state.settings.require_gpu:  # a deployment error: refuse to start rather than never be ready
             await asyncio.to_thread(probe_gpu, state.settings, names[0])
         state.registry.expect(names)
+        if state.settings.workers > 1:
+            # Workers share one listening socket: one that accepted connections while still loading
+            # would answer 503 beside siblings that serve, so each starts accepting once it can serve.
+            await state.registry.sync(names)
         controller = asyncio.create_task(control(state, names), name="convserve-model-control")
         try:
             # uvicorn hands the lifespan state to every connection's protocol (service.protocol).

@@ -1,9 +1,8 @@
 """Dynamic batching: many requests' images, one `session.run`.
 
 One collector task takes rows (images) from a FIFO queue of requests, at most `max_batch_size` per
-batch, waiting at most `max_queue_delay_s` after the oldest queued request arrived for the batch to
-fill. A request with more rows than fit is split over consecutive batches and reassembled in order.
-The batch runs on a single worker thread (never on the event loop), and each request gets its rows.
+batch, waiting at most `max_queue_delay_s` after the oldest arrived; a bigger request is split over
+consecutive batches and reassembled in order. Batches run on one worker thread, never the event loop.
 
 The queue is bounded in images, and admission happens before any work: `reserve(n)` holds room for
 a request's n images as soon as their count is known (before decoding), or refuses at once (503).
@@ -72,11 +71,8 @@ class _Segment:
 
 
 class Reservation:
-    """Room in the queue for one request's images, from admission until they are submitted.
-
-    A context manager: leaving the block without `submit` (a decode error, a timeout, a cancelled
-    request) gives the room back.
-    """
+    """Room in the queue for one request's images, from admission until they are submitted; leaving
+    its `with` block without `submit` (a decode error, a timeout, a cancellation) gives it back."""
 
     def __init__(self, batcher: DynamicBatcher, size: int) -> None:
         self._batcher = batcher

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from modelcontract import complete_versions
 from service.batching import DynamicBatcher
 from service.errors import BadRequestError, NotFoundError, ServiceUnavailableError, StartupError
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.preprocessing import ImagePreprocessor
-from service.repository import ModelLocation, complete_versions
+from service.repository import ModelLocation
 from service.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
 from service.settings import Settings
 

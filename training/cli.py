@@ -18,6 +18,7 @@ commands:
   fit         fine-tune a pretrained CNN on an image folder (or demo:digits) and export it
   export      re-export a checkpoint written by fit
   pretrained  export the ImageNet EfficientNet-Lite0 (the service's out-of-the-box model)
+  quantize    publish the INT8 variant of a model as its next version, if it keeps its accuracy
 
 data-parallel on N GPUs or CPU processes: torchrun --nproc_per_node N -m training fit ...
 """
@@ -246,6 +247,46 @@ def _add_pretrained(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="publish a static INT8 (QDQ, per-channel) variant of a model as its next version",
+        description="Calibrate ONNX Runtime's static quantizer on real images preprocessed as the model's "
+        "metadata says, compare FP32 and INT8 top-1, and publish MODEL's parent/<next version>/ with "
+        "model.onnx and quantize.json only if INT8 stays within the limit. Nothing is published otherwise.",
+    )
+    parser.add_argument(
+        "--model", type=Path, required=True, help="FP32 version directory, e.g. models/digits/1"
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="image folder or demo:digits (calibrate on training images, compare accuracy on the "
+        "validation split), or skimage:photos (scikit-image sample photos, compare top-1 agreement); "
+        "default: the data in MODEL/config.json, else skimage:photos",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=128,
+        help="images the quantizer observes to choose activation ranges (default: 128)",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="refuse when FP32 - INT8 top-1 accuracy exceeds this, in percentage points (default: 1.0)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=90.0,
+        help="with skimage:photos, refuse when FP32 and INT8 agree on top-1 for fewer photo views than "
+        "this, in percent (default: 90)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -257,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(subparsers)
     _add_export(subparsers)
     _add_pretrained(subparsers)
+    _add_quantize(subparsers)
     return parser
 
 
@@ -296,6 +338,15 @@ def _run_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_quantize(args: argparse.Namespace) -> int:
+    from training.quantize import QuantizeSettings, quantize_model
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    version_dir, report = quantize_model(QuantizeSettings(**options))
+    logger.info("wrote %s: %s", version_dir / "model.onnx", report["comparison"])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun every process runs this; rank 0 tells the story, the others only warn.
@@ -307,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The ONNX exporter's graph passes log every rewrite at INFO; keep the run log readable.
     for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    commands = {"fit": _run_fit, "export": _run_export, "pretrained": _run_pretrained}
+    commands = {
+        "fit": _run_fit,
+        "export": _run_export,
+        "pretrained": _run_pretrained,
+        "quantize": _run_quantize,
+    }
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -169,4 +170,38 @@ async def probe_health(base_url: str, stop: asyncio.Event, interval_s: float = 1
         "probes": len(results),
         "ok": sum(status == 200 for status, _ in results),
         "latency_ms": latency_summary_ms([seconds for _, seconds in results]),
+    }
+
+
+def accept_queue_length(port: int) -> int | None:
+    """Connections waiting in the kernel's accept queue of the IPv4 socket listening on `port`.
+
+    For a listening socket, /proc/net/tcp's rx_queue is that queue's length: requests the server
+    has not even accepted yet, invisible to any cap it applies to accepted connections.
+    """
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "0A" and int(local.rpartition(":")[2], 16) == port:  # 0A = LISTEN
+            return int(queues.partition(":")[2], 16)
+    return None
+
+
+async def sample_accept_queue(port: int, stop: asyncio.Event, interval_s: float = 0.5) -> dict[str, Any]:
+    """Sample `accept_queue_length` until `stop`: its largest and mean value."""
+    samples: list[int] = []
+    while not stop.is_set():
+        length = accept_queue_length(port)
+        if length is not None:
+            samples.append(length)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+    return {
+        "max": max(samples) if samples else None,
+        "mean": round(sum(samples) / len(samples), 1) if samples else None,
+        "samples": len(samples),
     }

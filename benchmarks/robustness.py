@@ -30,7 +30,13 @@ from benchmarks.hostile_inputs import HostileCase, case_named, cost_probes, host
 from benchmarks.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
 from benchmarks.loadgen import run_concurrency
 from benchmarks.machine import describe_machine, git_commit
-from benchmarks.overload import client_session, open_loop, probe_health, summarize_outcomes
+from benchmarks.overload import (
+    client_session,
+    open_loop,
+    probe_health,
+    sample_accept_queue,
+    summarize_outcomes,
+)
 from benchmarks.processes import LOOPBACK, ResourceSampler, ServerProcess, free_port, python_module_command
 from benchmarks.promtext import scrape_counter
 from benchmarks.robustness_targets import check_targets
@@ -205,6 +211,7 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
         started = time.perf_counter()
         stop_probe = asyncio.Event()
         health = asyncio.create_task(probe_health(server.base_url, stop_probe))
+        backlog = asyncio.create_task(sample_accept_queue(server.port, stop_probe))
         async with ResourceSampler(server.pid, interval_s=0.25) as sampler:
             outcomes, skipped = await open_loop(url, photos, rate, config.soak_seconds)
         stop_probe.set()
@@ -227,6 +234,7 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
             "server_cpu_percent": sampler.result.cpu_percent_mean,
             "client_cpu_percent": round(client_cpu_percent, 1),
             "healthz_meanwhile": await health,
+            "accept_queue": await backlog,
             # The server's own count of refusals by reason, where it exports one (after issue 8).
             "server_rejected_by_reason": {
                 reason: round(count - rejected_before.get(reason, 0.0))

@@ -73,6 +73,7 @@ def _overload_figures(results: Row) -> list[tuple[str, str]]:
             f"{_seconds(answered['p50_ms'])} / {_seconds(answered['p99_ms'])}",
         ),
         ("2× load: /healthz latency p50 / max", _health_figure(o.get("healthz_meanwhile"))),
+        ("2× load: connections waiting to be accepted, max", _fmt(get(o, "accept_queue", "max"))),
         (
             "2× load: RSS before → after (max)",
             f"{_fmt(o['rss_before_mb'])} → {_fmt(o['rss_after_mb'])} MB ({_fmt(o['rss_max_mb'])})",

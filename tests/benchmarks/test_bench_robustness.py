@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,13 @@ from benchmarks.input_cost import (
     reset_peak_rss,
     tree_rss_mb,
 )
-from benchmarks.overload import client_session, open_loop, probe_health, summarize_outcomes
+from benchmarks.overload import (
+    accept_queue_length,
+    client_session,
+    open_loop,
+    probe_health,
+    summarize_outcomes,
+)
 from benchmarks.processes import LOOPBACK, ServerProcess, free_port
 from benchmarks.sigterm_drain import shell_exit_status
 from benchmarks.slowloris import slow_clients
@@ -164,6 +171,26 @@ def test_health_probe_times_each_answer_until_stopped(tiny_server: ServerProcess
     result = asyncio.run(run())
     assert isinstance(result["probes"], int) and 2 <= result["probes"] <= 5
     assert result["ok"] == result["probes"]
+
+
+def test_accept_queue_counts_connections_the_server_has_not_accepted() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        assert accept_queue_length(port) == 0
+        clients = [socket.create_connection((LOOPBACK, port)) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 5
+            while accept_queue_length(port) != 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert accept_queue_length(port) == 3  # handshakes done, none accepted
+            listener.accept()[0].close()
+            assert accept_queue_length(port) == 2
+        finally:
+            for client in clients:
+                client.close()
+    assert accept_queue_length(port) is None  # nothing listens there any more
 
 
 def test_connection_errors_count_as_lost(photos: list[Photo]) -> None:

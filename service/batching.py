@@ -37,6 +37,7 @@ from service.errors import (
     ServiceUnavailableError,
 )
 from service.metrics import ModelMetrics
+from service.priority import yield_to_the_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,9 @@ class DynamicBatcher:
         self._queued = 0
         self._in_flight: list[_Segment] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convserve-infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_batch_s = 0.0

@@ -9,6 +9,7 @@ would buffer every response through an extra task.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -38,11 +39,24 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _has_body(scope: Scope) -> bool:
+# An error answered before the body was read: a small body is read and dropped first, because closing
+# a socket with unread data makes the kernel send a reset, and the client may lose the answer with it.
+_DRAIN_LIMIT_BYTES = 1 << 20
+_DRAIN_TIMEOUT_S = 0.5
+
+
+def _declared_body(scope: Scope) -> int | None:
+    """Content-Length (0 when there is no body), or None for a chunked or malformed one."""
+    length = 0
     for name, value in scope.get("headers", []):
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            text = value.strip()
+            if not (text.isascii() and text.isdigit()):
+                return None
+            length = int(text)
+    return length
 
 
 def _endpoint(scope: Scope) -> str:
@@ -57,7 +71,8 @@ class _Exchange:
         self.request_id = _request_id(scope)
         self.status = 500
         self.started = False
-        self.body_pending = _has_body(scope)
+        self.declared_body = _declared_body(scope)
+        self.body_pending = self.declared_body != 0
         self._receive, self._send = receive, send
 
     async def receive(self) -> Message:
@@ -70,10 +85,23 @@ class _Exchange:
         if message["type"] == "http.response.start":
             self.started, self.status = True, message["status"]
             headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), self.request_id.encode())]
-            if self.status >= 400 and self.body_pending:
+            if self.status >= 400 and self.body_pending and not await self._drain():
                 headers.append((b"connection", b"close"))
             message["headers"] = headers
         await self._send(message)
+
+    async def _drain(self) -> bool:
+        """Read and drop the rest of a small body (True), so the connection stays clean and usable."""
+        if self.declared_body is None or self.declared_body > _DRAIN_LIMIT_BYTES:
+            return False
+        try:
+            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                while self.body_pending:
+                    if (await self.receive())["type"] == "http.disconnect":
+                        return False
+        except TimeoutError:
+            return False
+        return True
 
     async def send_internal_error(self) -> None:
         body = json.dumps(

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from modelcontract import METADATA_KEY
 from service.errors import StartupError
 from service.metadata import MetadataError, ModelMetadata
+from service.priority import yield_to_the_event_loop
 from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,11 @@ def return_freed_memory() -> None:
 
 
 def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
-    """Create the session (preferring `providers` in order), check the graph against the metadata."""
+    """Create the session (preferring `providers` in order), check the graph against the metadata.
+
+    Call it from a worker thread: that thread, and the session's own threads, run at compute priority.
+    """
+    yield_to_the_event_loop()
     options = session_options(intra_op_threads)
     requested = [(name, provider_options(name)) for name in providers]
     try:

@@ -13,6 +13,7 @@ from fastapi import Depends, Query, Request
 
 from service.errors import NotFoundError
 from service.metrics import Metrics
+from service.priority import yield_to_the_event_loop
 from service.registry import LoadedModel, ModelRegistry
 from service.request_body import BodyLimits
 from service.settings import Settings
@@ -30,7 +31,9 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     decode_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(decode_threads(), thread_name_prefix="convserve-decode")
+        default_factory=lambda: ThreadPoolExecutor(
+            decode_threads(), thread_name_prefix="convserve-decode", initializer=yield_to_the_event_loop
+        )
     )
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the HTTP protocol when the server begins a graceful shutdown (see `service.protocol`)."""

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -13,23 +10,6 @@ from benchmarks.corpus import Photo, build_corpus
 from benchmarks.loadgen import run_concurrency, run_rate
 from benchmarks.processes import ResourceSampler, ServerProcess, free_port
 from benchmarks.promtext import scrape, window_means
-
-TINY_SERVER = Path(__file__).with_name("tiny_upload_server.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    port = free_port()
-    server = ServerProcess(
-        name="tiny",
-        command=[sys.executable, str(TINY_SERVER), str(port)],
-        env={},
-        port=port,
-        log_path=tmp_path_factory.mktemp("tiny") / "server.log",
-        start_timeout_s=60,
-    )
-    with server:
-        yield server
 
 
 @pytest.fixture(scope="module")

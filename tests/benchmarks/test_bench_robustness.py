@@ -8,8 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +33,6 @@ from benchmarks.processes import LOOPBACK, ServerProcess, free_port
 from benchmarks.sigterm_drain import shell_exit_status
 from benchmarks.slowloris import slow_clients
 
-TINY_SERVER = Path(__file__).with_name("tiny_upload_server.py")
 # Allocates and touches N MiB, frees it, says "ready" and waits for stdin to close.
 ALLOCATE_THEN_WAIT = (
     "import sys\n"
@@ -45,21 +42,6 @@ ALLOCATE_THEN_WAIT = (
     "print('ready', flush=True)\n"
     "sys.stdin.read()\n"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    port = free_port()
-    server = ServerProcess(
-        name="tiny",
-        command=[sys.executable, str(TINY_SERVER), str(port)],
-        env={},
-        port=port,
-        log_path=tmp_path_factory.mktemp("tiny") / "server.log",
-        start_timeout_s=60,
-    )
-    with server:
-        yield server
 
 
 @pytest.fixture(scope="module")

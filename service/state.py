@@ -53,8 +53,8 @@ class ServiceState:
         )
 
 
-def get_state(request: Request) -> ServiceState:
-    """FastAPI dependency: the app's `ServiceState`."""
+async def get_state(request: Request) -> ServiceState:
+    """FastAPI dependency: the app's `ServiceState` (async: a sync dependency costs a thread hop)."""
     state: ServiceState = request.app.state.convserve
     return state
 

@@ -1,0 +1,148 @@
+"""Load levels against one running server: each level's throughput and latency, with the server's
+metrics deltas, CPU and memory sampled over the window, and an optional py-spy profile level."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.corpus import Photo
+from benchmarks.loadgen import LoadResult, run_concurrency, run_rate
+from benchmarks.plan import LevelTiming
+from benchmarks.processes import ResourceSampler, ServerProcess, rss_mb, thread_cpu_seconds
+from benchmarks.profiling import PySpyRecorder, summarize
+from benchmarks.promtext import scrape, window_means
+
+log = logging.getLogger(__name__)
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds used so far by this process: the load generator's cost on the shared cores."""
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def _text_or_empty(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+class ServerBench:
+    """Load levels against one running server, with metrics deltas and resource samples per level."""
+
+    def __init__(self, server_name: str, server: ServerProcess, photos: Sequence[Photo]) -> None:
+        self.server_name = server_name
+        self.server = server
+        self.photos = photos
+        self.url = f"{server.base_url}/predict"
+        self.requests_sent = 0
+        self.rows: list[dict[str, Any]] = []
+        self.description: dict[str, object] = server.describe()
+        self.profile_result: dict[str, Any] | None = None
+        self.rss_after_all: dict[str, Any] | None = None
+
+    async def _measured(self, load: Any, *, keep: bool = True) -> dict[str, Any]:
+        before = await scrape(self.server.base_url)
+        client_cpu_before, started = _own_cpu_seconds(), time.perf_counter()
+        async with ResourceSampler(self.server.pid) as sampler:
+            result: LoadResult = await load
+        client_cpu_percent = 100 * (_own_cpu_seconds() - client_cpu_before) / (time.perf_counter() - started)
+        after = await scrape(self.server.base_url)
+        self.requests_sent += result.sent_total
+        assert sampler.result is not None
+        row = {
+            "server": self.server_name,
+            **result.to_dict(),
+            **window_means(before, after),
+            **sampler.result.to_dict(),
+            "client_cpu_percent": round(client_cpu_percent, 1),
+            "server_requests_before": self.requests_sent - result.sent_total,
+        }
+        log.info(
+            "%-9s %-11s %6g: %6.1f img/s  p50 %s  p99 %s ms  errors %d  batch %s  cpu %s%% (client %s%%)",
+            self.server_name,
+            row["mode"],
+            row["level"],
+            row["img_per_s"],
+            row["p50_ms"],
+            row["p99_ms"],
+            row["errors"],
+            row.get("mean_batch_size"),
+            row["server_cpu_percent"],
+            row["client_cpu_percent"],
+        )
+        if keep:
+            self.rows.append(row)
+        return row
+
+    async def concurrency_levels(self, levels: Sequence[int], timing: LevelTiming) -> None:
+        for level in levels:
+            await self._measured(
+                run_concurrency(
+                    self.url,
+                    self.photos,
+                    level,
+                    duration_s=timing.duration_s,
+                    warmup_s=timing.warmup_s,
+                    max_requests=timing.max_requests,
+                )
+            )
+
+    async def profile(self, concurrency: int, timing: LevelTiming, output: Path) -> dict[str, Any]:
+        """An extra, unrecorded level under py-spy (sampling costs CPU, so it never feeds the table)."""
+        seconds = timing.warmup_s + timing.duration_s
+        threads_before = thread_cpu_seconds(self.server.pid)
+        async with PySpyRecorder(self.server.pid, seconds, output):
+            row = await self._measured(
+                run_concurrency(self.url, self.photos, concurrency, duration_s=seconds, max_requests=10**6),
+                keep=False,
+            )
+        threads_after = thread_cpu_seconds(self.server.pid)
+        summary = summarize(
+            await asyncio.to_thread(_text_or_empty, output),
+            thread_cpu_s={tid: cpu - threads_before.get(tid, 0.0) for tid, cpu in threads_after.items()},
+            images=row["ok"],
+        )
+        log.info("profile at concurrency %d: %s", concurrency, summary["buckets"])
+        return {
+            "concurrency": concurrency,
+            "img_per_s_while_profiling": row["img_per_s"],
+            "server_cpu_percent": row["server_cpu_percent"],
+            "raw_stacks": str(output),
+            **summary,
+        }
+
+    async def rates(self, rates: Sequence[float], timing: LevelTiming) -> None:
+        for rate in rates:
+            await self._measured(
+                run_rate(
+                    self.url,
+                    self.photos,
+                    rate,
+                    duration_s=timing.duration_s,
+                    warmup_s=timing.warmup_s,
+                    max_requests=timing.max_requests,
+                )
+            )
+
+    async def soak_until(self, lifetime_requests: int, concurrency: int, max_s: float) -> tuple[int, float]:
+        """Send requests until the server has had `lifetime_requests` (or `max_s` passed); (count, RSS MB)."""
+        remaining = lifetime_requests - self.requests_sent
+        if remaining > 0:
+            result = await run_concurrency(
+                self.url, self.photos, concurrency, duration_s=max_s, max_requests=remaining
+            )
+            self.requests_sent += result.sent_total
+            if result.errors:
+                log.warning(
+                    "soak to %d requests: %d errors %s", lifetime_requests, result.errors, result.error_kinds
+                )
+        await asyncio.sleep(1.0)  # let in-flight buffers be released before reading memory
+        rss = rss_mb(self.server.pid)
+        log.info("%s RSS after %d requests: %.1f MB", self.server_name, self.requests_sent, rss)
+        return self.requests_sent, rss

@@ -78,32 +78,32 @@ class Predictor:
     async def preprocess(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
         """Decode and transform every image on the decode threads; [N, C, H, W] float32.
 
-        The first failure cancels the images not yet started, so a bad or late request stops
-        costing decode time at once.
+        Each image is written straight into its row of the request's tensor. The first failure
+        cancels the images not yet started, so a bad or late request stops costing decode time at once.
         """
         loop = asyncio.get_running_loop()
+        tensor = np.empty((len(images), *self.metadata.input_shape), dtype=np.float32)
         jobs = [
-            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline)
-            for image in images
+            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
+            for image, row in zip(images, tensor, strict=True)
         ]
         try:
-            rows = await asyncio.gather(*jobs)
+            await asyncio.gather(*jobs)
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
-        return np.stack(rows)
+        return tensor
 
-    def _preprocess_one(self, image: NamedImage, deadline: float) -> np.ndarray:
+    def _preprocess_one(self, image: NamedImage, deadline: float, row: np.ndarray) -> None:
         if time.monotonic() >= deadline:  # waited in the decode queue past the deadline: not worth decoding
             raise DeadlineExceededError(
                 f"the request waited {self._timeout_s:g} s for decoding (CONVSERVE_REQUEST_TIMEOUT_S); "
                 "the server is overloaded, retry later"
             )
         start = time.perf_counter()
-        row = self._preprocessor(image.data, image.name)
+        self._preprocessor(image.data, image.name, out=row)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
-        return row
 
     def deadline(self, arrived_at: float, client_timeout_s: float | None = None) -> float:
         """The `time.monotonic()` time a request that arrived at `arrived_at` must be computed by."""
@@ -116,7 +116,7 @@ class Predictor:
     async def infer(self, tensor: np.ndarray, deadline: float) -> np.ndarray:
         """Logits for a checked tensor, through the batcher; `deadline` is a `time.monotonic()` time."""
         logits = await self._batcher.submit(tensor, deadline)
-        self._record(logits)
+        self._record(softmax(logits))
         return logits
 
     async def classify_images(
@@ -128,18 +128,20 @@ class Predictor:
         with self._batcher.reserve(len(images)) as reservation:
             tensor = await self.preprocess(images, deadline)
             logits = await reservation.submit(tensor, deadline)
-        self._record(logits)
-        return self.rank(logits, top_k)
+        return self._ranked(logits, top_k)
 
     async def classify_tensor(
         self, tensor: np.ndarray, top_k: int, arrived_at: float
     ) -> list[list[dict[str, Any]]]:
         """Top-k predictions for each row of a client-preprocessed tensor, in order."""
         self.check_top_k(top_k)
-        return self.rank(await self.infer(self.check_tensor(tensor), self.deadline(arrived_at)), top_k)
+        deadline = self.deadline(arrived_at)
+        return self._ranked(await self._batcher.submit(self.check_tensor(tensor), deadline), top_k)
 
-    def rank(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+    def _ranked(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+        """Records the predictions in the metrics, and returns the top-k of each row, best first."""
         probabilities = softmax(logits)
+        self._record(probabilities)
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         labels = self.metadata.labels
         return [
@@ -147,8 +149,7 @@ class Predictor:
             for row, indices in zip(probabilities, order, strict=True)
         ]
 
-    def _record(self, logits: np.ndarray) -> None:
-        probabilities = softmax(logits)
+    def _record(self, probabilities: np.ndarray) -> None:
         for top1, confidence in zip(probabilities.argmax(axis=1), probabilities.max(axis=1), strict=True):
             self._metrics.count_prediction(self.metadata.labels[top1])
             self._metrics.prediction_confidence.observe(float(confidence))

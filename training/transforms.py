@@ -1,12 +1,16 @@
-"""Image transforms: the eval transform (defined once, from an `EvalSpec`) and the training one."""
+"""Image transforms: the eval transform (the service's own, from an `EvalSpec`) and the training one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from modelcontract.transform import EvalTransform
 from training.spec import EvalSpec
 
 _INTERPOLATION = {
@@ -16,21 +20,16 @@ _INTERPOLATION = {
 }
 
 
-def eval_transform(spec: EvalSpec) -> transforms.Compose:
-    """PIL RGB image -> normalized CHW float tensor; the service re-implements exactly this.
+def eval_transform(spec: EvalSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalized CHW float tensor, by the very code the service runs.
 
-    Resize (shorter side to `resize_size`, antialiased PIL resize) -> center crop -> [0, 1] ->
-    normalize. The metadata written into the ONNX file (`EvalSpec.to_metadata`) describes it.
+    `modelcontract.transform.EvalTransform`: resize (shorter side to `resize_size`, antialiased PIL
+    filter) -> center crop -> [0, 1] -> normalize, as torchvision's Resize/CenterCrop/ToTensor/
+    Normalize within rounding. The metadata written into the ONNX file (`EvalSpec.to_metadata`)
+    describes it, and the service rebuilds the same object from that metadata.
     """
-    interpolation = _INTERPOLATION[spec.interpolation]
-    return transforms.Compose(
-        [
-            transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
-            transforms.CenterCrop(spec.input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(spec.mean, spec.std),
-        ]
-    )
+    shared = EvalTransform(spec.input_size, spec.resize_size, spec.interpolation, spec.mean, spec.std)
+    return transforms.Compose([shared, torch.from_numpy])
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,10 @@ class Augmentation:
 NO_AUGMENTATION = Augmentation(horizontal_flip=False, rotation_degrees=0.0, min_scale=1.0)
 
 
-def train_transform(spec: EvalSpec, augmentation: Augmentation) -> transforms.Compose:
+def train_transform(spec: EvalSpec, augmentation: Augmentation) -> Callable[[Image.Image], torch.Tensor]:
     """The eval pipeline with random zoom (resized crop), rotation and flip mixed in."""
+    if augmentation == NO_AUGMENTATION:
+        return eval_transform(spec)
     interpolation = _INTERPOLATION[spec.interpolation]
     steps: list[object] = [transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True)]
     if augmentation.min_scale < 1.0:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from benchmarks.ceiling import CeilingPlan, measure_ceiling, measure_pipeline
 from benchmarks.corpus import Photo, build_corpus, describe_corpus
+from modelcontract.transform import EvalTransform
 from service.preprocessing import ImagePreprocessor
 
 SIDE = 32
@@ -53,7 +54,9 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PREPROCESS = ImagePreprocessor(
-    input_size=(SIDE, SIDE), resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3
+    EvalTransform(
+        input_size=(SIDE, SIDE), resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
 )
 
 

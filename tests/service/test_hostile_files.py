@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from benchmarks.hostile_inputs import HostileCase, cost_probes, hostile_cases
+from modelcontract.transform import EvalTransform
 from service.errors import InvalidInputError
 from service.preprocessing import ImagePreprocessor
 from service.settings import Settings
@@ -30,7 +31,9 @@ from tests.service.conftest import LiveServer, live_server
 # The cost probes are legal files at the edge of the decode limits (the worst that is accepted).
 CASES = {case.name: case for case in [*hostile_cases(), *cost_probes()]}
 IMAGENET_DEFAULT = ImagePreprocessor(
-    input_size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+    EvalTransform(
+        input_size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
 )
 # The worst accepted file (a black PNG at the 2048x2048 decode limit) takes ~0.15 s here and a
 # normal 2-MP JPEG ~0.02 s; before the limits a 71-byte 4000x1 PNG took 4.6 s and 3 GB.

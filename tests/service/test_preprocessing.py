@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInputError
 from service.metadata import ModelMetadata
@@ -43,54 +45,84 @@ def preprocessor_for(spec: EvalSpec, use_draft: bool = False) -> ImagePreprocess
 
 
 def torchvision_reference(image: Image.Image, spec: EvalSpec) -> np.ndarray:
-    tensor = eval_transform(spec)(image)
+    """torchvision's Resize -> CenterCrop -> ToTensor -> Normalize, which the shared transform replaces."""
+    interpolation = InterpolationMode(spec.interpolation)
+    pipeline = transforms.Compose(
+        [
+            transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
+            transforms.CenterCrop(spec.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
+    tensor = pipeline(image)
     assert isinstance(tensor, torch.Tensor)
     return tensor.numpy()
 
 
+def grey_levels(difference: np.ndarray, spec: EvalSpec) -> np.ndarray:
+    """A difference in normalized units, back in 8-bit grey levels per channel."""
+    return np.abs(difference) * np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1) * 255.0
+
+
 @pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("name", PHOTOS)
-def test_transform_matches_training_eval_transform(name: str, spec_name: str) -> None:
+def test_shared_transform_is_torchvisions_within_rounding(name: str, spec_name: str) -> None:
+    """Box resizing of the crop region moves a few pixels by one grey level; the table lookup is exact."""
     spec = SPECS[spec_name]
     image = photo(name)
     ours = preprocessor_for(spec).transform(image)
     reference = torchvision_reference(image, spec)
     assert ours.shape == reference.shape == (3, *spec.input_size)
     assert ours.dtype == np.float32
-    assert float(np.abs(ours - reference).max()) <= 1e-5
+    levels = grey_levels(ours - reference, spec)
+    assert float(levels.max()) <= 1.0 + 1e-3
+    assert float((levels > 1e-3).mean()) <= 0.01
 
 
 @pytest.mark.parametrize("name", PHOTOS)
-def test_decoded_png_upload_matches_training_eval_transform(name: str) -> None:
+def test_served_upload_is_exactly_the_training_eval_transform(name: str) -> None:
+    """Parity by construction: the service and training evaluation run the same transform object."""
+    spec = SPECS["imagenet-bicubic"]
     image = photo(name)
-    ours = preprocessor_for(SPECS["imagenet-bicubic"])(encode(image, "PNG"), f"{name}.png")
-    assert float(np.abs(ours - torchvision_reference(image, SPECS["imagenet-bicubic"])).max()) <= 1e-5
+    served = preprocessor_for(spec)(encode(image, "PNG"), f"{name}.png")
+    evaluated = eval_transform(spec)(image)
+    assert isinstance(evaluated, torch.Tensor)
+    np.testing.assert_array_equal(served, evaluated.numpy())
 
 
-def test_draft_decoding_of_large_jpegs_keeps_the_tiny_models_top1(tiny_model: OnnxModel) -> None:
-    exact, drafted = preprocessor_for(TINY_SPEC, use_draft=False), preprocessor_for(TINY_SPEC, use_draft=True)
-    uploads = [large_jpeg(name) for name in PHOTOS]
-    full_size = Image.open(io.BytesIO(uploads[0])).size
-    assert drafted.decode(uploads[0]).size < full_size, "draft mode did not reduce the decode size"
-    exact_batch = np.stack([exact(data) for data in uploads])
-    drafted_batch = np.stack([drafted(data) for data in uploads])
-    difference = float(np.abs(exact_batch - drafted_batch).max())
-    mean_difference = float(np.abs(exact_batch - drafted_batch).mean())
+def test_transform_writes_into_a_preallocated_batch_row() -> None:
+    preprocessor = preprocessor_for(TINY_SPEC)
+    batch = np.zeros((2, 3, *TINY_SPEC.input_size), dtype=np.float32)
+    returned = preprocessor(jpeg("coffee"), "coffee.jpg", out=batch[1])
+    assert returned is batch[1] or np.shares_memory(returned, batch)
+    np.testing.assert_array_equal(batch[1], preprocessor(jpeg("coffee"), "coffee.jpg"))
+    assert not batch[0].any()
+
+
+def test_drafted_jpeg_uploads_stay_close_to_the_full_decode(tiny_model: OnnxModel) -> None:
+    """DCT-scaled decoding of large JPEGs: mean difference <= 0.02 (normalized units), same top-1."""
+    spec = SPECS["imagenet-bicubic"]
+    exact, drafted = preprocessor_for(spec, use_draft=False), preprocessor_for(spec, use_draft=True)
+    uploads = [large_jpeg(name, long_side) for name in PHOTOS for long_side in (900, 1600, 2000)]
+    full_size = Image.open(io.BytesIO(uploads[-1])).size
+    assert drafted.decode(uploads[-1]).size < full_size, "draft mode did not reduce the decode size"
+    differences = [float(np.abs(exact(data) - drafted(data)).mean()) for data in uploads]
     logger.warning(
-        "draft vs full decode, %d large JPEGs at %s: max abs diff %.4f, mean %.5f (normalized units)",
+        "draft vs full decode, %d JPEGs of 0.4-4 MP: mean abs diff per image %s (normalized units)",
         len(uploads),
-        TINY_SPEC.input_size,
-        difference,
-        mean_difference,
+        " ".join(f"{d:.4f}" for d in differences),
     )
-    assert difference > 0  # draft mode really took another path
-    exact_top1 = tiny_model.run(exact_batch).argmax(axis=1)
-    drafted_top1 = tiny_model.run(drafted_batch).argmax(axis=1)
+    assert max(differences) <= 0.02
+    assert max(differences) > 0  # draft mode really took another path
+    tiny = preprocessor_for(TINY_SPEC, use_draft=False), preprocessor_for(TINY_SPEC, use_draft=True)
+    exact_top1 = tiny_model.run(np.stack([tiny[0](data) for data in uploads])).argmax(axis=1)
+    drafted_top1 = tiny_model.run(np.stack([tiny[1](data) for data in uploads])).argmax(axis=1)
     np.testing.assert_array_equal(exact_top1, drafted_top1)
 
 
 def test_small_jpegs_are_decoded_at_full_size_even_with_draft() -> None:
-    data = jpeg("chelsea")  # 451x300 against a 256 target: no 2x reduction possible
+    data = jpeg("chelsea")  # 451x300 against a 1.5 x 256 target: no 2x reduction possible
     assert preprocessor_for(SPECS["imagenet-bicubic"], use_draft=True).decode(data).size == (451, 300)
 
 

@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_group.add_argument(
         "--profile",
-        action="store_true",
-        help="also sample the service with py-spy at concurrency 32 (an extra level, not in the table) "
-        "and report CPU ms per image by activity; needs `pip install py-spy`",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample the service with py-spy at concurrency 32 (an extra level, not in the table) and "
+        "report CPU ms per image by activity; without py-spy the run says so and skips it "
+        "(default: on; --no-profile skips it)",
     )
     _add_robustness_arguments(parser)
     model_group = parser.add_argument_group("model")

@@ -1,4 +1,4 @@
-"""The results plot: throughput and latency against concurrency for the three servers."""
+"""The results plot: throughput and latency against concurrency for every server measured."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from benchmarks.report import SERVERS, SHORT_TITLES
 
-_COLOURS = {"service": "tab:blue", "unbatched": "tab:orange", "naive": "tab:red"}
+_COLOURS = {"service": "tab:blue", "unbatched": "tab:orange", "naive": "tab:red", "int8": "tab:green"}
 
 
 def _rows(levels: Sequence[Mapping[str, Any]], server: str, mode: str) -> list[Mapping[str, Any]]:

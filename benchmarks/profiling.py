@@ -1,10 +1,11 @@
 """Where the server's CPU goes: py-spy samples of a running server, summed into named buckets.
 
-Optional (`python -m benchmarks --profile`, needs `pip install py-spy`): py-spy samples every Python
-thread of the server without stopping it; each stack is put into the first bucket one of its frames
-matches (decode, ORT, multipart parsing, JSON, batching, …). The kernel's per-thread CPU times are
-then split by those samples, so the result is CPU time, not sample counts. ONNX Runtime's own pool
-threads are native, invisible to py-spy, and get their own bucket.
+Taken by every `python -m benchmarks` run unless `--no-profile` (py-spy is in the dev extra; without
+it the run says so and skips the profile). py-spy samples every Python thread of the server without
+stopping it; each stack is put into the first bucket one of its frames matches (decode, ORT,
+multipart parsing, JSON, batching, …). The kernel's per-thread CPU times are then split by those
+samples, so the result is CPU time, not sample counts. ONNX Runtime's own pool threads are native,
+invisible to py-spy, and get their own bucket.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 100
 
+ORT_CALLING = "onnxruntime session.run (calling thread)"
+DECODE = "image decode + preprocess"
 # (bucket, substrings of a frame that put a stack in it), checked in order: specific before generic.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("onnxruntime session.run (calling thread)", ("onnxruntime_inference_collection.py", "runtime.py")),
-    ("image decode + preprocess", ("preprocessing.py", "PIL/")),
+    (ORT_CALLING, ("onnxruntime_inference_collection.py", "runtime.py")),
+    (DECODE, ("preprocessing.py", "PIL/")),
     ("multipart parsing", ("python_multipart", "formparsers.py", "datastructures.py")),
     ("JSON + response", ("json/", "encoders.py", "responses.py", "rank (")),
     ("prometheus metrics", ("prometheus_client",)),
@@ -35,6 +38,8 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 OTHER = "other Python"
 NATIVE_ORT = "native threads (ONNX Runtime intra-op pool)"
+HTTP_PATH = (*(name for name, _ in BUCKETS if name not in (ORT_CALLING, DECODE)), OTHER)
+"""The buckets that make up "HTTP + framework + JSON": everything but ONNX Runtime and decode."""
 _THREAD = re.compile(r"^thread \((\d+)\)")
 
 
@@ -52,7 +57,10 @@ class PySpyRecorder:
     def __init__(self, pid: int, duration_s: float, output: Path) -> None:
         executable = py_spy_path()
         if executable is None:
-            raise RuntimeError("--profile needs py-spy: install it with `.venv/bin/pip install py-spy`")
+            raise RuntimeError(
+                "the profile needs py-spy: install it with `.venv/bin/pip install py-spy` "
+                "(or skip it with --no-profile)"
+            )
         self._command = [
             executable,
             "record",

@@ -9,132 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from benchmarks.targets import HEADLINE_CONCURRENCY, find_level
 
 log = logging.getLogger(__name__)
 
 README_START = "<!-- perf-table:start -->"
 README_END = "<!-- perf-table:end -->"
 
-HEADLINE_CONCURRENCY = 32
-SERVERS = ("service", "unbatched", "naive")
+SERVERS = ("service", "unbatched", "naive", "int8")
 SERVER_TITLES = {
     "ceiling": "Ceiling: in-process decode + preprocess + ONNX Runtime, decode overlapped",
     "service": "convserve (dynamic batching)",
     "unbatched": "convserve, batching off (`MAX_BATCH_SIZE=1`)",
     "naive": "Hand-written FastAPI + PyTorch eager, one forward per request",
+    "int8": "convserve serving the INT8 variant (dynamic batching)",
 }
-SHORT_TITLES = {"service": "convserve", "unbatched": "batching off", "naive": "naive"}
-
-# The issue's targets, each checked from the results JSON alone.
-TARGET_SERVICE_CEILING = 0.90
-TARGET_SERVICE_NAIVE = 4.0
-TARGET_P99_C1_SLACK_MS = 10.0
-TARGET_RSS_GROWTH = 0.10
-
-
-def find_level(
-    levels: Sequence[Mapping[str, Any]], server: str, mode: str, level: float
-) -> Mapping[str, Any] | None:
-    """The measured row for one server at one concurrency (mode "concurrency") or rate (mode "rate")."""
-    for row in levels:
-        if row["server"] == server and row["mode"] == mode and float(row["level"]) == float(level):
-            return row
-    return None
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return round(numerator / denominator, 3)
-
-
-def _throughput_at(levels: Sequence[Mapping[str, Any]], server: str, concurrency: int) -> float | None:
-    row = find_level(levels, server, "concurrency", concurrency)
-    return None if row is None else float(row["img_per_s"])
-
-
-def headline(
-    levels: Sequence[Mapping[str, Any]],
-    ceiling_img_per_s: float | None,
-    single_image_p99_ms: float | None,
-    rss_mb_by_requests: Mapping[int, float],
-) -> dict[str, Any]:
-    """The issue's top-level keys, computed from the per-level table (concurrency 32 is the headline)."""
-    service = _throughput_at(levels, "service", HEADLINE_CONCURRENCY)
-    naive = _throughput_at(levels, "naive", HEADLINE_CONCURRENCY)
-    unbatched = _throughput_at(levels, "unbatched", HEADLINE_CONCURRENCY)
-    at_32 = find_level(levels, "service", "concurrency", HEADLINE_CONCURRENCY) or {}
-    at_1 = find_level(levels, "service", "concurrency", 1) or {}
-    checkpoints = sorted(rss_mb_by_requests)
-    first_rss = rss_mb_by_requests[checkpoints[0]] if checkpoints else None
-    last_rss = rss_mb_by_requests[checkpoints[-1]] if checkpoints else None
-    growth = None
-    if first_rss and last_rss is not None and len(checkpoints) > 1:
-        growth = round(last_rss / first_rss - 1.0, 4)
-    return {
-        "ceiling_img_per_s": ceiling_img_per_s,
-        "service_img_per_s": service,
-        "naive_img_per_s": naive,
-        "unbatched_img_per_s": unbatched,
-        "ratio_service_ceiling": _ratio(service, ceiling_img_per_s),
-        "ratio_service_naive": _ratio(service, naive),
-        "ratio_service_unbatched": _ratio(service, unbatched),
-        "p50_ms": at_32.get("p50_ms"),
-        "p95_ms": at_32.get("p95_ms"),
-        "p99_ms": at_32.get("p99_ms"),
-        "p99_ms_at_concurrency_1": at_1.get("p99_ms"),
-        "single_image_in_process_p99_ms": single_image_p99_ms,
-        "rss_mb_after_1k": rss_mb_by_requests.get(1000),
-        "rss_mb_after_20k": rss_mb_by_requests.get(20000),
-        "rss_mb_by_requests": {str(count): rss_mb_by_requests[count] for count in checkpoints},
-        "rss_growth": growth,
-        "rss_growth_between_requests": [checkpoints[0], checkpoints[-1]] if len(checkpoints) > 1 else None,
-    }
-
-
-def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each issue target: threshold, measured value, and whether it was met (None: not measured)."""
-
-    def at_least(value: float | None, threshold: float) -> bool | None:
-        return None if value is None else value >= threshold
-
-    def at_most(value: float | None, threshold: float | None) -> bool | None:
-        return None if value is None or threshold is None else value <= threshold
-
-    p99_single = results.get("single_image_in_process_p99_ms")
-    p99_limit = None if p99_single is None else round(p99_single + TARGET_P99_C1_SLACK_MS, 2)
-    growth = results.get("rss_growth")
-    growth_span = results.get("rss_growth_between_requests")
-    growth_label = "RSS growth" + (f" {growth_span[0]} → {growth_span[1]} requests" if growth_span else "")
-    return [
-        {
-            "target": f"service ≥ {TARGET_SERVICE_CEILING:.2f} × ceiling (c={HEADLINE_CONCURRENCY})",
-            "threshold": TARGET_SERVICE_CEILING,
-            "measured": results.get("ratio_service_ceiling"),
-            "met": at_least(results.get("ratio_service_ceiling"), TARGET_SERVICE_CEILING),
-        },
-        {
-            "target": f"service ≥ {TARGET_SERVICE_NAIVE:.0f} × naive (c={HEADLINE_CONCURRENCY})",
-            "threshold": TARGET_SERVICE_NAIVE,
-            "measured": results.get("ratio_service_naive"),
-            "met": at_least(results.get("ratio_service_naive"), TARGET_SERVICE_NAIVE),
-        },
-        {
-            "target": f"p99 at c=1 ≤ in-process single-image p99 + {TARGET_P99_C1_SLACK_MS:.0f} ms",
-            "threshold": p99_limit,
-            "measured": results.get("p99_ms_at_concurrency_1"),
-            "met": at_most(results.get("p99_ms_at_concurrency_1"), p99_limit),
-        },
-        {
-            "target": f"{growth_label} ≤ {TARGET_RSS_GROWTH:.0%}",
-            "threshold": TARGET_RSS_GROWTH,
-            "measured": growth,
-            "met": None if growth is None else abs(growth) <= TARGET_RSS_GROWTH,
-        },
-    ]
+SHORT_TITLES = {"service": "convserve", "unbatched": "batching off", "naive": "naive", "int8": "INT8"}
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -158,6 +52,11 @@ def _summary_table(results: Mapping[str, Any]) -> list[str]:
         f"| {SERVER_TITLES['ceiling']} (batch {results['in_process'].get('best_batch_size', '–')}) | "
         f"{_fmt(results.get('ceiling_img_per_s'))} | – | – | – | – | – | – |",
     ]
+    if results.get("int8_ceiling_img_per_s") is not None:
+        lines.append(
+            "| Ceiling with the INT8 variant (same batch, ONNX Runtime and decode threads) | "
+            f"{_fmt(results['int8_ceiling_img_per_s'])} | – | – | – | – | – | – |"
+        )
     for server in SERVERS:
         row = find_level(levels, server, "concurrency", HEADLINE_CONCURRENCY)
         if row is None:
@@ -175,13 +74,16 @@ def _concurrency_table(results: Mapping[str, Any]) -> list[str]:
     concurrencies = sorted(
         {int(row["level"]) for row in levels if row["mode"] == "concurrency" and row["server"] == "service"}
     )
+    servers = [
+        s for s in SERVERS if any(row["server"] == s and row["mode"] == "concurrency" for row in levels)
+    ]
     lines = [
-        "| Concurrency | " + " | ".join(f"{SHORT_TITLES[s]}: img/s (p99 ms)" for s in SERVERS) + " |",
-        "|---" * (len(SERVERS) + 1) + "|",
+        "| Concurrency | " + " | ".join(f"{SHORT_TITLES[s]}: img/s (p99 ms)" for s in servers) + " |",
+        "|---" * (len(servers) + 1) + "|",
     ]
     for concurrency in concurrencies:
         cells = []
-        for server in SERVERS:
+        for server in servers:
             row = find_level(levels, server, "concurrency", concurrency)
             cells.append("–" if row is None else f"{_fmt(row['img_per_s'])} ({_fmt(row['p99_ms'], 0)})")
         lines.append(f"| {concurrency} | " + " | ".join(cells) + " |")
@@ -240,6 +142,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"ONNX Runtime alone {_fmt(in_process.get('ort_only_best_img_per_s'))} img/s. "
         f"Service RSS: {_rss_sentence(results)}.",
         "",
+        f"CPU per image and the INT8 variant (concurrency {HEADLINE_CONCURRENCY}; the key of each figure "
+        "in the results JSON):",
+        "",
+        *_figures_table(results),
+        "",
     ]
     rate_lines = _rate_table(results)
     if rate_lines:
@@ -251,12 +158,55 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         ]
     lines += [*_targets_table(results), ""]
     lines += _profile_lines(results)
+    for what, reason in (results.get("not_measured") or {}).items():
+        lines += [f"Not measured: {what} — {reason}.", ""]
     for note in (results.get("plan") or {}).get("notes", []):
         lines += [f"Note: {note}.", ""]
     if results.get("plot"):
         lines += [f"![throughput and latency]({results['plot']})", ""]
     lines.append(f"Full results: `{results['output']}`.")
     return "\n".join(lines) + "\n"
+
+
+def _figures_table(results: Mapping[str, Any]) -> list[str]:
+    """Issue 11's figures: ONNX Runtime alone, CPU per image outside the model, and INT8."""
+    int8 = results.get("int8") or {}
+    in_process = int8.get("in_process") or {}
+    quantize = int8.get("quantize") or {}
+    views = (quantize.get("comparison") or {}).get("images", "?")
+    checked_on = (
+        "photo views"
+        if (quantize.get("calibration") or {}).get("source") == "skimage:photos"
+        else "validation images"
+    )
+    threads = in_process.get("intra_op_threads")
+    int8_config = (
+        f"batch {in_process.get('batch_size', '–')}, intra-op threads "
+        f"{'as the service' if threads == 0 else threads}; FP32 at the same: "
+        f"{_fmt(in_process.get('fp32_ort_alone_img_per_s'))} img/s"
+    )
+    rows: list[tuple[str, str, int]] = [
+        ("ONNX Runtime alone in process, FP32, best batch and threads, img/s", "ort_alone_img_per_s", 1),
+        ("convserve / ONNX Runtime alone", "ratio_service_ort_alone", 3),
+        ("image decode + preprocess, CPU ms per image (profile)", "decode_ms_per_image", 1),
+        (
+            "HTTP + framework + JSON, CPU ms per image (profile): the sum of "
+            + ", ".join(results.get("http_ms_buckets") or []),
+            "http_ms_per_image",
+            1,
+        ),
+        ("INT8 service, img/s", "int8_service_img_per_s", 1),
+        ("INT8 service / FP32 service", "ratio_int8_fp32", 3),
+        ("INT8 service / naive", "ratio_int8_naive", 3),
+        (f"INT8 top-1 agreement with FP32, % of {views} {checked_on}", "int8_top1_agreement", 1),
+        (f"ONNX Runtime alone in process, INT8 ({int8_config}), img/s", "int8_ort_alone_img_per_s", 1),
+    ]
+    if results.get("int8_accuracy_drop") is not None:
+        rows.append(("FP32 − INT8 top-1 accuracy, points", "int8_accuracy_drop", 2))
+    lines = ["| Figure | key | value |", "|---|---|---|"]
+    for label, key, digits in rows:
+        lines.append(f"| {label} | `{key}` | {_fmt(results.get(key), digits)} |")
+    return lines
 
 
 def _profile_lines(results: Mapping[str, Any]) -> list[str]:

@@ -26,8 +26,9 @@ from benchmarks.corpus import Photo, build_corpus, describe_corpus
 from benchmarks.machine import describe_machine
 from benchmarks.plan import BenchPlan
 from benchmarks.processes import LOOPBACK, ServerProcess, free_port, python_module_command, rss_mb
-from benchmarks.report import HEADLINE_CONCURRENCY, check_targets, find_level, headline
+from benchmarks.profiling import py_spy_path
 from benchmarks.server_bench import ServerBench
+from benchmarks.targets import HEADLINE_CONCURRENCY, check_targets, cpu_per_image, find_level, headline
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class RunConfig:
     service_env: Mapping[str, str] = field(default_factory=dict)
     """Extra `CONVSERVE_*` variables for both service runs (e.g. to try another setting)."""
     command: str = "python -m benchmarks"
-    profile: bool = False
+    profile: bool = True
     """Also profile the service with py-spy at concurrency 32 (an extra, unrecorded level)."""
 
 
@@ -186,6 +187,7 @@ def _naive_process(model: ServedModel, log_dir: Path) -> ServerProcess:
 async def _bench_service(
     config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
 ) -> tuple[ServerBench, dict[int, float]]:
+    profile = config.profile and py_spy_path() is not None
     with _service_process(config, model, log_dir, batching=True) as server:
         bench = ServerBench("service", server, photos)
         # The leak check comes first and under one steady load (concurrency 32): later levels (64
@@ -196,7 +198,7 @@ async def _bench_service(
             count, value = await bench.soak_until(checkpoint, plan.rss_soak_concurrency, plan.rss_soak_max_s)
             rss[count] = value
         await bench.concurrency_levels(plan.concurrency_levels, plan.service_levels)
-        if config.profile:
+        if profile:
             bench.profile_result = await bench.profile(
                 HEADLINE_CONCURRENCY, plan.service_levels, log_dir / "service-py-spy.txt"
             )
@@ -234,6 +236,10 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
     photos = build_corpus()
     log_dir = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
     log.info("model %s v%d; %d photos; server logs in %s", model.name, model.version, len(photos), log_dir)
+    not_measured: dict[str, str] = {}
+    if config.profile and "service" in config.servers and py_spy_path() is None:
+        not_measured["profile"] = "py-spy is not installed (`.venv/bin/pip install py-spy`)"
+        log.warning("no profile: %s", not_measured["profile"])
 
     in_process = _run_ceiling(config, model, photos, plan) if "ceiling" in config.servers else {}
     benches: list[ServerBench] = []
@@ -251,6 +257,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
             asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
         )
     levels = [row for bench in benches for row in bench.rows]
+    profile = next((bench.profile_result for bench in benches if bench.profile_result), None)
 
     results: dict[str, Any] = {
         "schema_version": 1,
@@ -258,11 +265,19 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         "mode": plan.mode,
         "command": config.command,
         "output": str(output),
-        **headline(levels, in_process.get("ceiling_img_per_s"), in_process.get("single_image_p99_ms"), rss),
+        **headline(
+            levels,
+            in_process.get("ceiling_img_per_s"),
+            in_process.get("single_image_p99_ms"),
+            rss,
+            in_process.get("ort_only_best_img_per_s"),
+        ),
+        **cpu_per_image(profile),
     }
     results["targets"] = check_targets(results)
     results.update(
         {
+            "not_measured": not_measured,
             "in_process": in_process,
             "levels": levels,
             "model": {
@@ -275,7 +290,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
             },
             "corpus": describe_corpus(photos),
             "servers": {bench.server_name: bench.description for bench in benches},
-            "profile": next((bench.profile_result for bench in benches if bench.profile_result), None),
+            "profile": profile,
             "service_rss_after_all_levels": next(
                 (bench.rss_after_all for bench in benches if bench.rss_after_all), None
             ),

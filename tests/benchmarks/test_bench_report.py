@@ -1,4 +1,5 @@
-"""Results JSON, target checks, Markdown table, README block and plot, from a small results set."""
+"""Results JSON, headline figures, target checks, Markdown table, README block and plot, from a small
+results set."""
 
 from __future__ import annotations
 
@@ -7,15 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.plot import write_plot
-from benchmarks.report import (
-    README_END,
-    README_START,
-    check_targets,
-    headline,
-    render_markdown,
-    update_readme,
-    write_json,
-)
+from benchmarks.profiling import NATIVE_ORT, ORT_CALLING
+from benchmarks.report import README_END, README_START, render_markdown, update_readme, write_json
+from benchmarks.targets import check_targets, cpu_per_image, headline, int8_figures
 
 
 def _row(
@@ -47,19 +42,56 @@ LEVELS = [
     _row("unbatched", "concurrency", 32, 60.0, p99=700.0, batch=1.0),
     _row("naive", "concurrency", 1, 15.0, p99=70.0, batch=None),
     _row("naive", "concurrency", 32, 20.0, p99=2300.0, batch=None),
+    _row("int8", "concurrency", 1, 40.0, p99=30.0, batch=1.0),
+    _row("int8", "concurrency", 32, 126.0, p99=300.0, batch=10.0),
 ]
 
+PROFILE = {
+    "concurrency": 32,
+    "img_per_s_while_profiling": 80.0,
+    "buckets": {
+        ORT_CALLING: {"cpu_ms_per_image": 11.0, "share": 0.4},
+        NATIVE_ORT: {"cpu_ms_per_image": 8.0, "share": 0.3},
+        "image decode + preprocess": {"cpu_ms_per_image": 3.5, "share": 0.15},
+        "HTTP server (uvicorn/starlette/fastapi)": {"cpu_ms_per_image": 0.8, "share": 0.05},
+        "multipart parsing": {"cpu_ms_per_image": 0.2, "share": 0.03},
+        "JSON + response": {"cpu_ms_per_image": 0.2, "share": 0.03},
+        "other Python": {"cpu_ms_per_image": 0.3, "share": 0.04},
+    },
+}
+INT8 = {
+    "source": "quantized",
+    "quantize": {
+        "calibration": {"source": "skimage:photos"},
+        "comparison": {"images": 56, "top1_agreement": 87.5},
+    },
+    "in_process": {
+        "batch_size": 1,
+        "intra_op_threads": 0,
+        "fp32_ort_alone_img_per_s": 110.0,
+        "int8_ort_alone_img_per_s": 165.0,
+        "int8_ceiling_img_per_s": 130.0,
+    },
+}
 
-def _results(rss: dict[int, float]) -> dict[str, Any]:
+
+def _results(
+    rss: dict[int, float],
+    profile: dict[str, Any] | None = PROFILE,
+    int8: dict[str, Any] | None = INT8,
+    levels: list[dict[str, Any]] = LEVELS,
+) -> dict[str, Any]:
     results: dict[str, Any] = {
         "created": "2025-01-02T03:04:05+00:00",
         "mode": "full",
         "command": "python -m benchmarks",
         "output": "benchmarks/results/latest.json",
         "duration_s": 600.0,
-        **headline(LEVELS, 100.0, 40.0, rss),
+        **headline(levels, 100.0, 40.0, rss, 112.5),
+        **cpu_per_image(profile),
+        **int8_figures(levels, int8),
         "in_process": {"best_batch_size": 16, "single_image_p50_ms": 30.0, "single_image_p99_ms": 40.0},
-        "levels": LEVELS,
+        "levels": levels,
         "model": {
             "name": "imagenet",
             "version": 1,
@@ -68,6 +100,8 @@ def _results(rss: dict[int, float]) -> dict[str, Any]:
         },
         "corpus": {"count": 8, "megapixels_min": 0.3, "megapixels_max": 2.0},
         "machine": {"cpu_model": "Test CPU", "logical_cpus": 2},
+        "profile": profile,
+        "int8": int8,
     }
     results["targets"] = check_targets(results)
     return results
@@ -78,6 +112,8 @@ def test_headline_takes_concurrency_32_and_computes_ratios() -> None:
     assert results["service_img_per_s"] == 90.0
     assert results["naive_img_per_s"] == 20.0
     assert results["ratio_service_ceiling"] == 0.9
+    assert results["ort_alone_img_per_s"] == 112.5
+    assert results["ratio_service_ort_alone"] == 0.8
     assert results["ratio_service_naive"] == 4.5
     assert results["ratio_service_unbatched"] == 1.5
     assert results["p99_ms"] == 400.0
@@ -86,31 +122,101 @@ def test_headline_takes_concurrency_32_and_computes_ratios() -> None:
     assert results["rss_growth"] == 0.04
 
 
+def test_http_path_sums_every_bucket_but_onnx_runtime_and_decode() -> None:
+    figures = cpu_per_image(PROFILE)
+    assert figures["decode_ms_per_image"] == 3.5
+    assert figures["http_ms_per_image"] == 1.5  # HTTP server 0.8 + multipart 0.2 + JSON 0.2 + other 0.3
+    assert ORT_CALLING not in figures["http_ms_buckets"] and NATIVE_ORT not in figures["http_ms_buckets"]
+    assert "image decode + preprocess" not in figures["http_ms_buckets"]
+    assert {"batching", "prometheus metrics", "asyncio event loop", "other Python"} <= set(
+        figures["http_ms_buckets"]
+    )
+
+
+def test_int8_figures_compare_with_the_fp32_service_and_the_naive_server() -> None:
+    results = _results({1000: 500.0, 20000: 520.0})
+    assert results["int8_service_img_per_s"] == 126.0
+    assert results["ratio_int8_fp32"] == 1.4  # 126 / 90
+    assert results["ratio_int8_naive"] == 6.3  # 126 / 20
+    assert results["int8_top1_agreement"] == 87.5
+    assert results["int8_accuracy_drop"] is None  # photos: agreement only
+    assert results["ratio_int8_fp32_ort_alone"] == 1.5
+    assert results["int8_ceiling_img_per_s"] == 130.0
+
+
 def test_targets_are_met_or_missed_by_their_thresholds() -> None:
-    ceiling, naive, p99, rss = _results({1000: 500.0, 20000: 560.0})["targets"]
-    assert ceiling["met"] is True  # 90 / 100 = 0.90, on the threshold
-    assert naive["met"] is True  # 90 / 20 = 4.5
-    assert p99["threshold"] == 50.0  # in-process p99 40 ms + 10 ms
-    assert p99["met"] is True  # 45 ms
-    assert rss["met"] is False  # 500 -> 560 MB is 12 % growth
+    targets = {target["key"]: target for target in _results({1000: 500.0, 20000: 560.0})["targets"]}
+    assert targets["ratio_service_ceiling"]["threshold"] == 0.95
+    assert targets["ratio_service_ceiling"]["met"] is False  # 90 / 100 = 0.90
+    assert targets["ratio_service_naive"]["met"] is True  # 90 / 20 = 4.5
+    assert targets["p99_ms_at_concurrency_1"]["threshold"] == 50.0  # in-process p99 40 ms + 10 ms
+    assert targets["p99_ms_at_concurrency_1"]["met"] is True  # 45 ms
+    assert targets["rss_growth"]["met"] is False  # 500 -> 560 MB is 12 % growth
+    assert targets["ratio_service_ort_alone"]["met"] is True  # 90 / 112.5 = 0.80
+    assert targets["decode_ms_per_image"]["met"] is True  # 3.5 ms
+    assert targets["http_ms_per_image"]["met"] is True  # 1.5 ms, on the threshold
+    assert targets["ratio_int8_fp32"]["met"] is True  # 1.4
+    assert targets["ratio_int8_naive"]["met"] is True  # 6.3
+
+
+def test_without_profile_and_int8_their_figures_are_empty_and_not_measured() -> None:
+    fp32_only = [row for row in LEVELS if row["server"] != "int8"]
+    results = _results({1000: 500.0, 20000: 520.0}, profile=None, int8=None, levels=fp32_only)
+    for key in ("decode_ms_per_image", "http_ms_per_image", "int8_service_img_per_s", "int8_top1_agreement"):
+        assert results[key] is None
+    targets = {target["key"]: target for target in results["targets"]}
+    for key in ("decode_ms_per_image", "http_ms_per_image", "ratio_int8_fp32", "ratio_int8_naive"):
+        assert targets[key]["met"] is None
+    results["not_measured"] = {"profile": "py-spy is not installed"}
+    markdown = render_markdown(results)
+    assert "Not measured: profile — py-spy is not installed." in markdown
+    assert "| INT8 service / FP32 service | `ratio_int8_fp32` | – |" in markdown
 
 
 def test_quick_run_rss_checkpoints_are_named_by_their_real_counts() -> None:
     results = _results({1000: 500.0, 3000: 505.0})
     assert results["rss_mb_after_20k"] is None
     assert results["rss_growth_between_requests"] == [1000, 3000]
-    rss_target = results["targets"][3]
+    rss_target = next(target for target in results["targets"] if target["key"] == "rss_growth")
     assert "1000 → 3000" in rss_target["target"]
     assert rss_target["met"] is True
 
 
 def test_markdown_lists_every_server_and_target() -> None:
-    markdown = render_markdown(_results({1000: 500.0, 20000: 520.0}))
+    results = _results({1000: 500.0, 20000: 520.0})
+    markdown = render_markdown(results)
     assert "| convserve (dynamic batching) | 90.0 |" in markdown
     assert "batching off" in markdown and "PyTorch eager" in markdown
-    assert "| 32 | 90.0 (400) | 60.0 (700) | 20.0 (2300) |" in markdown
+    assert "| convserve serving the INT8 variant (dynamic batching) | 126.0 |" in markdown
+    assert (
+        "| Ceiling with the INT8 variant (same batch, ONNX Runtime and decode threads) | 130.0 |" in markdown
+    )
+    assert (
+        "| 8 |" not in markdown and "| 32 | 90.0 (400) | 60.0 (700) | 20.0 (2300) | 126.0 (300) |" in markdown
+    )
     assert "Fixed arrival rates" in markdown
-    assert markdown.count("| yes |") == 4
+    met = sum(target["met"] is True for target in results["targets"])
+    assert markdown.count("| yes |") == met == len(results["targets"]) - 1  # all but 0.95 x ceiling
+
+
+def test_markdown_names_each_new_figure_by_its_key_and_the_http_buckets() -> None:
+    markdown = render_markdown(_results({1000: 500.0, 20000: 520.0}))
+    for key, value in (
+        ("ort_alone_img_per_s", "112.5"),
+        ("ratio_service_ort_alone", "0.800"),
+        ("decode_ms_per_image", "3.5"),
+        ("http_ms_per_image", "1.5"),
+        ("int8_service_img_per_s", "126.0"),
+        ("ratio_int8_fp32", "1.400"),
+        ("ratio_int8_naive", "6.300"),
+        ("int8_top1_agreement", "87.5"),
+        ("int8_ort_alone_img_per_s", "165.0"),
+    ):
+        assert f"| `{key}` | {value} |" in markdown
+    assert (
+        "the sum of multipart parsing, JSON + response, prometheus metrics, batching, HTTP server" in markdown
+    )
+    assert "% of 56 photo views" in markdown
 
 
 def test_readme_block_between_markers_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:

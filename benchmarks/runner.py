@@ -8,16 +8,18 @@ in-process ceiling runs with no server alive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shlex
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -56,6 +58,20 @@ class ServedModel:
     path: Path
     backbone: str
     input_shape: list[int]
+
+
+T = TypeVar("T")
+
+
+def _in_worker_thread(function: Callable[[], T]) -> T:
+    """Run `function` in a thread of its own and return its result.
+
+    The service's `load_model` lowers the calling thread's priority (nice 10, for its compute
+    threads); called from the main thread it would leave the load generator of every later level
+    at that priority.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process") as pool:
+        return pool.submit(function).result()
 
 
 def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list[dict[str, Any]]:
@@ -241,7 +257,9 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         not_measured["profile"] = "py-spy is not installed (`.venv/bin/pip install py-spy`)"
         log.warning("no profile: %s", not_measured["profile"])
 
-    in_process = _run_ceiling(config, model, photos, plan) if "ceiling" in config.servers else {}
+    in_process: dict[str, Any] = {}
+    if "ceiling" in config.servers:
+        in_process = _in_worker_thread(functools.partial(_run_ceiling, config, model, photos, plan))
     benches: list[ServerBench] = []
     rss: dict[int, float] = {}
     if "service" in config.servers:

@@ -19,7 +19,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     """The service for `settings`; metrics go to `registry` (a fresh one by default)."""
     collectors = Metrics(registry or CollectorRegistry(), settings.max_batch_size)
     state = ServiceState(settings=settings, metrics=collectors)
-    app = FastAPI(title="convserve", version=__version__, lifespan=lifespan_for(state))
+    otel = settings.opentelemetry
+    app = FastAPI(
+        title="convserve",
+        version=__version__,
+        lifespan=lifespan_for(state),
+        telemetry={"tracing": otel, "metrics": otel, "logs": otel},
+    )
     app.state.convserve = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=collectors)

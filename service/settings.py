@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     """Threads ONNX Runtime uses inside one operator, a count (0 = ONNX Runtime's default, one per core)."""
     workers: int = Field(default=1, ge=1)
     """Uvicorn worker processes, a count; each loads its own model copy and keeps its own metrics."""
+    opentelemetry: bool = False
+    """FastAPI's native OpenTelemetry spans, metrics and logs, sent to the providers an OpenTelemetry SDK
+    configures (e.g. `opentelemetry-instrument`). Off by default: looking for a provider costs ~0.2 ms
+    of CPU on every request, and the service's own metrics are Prometheus."""
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.errors import UnsupportedMediaTypeError
 from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
 from service.registry import LoadedModel
 from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
-from service.state import ServiceState, State, requested_model
+from service.state import ServiceState, model_lease, service_state
 from service.textsafety import printable
 
 router = APIRouter(tags=["predict"])
@@ -39,14 +39,25 @@ async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes]
 )
 async def predict(
     request: Request,
-    state: State,
-    loaded: Annotated[LoadedModel, Depends(requested_model)],
     top_k: Annotated[
         int | None, Query(description="Classes to return per image, best first (default 5, or all if fewer).")
+    ] = None,
+    model: Annotated[
+        str | None, Query(description="Model to use (default: CONVSERVE_MODEL_NAME or the only one).")
+    ] = None,
+    version: Annotated[
+        int | None, Query(ge=1, description="Version to use (default: the newest ready one).")
     ] = None,
 ) -> JSONResponse:
     """Top-k labels for each image (or tensor row), in the order they were sent, and which model
     version computed them (`?model=NAME&version=V`, default: the default model's newest version)."""
+    with model_lease(request, model, version) as loaded:
+        return await _predict(request, service_state(request), loaded, top_k)
+
+
+async def _predict(
+    request: Request, state: ServiceState, loaded: LoadedModel, top_k: int | None
+) -> JSONResponse:
     predictor = loaded.predictor
     top_k = predictor.check_top_k(
         min(DEFAULT_TOP_K, predictor.metadata.num_classes) if top_k is None else top_k

@@ -16,7 +16,7 @@ from service import __version__
 from service.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
 from service.registry import LoadedModel
 from service.request_body import decode_content, read_body
-from service.state import State, parse_version, path_model
+from service.state import ServiceState, State, model_lease, parse_version, path_model, service_state
 from service.v2 import HEADER_LENGTH, InferRequest, TensorSpec, encode_infer_response, parse_infer_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -107,7 +107,12 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
 @router.post(
     VERSIONED + "/infer", response_class=Response, responses=_INFER_ERRORS, openapi_extra=V2_INFER_OPENAPI
 )
-async def infer(request: Request, state: State, loaded: Model) -> Response:
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    with model_lease(request, model_name, parse_version(model_version)) as loaded:
+        return await _infer(request, service_state(request), loaded)
+
+
+async def _infer(request: Request, state: ServiceState, loaded: LoadedModel) -> Response:
     predictor = loaded.predictor
     predictor.check_room()  # overloaded: refuse before reading the body
     limit = state.settings.max_upload_bytes

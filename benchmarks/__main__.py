@@ -1,5 +1,8 @@
 """`python -m benchmarks [--quick] [--output PATH]`: measure the service against its ceiling and baselines.
 
+Also quantizes a copy of the model to INT8 and serves that, and profiles the service with py-spy
+(`--servers` without `int8`, `--no-profile` to skip them).
+
 Writes the results JSON (`--output`), a Markdown table and a PNG plot next to it, and — for full runs —
 regenerates the performance table between the README's perf-table markers.
 
@@ -22,7 +25,7 @@ from benchmarks.runner import RunConfig, run, shell_command
 log = logging.getLogger("benchmarks")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALL_SERVERS = ("ceiling", "service", "unbatched", "naive")
+ALL_SERVERS = ("ceiling", "service", "unbatched", "naive", "int8")
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -41,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument(
         "--quick",
         action="store_true",
-        help="short windows and RSS after 1k/2.5k requests instead of 1k/20k (under 5 min on 2 cores; "
-        "the full run takes under 20)",
+        help="short windows and RSS after 1k/2.5k requests instead of 1k/20k (under 7 min on 2 cores; "
+        "the full run takes under 25)",
     )
     run_group.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure (default: all)",
+        help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure; int8 = the service serving "
+        "an INT8 variant (quantized from a temporary copy of the model) and its in-process rows "
+        "(default: all)",
     )
     run_group.add_argument(
         "--profile",
@@ -64,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_group.add_argument("--model-name", help="model to serve (default: the only one in the repository)")
     model_group.add_argument("--model-version", type=int, help="version to serve (default: the latest)")
+    model_group.add_argument(
+        "--int8-model",
+        type=Path,
+        metavar="DIR",
+        help="an existing INT8 version directory (e.g. models/<name>/2, from `python -m training "
+        "quantize`) to serve as the INT8 variant (default: quantize a temporary copy of the model)",
+    )
     model_group.add_argument(
         "--set",
         action="append",
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(servers) - set(ALL_SERVERS))
     if unknown:
         raise SystemExit(f"--servers: unknown {unknown}; choose from {list(ALL_SERVERS)}")
+    if args.int8_model is not None and "int8" not in servers:
+        raise SystemExit("--int8-model serves an INT8 variant: keep int8 in --servers")
     config = RunConfig(
         repo_root=REPO_ROOT,
         model_repository=args.model_repository,
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         service_env=_parse_env(args.set),
         command=shell_command(argv),
         profile=args.profile,
+        int8_model=args.int8_model,
     )
     plan = quick_plan() if args.quick else full_plan()
     output: Path = args.output or Path("benchmarks/results/latest.json")

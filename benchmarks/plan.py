@@ -1,8 +1,9 @@
 """What a benchmark run measures and for how long: the quick and the full plan.
 
-The durations are chosen so `--quick` stays under 5 minutes and the full run under 20 on a 2-core
-machine, with the expected throughputs of the default model (~50–100 img/s for the service, ~20 for
-the naive server). Every phase is also bounded in requests, so a fast machine does not run longer.
+The durations are chosen so `--quick` stays under 7 minutes and the full run under 25 on a 2-core
+machine (both include ~1 minute of INT8 quantization), with the expected throughputs of the default
+model (~50–100 img/s for the service, ~20 for the naive server). Every phase is also bounded in
+requests, so a fast machine does not run longer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 from benchmarks.ceiling import CeilingPlan
 
 CONCURRENCY_LEVELS = (1, 8, 32, 64)
+INT8_CONCURRENCY_LEVELS = (1, 32)
+"""The headline level and the latency floor: enough to compare INT8 with FP32 at little cost."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class BenchPlan:
     rss_soak_max_s: float
     """Bound on the time spent reaching the last checkpoint; if hit, the RSS is read where it stopped."""
     ceiling: CeilingPlan
+    int8_concurrency_levels: tuple[int, ...] = INT8_CONCURRENCY_LEVELS
+    """Levels of the service serving the INT8 variant (timed like the FP32 service's levels)."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""One benchmark run: ceiling, service, batching off, naive server, in that order, then the reports.
+"""One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, the
+naive server and the service serving INT8, in that order; then the results.
 
 Servers run one at a time so they never compete with each other for the two cores; the load
 generator runs in this process throughout, so every server pays the same client overhead. The
-in-process ceiling runs with no server alive.
+quantization and the in-process measurements run with no server alive.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import logging
 import os
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,14 +25,29 @@ from typing import Any, TypeVar
 
 import psutil
 
-from benchmarks.ceiling import measure_ceiling
+from benchmarks.ceiling import InferenceSession, measure_ceiling
 from benchmarks.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.int8 import Int8Unavailable, Int8Variant, given_variant, measure_in_process, quantize_copy
 from benchmarks.machine import describe_machine
 from benchmarks.plan import BenchPlan
-from benchmarks.processes import LOOPBACK, ServerProcess, free_port, python_module_command, rss_mb
+from benchmarks.processes import (
+    LOOPBACK,
+    ServerProcess,
+    ServerStartError,
+    free_port,
+    python_module_command,
+    rss_mb,
+)
 from benchmarks.profiling import py_spy_path
 from benchmarks.server_bench import ServerBench
-from benchmarks.targets import HEADLINE_CONCURRENCY, check_targets, cpu_per_image, find_level, headline
+from benchmarks.targets import (
+    HEADLINE_CONCURRENCY,
+    check_targets,
+    cpu_per_image,
+    find_level,
+    headline,
+    int8_figures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +66,17 @@ class RunConfig:
     command: str = "python -m benchmarks"
     profile: bool = True
     """Also profile the service with py-spy at concurrency 32 (an extra, unrecorded level)."""
+    int8_model: Path | None = None
+    """An existing INT8 version directory to serve as the INT8 variant; None = quantize a copy."""
 
 
 @dataclass(frozen=True)
 class ServedModel:
+    repository: Path
     name: str
     version: int
     path: Path
+    """The ONNX file."""
     backbone: str
     input_shape: list[int]
 
@@ -119,6 +140,7 @@ def _resolve_model(config: RunConfig) -> ServedModel:
     path = ModelLocation(name, version).path(root)
     metadata = read_metadata(path)
     return ServedModel(
+        root,
         name,
         version,
         path,
@@ -129,7 +151,7 @@ def _resolve_model(config: RunConfig) -> ServedModel:
 
 def _service_env(config: RunConfig, model: ServedModel, port: int, batching: bool) -> dict[str, str]:
     env = {
-        "CONVSERVE_MODEL_REPOSITORY": str(config.model_repository),
+        "CONVSERVE_MODEL_REPOSITORY": str(model.repository),
         "CONVSERVE_MODEL_NAME": model.name,
         "CONVSERVE_MODEL_VERSION": str(model.version),
         "CONVSERVE_HOST": LOOPBACK,
@@ -141,11 +163,18 @@ def _service_env(config: RunConfig, model: ServedModel, port: int, batching: boo
     return env
 
 
-def _run_ceiling(
-    config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan
-) -> dict[str, Any]:
+def _run_in_process(
+    config: RunConfig,
+    model: ServedModel,
+    photos: Sequence[Photo],
+    plan: BenchPlan,
+    *,
+    int8: Int8Variant | None,
+    not_measured: dict[str, str],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The FP32 ceiling, then the INT8 rows at the configurations it chose (None without a variant)."""
     from service.preprocessing import ImagePreprocessor
-    from service.runtime import OnnxModel, load_model
+    from service.runtime import load_model
     from service.settings import Settings
 
     # Sessions are built exactly as the service builds them, from the same settings.
@@ -154,23 +183,43 @@ def _run_ceiling(
     }
     settings = Settings(**overrides)
 
-    def load(intra_op_threads: int) -> OnnxModel:
-        return load_model(model.path, list(settings.providers), intra_op_threads or settings.intra_op_threads)
+    def load(path: Path, intra_op_threads: int) -> InferenceSession:
+        threads = intra_op_threads or settings.intra_op_threads
+        return load_model(path, list(settings.providers), threads).session
 
-    onnx_model = load(0)
+    onnx_model = load_model(model.path, list(settings.providers), settings.intra_op_threads)
     preprocess = ImagePreprocessor.from_metadata(onnx_model.metadata)
     log.info("ceiling: in-process pipeline on %s (provider %s)", model.path, onnx_model.active_provider)
     result = measure_ceiling(
-        lambda threads: load(threads).session, onnx_model.input_name, preprocess, photos, plan.ceiling
+        lambda threads: load(model.path, threads), onnx_model.input_name, preprocess, photos, plan.ceiling
     )
     result["provider"] = onnx_model.active_provider
     result["service_intra_op_threads"] = settings.intra_op_threads
-    return result
+    if int8 is None:
+        return result, None
+    try:
+        rows = measure_in_process(
+            load,
+            model.path,
+            int8.path / model.path.name,
+            input_name=onnx_model.input_name,
+            preprocess=preprocess,
+            photos=photos,
+            fp32_in_process=result,
+            plan=plan.ceiling,
+        )
+    except Exception as error:  # whatever ONNX Runtime makes of the INT8 file, keep the FP32 figures
+        log.exception("int8: the in-process measurement failed")
+        not_measured["int8 in process"] = f"{type(error).__name__}: {error}"[:300]
+        return result, None
+    return result, rows
 
 
-def _service_process(config: RunConfig, model: ServedModel, log_dir: Path, batching: bool) -> ServerProcess:
+def _service_process(
+    config: RunConfig, model: ServedModel, log_dir: Path, batching: bool, name: str | None = None
+) -> ServerProcess:
     port = free_port()
-    name = "service" if batching else "unbatched"
+    name = name or ("service" if batching else "unbatched")
     return ServerProcess(
         name=name,
         command=python_module_command("service"),
@@ -237,6 +286,31 @@ async def _bench_baseline(
         return bench
 
 
+async def _bench_int8(
+    config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
+) -> ServerBench:
+    """The service with the FP32 run's settings, serving the INT8 variant: the headline levels only."""
+    with _service_process(config, model, log_dir, batching=True, name="int8") as server:
+        bench = ServerBench("int8", server, photos)
+        await bench.concurrency_levels(plan.int8_concurrency_levels, plan.service_levels)
+        return bench
+
+
+def _prepare_int8(config: RunConfig, model: ServedModel, repository: Path, log_dir: Path) -> Int8Variant:
+    if config.int8_model is not None:
+        return given_variant(config.int8_model)
+    return quantize_copy(
+        model.path.parent, model.name, repository, log_dir / "quantize.log", cwd=config.repo_root
+    )
+
+
+def _int8_model(variant: Int8Variant, fp32: ServedModel) -> ServedModel:
+    path = variant.path / fp32.path.name
+    return ServedModel(
+        variant.repository, variant.name, variant.version, path, fp32.backbone, fp32.input_shape
+    )
+
+
 def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
     """Measure everything in `plan` and return the results dict (the caller writes the files)."""
     started = time.perf_counter()
@@ -256,24 +330,24 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
     if config.profile and "service" in config.servers and py_spy_path() is None:
         not_measured["profile"] = "py-spy is not installed (`.venv/bin/pip install py-spy`)"
         log.warning("no profile: %s", not_measured["profile"])
-
-    in_process: dict[str, Any] = {}
-    if "ceiling" in config.servers:
-        in_process = _in_worker_thread(functools.partial(_run_ceiling, config, model, photos, plan))
-    benches: list[ServerBench] = []
-    rss: dict[int, float] = {}
-    if "service" in config.servers:
-        service_bench, rss = asyncio.run(_bench_service(config, model, photos, plan, log_dir))
-        benches.append(service_bench)
-    rates = [float(row["level"]) for bench in benches for row in bench.rows if row["mode"] == "rate"]
-    if "unbatched" in config.servers:
-        server = _service_process(config, model, log_dir, batching=False)
-        unbatched_rates = rates if plan.rates_for_unbatched else []
-        benches.append(asyncio.run(_bench_baseline("unbatched", server, photos, plan, unbatched_rates)))
-    if "naive" in config.servers:
-        benches.append(
-            asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
+    # The quantized copy lives only as long as the run; its quantize.json is kept in the results.
+    int8_repository = Path(tempfile.mkdtemp(prefix="convserve-bench-int8-"))
+    try:
+        variant, int8 = None, None
+        if "int8" in config.servers:
+            try:
+                variant = _prepare_int8(config, model, int8_repository, log_dir)
+                int8 = variant.describe()
+            except Int8Unavailable as error:
+                not_measured["int8"] = f"no INT8 variant: {error}"
+                log.error("int8: %s; the INT8 figures stay empty", not_measured["int8"])
+        benches, in_process, int8_rows, rss = _measure(
+            config, model, photos, plan, log_dir, variant=variant, not_measured=not_measured
         )
+    finally:
+        shutil.rmtree(int8_repository, ignore_errors=True)
+    if int8 is not None:
+        int8["in_process"] = int8_rows
     levels = [row for bench in benches for row in bench.rows]
     profile = next((bench.profile_result for bench in benches if bench.profile_result), None)
 
@@ -291,6 +365,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
             in_process.get("ort_only_best_img_per_s"),
         ),
         **cpu_per_image(profile),
+        **int8_figures(levels, int8),
     }
     results["targets"] = check_targets(results)
     results.update(
@@ -306,6 +381,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
                 "input_shape": model.input_shape,
                 "onnx_mb": round(model.path.stat().st_size / 2**20, 1),
             },
+            "int8": int8,
             "corpus": describe_corpus(photos),
             "servers": {bench.server_name: bench.description for bench in benches},
             "profile": profile,
@@ -322,6 +398,52 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         }
     )
     return results
+
+
+def _measure(
+    config: RunConfig,
+    model: ServedModel,
+    photos: Sequence[Photo],
+    plan: BenchPlan,
+    log_dir: Path,
+    *,
+    variant: Int8Variant | None,
+    not_measured: dict[str, str],
+) -> tuple[list[ServerBench], dict[str, Any], dict[str, Any] | None, dict[int, float]]:
+    """In-process rows, then each server in turn: (benches, FP32 in-process, INT8 in-process, RSS)."""
+    in_process: dict[str, Any] = {}
+    int8_rows = None
+    if "ceiling" in config.servers:
+        in_process, int8_rows = _in_worker_thread(
+            functools.partial(
+                _run_in_process, config, model, photos, plan, int8=variant, not_measured=not_measured
+            )
+        )
+    elif variant is not None:
+        not_measured["int8 in process"] = "measured at the FP32 ceiling's configuration: needs `ceiling`"
+    benches: list[ServerBench] = []
+    rss: dict[int, float] = {}
+    if "service" in config.servers:
+        service_bench, rss = asyncio.run(_bench_service(config, model, photos, plan, log_dir))
+        benches.append(service_bench)
+    rates = [float(row["level"]) for bench in benches for row in bench.rows if row["mode"] == "rate"]
+    if "unbatched" in config.servers:
+        server = _service_process(config, model, log_dir, batching=False)
+        unbatched_rates = rates if plan.rates_for_unbatched else []
+        benches.append(asyncio.run(_bench_baseline("unbatched", server, photos, plan, unbatched_rates)))
+    if "naive" in config.servers:
+        benches.append(
+            asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))
+        )
+    if variant is not None:
+        try:
+            benches.append(
+                asyncio.run(_bench_int8(config, _int8_model(variant, model), photos, plan, log_dir))
+            )
+        except ServerStartError as error:
+            not_measured["int8 service"] = str(error)[-300:]
+            log.error("int8: the service did not start with the INT8 variant: %s", error)
+    return benches, in_process, int8_rows, rss
 
 
 def shell_command(argv: Sequence[str]) -> str:

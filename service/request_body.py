@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from service.errors import (
@@ -38,6 +36,7 @@ from service.errors import (
     UnsupportedMediaTypeError,
 )
 from service.jsonparse import json_numbers, loads_json
+from service.multipart import read_files
 from service.predictor import NamedImage
 from service.textsafety import printable
 
@@ -146,31 +145,17 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 async def read_images(request: Request, limits: BodyLimits, max_files: int) -> list[NamedImage]:
     """Every file part of a multipart/form-data body (any field name), in order."""
-    parser = MultiPartParser(
-        request.headers, _limited_stream(request, limits), max_files=max_files, max_fields=_MAX_FORM_FIELDS
+    files = await read_files(
+        _limited_stream(request, limits),
+        request.headers.get("content-type", ""),
+        max_files=max_files,
+        max_fields=_MAX_FORM_FIELDS,
     )
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        if exc.message.startswith("Too many files"):
-            raise PayloadTooLargeError(
-                f"the request carries more than {max_files} images (CONVSERVE_MAX_QUEUE_SIZE); split it"
-            ) from exc
-        raise BadRequestError(
-            f"malformed multipart body: {exc.message} (at most {max_files} files, CONVSERVE_MAX_QUEUE_SIZE)"
-        ) from exc
-    images: list[NamedImage] = []
-    try:
-        for field, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                images.append(NamedImage(printable(value.filename or field), await value.read()))
-    finally:
-        await form.close()
-    if not images:
+    if not files:
         raise BadRequestError(
             "the multipart body holds no files; attach images as file fields, e.g. `curl -F image=@cat.jpg`"
         )
-    return images
+    return [NamedImage(printable(part.filename or part.field), part.data) for part in files]
 
 
 def parse_json_tensor(body: bytes) -> np.ndarray:

@@ -36,6 +36,8 @@ ISSUE_VARIABLES = [
     "VERSION_POLICY",
     "MODEL_CONTROL",
     "REPOSITORY_POLL_S",
+    # issue 11: FastAPI's native OpenTelemetry, off because its per-request check cost CPU
+    "OPENTELEMETRY",
 ]
 
 

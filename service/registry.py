@@ -125,11 +125,11 @@ class ModelRegistry:
     def _default_name(self) -> str:
         if self._settings.model_name:
             return self._settings.model_name
-        names = sorted(self.required | set(self.served()))
+        names = self.required | {name for name, versions in self._served.items() if versions}
         if len(names) == 1:
-            return names[0]
+            return next(iter(names))
         raise BadRequestError(
-            f"this server serves several models {names}; choose one with ?model=NAME "
+            f"this server serves several models {sorted(names)}; choose one with ?model=NAME "
             "(or set CONVSERVE_MODEL_NAME for a default)"
         )
 

@@ -54,3 +54,24 @@ def test_each_threads_kernel_cpu_time_is_split_by_its_own_samples() -> None:
     assert buckets[NATIVE_ORT]["cpu_ms_per_image"] == 6.0
     assert summary["cpu_s"] == 12.0
     assert sum(b["share"] for b in buckets.values()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_worker_threads_hand_off_and_wait_samples_count_as_its_work() -> None:
+    hand_off = (
+        "_bootstrap (threading.py:1002);run (concurrent/futures/thread.py:58);"
+        "set_result (asyncio/futures.py:200);_call_set_state (asyncio/futures.py:390)"
+    )
+    waiting = "_bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:90)"
+    raw = (
+        f"thread (11): convserve-decode_0;{DECODE} 300\n"
+        f"thread (11): convserve-decode_0;{hand_off} 80\n"
+        f"thread (11): convserve-decode_0;{waiting} 20\n"
+        f"thread (14): MainThread;{EVENT_LOOP} 50\n"
+        f"thread (14): MainThread;{MULTIPART} 50\n"
+    )
+    # The decode thread's 3 s are all decode; the event loop thread keeps its own split.
+    buckets = summarize(raw, thread_cpu_s={11: 3.0, 14: 2.0}, images=1000)["buckets"]
+    assert buckets["image decode + preprocess"]["cpu_ms_per_image"] == 3.0
+    assert buckets["asyncio event loop"]["cpu_ms_per_image"] == 1.0
+    assert buckets["multipart parsing"]["cpu_ms_per_image"] == 1.0
+    assert "other Python" not in buckets

@@ -117,12 +117,13 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        instances: int = 1,
         metrics: ModelMetrics | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0:
+        if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0 or instances < 1:
             raise ValueError(
-                f"need max_batch_size >= 1, max_queue_size >= max_batch_size and a delay >= 0; got "
-                f"{max_batch_size}, {max_queue_size}, {max_queue_delay_s}"
+                f"need max_batch_size >= 1, max_queue_size >= max_batch_size, a delay >= 0 and "
+                f"instances >= 1; got {max_batch_size}, {max_queue_size}, {max_queue_delay_s}, {instances}"
             )
         self._infer = infer
         self._max_batch = max_batch_size
@@ -131,10 +132,12 @@ class DynamicBatcher:
         self._metrics = metrics
         self._queue: deque[_Request] = deque()
         self._queued = 0
-        self._in_flight: list[_Segment] = []
+        self._instances = instances
+        self._running: dict[asyncio.Task[None], list[_Segment]] = {}
+        """Batches being computed, at most `instances` at once, and the rows in each."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
+            max_workers=instances, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
         )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -226,7 +229,10 @@ class DynamicBatcher:
     def _abandon(self, timeout_s: float) -> None:
         assert self._task is not None
         self._task.cancel()
-        stranded = {id(s.request): s.request for s in self._in_flight} | {id(r): r for r in self._queue}
+        for task in self._running:
+            task.cancel()
+        in_flight = [segment for segments in self._running.values() for segment in segments]
+        stranded = {id(s.request): s.request for s in in_flight} | {id(r): r for r in self._queue}
         logger.error(
             "batcher did not drain within %.3g s; failing %d unfinished requests", timeout_s, len(stranded)
         )
@@ -250,8 +256,13 @@ class DynamicBatcher:
 
     async def _collect(self) -> None:
         while True:
+            if len(self._running) >= self._instances:  # every instance is busy: wait for one
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if not self._queue:
                 if self._closing and self._queued == 0:  # admitted images still decoding come first
+                    if self._running:  # and the batches being computed still deliver
+                        await asyncio.wait(self._running)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -260,11 +271,20 @@ class DynamicBatcher:
                 await self._wait_for_batch()
                 segments = self._take_batch()
                 if segments:
-                    await self._run(segments)
+                    self._start(segments)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop batching for everyone
                 logger.exception("batch collector error; continuing")
+
+    def _start(self, segments: list[_Segment]) -> None:
+        task = asyncio.create_task(self._run(segments))
+        self._running[task] = segments
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self._running[task]
+        self._wakeup.set()
 
     async def _wait_for_batch(self) -> None:
         flush_at = self._queue[0].enqueued_at + self._max_delay
@@ -299,7 +319,6 @@ class DynamicBatcher:
         return segments
 
     async def _run(self, segments: list[_Segment]) -> None:
-        self._in_flight = segments
         try:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._executor, self._infer_batch, segments)
@@ -307,8 +326,6 @@ class DynamicBatcher:
             self._fail_batch(segments, exc)
         else:
             self._deliver(segments, outputs)
-        finally:
-            self._in_flight = []
 
     def _infer_batch(self, segments: list[_Segment]) -> np.ndarray:
         """Runs on the inference thread: stack the rows, run the model once."""

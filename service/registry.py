@@ -268,6 +268,7 @@ class ModelRegistry:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
+            instances=settings.instances,
             metrics=metrics,
         )
         await batcher.start()

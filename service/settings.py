@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     """Open client connections per worker, a count; requests on connections beyond it get 503."""
     intra_op_threads: int = Field(default=0, ge=0)
     """Threads ONNX Runtime uses inside one operator, a count (0 = ONNX Runtime's default, one per core)."""
+    instances: int = Field(default=1, ge=1)
+    """Batches of one model version computed at once, a count (Triton's instance count); on a CPU,
+    N instances with INTRA_OP_THREADS=cores/N avoid the per-operator thread barrier."""
     workers: int = Field(default=1, ge=1)
     """Uvicorn worker processes, a count; each loads its own model copy and keeps its own metrics."""
     opentelemetry: bool = False

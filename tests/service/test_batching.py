@@ -50,13 +50,16 @@ def run(coroutine_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(guarded())
 
 
-def make(infer: InferFn, *, max_batch: int = 4, delay_s: float = 0.002, queue: int = 16) -> DynamicBatcher:
+def make(
+    infer: InferFn, *, max_batch: int = 4, delay_s: float = 0.002, queue: int = 16, instances: int = 1
+) -> DynamicBatcher:
     metrics = Metrics(CollectorRegistry(), max_batch)
     batcher = DynamicBatcher(
         infer,
         max_batch_size=max_batch,
         max_queue_delay_s=delay_s,
         max_queue_size=queue,
+        instances=instances,
         metrics=metrics.for_model(LABELS["model"], int(LABELS["version"])),
     )
     _METRICS[id(batcher)] = metrics
@@ -245,3 +248,44 @@ def test_shutdown_timeout_fails_stuck_requests_instead_of_hanging() -> None:
     finally:
         release.set()
     assert all(isinstance(outcome, ServiceUnavailableError) for outcome in outcomes), outcomes
+
+
+def test_instances_compute_batches_at_the_same_time_and_results_stay_in_order(tiny_model: OnnxModel) -> None:
+    # Each batch waits at the barrier until the other instance's batch is inside `infer` too: with one
+    # instance at a time the barrier would break and fail the batch.
+    both_inside = threading.Barrier(2, timeout=HANG_GUARD_S / 3)
+    inside_at_once: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        inside_at_once.append(both_inside.wait())
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2)
+    # 8 rows of one request: split over two batches of 4, computed at once, reassembled in order.
+    inputs = [rows(8, seed=3)]
+    [outputs] = submit_all(batcher, inputs)
+    np.testing.assert_allclose(outputs, tiny_model.run(inputs[0]), rtol=1e-5, atol=1e-5)
+    assert sorted(inside_at_once) == [0, 1]
+    assert batch_sizes(metrics_of(batcher)) == (2.0, 8.0)
+
+
+def test_a_failed_instance_batch_leaves_the_other_instance_serving(tiny_model: OnnxModel) -> None:
+    calls = iter(range(1000))
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        if next(calls) == 0:
+            raise RuntimeError("first batch fails")
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=2, delay_s=0.0, instances=2)
+
+    async def scenario() -> list[Any]:
+        await batcher.start()
+        first = await asyncio.gather(batcher.submit(rows(2, seed=1), later()), return_exceptions=True)
+        second = await batcher.submit(rows(2, seed=2), later())
+        await batcher.close(5)
+        return [*first, second]
+
+    failed, served = run(scenario)
+    assert isinstance(failed, InferenceError)
+    np.testing.assert_allclose(served, tiny_model.run(rows(2, seed=2)), rtol=1e-5, atol=1e-5)

@@ -36,8 +36,9 @@ ISSUE_VARIABLES = [
     "VERSION_POLICY",
     "MODEL_CONTROL",
     "REPOSITORY_POLL_S",
-    # issue 11: FastAPI's native OpenTelemetry, off because its per-request check cost CPU
+    # issue 11: FastAPI's native OpenTelemetry (off: its per-request check cost CPU); model instances
     "OPENTELEMETRY",
+    "INSTANCES",
 ]
 
 

@@ -121,6 +121,19 @@ def test_drafted_jpeg_uploads_stay_close_to_the_full_decode(tiny_model: OnnxMode
     np.testing.assert_array_equal(exact_top1, drafted_top1)
 
 
+def test_a_sideways_drafted_jpeg_is_laid_out_on_its_upright_full_size() -> None:
+    """EXIF rotation after a reduced decode: the crop is placed on the rotated full picture."""
+    spec = SPECS["imagenet-bicubic"]
+    upright = Image.open(io.BytesIO(large_jpeg("rocket", 2000))).convert("RGB")  # landscape 2000x1335
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: rotate 90 degrees clockwise to display
+    sideways = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    drafted = preprocessor_for(spec, use_draft=True)
+    assert drafted.decode(sideways).size < upright.size, "draft mode did not reduce the decode size"
+    difference = np.abs(drafted(sideways) - torchvision_reference(upright, spec)).mean()
+    assert float(difference) <= 0.02
+
+
 def test_small_jpegs_are_decoded_at_full_size_even_with_draft() -> None:
     data = jpeg("chelsea")  # 451x300 against a 1.5 x 256 target: no 2x reduction possible
     assert preprocessor_for(SPECS["imagenet-bicubic"], use_draft=True).decode(data).size == (451, 300)

@@ -43,22 +43,12 @@ def parity_photos() -> list[Photo]:
 
 
 def torchvision_input(data: bytes, metadata: Any) -> np.ndarray:
-    """Full decode + torchvision's eval pipeline built from the model metadata: [3, H, W] float32."""
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
+    """Full decode + torchvision's eval pipeline (the naive server's) from the model metadata: [3, H, W]."""
+    from benchmarks.naive_server import eval_transform
 
-    _, height, width = metadata.input_shape
-    pipeline = transforms.Compose(
-        [
-            transforms.Resize(
-                metadata.resize_size, interpolation=InterpolationMode(metadata.interpolation), antialias=True
-            ),
-            transforms.CenterCrop((height, width)),
-            transforms.ToTensor(),
-            transforms.Normalize(metadata.mean, metadata.std),
-        ]
+    return np.asarray(
+        eval_transform(metadata.raw)(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32
     )
-    return np.asarray(pipeline(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32)
 
 
 def measure_parity(model_path: Path, photos: Sequence[Photo] | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from benchmarks.runner import RunConfig, run, shell_command
 log = logging.getLogger("benchmarks")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALL_SERVERS = ("ceiling", "service", "unbatched", "naive", "int8")
+ALL_SERVERS = ("ceiling", "service", "unbatched", "instances", "naive", "int8")
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure; int8 = the service serving "
-        "an INT8 variant (quantized from a temporary copy of the model) and its in-process rows "
-        "(default: all)",
+        help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure; instances = the service "
+        "with one single-threaded batch per core; int8 = the service serving an INT8 variant "
+        "(quantized from a temporary copy of the model) and its in-process rows (default: all)",
     )
     run_group.add_argument(
         "--profile",

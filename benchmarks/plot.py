@@ -14,7 +14,13 @@ import matplotlib.pyplot as plt
 
 from benchmarks.report import SERVERS, SHORT_TITLES
 
-_COLOURS = {"service": "tab:blue", "unbatched": "tab:orange", "naive": "tab:red", "int8": "tab:green"}
+_COLOURS = {
+    "service": "tab:blue",
+    "unbatched": "tab:orange",
+    "instances": "tab:purple",
+    "naive": "tab:red",
+    "int8": "tab:green",
+}
 
 
 def _rows(levels: Sequence[Mapping[str, Any]], server: str, mode: str) -> list[Mapping[str, Any]]:

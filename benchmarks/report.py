@@ -20,15 +20,22 @@ log = logging.getLogger(__name__)
 README_START = "<!-- perf-table:start -->"
 README_END = "<!-- perf-table:end -->"
 
-SERVERS = ("service", "unbatched", "naive", "int8")
+SERVERS = ("service", "unbatched", "instances", "naive", "int8")
 SERVER_TITLES = {
     "ceiling": "Ceiling: in-process decode + preprocess + ONNX Runtime, decode overlapped",
     "service": "convserve (dynamic batching)",
     "unbatched": "convserve, batching off (`MAX_BATCH_SIZE=1`)",
+    "instances": "convserve, one single-threaded batch per core (`INSTANCES`=cores, `INTRA_OP_THREADS=1`)",
     "naive": "Hand-written FastAPI + PyTorch eager, one forward per request",
     "int8": "convserve serving the INT8 variant (dynamic batching)",
 }
-SHORT_TITLES = {"service": "convserve", "unbatched": "batching off", "naive": "naive", "int8": "INT8"}
+SHORT_TITLES = {
+    "service": "convserve",
+    "unbatched": "batching off",
+    "instances": "batch per core",
+    "naive": "naive",
+    "int8": "INT8",
+}
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

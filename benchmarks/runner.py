@@ -1,5 +1,6 @@
-"""One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, the
-naive server and the service serving INT8, in that order; then the results.
+"""One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, one
+batch per core (`instances`), the naive server and the service serving INT8, in that order; then
+the results.
 
 Servers run one at a time so they never compete with each other for the two cores; the load
 generator runs in this process throughout, so every server pays the same client overhead. The
@@ -149,18 +150,29 @@ def _resolve_model(config: RunConfig) -> ServedModel:
     )
 
 
-def _service_env(config: RunConfig, model: ServedModel, port: int, batching: bool) -> dict[str, str]:
-    env = {
+# The service variants measured besides the default one, as the settings each overrides. `instances`:
+# one single-threaded batch per core (Triton's instance count) instead of one batch on every core.
+VARIANT_SETTINGS: dict[str, dict[str, str]] = {
+    "service": {},
+    "int8": {},
+    "unbatched": {"CONVSERVE_MAX_BATCH_SIZE": "1"},
+    "instances": {
+        "CONVSERVE_INSTANCES": str(max(1, os.cpu_count() or 1)),
+        "CONVSERVE_INTRA_OP_THREADS": "1",
+    },
+}
+
+
+def _service_env(config: RunConfig, model: ServedModel, port: int, name: str) -> dict[str, str]:
+    return {
         "CONVSERVE_MODEL_REPOSITORY": str(model.repository),
         "CONVSERVE_MODEL_NAME": model.name,
         "CONVSERVE_MODEL_VERSION": str(model.version),
         "CONVSERVE_HOST": LOOPBACK,
         "CONVSERVE_PORT": str(port),
         **config.service_env,
+        **VARIANT_SETTINGS[name],
     }
-    if not batching:
-        env["CONVSERVE_MAX_BATCH_SIZE"] = "1"
-    return env
 
 
 def _run_in_process(
@@ -215,15 +227,12 @@ def _run_in_process(
     return result, rows
 
 
-def _service_process(
-    config: RunConfig, model: ServedModel, log_dir: Path, batching: bool, name: str | None = None
-) -> ServerProcess:
+def _service_process(config: RunConfig, model: ServedModel, log_dir: Path, name: str) -> ServerProcess:
     port = free_port()
-    name = name or ("service" if batching else "unbatched")
     return ServerProcess(
         name=name,
         command=python_module_command("service"),
-        env=_service_env(config, model, port, batching),
+        env=_service_env(config, model, port, name),
         port=port,
         log_path=log_dir / f"{name}.log",
     )
@@ -253,7 +262,7 @@ async def _bench_service(
     config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
 ) -> tuple[ServerBench, dict[int, float]]:
     profile = config.profile and py_spy_path() is not None
-    with _service_process(config, model, log_dir, batching=True) as server:
+    with _service_process(config, model, log_dir, "service") as server:
         bench = ServerBench("service", server, photos)
         # The leak check comes first and under one steady load (concurrency 32): later levels (64
         # clients, open-loop bursts) hold more requests in flight, and the allocator keeps that
@@ -290,7 +299,7 @@ async def _bench_int8(
     config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
 ) -> ServerBench:
     """The service with the FP32 run's settings, serving the INT8 variant: the headline levels only."""
-    with _service_process(config, model, log_dir, batching=True, name="int8") as server:
+    with _service_process(config, model, log_dir, "int8") as server:
         bench = ServerBench("int8", server, photos)
         await bench.concurrency_levels(plan.int8_concurrency_levels, plan.service_levels)
         return bench
@@ -428,9 +437,12 @@ def _measure(
         benches.append(service_bench)
     rates = [float(row["level"]) for bench in benches for row in bench.rows if row["mode"] == "rate"]
     if "unbatched" in config.servers:
-        server = _service_process(config, model, log_dir, batching=False)
+        server = _service_process(config, model, log_dir, "unbatched")
         unbatched_rates = rates if plan.rates_for_unbatched else []
         benches.append(asyncio.run(_bench_baseline("unbatched", server, photos, plan, unbatched_rates)))
+    if "instances" in config.servers:
+        server = _service_process(config, model, log_dir, "instances")
+        benches.append(asyncio.run(_bench_baseline("instances", server, photos, plan, [])))
     if "naive" in config.servers:
         benches.append(
             asyncio.run(_bench_baseline("naive", _naive_process(model, log_dir), photos, plan, []))

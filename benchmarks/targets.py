@@ -60,6 +60,7 @@ def headline(
     service = _throughput_at(levels, "service", HEADLINE_CONCURRENCY)
     naive = _throughput_at(levels, "naive", HEADLINE_CONCURRENCY)
     unbatched = _throughput_at(levels, "unbatched", HEADLINE_CONCURRENCY)
+    instances = _throughput_at(levels, "instances", HEADLINE_CONCURRENCY)
     at_32 = find_level(levels, "service", "concurrency", HEADLINE_CONCURRENCY) or {}
     at_1 = find_level(levels, "service", "concurrency", 1) or {}
     checkpoints = sorted(rss_mb_by_requests)
@@ -74,10 +75,12 @@ def headline(
         "service_img_per_s": service,
         "naive_img_per_s": naive,
         "unbatched_img_per_s": unbatched,
+        "instances_img_per_s": instances,
         "ratio_service_ceiling": _ratio(service, ceiling_img_per_s),
         "ratio_service_ort_alone": _ratio(service, ort_alone_img_per_s),
         "ratio_service_naive": _ratio(service, naive),
         "ratio_service_unbatched": _ratio(service, unbatched),
+        "ratio_instances_service": _ratio(instances, service),
         "p50_ms": at_32.get("p50_ms"),
         "p95_ms": at_32.get("p95_ms"),
         "p99_ms": at_32.get("p99_ms"),

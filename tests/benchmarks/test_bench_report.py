@@ -40,6 +40,7 @@ LEVELS = [
     _row("service", "rate", 45.0, 45.0, p99=60.0, batch=2.0),
     _row("unbatched", "concurrency", 1, 28.0, p99=44.0, batch=1.0),
     _row("unbatched", "concurrency", 32, 60.0, p99=700.0, batch=1.0),
+    _row("instances", "concurrency", 32, 99.0, p99=450.0, batch=4.0),
     _row("naive", "concurrency", 1, 15.0, p99=70.0, batch=None),
     _row("naive", "concurrency", 32, 20.0, p99=2300.0, batch=None),
     _row("int8", "concurrency", 1, 40.0, p99=30.0, batch=1.0),
@@ -116,6 +117,7 @@ def test_headline_takes_concurrency_32_and_computes_ratios() -> None:
     assert results["ratio_service_ort_alone"] == 0.8
     assert results["ratio_service_naive"] == 4.5
     assert results["ratio_service_unbatched"] == 1.5
+    assert results["ratio_instances_service"] == 1.1  # 99 / 90
     assert results["p99_ms"] == 400.0
     assert results["rss_mb_after_1k"] == 500.0
     assert results["rss_mb_after_20k"] == 520.0
@@ -192,7 +194,8 @@ def test_markdown_lists_every_server_and_target() -> None:
         "| Ceiling with the INT8 variant (same batch, ONNX Runtime and decode threads) | 130.0 |" in markdown
     )
     assert (
-        "| 8 |" not in markdown and "| 32 | 90.0 (400) | 60.0 (700) | 20.0 (2300) | 126.0 (300) |" in markdown
+        "| 8 |" not in markdown
+        and "| 32 | 90.0 (400) | 60.0 (700) | 99.0 (450) | 20.0 (2300) | 126.0 (300) |" in markdown
     )
     assert "Fixed arrival rates" in markdown
     met = sum(target["met"] is True for target in results["targets"])

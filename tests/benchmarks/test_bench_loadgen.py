@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.corpus import Photo, build_corpus
 from benchmarks.loadgen import run_concurrency, run_rate
-from benchmarks.processes import ResourceSampler, ServerProcess, free_port
+from benchmarks.processes import ResourceSampler, ServerProcess, cpu_seconds, free_port
 from benchmarks.promtext import scrape, window_means
 
 
@@ -82,14 +82,22 @@ def test_metrics_deltas_give_the_mean_batch_size_of_the_window(
 def test_sampler_reports_cpu_and_memory_of_the_server_under_load(
     tiny_server: ServerProcess, photos: list[Photo]
 ) -> None:
-    async def measure() -> ResourceSampler:
+    # The kernel counts CPU time in clock ticks: load the server until it has visibly spent some (a
+    # fast machine answers a few dozen tiny requests within one tick), then ask the sampler.
+    async def measure() -> tuple[ResourceSampler, float]:
+        start = cpu_seconds(tiny_server.pid)
         async with ResourceSampler(tiny_server.pid, interval_s=0.1) as sampler:
-            await run_concurrency(
-                f"{tiny_server.base_url}/predict", photos, 4, duration_s=30, max_requests=40
-            )
-        return sampler
+            for _ in range(50):
+                await run_concurrency(
+                    f"{tiny_server.base_url}/predict", photos, 4, duration_s=30, max_requests=40
+                )
+                if cpu_seconds(tiny_server.pid) - start >= 0.1:
+                    break
+        return sampler, cpu_seconds(tiny_server.pid) - start
 
-    sample = asyncio.run(measure()).result
+    sampler, spent = asyncio.run(measure())
+    assert spent >= 0.1, f"2,000 tiny requests cost the server only {spent} CPU seconds"
+    sample = sampler.result
     assert sample is not None
     assert sample.rss_mb_peak is not None and sample.rss_mb_peak > 10
     assert sample.cpu_percent_mean is not None and sample.cpu_percent_mean > 0

@@ -2,7 +2,8 @@
 
 One collector task takes rows (images) from a FIFO queue of requests, at most `max_batch_size` per
 batch, waiting at most `max_queue_delay_s` after the oldest arrived; a bigger request is split over
-consecutive batches and reassembled in order. Batches run on one worker thread, never the event loop.
+consecutive batches and reassembled in order. Batches run on `instances` worker threads, never the
+event loop; with several instances a batch takes at most an equal share of the rows waiting.
 
 The queue is bounded in images, and admission happens before any work: `reserve(n)` holds room for
 a request's n images as soon as their count is known (before decoding), or refuses at once (503).
@@ -269,9 +270,11 @@ class DynamicBatcher:
                 continue
             try:
                 await self._wait_for_batch()
-                segments = self._take_batch()
-                if segments:
-                    self._start(segments)
+                share = self._share()
+                while self._queue and len(self._running) < self._instances:
+                    segments = self._take_batch(share)
+                    if segments:
+                        self._start(segments)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop batching for everyone
@@ -298,9 +301,19 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Segment]:
+    def _share(self) -> int:
+        """Rows per batch for the free instances now: an equal share of what waits, per instance.
+
+        Each instance computes its batch on its own threads, so one batch of everything waiting would
+        hold all those rows for a whole single-instance run while the busy instances free up. Free
+        instances each take a share now; the rest goes to the next instance that frees.
+        """
+        waiting = sum(request.untaken for request in self._queue)
+        return max(1, min(self._max_batch, math.ceil(waiting / self._instances)))
+
+    def _take_batch(self, space: int) -> list[_Segment]:
         segments: list[_Segment] = []
-        space, now = self._max_batch, time.monotonic()
+        now = time.monotonic()
         while self._queue and space > 0:
             request = self._queue[0]
             if request.taken == 0 and now >= request.deadline:

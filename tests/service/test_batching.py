@@ -289,3 +289,60 @@ def test_a_failed_instance_batch_leaves_the_other_instance_serving(tiny_model: O
     failed, served = run(scenario)
     assert isinstance(failed, InferenceError)
     np.testing.assert_allclose(served, tiny_model.run(rows(2, seed=2)), rtol=1e-5, atol=1e-5)
+
+
+def test_with_several_instances_a_batch_takes_an_equal_share_of_the_waiting_rows(
+    tiny_model: OnnxModel,
+) -> None:
+    # One batch of all 12 waiting rows (max batch 32) would run on one instance's threads while the
+    # other idled: with two instances free, each takes half.
+    sizes: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=32, delay_s=0.0, queue=32, instances=2)
+    inputs = [rows(12, seed=5)]
+    [outputs] = submit_all(batcher, inputs)
+    np.testing.assert_allclose(outputs, tiny_model.run(inputs[0]), rtol=1e-5, atol=1e-5)
+    assert sizes == [6, 6]
+
+    single = make(infer, max_batch=32, delay_s=0.0, queue=32, instances=1)
+    sizes.clear()
+    submit_all(single, inputs)
+    assert sizes == [12]
+
+
+def test_a_freed_instance_leaves_a_share_of_the_waiting_rows_to_the_busy_one(tiny_model: OnnxModel) -> None:
+    # Instance one is held inside `infer`; eight rows then arrive. The free instance takes half (4)
+    # rather than all 8, the rest in shares as it frees; nothing waits for the held instance forever.
+    held, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        if not held.is_set():
+            held.set()
+            release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=32, delay_s=0.0, queue=32, instances=2)
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
+        await asyncio.to_thread(held.wait, HANG_GUARD_S)
+        second = await batcher.submit(rows(8, seed=2), later())
+        release.set()
+        outputs = [await first, second]
+        await batcher.close(5)
+        return outputs
+
+    try:
+        first, second = run(scenario)
+    finally:
+        release.set()
+    np.testing.assert_allclose(first, tiny_model.run(rows(1, seed=1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, tiny_model.run(rows(8, seed=2)), rtol=1e-5, atol=1e-5)
+    assert sizes[:2] == [1, 4] and sum(sizes) == 9, sizes

@@ -150,8 +150,9 @@ def _resolve_model(config: RunConfig) -> ServedModel:
     )
 
 
-# The service variants measured besides the default one, as the settings each overrides. `instances`:
-# one single-threaded batch per core (Triton's instance count) instead of one batch on every core.
+# Every run of `python -m service` the benchmark makes, as the settings it overrides (`service` and
+# `int8` run the defaults). `instances`: one single-threaded batch per core (Triton's instance count)
+# instead of one batch on every core.
 VARIANT_SETTINGS: dict[str, dict[str, str]] = {
     "service": {},
     "int8": {},

@@ -6,47 +6,28 @@ repository is unusable, 3 that the app failed to start; the log says why.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import logging.config
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
-from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
+from service.access import Credentials
 from service.app import create_app
 from service.errors import StartupError
 from service.lifecycle import check_repository
 from service.logging_config import log_config
 from service.metrics import MULTIPROCESS_DIR_ENV
-from service.protocol import GuardedHttpToolsProtocol
 from service.runtime import limit_malloc_arenas
+from service.server import Server, check_tls, uvicorn_options
 from service.settings import Settings
 
 logger = logging.getLogger("service")
 
-# Extra seconds uvicorn waits for open requests on shutdown beyond the request timeout.
-_SHUTDOWN_MARGIN_S = 5.0
 _STARTUP_FAILURE = 3
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, exiting 0 after a signal-initiated graceful shutdown.
-
-    uvicorn re-raises the captured SIGTERM once it has drained, so the process would end with
-    status 143, which container runtimes and supervisors report as a failure. Stopping on request
-    is the normal way for this service to end.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()  # reached only when serving ended without an exception
 
 
 def _settings_or_exit() -> Settings:
@@ -68,27 +49,21 @@ def main() -> None:
     settings = _settings_or_exit()
     try:  # fail here, with a clean message, rather than inside every worker
         names = check_repository(settings)
+        Credentials.from_settings(settings)  # token files readable and strong
+        check_tls(settings)
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     logger.info(
-        "serving %s (versions: %s, model control: %s) on %s:%d",
+        "serving %s (versions: %s, model control: %s) on %s://%s:%d",
         ", ".join(names),
         settings.policy,
         settings.model_control,
+        "https" if settings.tls_certfile else "http",
         settings.host,
         settings.port,
     )
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": config,
-        "access_log": False,  # the service logs one line per request itself, with the request id
-        "http": GuardedHttpToolsProtocol,  # header timeout, connection cap, drain signal
-        # Accepted requests finish within REQUEST_TIMEOUT_S of arrival; bodies still arriving are
-        # refused as soon as the drain begins, so nothing else can hold the shutdown open.
-        "timeout_graceful_shutdown": settings.request_timeout_s + _SHUTDOWN_MARGIN_S,
-    }
+    options = uvicorn_options(settings, config)
     if settings.workers == 1:
         server = Server(uvicorn.Config(create_app(settings), **options))
         server.run()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from service import __version__
+from service.access import AccessMiddleware, Credentials
 from service.error_handlers import install_error_handlers
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
@@ -28,6 +30,30 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     app.state.convserve = state
     install_error_handlers(app)
+    # Added innermost first: RequestContext (ids, metrics, logs) sees every answer, CORS answers
+    # preflights (which carry no token) before the access check, which runs before any route.
+    app.add_middleware(
+        AccessMiddleware,
+        credentials=Credentials.from_settings(settings),
+        allowed_origins=settings.cors_origins,
+        on_refused=lambda reason: collectors.rejected.labels(reason=reason).inc(),
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "content-encoding",
+                "inference-header-content-length",
+                "x-request-id",
+                *([settings.token_header] if settings.token_header else []),
+            ],
+            expose_headers=["x-request-id", "inference-header-content-length", "retry-after"],
+            max_age=600,
+        )
     app.add_middleware(RequestContextMiddleware, metrics=collectors)
     for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
         app.include_router(router)

@@ -21,7 +21,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-REJECT_REASONS = ("queue_full", "timeout", "bad_input", "slow_client", "too_many_connections")
+REJECT_REASONS = (
+    "queue_full",
+    "timeout",
+    "bad_input",
+    "slow_client",
+    "too_many_connections",
+    "header_too_large",
+    "unauthorized",
+    "cross_origin",
+)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus-client's own switch: set before the workers start, it puts every process's values there."""
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
@@ -127,7 +136,9 @@ class Metrics:
         self.rejected = Counter(
             "convserve_rejected_total",
             "Requests refused: queue_full (503), timeout (504 before compute), bad_input (4xx), "
-            "slow_client (408 or header timeout), too_many_connections (503).",
+            "slow_client (408 or header timeout), too_many_connections (503), header_too_large (431), "
+            "unauthorized (401/403: missing or wrong token), cross_origin (403: a browser request from "
+            "another site).",
             ["reason"],
             registry=registry,
         )

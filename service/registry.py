@@ -29,9 +29,10 @@ from service.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.preprocessing import ImagePreprocessor
-from service.repository import ModelLocation
+from service.repository import ModelLocation, check_model_name
 from service.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
 from service.settings import Settings
+from service.textsafety import printable
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,11 @@ class ModelRegistry:
         self._lease_released = asyncio.Condition()
         self._changes = asyncio.Lock()  # one reconciliation at a time
         self.required: set[str] = set()
-        """Models that must have a ready version for the service to be ready."""
+        """Models that must have a ready version for the service to be ready: the start-up set, less
+        models that left the repository. A model loaded later is served but not required, so its failure
+        never makes the server unready; a required model unloaded on request makes it unready."""
+        self.default_name: str | None = None
+        """The model requests without a name go to: CONVSERVE_MODEL_NAME, or the only start-up model."""
         self.stopping = False
 
     # ---- routing --------------------------------------------------------------------------------
@@ -102,35 +107,39 @@ class ModelRegistry:
         return {name: sorted(versions) for name, versions in self._served.items() if versions}
 
     def resolve(self, name: str | None, version: int | None) -> LoadedModel:
-        """The version a request asked for: default model, newest ready version, 400/404/503 otherwise."""
-        name = name or self._default_name()
+        """The version a request asked for: default model, newest ready version, 400/404/503 otherwise.
+
+        `name` comes from the client: it is only ever a key looked up here, never part of a path.
+        """
+        name = self._default_name() if name is None else check_model_name(name)
         versions = self._served.get(name, {})
         if version is not None and version in versions:
             return versions[version]
         if version is None and versions:
             return versions[max(versions)]
         known = [v for (n, v) in self._status if n == name]
+        shown = printable(name, 80)
         if not known and name not in self.required:
-            raise NotFoundError(f"unknown model {name!r}; served: {self.served() or 'none yet'}")
+            served = self.served()
+            listing = f"served: {served}" if served else "no model is served at the moment (see /readyz)"
+            raise NotFoundError(f"unknown model {shown!r}; {listing}")
         if not known:
-            raise ServiceUnavailableError(f"model {name!r} is loading; retry shortly (see /readyz)")
+            raise ServiceUnavailableError(f"model {shown!r} is loading; retry shortly (see /readyz)")
         if version is not None and version not in known:
-            raise NotFoundError(f"model {name!r} has no version {version}; served: {sorted(versions)}")
+            raise NotFoundError(f"model {shown!r} has no version {version}; served: {sorted(versions)}")
         status = self._status.get((name, version if version is not None else max(known)))
         reason = f" ({status.state}: {status.reason})" if status and status.reason else ""
         raise ServiceUnavailableError(
-            f"model {name!r} version {version or 'latest'} is not ready{reason}; retry shortly"
+            f"model {shown!r} version {version or 'latest'} is not ready{reason}; retry shortly"
         )
 
     def _default_name(self) -> str:
-        if self._settings.model_name:
-            return self._settings.model_name
-        names = self.required | {name for name, versions in self._served.items() if versions}
-        if len(names) == 1:
-            return next(iter(names))
+        if self.default_name is not None:
+            return self.default_name
+        names = sorted(self.required | {name for name, versions in self._served.items() if versions})
         raise BadRequestError(
-            f"this server serves several models {sorted(names)}; choose one with ?model=NAME "
-            "(or set CONVSERVE_MODEL_NAME for a default)"
+            f"this server has no default model (models: {names}); choose one with ?model=NAME, or set "
+            "CONVSERVE_MODEL_NAME"
         )
 
     @contextmanager
@@ -151,8 +160,13 @@ class ModelRegistry:
             self._lease_released.notify_all()
 
     def expect(self, names: list[str]) -> None:
-        """Models the service must serve before it is ready (the start-up set)."""
+        """Models the service must serve before it is ready (the start-up set), and the default model.
+
+        The default is fixed here, at start-up: a model loaded later never changes where requests
+        without a model name go.
+        """
         self.required.update(names)
+        self.default_name = self._settings.model_name or (names[0] if len(names) == 1 else None)
 
     def index(self) -> list[VersionStatus]:
         return [self._status[key] for key in sorted(self._status)]
@@ -166,9 +180,8 @@ class ModelRegistry:
                 await self._sync_model(name)
 
     async def unload(self, name: str) -> None:
-        """Unload every version of `name` (explicit model control)."""
+        """Unload every version of `name` (explicit model control); a required model stays required."""
         async with self._changes:
-            self.required.discard(name)
             for version in sorted(self._served.get(name, {})):
                 await self._unload(name, version, reason="unloaded on request")
 
@@ -184,8 +197,6 @@ class ModelRegistry:
         root = self._settings.model_repository
         on_disk = complete_versions(root / name)
         wanted = self._policy.select(on_disk)
-        if on_disk:
-            self.required.add(name)
         for version in wanted:
             if version not in self._served.get(name, {}) and not self._failed_unchanged(name, version):
                 await self._load(ModelLocation(name, version))

@@ -7,10 +7,11 @@ variables involved, so a bad deployment fails at start-up rather than under load
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.repository import VersionPolicy
@@ -43,6 +44,22 @@ def normalize_provider(name: str) -> str:
             f"of {sorted(PROVIDER_ALIASES)} or ONNX Runtime names such as {known[:4]}"
         )
     return canonical
+
+
+MIN_TOKEN_CHARS = 16
+# Headers the service or the HTTP layer already gives a meaning to.
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "content-type", "content-length", "content-encoding", "host", "cookie", "x-request-id"}
+)
+
+
+def check_token(token: str, where: str) -> None:
+    """Refuse tokens a client could guess or a header could not carry."""
+    if len(token) < MIN_TOKEN_CHARS or not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ValueError(
+            f"{where} must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces; "
+            "make one with `openssl rand -hex 32`"
+        )
 
 
 def _check_directory_name(name: str, variable: str) -> None:
@@ -112,6 +129,39 @@ class Settings(BaseSettings):
     N instances with INTRA_OP_THREADS=cores/N avoid the per-operator thread barrier."""
     workers: int = Field(default=1, ge=1)
     """Uvicorn worker processes, a count; each loads its own model copy and keeps its own metrics."""
+    max_header_bytes: int = Field(default=65_536, ge=1024, le=1 << 20)
+    """Largest request head (request line plus headers) a connection may send, in bytes; beyond it 431."""
+    max_header_count: int = Field(default=100, ge=8, le=10_000)
+    """Most header lines one request may carry, a count; beyond it 431."""
+    admin_token: SecretStr | None = None
+    """Bearer token for the repository API (load, unload, index) and every other write API; unset = open
+    (refused with MODEL_CONTROL=explicit unless UNSAFE_UNAUTHENTICATED_ADMIN=true)."""
+    admin_token_file: Path | None = None
+    """File holding ADMIN_TOKEN (a Kubernetes/Compose secret), read at start-up; surrounding whitespace
+    is ignored."""
+    inference_token: SecretStr | None = None
+    """Bearer token for inference and model metadata (/predict, /v2/models/...); unset = open."""
+    inference_token_file: Path | None = None
+    """File holding INFERENCE_TOKEN, read at start-up."""
+    metrics_token: SecretStr | None = None
+    """Bearer token for /metrics (give it to Prometheus); unset = /metrics is open."""
+    metrics_token_file: Path | None = None
+    """File holding METRICS_TOKEN, read at start-up."""
+    token_header: str | None = None
+    """A header that may carry the token instead of `Authorization: Bearer` (Triton's style, e.g.
+    `admin-key`); unset = Authorization only."""
+    unsafe_unauthenticated_admin: bool = False
+    """Allow MODEL_CONTROL=explicit without ADMIN_TOKEN: anyone who reaches the port can load and unload
+    models (true/false). Only for a port nobody else can reach."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to call the API cross-site (CORS and the cross-origin check),
+    comma-separated, e.g. `https://app.example.com`; empty = none."""
+    tls_certfile: Path | None = None
+    """PEM certificate chain to serve HTTPS with; unset = plain HTTP (terminate TLS in front instead)."""
+    tls_keyfile: Path | None = None
+    """PEM private key of TLS_CERTFILE."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
     opentelemetry: bool = False
     """FastAPI's native OpenTelemetry spans, metrics and logs, sent to the providers an OpenTelemetry SDK
     configures (e.g. `opentelemetry-instrument`). Off by default: looking for a provider costs ~0.2 ms
@@ -171,6 +221,43 @@ class Settings(BaseSettings):
             _check_directory_name(value, "CONVSERVE_MODEL_NAME")
         return value or None
 
+    @field_validator("admin_token", "inference_token", "metrics_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_token(value.get_secret_value(), "the token")
+        return value
+
+    @field_validator("token_header")
+    @classmethod
+    def _check_token_header(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip().lower()
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}", value) or value in _RESERVED_HEADERS:
+                raise ValueError(
+                    f"CONVSERVE_TOKEN_HEADER {value!r} must be a header name of letters, digits and dashes "
+                    f"other than {sorted(_RESERVED_HEADERS)}, e.g. admin-key"
+                )
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+                raise ValueError(
+                    f"CONVSERVE_CORS_ORIGINS: {origin!r} is not an origin; write scheme://host[:port] "
+                    "without a path, e.g. https://app.example.com (`*` is not accepted)"
+                )
+        return [origin.lower() for origin in value]
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:
@@ -194,12 +281,36 @@ class Settings(BaseSettings):
                 f"CONVSERVE_MAX_DECODED_PIXELS ({self.max_decoded_pixels}) is above "
                 f"CONVSERVE_MAX_IMAGE_PIXELS ({self.max_image_pixels}); no image could use the difference"
             )
+        for token in ("admin_token", "inference_token", "metrics_token"):
+            if getattr(self, token) is not None and getattr(self, f"{token}_file") is not None:
+                variable = f"CONVSERVE_{token.upper()}"
+                raise ValueError(f"{variable} and {variable}_FILE are both set; keep one of them")
+        if (
+            self.model_control == "explicit"
+            and not self.has_token("admin")
+            and not self.unsafe_unauthenticated_admin
+        ):
+            raise ValueError(
+                "CONVSERVE_MODEL_CONTROL=explicit lets clients load and unload models, but no "
+                "CONVSERVE_ADMIN_TOKEN (or CONVSERVE_ADMIN_TOKEN_FILE) is set; set one, or accept that "
+                "anyone who reaches the port can do it with CONVSERVE_UNSAFE_UNAUTHENTICATED_ADMIN=true"
+            )
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("CONVSERVE_TLS_CERTFILE and CONVSERVE_TLS_KEYFILE must be set together")
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            raise ValueError(
+                "CONVSERVE_TLS_CLIENT_CA (mutual TLS) needs CONVSERVE_TLS_CERTFILE and CONVSERVE_TLS_KEYFILE"
+            )
         if self.require_gpu and not GPU_PROVIDERS & set(self.providers):
             raise ValueError(
                 f"CONVSERVE_REQUIRE_GPU=true but CONVSERVE_PROVIDERS={','.join(self.providers)} has no GPU "
                 "provider; add `cuda` to the providers or set CONVSERVE_REQUIRE_GPU=false"
             )
         return self
+
+    def has_token(self, role: Literal["admin", "inference", "metrics"]) -> bool:
+        """Whether a token (or a file holding one) is configured for `role`."""
+        return getattr(self, f"{role}_token") is not None or getattr(self, f"{role}_token_file") is not None
 
     @property
     def max_queue_delay_s(self) -> float:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import NotFoundError
+from service import repository
 from service.metrics import Metrics
 from service.priority import yield_to_the_event_loop
 from service.registry import LoadedModel, ModelRegistry
@@ -92,8 +92,4 @@ async def path_model(
 
 def parse_version(text: str | None) -> int | None:
     """A V2 path's version: empty = the newest ready one; not a positive integer = 404."""
-    if not text:
-        return None
-    if not (text.isascii() and text.isdigit() and int(text) >= 1):
-        raise NotFoundError(f"version {text!r} is not a positive integer")
-    return int(text)
+    return repository.parse_version(text) if text else None

@@ -1,4 +1,11 @@
-"""Liveness and readiness for orchestrators: `/healthz` and `/readyz`."""
+"""Liveness and readiness for orchestrators: `/healthz` and `/readyz`.
+
+`/healthz` says the process serves HTTP: an orchestrator restarts the process when it fails.
+`/readyz` says every required model (the start-up set) has a ready version: an orchestrator stops
+sending traffic while it fails (loading, draining, or a required model unloaded through the repository
+API) and resumes when it passes. A model loaded later is not required, so its failure to load never
+makes the server unready.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +32,12 @@ async def readyz(state: State) -> JSONResponse:
     registry = state.registry
     served = registry.served()
     if not registry.ready:
-        missing = sorted(name for name in registry.required if not served.get(name)) or ["(loading)"]
-        return JSONResponse({"error": f"not ready: no ready version of {missing}"}, status_code=503)
+        reasons = {
+            status.name: f"{status.state}: {status.reason}" for status in registry.index() if status.reason
+        }
+        missing = sorted(name for name in registry.required if not served.get(name))
+        detail = ", ".join(f"{name} ({reasons.get(name, 'loading')})" for name in missing) or "no model"
+        return JSONResponse({"error": f"not ready: no ready version of {detail}"}, status_code=503)
     body: dict[str, Any] = {
         "status": "ready",
         "models": {name: versions for name, versions in served.items()},

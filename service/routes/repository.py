@@ -2,7 +2,10 @@
 
 `tritonclient.http`'s `get_model_repository_index`, `load_model` and `unload_model` work against it.
 Load and unload are allowed with CONVSERVE_MODEL_CONTROL=explicit only, as in Triton: in `poll`
-mode the repository on disk is the truth, and in `none` mode nothing changes after start-up.
+mode the repository on disk is the truth, and in `none` mode nothing changes after start-up. Every
+route here needs the admin token when one is set (`service.access`). A model name from the URL is
+looked up among the names the repository scan lists (and CONVSERVE_MODELS allows), never joined
+into a path first, so `..` or a name outside the served set is a 4xx, not a load.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from fastapi.responses import JSONResponse
 from modelcontract import complete_versions
 from service.errors import BadRequestError, NotFoundError
 from service.openapi import errors
-from service.repository import list_models
+from service.repository import check_model_name, list_models
 from service.state import ServiceState, State
+from service.textsafety import printable
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"])
 
@@ -48,22 +52,45 @@ def _explicit_only(state: ServiceState, action: str) -> None:
         )
 
 
+def _model_in_scope(state: ServiceState, model_name: str) -> str:
+    """The repository model `model_name` names, if this server may serve it; 400/404 otherwise."""
+    name = check_model_name(model_name)
+    settings = state.settings
+    if settings.models and name not in settings.models:
+        raise NotFoundError(
+            f"model {printable(name, 80)!r} is not one this server may serve (CONVSERVE_MODELS="
+            f"{','.join(settings.models)})"
+        )
+    if name not in list_models(settings.model_repository):
+        raise NotFoundError(
+            f"model {printable(name, 80)!r} has no complete version in the repository "
+            "(see POST /v2/repository/index)"
+        )
+    return name
+
+
 @router.post("/models/{model_name}/load", response_class=Response, responses=errors(400, 404))
 async def load(state: State, model_name: str) -> Response:
     """Load (or reload) a model's versions per the version policy; 200 once one is ready."""
     _explicit_only(state, "load")
-    if not complete_versions(state.settings.model_repository / model_name):
-        raise NotFoundError(f"model {model_name!r} has no complete version in the repository")
-    await state.registry.sync([model_name])
-    if not state.registry.served().get(model_name):
-        reasons = [s.reason for s in state.registry.index() if s.name == model_name and s.reason]
-        raise BadRequestError(f"failed to load {model_name!r}: {'; '.join(reasons) or 'no version selected'}")
+    name = _model_in_scope(state, model_name)
+    await state.registry.sync([name])
+    if not state.registry.served().get(name):
+        reasons = [s.reason for s in state.registry.index() if s.name == name and s.reason]
+        raise BadRequestError(f"failed to load {name!r}: {'; '.join(reasons) or 'no version selected'}")
     return Response(status_code=200)
 
 
-@router.post("/models/{model_name}/unload", response_class=Response, responses=errors(400))
+@router.post("/models/{model_name}/unload", response_class=Response, responses=errors(400, 404))
 async def unload(state: State, model_name: str) -> Response:
-    """Unload every version of a model after it finishes the requests it has accepted."""
+    """Unload every version of a model after it finishes the requests it has accepted.
+
+    A model of the start-up set stays required: the server reports not ready (`/readyz` 503) until
+    it is loaded again.
+    """
     _explicit_only(state, "unload")
-    await state.registry.unload(model_name)
+    name = check_model_name(model_name)
+    if name not in state.registry.served() and name not in list_models(state.settings.model_repository):
+        raise NotFoundError(f"model {printable(name, 80)!r} is neither served nor in the repository")
+    await state.registry.unload(name)
     return Response(status_code=200)

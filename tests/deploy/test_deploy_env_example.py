@@ -11,6 +11,14 @@ from deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, ENV_EXAMPLE, load_compos
 from service.settings import Settings
 
 PREFIX = "CONVSERVE_"
+# Settings that are only valid together: an example of one is checked with the examples of the others.
+PARTNERS = {
+    "CONVSERVE_TLS_CERTFILE": ("CONVSERVE_TLS_KEYFILE",),
+    "CONVSERVE_TLS_KEYFILE": ("CONVSERVE_TLS_CERTFILE",),
+    "CONVSERVE_TLS_CLIENT_CA": ("CONVSERVE_TLS_CERTFILE", "CONVSERVE_TLS_KEYFILE"),
+}
+# Documented alternatives to another line (a token or its file): never both uncommented.
+ALTERNATIVES = tuple(f"CONVSERVE_{role}_TOKEN_FILE" for role in ("ADMIN", "INFERENCE", "METRICS"))
 
 
 def documented_variables() -> dict[str, str]:
@@ -47,7 +55,8 @@ def test_documented_value_is_the_default_or_an_accepted_example(
     value = documented_variables()[variable]
     field = variable.removeprefix(PREFIX).lower()
     defaults = settings_from(monkeypatch, {})
-    documented = settings_from(monkeypatch, {variable: value})
+    partners = {name: documented_variables()[name] for name in PARTNERS.get(variable, ())}
+    documented = settings_from(monkeypatch, {variable: value, **partners})
     if getattr(defaults, field) is None:
         # Unset by default: the line shows an example value, which must be accepted.
         assert getattr(documented, field) is not None
@@ -58,7 +67,8 @@ def test_documented_value_is_the_default_or_an_accepted_example(
 
 
 def test_uncommenting_every_line_gives_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = settings_from(monkeypatch, documented_variables())
+    chosen = {name: value for name, value in documented_variables().items() if name not in ALTERNATIVES}
+    settings = settings_from(monkeypatch, chosen)
     assert settings.port == 8000
 
 

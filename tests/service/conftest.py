@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
-from service.protocol import GuardedHttpToolsProtocol
 from service.runtime import OnnxModel, load_model
+from service.server import uvicorn_options
 from service.settings import Settings
 from tests.service.photos import TINY_LABELS
 from tests.tinymodel import export_tiny, free_port
@@ -99,29 +99,31 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    settings: Settings, customize: Callable[[FastAPI], None] | None = None
+    settings: Settings,
+    customize: Callable[[FastAPI], None] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> Iterator[LiveServer]:
-    """`create_app(settings)` under a real uvicorn (with the service's HTTP protocol) on a free loopback
-    port, ready, until the block ends; `customize` may add routes to the app first."""
+    """`create_app(settings)` under a real uvicorn with the service's own options (protocol, limits,
+    TLS) on a free loopback port, ready, until the block ends; `customize` may add routes to the app
+    first; `client_options` (httpx: `verify`, `cert`) reach the readiness poll of a TLS server."""
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings, CollectorRegistry())
     if customize is not None:
         customize(app)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", http=GuardedHttpToolsProtocol
-    )
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="convserve-test-server", daemon=True)
     thread.start()
-    live = LiveServer(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, app=app)
+    scheme = "https" if settings.tls_certfile else "http"
+    live = LiveServer(url=f"{scheme}://127.0.0.1:{port}", host="127.0.0.1", port=port, app=app)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if not thread.is_alive():
                 raise RuntimeError("the server exited during start-up")
             with suppress(httpx.TransportError):
-                if httpx.get(f"{live.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{live.url}/readyz", timeout=2, **(client_options or {})).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{live.url}/readyz never turned 200")

@@ -186,21 +186,28 @@ def test_a_truncated_new_version_is_unavailable_and_the_old_one_keeps_serving(
 def test_explicit_mode_loads_and_unloads_only_on_request_through_tritonclient(
     repository: Path, tiny_model_path: Path
 ) -> None:
-    settings = settings_for(repository, model_control="explicit", repository_poll_s=0.1)
+    token = "admin-token-for-the-lifecycle-test"
+    settings = settings_for(repository, model_control="explicit", repository_poll_s=0.1, admin_token=token)
+    admin = {"Authorization": f"Bearer {token}"}
     with live_server(settings) as live:
         client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
         publish(repository, "alpha", 3, tiny_model_path)
         time.sleep(0.5)  # five poll intervals: nothing may change without a request
         assert served(live) == {"alpha": [2], "beta": [1]}
-        assert ("alpha", "3") in {(e["name"], e["version"]) for e in client.get_model_repository_index()}
+        listed = client.get_model_repository_index(headers=admin)
+        assert ("alpha", "3") in {(e["name"], e["version"]) for e in listed}
 
-        client.load_model("alpha")
+        client.load_model("alpha", headers=admin)
         assert served(live)["alpha"] == [3]
-        client.unload_model("beta")
+        client.unload_model("beta", headers=admin)
         assert "beta" not in served(live) and not client.is_model_ready("beta")
-        assert httpx.get(f"{live.url}/readyz").status_code == 200  # beta is no longer required
+        # beta was required at start-up: unloading it makes the server unready, saying why.
+        readiness = httpx.get(f"{live.url}/readyz")
+        assert readiness.status_code == 503 and "beta (UNAVAILABLE: unloaded on request)" in readiness.text
+        client.load_model("beta", headers=admin)
+        assert httpx.get(f"{live.url}/readyz").status_code == 200
         with pytest.raises(InferenceServerException, match="no complete version"):
-            client.load_model("gamma")
+            client.load_model("gamma", headers=admin)
 
 
 def test_load_and_unload_are_refused_outside_explicit_mode(repository: Path) -> None:

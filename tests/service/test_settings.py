@@ -39,6 +39,21 @@ ISSUE_VARIABLES = [
     # issue 11: FastAPI's native OpenTelemetry (off: its per-request check cost CPU); model instances
     "OPENTELEMETRY",
     "INSTANCES",
+    # who may call what, and what one request head may cost
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT",
+    "ADMIN_TOKEN",
+    "ADMIN_TOKEN_FILE",
+    "INFERENCE_TOKEN",
+    "INFERENCE_TOKEN_FILE",
+    "METRICS_TOKEN",
+    "METRICS_TOKEN_FILE",
+    "TOKEN_HEADER",
+    "UNSAFE_UNAUTHENTICATED_ADMIN",
+    "CORS_ORIGINS",
+    "TLS_CERTFILE",
+    "TLS_KEYFILE",
+    "TLS_CLIENT_CA",
 ]
 
 

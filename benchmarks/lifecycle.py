@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -34,6 +35,8 @@ from benchmarks.promtext import scrape
 log = logging.getLogger("benchmarks.lifecycle")
 MODEL = "imagenet"
 WAIT_S = 180.0
+ADMIN_TOKEN = secrets.token_hex(16)
+"""A fresh admin token per run for the servers this benchmark starts (explicit mode requires one)."""
 
 
 @dataclass
@@ -114,7 +117,10 @@ async def _swap_phase(
     load = asyncio.create_task(_clients(url, photos, args.clients, answers, stop))
     swaps, rss_after = [], []
     count = args.loads if explicit else args.swaps
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+    # The repository API (index, load) needs the admin token the server was started with.
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    timeout = aiohttp.ClientTimeout(total=WAIT_S)
+    async with aiohttp.ClientSession(timeout=timeout, headers=admin) as session:
         await asyncio.sleep(2.0)  # steady load before the first swap
         for version in range(2, count + 2):
             before_sum, before_count = await _load_seconds(url)
@@ -174,6 +180,7 @@ def _server(root: Path, mode: str, args: argparse.Namespace, logs: Path) -> Serv
         "CONVSERVE_PORT": str(port),
         "CONVSERVE_MODEL_CONTROL": mode,
         "CONVSERVE_REPOSITORY_POLL_S": str(args.poll_s),
+        "CONVSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
     }
     return ServerProcess(f"service-{mode}", python_module_command("service"), env, port, logs / f"{mode}.log")
 

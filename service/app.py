@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from service import __version__
 from service.access import AccessMiddleware, Credentials
+from service.body_budget import BodyBudget
 from service.error_handlers import install_error_handlers
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
@@ -54,7 +55,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             expose_headers=["x-request-id", "inference-header-content-length", "retry-after"],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, metrics=collectors)
+    budget = BodyBudget(settings.max_body_bytes_in_flight)
+    app.add_middleware(RequestContextMiddleware, metrics=collectors, budget=budget)
     for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
         app.include_router(router)
     return app

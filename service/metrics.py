@@ -30,6 +30,7 @@ REJECT_REASONS = (
     "header_too_large",
     "unauthorized",
     "cross_origin",
+    "body_memory",
 )
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus-client's own switch: set before the workers start, it puts every process's values there."""
@@ -138,9 +139,15 @@ class Metrics:
             "Requests refused: queue_full (503), timeout (504 before compute), bad_input (4xx), "
             "slow_client (408 or header timeout), too_many_connections (503), header_too_large (431), "
             "unauthorized (401/403: missing or wrong token), cross_origin (403: a browser request from "
-            "another site).",
+            "another site), body_memory (503: MAX_BODY_BYTES_IN_FLIGHT of bodies held already).",
             ["reason"],
             registry=registry,
+        )
+        self.body_bytes = Gauge(
+            "convserve_request_body_bytes",
+            "Bytes of request bodies held by requests in progress (bounded by MAX_BODY_BYTES_IN_FLIGHT).",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.model_info = Gauge(
             "convserve_model_info",

@@ -1,4 +1,5 @@
-"""Per-request bookkeeping as plain ASGI middleware: request id, arrival time, metrics, one log line.
+"""Per-request bookkeeping as plain ASGI middleware: request id, arrival time, metrics, one log line,
+and the body bytes the request holds (counted against the worker's `BodyBudget` until it ends).
 
 It is also the last line of defence: an exception no handler turned into a response becomes our
 JSON 500 (with `X-Request-ID`, logged once), and any error response sent before the request body
@@ -20,6 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.body_budget import BodyBudget
 from service.metrics import Metrics
 from service.textsafety import printable
 
@@ -74,8 +76,11 @@ def _endpoint(scope: Scope) -> str:
 class _Exchange:
     """What the middleware learns about one request while it runs."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, budget: BodyBudget, gauge: Any) -> None:
         self.request_id = _request_id(scope)
+        self.budget, self.gauge = budget, gauge
+        self.held_bytes = 0
+        """Body bytes the app received, counted in `budget` until the request ends."""
         self.status = 500
         self.started = False
         self.declared_body = _declared_body(scope)
@@ -83,10 +88,26 @@ class _Exchange:
         self._receive, self._send = receive, send
 
     async def receive(self) -> Message:
+        message = await self._next()
+        size = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+        if size:
+            self.budget.take(size)  # BodyBudgetError: a 503 for this request, nothing else touched
+            self.held_bytes += size
+            self.gauge.set(self.budget.held_bytes)
+        return message
+
+    async def _next(self) -> Message:
         message = await self._receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.body_pending = False
         return message
+
+    def release(self) -> None:
+        """Give back every body byte this request held."""
+        if self.held_bytes:
+            self.budget.give(self.held_bytes)
+            self.held_bytes = 0
+            self.gauge.set(self.budget.held_bytes)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -103,8 +124,8 @@ class _Exchange:
             return False
         try:
             async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-                while self.body_pending:
-                    if (await self.receive())["type"] == "http.disconnect":
+                while self.body_pending:  # dropped at once: not counted in the budget
+                    if (await self._next())["type"] == "http.disconnect":
                         return False
         except TimeoutError:
             return False
@@ -133,15 +154,16 @@ class _Exchange:
 class RequestContextMiddleware:
     """Gives each HTTP request an id (echoed in `X-Request-ID`), records its metrics, logs one line."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, budget: BodyBudget) -> None:
         self.app = app
         self.metrics = metrics
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(scope, receive, send)
+        exchange = _Exchange(scope, receive, send, self.budget, self.metrics.body_bytes)
         state = scope.setdefault("state", {})
         state["request_id"], state["arrived_at"] = exchange.request_id, time.monotonic()
         start = time.perf_counter()
@@ -153,6 +175,7 @@ class RequestContextMiddleware:
             if not exchange.started:  # (a half-read body still gets `Connection: close`)
                 await exchange.send_internal_error()
         finally:
+            exchange.release()
             self._record(scope, exchange.request_id, exchange.status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:

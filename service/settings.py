@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     """Refuse to start unless a GPU provider (CUDA or TensorRT) is the one actually active (true/false)."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest accepted request body, in bytes; larger bodies get 413."""
+    max_body_bytes_in_flight: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Request body bytes one worker holds at once across all requests, in bytes; a body that would pass
+    it gets 503 with Retry-After. At least MAX_UPLOAD_BYTES."""
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     """Largest image area an upload may declare in its header, in pixels; larger ones get 422."""
     max_decoded_pixels: int = Field(default=4_194_304, ge=1)
@@ -275,6 +278,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CONVSERVE_MODEL_VERSION and CONVSERVE_VERSION_POLICY are both set; use "
                 f"CONVSERVE_VERSION_POLICY=specific:{self.model_version} alone"
+            )
+        if self.max_body_bytes_in_flight < self.max_upload_bytes:
+            raise ValueError(
+                f"CONVSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) is below "
+                f"CONVSERVE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}), so a body at the upload limit could "
+                "never be accepted; raise it"
             )
         if self.max_decoded_pixels > self.max_image_pixels:
             raise ValueError(

@@ -41,6 +41,7 @@ ISSUE_VARIABLES = [
     "INSTANCES",
     # who may call what, and what one request head may cost
     "MAX_HEADER_BYTES",
+    "MAX_BODY_BYTES_IN_FLIGHT",
     "MAX_HEADER_COUNT",
     "ADMIN_TOKEN",
     "ADMIN_TOKEN_FILE",

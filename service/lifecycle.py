@@ -97,6 +97,8 @@ def connection_limits(state: ServiceState) -> ConnectionLimits:
     return ConnectionLimits(
         header_timeout_s=state.settings.header_timeout_s,
         max_connections=state.settings.max_connections,
+        max_header_bytes=state.settings.max_header_bytes,
+        max_header_count=state.settings.max_header_count,
         draining=state.draining,
         on_refused=count,
     )

@@ -4,6 +4,14 @@
   `header_timeout_s` of opening (or of the first byte of a later request), else it is closed.
   uvicorn times out idle keep-alive connections only, so a client trickling a header (slowloris)
   or connecting and sending nothing would otherwise hold a connection forever.
+- Head limits: a request head (request line plus headers) may not pass `max_header_bytes` nor
+  carry more than `max_header_count` header lines; beyond either the client gets a JSON 431 and the
+  connection closes. uvicorn has neither limit, and the cost of a long head is quadratic: httptools
+  and uvicorn grow a URL or header value split over many reads by concatenation, on the event loop,
+  so one client trickling a multi-megabyte header (11 s of CPU for 8 MiB in 1 KiB reads) stalls every
+  other connection. The bytes are therefore counted *before* the parser sees them (see
+  `data_received`), so it never holds more than `max_header_bytes` of a head. Trailer fields after
+  a chunked body are parsed like headers and cost the same, so they get the same two limits.
 - A connection cap: requests arriving on connections beyond `max_connections` get a JSON 503 and
   `Connection: close` (uvicorn's own `limit_concurrency` answers in plain text).
 - A drain signal: when uvicorn begins a graceful shutdown it calls `shutdown()` on every connection;
@@ -13,6 +21,14 @@
 The app hands its limits to the protocol through the lifespan state (`ConnectionLimits` under
 `LIMITS_STATE_KEY`), which uvicorn gives every connection: the same path works for one process and
 for several workers, and without a lifespan (tests' in-process client) nothing changes.
+
+This module is the one place that relies on uvicorn internals (tested on uvicorn 0.30.0 and 0.55.0):
+the `HttpToolsProtocol` methods it overrides (the httptools parser callbacks `on_message_begin`,
+`on_header`, `on_headers_complete`, `on_body`, `on_message_complete`, plus `on_response_complete` and
+`shutdown`) and the attributes `app`, `app_state`, `connections`, `cycle` (with `response_complete`),
+`parser`, `server_state`, `transport`, `loop` and `client`. It also relies on httptools calling
+`on_chunk_header` and `on_chunk_complete` on a protocol that has them, which uvicorn's has not.
+tests/service/test_request_heads.py fails if any of this changes.
 """
 
 from __future__ import annotations
@@ -29,15 +45,21 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 logger = logging.getLogger(__name__)
 
 LIMITS_STATE_KEY = "convserve.connection_limits"
+_BLANK_LINE = b"\r\n\r\n"  # ends a head; the parser refuses bare-LF heads, so no other ending exists
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     header_timeout_s: float
     max_connections: int
+    max_header_bytes: int
+    """Largest request head (request line plus headers, blank line included), in bytes."""
+    max_header_count: int
+    """Most header lines one request head may carry."""
     draining: asyncio.Event
     on_refused: Callable[[str], None]
-    """Called with a reason ("header_timeout", "too_many_connections") each time a client is refused."""
+    """Called with a reason ("header_timeout", "too_many_connections", "header_too_large") each time a
+    client is refused."""
 
 
 async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
@@ -54,10 +76,37 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _bytes_after_last(mark: bytes, before: bytes, piece: bytes) -> int:
+    """Bytes of `piece` after the last `mark` in the stream `before + piece` (all of it if none)."""
+    found = piece.rfind(mark)
+    if found >= 0:
+        return len(piece) - found - len(mark)
+    seam = (before + piece[: len(mark) - 1]).rfind(mark)
+    return len(piece) - (seam + len(mark) - len(before)) if seam >= 0 else len(piece)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` plus a header timeout, a connection cap and a drain signal."""
+    """`HttpToolsProtocol` plus a header timeout, head limits, a connection cap and a drain signal."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    # Per request. The parser's callbacks move these; `data_received` reads them to decide how much
+    # the parser may take next.
+    _in_head = True  # the next byte belongs to a head (or to blank lines before one)
+    _head_bytes = 0  # bytes of the current head (or trailer section) handed to the parser
+    _header_lines = 0  # header lines of the current head (or trailer section)
+    _content_length: int | None = None
+    _body_left: int | None = None  # body bytes the parser still expects; None: chunked (or none)
+    # A chunk-size line was parsed and no chunk data followed yet: either the data of that chunk is
+    # still to come, or it was the last chunk and its trailer fields (parsed like headers) follow.
+    _after_chunk_line = False
+    # Per piece (see `data_received`).
+    _message_ended = False
+    _chunk_line_seen = False
+    _recent = b""  # the last 3 bytes fed, so a blank line split across reads is found
+    # Per connection, once a head is refused.
+    _refused = False
+    _refusal: bytes | None = None  # the 431, until the answers to earlier requests are out
+    _linger: asyncio.TimerHandle | None = None
 
     @property
     def _limits(self) -> ConnectionLimits | None:
@@ -70,13 +119,103 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser piece by piece, so that it never holds more of a head than its limit.
+
+        A piece ends where the current head ends (its blank line) or where a Content-Length body
+        ends, so the bytes after it (a body, the next pipelined request) never count against the
+        head, and every request's head starts a piece and gets its own count. Cutting the stream
+        never changes what the parser makes of it; it only bounds how much it sees at once.
+        """
+        limits = self._limits
+        if limits is None:
+            super().data_received(data)
+            return
+        offset = 0
+        while offset < len(data) and not self._refused:
+            size = self._piece_size(data, offset, limits)
+            if size == 0:
+                self._refuse_oversized(limits)
+                return
+            piece = data if size == len(data) else data[offset : offset + size]
+            offset += size
+            chunked_body = not self._in_head and self._body_left is None
+            if self._in_head or self._after_chunk_line:
+                self._head_bytes += size
+            before, self._recent = self._recent, (self._recent + piece[-3:])[-3:]
+            self._message_ended = self._chunk_line_seen = False
+            super().data_received(piece)
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # uvicorn answered 400 and closed, or handed the connection to a WebSocket
+            if self._message_ended and self.parser.should_upgrade():
+                return  # as in uvicorn, what follows an upgrade request in the same read is dropped
+            if chunked_body:
+                self._recount_after_chunked(before, piece, limits)
+
+    def _piece_size(self, data: bytes, offset: int, limits: ConnectionLimits) -> int:
+        """How many bytes from `offset` the parser may take now; 0 when a head passes its limit."""
+        available = len(data) - offset
+        if not (self._in_head or self._after_chunk_line):
+            return min(available, self._body_left) if self._body_left else available
+        room = limits.max_header_bytes - self._head_bytes
+        if room <= 0:
+            return 0
+        seam = (self._recent + data[offset : offset + 3]).find(_BLANK_LINE)
+        if seam >= 0:
+            end = seam + len(_BLANK_LINE) - len(self._recent)
+        else:
+            found = data.find(_BLANK_LINE, offset, offset + room)
+            end = found + len(_BLANK_LINE) - offset if found >= 0 else 0
+        return end if 0 < end <= room else min(available, room)
+
+    def _recount_after_chunked(self, before: bytes, piece: bytes, limits: ConnectionLimits) -> None:
+        """Count what a piece of a chunked body left open of a new head or of trailers.
+
+        A chunked body's framing is only known to the parser, so such a piece went to it whole (at
+        most one read, parsed once: no quadratic cost) and what it left open is inferred: a chunked
+        message ends with a blank line, and the trailer line still open starts after the last line
+        end (complete ones count as lines). A pipelined head that begins and ends inside such a
+        piece is not measured: it is at most one read, and its header lines are still counted.
+        """
+        if self._message_ended and self._in_head:
+            self._head_bytes = _bytes_after_last(_BLANK_LINE, before, piece)
+        elif self._chunk_line_seen and self._after_chunk_line:
+            self._head_bytes = _bytes_after_last(b"\r\n", before, piece)
+        if self._head_bytes > limits.max_header_bytes:
+            self._refuse_oversized(limits)
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         self._arm_head_timer()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        limits = self._limits
+        if limits is not None:
+            self._header_lines += 1
+            if self._header_lines > limits.max_header_count:
+                self._refuse(
+                    limits,
+                    f"the request carries more than {limits.max_header_count} header lines "
+                    "(CONVSERVE_MAX_HEADER_COUNT); send fewer headers, e.g. join repeated ones "
+                    "with commas",
+                )
+                return
+            if self._in_head and name.lower() == b"content-length":
+                self._content_length = int(value) if value.strip().isdigit() else None
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return  # the app never sees a refused request
+        self._in_head, self._header_lines, self._body_left = False, 0, self._content_length
         self._disarm_head_timer()
         limits = self._limits
         if limits is None or len(self.connections) <= limits.max_connections:
@@ -89,11 +228,88 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
+    def on_chunk_header(self) -> None:
+        # uvicorn has no use for chunk events; httptools calls these when the protocol has them.
+        self._after_chunk_line = self._chunk_line_seen = True
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._after_chunk_line = False
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return  # the body of a refused request: `self.cycle` is still an earlier request's
+        self._after_chunk_line = False
+        if self._body_left is not None:
+            self._body_left -= len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head, self._after_chunk_line, self._message_ended = True, False, True
+        self._head_bytes = self._header_lines = 0
+        self._content_length = self._body_left = None
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._answering():
+            self._send_refusal()
+
     def shutdown(self) -> None:
         limits = self._limits
         if limits is not None:
             limits.draining.set()
         super().shutdown()
+
+    def _answering(self) -> bool:
+        """Whether a response to an earlier request (or a queued pipelined one) is still to be sent."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _refuse_oversized(self, limits: ConnectionLimits) -> None:
+        where = "request line and headers" if self._in_head else "trailer fields after the chunked body"
+        self._refuse(
+            limits,
+            f"the {where} are larger than {limits.max_header_bytes} bytes (CONVSERVE_MAX_HEADER_BYTES); "
+            "send a shorter URL and fewer or shorter headers, and put data in the body",
+        )
+
+    def _refuse(self, limits: ConnectionLimits, message: str) -> None:
+        """Answer 431 and close, once the answers to earlier (pipelined) requests are out."""
+        self._refused = True
+        self._disarm_head_timer()
+        limits.on_refused("header_too_large")
+        logger.info("refusing a request from %s: %s", self._peer(), message)
+        if not self._in_head:
+            # Trailers: the app is already answering this request, so no 431 can follow; it is told
+            # that the client went away.
+            self.transport.close()
+            return
+        body = json.dumps({"error": message}).encode()
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json", b"content-length: %d" % len(body)]
+        self._refusal = b"\r\n".join([*head, b"connection: close", b"", body])
+        if not self._answering():
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        response, self._refusal = self._refusal, None
+        if response is None or self.transport.is_closing():
+            return
+        self.transport.write(response)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing now, with the rest of the head still arriving, would make the kernel answer it with
+        # a reset that can destroy the 431 before the client reads it. So only the sending side
+        # closes; what still arrives is dropped unparsed (see `data_received`) until the client
+        # closes, for at most the header timeout.
+        self.transport.write_eof()
+        limits = self._limits
+        linger_s = limits.header_timeout_s if limits is not None else 0.0
+        self._linger = self.loop.call_later(linger_s, self.transport.close)
 
     def _arm_head_timer(self) -> None:
         limits = self._limits
@@ -110,7 +326,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         limits = self._limits
         if limits is not None:
             limits.on_refused("header_timeout")
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
-        logger.info("closing the connection from %s: no complete request head in time", client)
+        logger.info("closing the connection from %s: no complete request head in time", self._peer())
         if not self.transport.is_closing():
             self.transport.close()
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"

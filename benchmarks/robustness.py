@@ -1,12 +1,14 @@
-"""`python -m benchmarks --robustness`: the service against hostile files, overload, slow clients and SIGTERM.
+"""`python -m benchmarks --robustness`: the service against hostile files and clients, overload and SIGTERM.
 
-Four phases, each against a fresh `python -m service` on loopback (so one phase's leftovers never
+Five phases, each against a fresh `python -m service` on loopback (so one phase's leftovers never
 colour the next), run one after another on the shared cores:
 1. corpus — every hostile case and cost probe, one request at a time: status vs expected, wall
    time, server CPU seconds and peak RSS increase, as ratios to a normal 2-MP JPEG;
 2. overload — capacity at 32 clients, then an open loop at `overload_factor` × capacity;
 3. slow clients — partial heads, then partial bodies, while a normal client keeps asking;
-4. SIGTERM under load — for each client count, a fresh server is loaded and terminated.
+4. SIGTERM under load — for each client count, a fresh server is loaded and terminated;
+5. interference — a normal client's p99 beside one hostile client of each class
+   (`benchmarks.interference`), as a ratio to its p99 on the idle server.
 A phase that fails is recorded with its error and the others still run. Every wait is bounded.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +31,7 @@ import psutil
 from benchmarks.corpus import build_corpus
 from benchmarks.hostile_inputs import HostileCase, case_named, cost_probes, hostile_cases
 from benchmarks.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
+from benchmarks.interference import InterferencePlan, measure_interference
 from benchmarks.loadgen import run_concurrency
 from benchmarks.machine import describe_machine, git_commit
 from benchmarks.overload import (
@@ -46,7 +50,7 @@ from benchmarks.slowloris import slow_clients
 
 log = logging.getLogger(__name__)
 
-PHASES = ("corpus", "overload", "slowloris", "sigterm")
+PHASES = ("corpus", "overload", "slowloris", "sigterm", "interference")
 REFERENCE = "reference_jpeg_2mp"
 REJECTED_COUNTER = "convserve_rejected_total"
 RESTART_ABOVE_BASELINE_MB = 64.0
@@ -76,6 +80,11 @@ class RobustnessConfig:
     rss_kill_mb: float = 6144.0
     case_timeout_s: float = 60.0
     reference_repeats: int = 5
+    interference_requests: int = 200
+    """Normal requests per interference window at least (idle, then beside each hostile class)."""
+    interference_min_window_s: float = 10.0
+    interference_window_s: float = 60.0
+    """Shortest and longest an interference window runs, in seconds, whatever its count."""
     command: str = "python -m benchmarks --robustness"
 
 
@@ -90,7 +99,7 @@ class ServerFactory:
         self.log_dir = log_dir
         self.servers: list[ServerProcess] = []
 
-    def new(self, label: str) -> ServerProcess:
+    def new(self, label: str, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
         config, port = self.config, free_port()
         env = {
             "CONVSERVE_MODEL_REPOSITORY": str(config.model_repository.resolve()),
@@ -99,6 +108,7 @@ class ServerFactory:
             **({"CONVSERVE_MODEL_NAME": config.model_name} if config.model_name else {}),
             **({"CONVSERVE_MODEL_VERSION": str(config.model_version)} if config.model_version else {}),
             **config.service_env,
+            **(extra_env or {}),
         }
         if config.service_dir is not None:
             env["PYTHONPATH"] = str(config.service_dir.resolve())
@@ -282,11 +292,28 @@ async def sigterm_phase(factory: ServerFactory, config: RobustnessConfig) -> dic
     return results
 
 
+async def interference_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
+    # An admin token (in a file, so the recorded env shows no secret): the admin class then meets the
+    # 401/403 of a deployment that exposes the repository API, not an open API doing real work.
+    token_file = factory.log_dir / "interference-admin-token"
+    token_file.write_text(secrets.token_hex(32))
+    plan = InterferencePlan(
+        normal_requests=config.interference_requests,
+        min_window_s=config.interference_min_window_s,
+        window_s=config.interference_window_s,
+        request_timeout_s=config.case_timeout_s,
+        rss_kill_mb=config.rss_kill_mb,
+    )
+    env = {"CONVSERVE_ADMIN_TOKEN_FILE": str(token_file)}
+    return await measure_interference(lambda: factory.new("interference", env), case_named(REFERENCE), plan)
+
+
 _PHASE_RUNNERS: dict[str, Callable[[ServerFactory, RobustnessConfig], Any]] = {
     "corpus": corpus_phase,
     "overload": overload_phase,
     "slowloris": slowloris_phase,
     "sigterm": sigterm_phase,
+    "interference": interference_phase,
 }
 
 

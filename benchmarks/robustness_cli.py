@@ -11,13 +11,15 @@ from typing import Any
 
 from benchmarks.report import update_readme, write_json
 from benchmarks.robustness import PHASES, RobustnessConfig, run_robustness
-from benchmarks.robustness_report import README_END, README_START, key_figures, render_markdown
+from benchmarks.robustness_report import DOC_END, DOC_START, key_figures, render_markdown
 
 log = logging.getLogger("benchmarks")
 
 DEFAULT_OUTPUT = Path("benchmarks/results/robustness.json")
 DEFAULT_BEFORE = Path("benchmarks/results/robustness-before.json")
-"""The service as it was before issue 8 ("Safe to expose"), measured by this tool: the README's baseline."""
+"""The service as it was before issue 8 ("Safe to expose"), measured by this tool: the docs' baseline."""
+ROBUSTNESS_DOC = Path("docs/robustness.md")
+"""Where a complete run regenerates the block between `DOC_START` and `DOC_END` (under the repo root)."""
 
 
 def config_from_arguments(
@@ -81,10 +83,11 @@ def run_from_arguments(
     output.with_suffix(".md").write_text(markdown)
     log.info("wrote %s and %s", output, output.with_suffix(".md"))
     complete = set(config.phases) == set(PHASES) and config.service_dir is None
+    doc = repo_root / ROBUSTNESS_DOC
     if args.update_readme == "yes" or (args.update_readme == "auto" and complete):
-        if update_readme(args.readme, markdown, start=README_START, end=README_END):
-            log.info("regenerated the robustness block in %s", args.readme)
+        if update_readme(doc, markdown, start=DOC_START, end=DOC_END):
+            log.info("regenerated the robustness block in %s", doc)
     else:
-        log.info("README not touched (partial run or another checkout); --update-readme yes writes it")
+        log.info("%s not touched (partial run or another checkout); --update-readme yes writes it", doc)
     print_summary(results)
     return 0

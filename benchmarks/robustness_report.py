@@ -1,7 +1,8 @@
-"""The robustness run's key figures and README block, computed from its results JSON alone.
+"""The robustness run's key figures and docs/robustness.md block, computed from its results JSON alone.
 
 `render_markdown(after, before)` writes the block: the issue's figures before → after, the targets,
-and the per-file table of the latest run. Anything a run did not measure shows as "–".
+the interference table and the per-file table of the latest run. Anything a run did not measure
+shows as "–".
 """
 
 from __future__ import annotations
@@ -9,10 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.robustness_targets import Row, get, small_file_rows, worst
+from benchmarks.robustness_targets import (
+    TARGET_INTERFERENCE_P99_RATIO,
+    Row,
+    get,
+    normal_failures,
+    small_file_rows,
+    worst,
+)
 
-README_START = "<!-- robustness:start -->"
-README_END = "<!-- robustness:end -->"
+DOC_START = "<!-- robustness:start -->"
+DOC_END = "<!-- robustness:end -->"
 
 
 def _fmt(value: Any, digits: int = 0, unit: str = "") -> str:
@@ -119,6 +127,35 @@ def _sigterm_figure(run: Row | None) -> str:
     )
 
 
+def _outcomes(counts: Mapping[str, int]) -> str:
+    """{"431": 60, "ClientOSError": 2} -> "431 × 60, ClientOSError × 2"."""
+    return ", ".join(f"{outcome} × {count:,}" for outcome, count in counts.items()) or "none sent"
+
+
+def _idle_figure(interference: Row) -> str:
+    idle = get(interference, "idle", "normal_latency_ms")
+    if idle:
+        return f"{_seconds(idle['p50_ms'])} / {_seconds(idle['p99_ms'])}"
+    return f"failed: {interference['error']}" if interference.get("error") else "–"
+
+
+def _interference_figures(results: Row) -> list[tuple[str, str]]:
+    interference = get(results, "interference") or {}
+    figures = [("normal 2-MP JPEG p50 / p99, idle server", _idle_figure(interference))]
+    for row in interference.get("classes") or []:
+        latency = row["normal_latency_ms"]
+        failed = normal_failures(row)
+        figures.append(
+            (
+                f"normal p99 beside one hostile client: {row['name']}",
+                f"{_seconds(latency['p99_ms'])} ({_fmt(row['p99_ratio'], 2, ' × idle')}"
+                + (f", {failed} failed" if failed else "")
+                + f"); hostile: {_outcomes(row.get('hostile_statuses') or {})}",
+            )
+        )
+    return figures
+
+
 def _expected_count(corpus: list[Row]) -> str:
     cases = [row for row in corpus if not row.get("cost_probe")]
     return f"{sum(row['as_expected'] for row in cases)} of {len(cases)}" if cases else "–"
@@ -151,7 +188,7 @@ def key_figures(results: Row) -> list[tuple[str, str]]:
         for clients, run in sigterm.items()
         if isinstance(run, Mapping)
     ]
-    return figures
+    return figures + _interference_figures(results)
 
 
 def _describe_run(results: Row) -> str:
@@ -209,8 +246,55 @@ def _cases_table(results: Row) -> list[str]:
     return lines
 
 
+def _by_request(row: Row) -> str:
+    return "; ".join(f"`{label}` {_outcomes(counts)}" for label, counts in row["hostile_by_request"].items())
+
+
+def _normal_cells(row: Row, ratio: Any, failed: int) -> str:
+    """normal p50 / p99 | p99 × idle | server CPU s | peak RSS +MB, of one interference window."""
+    latency = row["normal_latency_ms"]
+    missed = ratio is None or ratio > TARGET_INTERFERENCE_P99_RATIO or failed
+    return (
+        f"{_seconds(latency['p50_ms'])} / {_seconds(latency['p99_ms'])}"
+        + (f", {failed} failed" if failed else "")
+        + f" | {_fmt(ratio, 2)}{' ✗' if missed else ''} | {_fmt(row['server_cpu_s'], 2)} in "
+        f"{_fmt(row['seconds'], 1)} s | {_fmt(row['rss_growth_mb'], 1)}"
+    )
+
+
+def _interference_table(results: Row) -> list[str]:
+    """The interference phase's table and a blank line; nothing when the run did not include it."""
+    if "interference" not in results:
+        return []
+    interference = results["interference"]
+    if "idle" not in interference:
+        return [f"Beside one hostile client: failed ({interference.get('error')}).", ""]
+    plan = interference.get("plan") or {}
+    lines = [
+        "Beside one hostile client: a normal client sends the 2-MP JPEG one request at a time "
+        f"({plan.get('normal_requests')} requests and at least {plan.get('min_window_s')} s per window), "
+        "first to the idle server, then beside one hostile client of each class, which sends its next "
+        "request as soon as the last is answered, from a process of its own. Server CPU and peak RSS "
+        "growth cover the whole window, the normal client's share included (the idle row is that share "
+        f"alone). Target: p99 ≤ {TARGET_INTERFERENCE_P99_RATIO:g} × idle.",
+        "",
+        "| Hostile client | its requests: statuses | normal p50 / p99 | p99 × idle | server CPU s "
+        "| peak RSS +MB |",
+        "|---|---|---|---|---|---|",
+        f"| none (idle) | – | {_normal_cells(interference['idle'], 1.0, 0)} |",
+    ]
+    for row in interference.get("classes") or []:
+        lines.append(
+            f"| `{row['name']}`: {row['description']} | {row['hostile_requests']:,}: {_by_request(row)} "
+            f"| {_normal_cells(row, row.get('p99_ratio'), normal_failures(row))} |"
+        )
+    if interference.get("image_cases_missing"):
+        lines += ["", f"Image cases not in the corpus yet: {', '.join(interference['image_cases_missing'])}."]
+    return [*lines, ""]
+
+
 def render_markdown(after: Row, before: Row | None = None) -> str:
-    """The README block: key figures (before → after when given), targets, per-file table."""
+    """The docs block: key figures (before → after when given), targets, interference, per-file table."""
     lines = [
         f"Measured with `{after.get('command')}` against a real `python -m service` on loopback "
         f"(default settings, model from `models/`): after = {_describe_run(after)}"
@@ -226,6 +310,7 @@ def render_markdown(after: Row, before: Row | None = None) -> str:
             for t in after.get("targets", [])
         ),
         "",
+        *_interference_table(after),
         "<details><summary>Every hostile file</summary>",
         "",
         *_cases_table(after),

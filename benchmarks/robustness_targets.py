@@ -16,6 +16,8 @@ TARGET_COST_RATIO = 2.0
 COST_CHECK_MAX_BYTES = 1_000_000
 TARGET_RSS_GROWTH_FACTOR = 1.5
 """Our reading of "RSS bounded": the peak under 2× load stays within 1.5 × the RSS before it."""
+TARGET_INTERFERENCE_P99_RATIO = 2.0
+"""A normal photo's p99 beside one hostile client, as a multiple of its p99 on the idle server."""
 
 Row = Mapping[str, Any]
 
@@ -130,6 +132,32 @@ def _sigterm_targets(results: Row) -> list[dict[str, Any]]:
     return targets
 
 
+def normal_failures(row: Row) -> int:
+    """Normal requests of an interference window that did not get a 200."""
+    return int(row["normal_requests"]) - int(row["normal_statuses"].get("200", 0))
+
+
+def _interference_targets(results: Row) -> list[dict[str, Any]]:
+    targets = []
+    for row in get(results, "interference", "classes") or []:
+        ratio, failed = row.get("p99_ratio"), normal_failures(row)
+        # A normal request that failed has no latency: the ratio alone would hide it.
+        measured = (
+            ratio if not failed else f"{ratio} ({failed} of {row['normal_requests']} normal requests failed)"
+        )
+        met = False if failed else None if ratio is None else ratio <= TARGET_INTERFERENCE_P99_RATIO
+        targets.append(
+            _target(
+                f"normal p99 beside one hostile client ({row['name']}) "
+                f"≤ {TARGET_INTERFERENCE_P99_RATIO:g} × idle",
+                TARGET_INTERFERENCE_P99_RATIO,
+                measured,
+                met,
+            )
+        )
+    return targets
+
+
 def check_targets(results: Row) -> list[dict[str, Any]]:
     """Each of the issue's targets that this run measured: threshold, measured value, met."""
     return [
@@ -137,4 +165,5 @@ def check_targets(results: Row) -> list[dict[str, Any]]:
         *_overload_targets(results),
         *_slow_client_targets(results),
         *_sigterm_targets(results),
+        *_interference_targets(results),
     ]

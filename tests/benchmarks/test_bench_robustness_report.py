@@ -1,4 +1,4 @@
-"""Robustness targets, key figures and the README block, from small results dicts shaped like the JSON."""
+"""Robustness targets, key figures and the docs/robustness.md block, from small dicts shaped like the JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from benchmarks.__main__ import build_parser
 from benchmarks.report import update_readme
 from benchmarks.robustness_cli import config_from_arguments
-from benchmarks.robustness_report import README_END, README_START, key_figures, render_markdown
+from benchmarks.robustness_report import DOC_END, DOC_START, key_figures, render_markdown
 from benchmarks.robustness_targets import check_targets
 
 
@@ -134,18 +134,98 @@ def test_figures_and_markdown_show_before_and_after() -> None:
     assert "`png_4000x1`" in markdown
 
 
-def test_readme_block_between_robustness_markers_is_replaced(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{README_START}\nstale figures\n{README_END}\nafter\n")
+def test_docs_block_between_robustness_markers_is_replaced(tmp_path: Path) -> None:
+    doc = tmp_path / "robustness.md"
+    doc.write_text(f"# x\n{DOC_START}\nstale figures\n{DOC_END}\nafter\n")
     markdown = render_markdown(_results(refused_p99=20.0, exit_status=0, png_status=422))
-    assert update_readme(readme, markdown, start=README_START, end=README_END)
-    text = readme.read_text()
+    assert update_readme(doc, markdown, start=DOC_START, end=DOC_END)
+    text = doc.read_text()
     assert (
         "stale figures" not in text
         and "| Figure | measured |" in text
-        and text.endswith(f"{README_END}\nafter\n")
+        and text.endswith(f"{DOC_END}\nafter\n")
     )
     json.dumps(check_targets(_results(refused_p99=20.0, exit_status=0, png_status=422)))  # JSON-safe
+
+
+def _window(p50: float, p99: float, *, failed: int = 0, cpu: float = 0.5) -> dict[str, Any]:
+    return {
+        "seconds": 10.0,
+        "normal_requests": 200,
+        "normal_statuses": {"200": 200 - failed, **({"ClientOSError": failed} if failed else {})},
+        "normal_latency_ms": _latency(p50, p99),
+        "server_cpu_s": cpu,
+        "rss_before_mb": 450.0,
+        "rss_growth_mb": 2.0,
+        "server_died": False,
+    }
+
+
+def _hostile(name: str, statuses: dict[str, dict[str, int]], p99: float, **window: Any) -> dict[str, Any]:
+    total: dict[str, int] = {}
+    for counts in statuses.values():
+        for status, count in counts.items():
+            total[status] = total.get(status, 0) + count
+    return {
+        "name": name,
+        "description": f"what {name} sends",
+        **_window(30.0, p99, **window),
+        "hostile_requests": sum(total.values()),
+        "hostile_statuses": total,
+        "hostile_by_request": statuses,
+        "hostile_latency_ms": _latency(60.0, 300.0),
+        "hostile_error": None,
+        "p99_ratio": round(p99 / 40.0, 2),
+    }
+
+
+def _with_interference(results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **results,
+        "interference": {
+            "reference": "reference_jpeg_2mp",
+            "plan": {"normal_requests": 200, "min_window_s": 10.0},
+            "image_cases_missing": ["jpeg_progressive_scans"],
+            "idle": _window(30.0, 40.0, cpu=6.0),
+            "classes": [
+                _hostile("request_head", {"header_2048_kib": {"431": 60}, "headers_5000": {"431": 61}}, 48.0),
+                _hostile("parse_amplification", {"v2_gzip_numbers": {"413": 9}}, 124.0, cpu=19.5),
+                _hostile("admin_refusal", {"index_no_token": {"401": 900}}, 60.0, failed=2),
+            ],
+        },
+    }
+
+
+def test_interference_targets_count_failed_normal_requests_as_missed() -> None:
+    met = _met(_with_interference(_results(refused_p99=20.0, exit_status=0, png_status=422)))
+    assert met["normal p99 beside one hostile client (request_head) ≤ 2 × idle"] is True
+    assert met["normal p99 beside one hostile client (parse_amplification) ≤ 2 × idle"] is False
+    # Within 2 × idle, but two normal requests got no answer at all.
+    assert met["normal p99 beside one hostile client (admin_refusal) ≤ 2 × idle"] is False
+
+
+def test_markdown_has_the_interference_table_and_before_after_figures() -> None:
+    before = _results(refused_p99=12_800.0, exit_status=143, png_status=None)
+    after = _with_interference(_results(refused_p99=20.0, exit_status=0, png_status=422))
+    after["targets"] = check_targets(after)
+    markdown = render_markdown(after, before)
+    assert "| Hostile client | its requests: statuses | normal p50 / p99 | p99 × idle |" in markdown
+    assert "| none (idle) | – | 30 ms / 40 ms | 1.00 | 6.00 in 10.0 s | 2.0 |" in markdown
+    assert (
+        "| `request_head`: what request_head sends | 121: `header_2048_kib` 431 × 60; "
+        "`headers_5000` 431 × 61 | 30 ms / 48 ms | 1.20 | 0.50 in 10.0 s | 2.0 |"
+    ) in markdown
+    assert "| 30 ms / 124 ms | 3.10 ✗ | 19.50 in 10.0 s |" in markdown
+    assert "| 30 ms / 60 ms, 2 failed | 1.50 ✗ |" in markdown
+    assert "Image cases not in the corpus yet: jpeg_progressive_scans." in markdown
+    # The run before measured no interference: its column says so, the comparison stays.
+    assert "| normal 2-MP JPEG p50 / p99, idle server | – | 30 ms / 40 ms |" in markdown
+    assert (
+        "| normal p99 beside one hostile client: parse_amplification | – | "
+        "124 ms (3.10 × idle); hostile: 413 × 9 |"
+    ) in markdown
+    assert "| 4000×1 PNG | killed_over_6144_mb" in markdown
+    assert "Hostile client" not in render_markdown(before)  # a run without the phase has no table
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -160,6 +240,10 @@ def test_cli_builds_the_config_and_refuses_bad_phases(tmp_path: Path) -> None:
         {},
     )
     assert config.phases == ("corpus", "sigterm")
+    assert config_from_arguments(_args(), "x", tmp_path, {}).phases[-1] == "interference"
+    assert config_from_arguments(_args("--phases", "interference"), "x", tmp_path, {}).phases == (
+        "interference",
+    )
     assert config.sigterm_clients == (8, 64)
     assert config.overload_rate == 90.0
     with pytest.raises(SystemExit, match="--phases"):

@@ -3,9 +3,11 @@
 Each `HostileCase` is one `POST /predict` request: its multipart files and the HTTP status the
 service gives with default settings (after issue 8, "Safe to expose"). 200 for every image a
 reasonable user could send; 422 for anything that is not a decodable image in an accepted format
-(JPEG, PNG, WebP, BMP, GIF), for headers declaring more than the pixel limit, and for aspect ratios
-beyond `MAX_ASPECT_RATIO_EXPECTED`; 400 for bodies the multipart parser cannot read (a part
-header line over python-multipart's 4 KiB limit).
+(JPEG, PNG, WebP, BMP, GIF), for headers declaring more than the pixel limit, for aspect ratios
+beyond `MAX_ASPECT_RATIO_EXPECTED`, and for files whose decode would cost more than the budget of
+`service.decodecost` (`decode_cost_cases`: scans, coefficients, metadata, chunks, run-length
+codes); 400 for bodies the multipart parser cannot read (a part header line over
+python-multipart's 4 KiB limit).
 
 Send `case.multipart()` as the raw body: an HTTP client's own multipart encoder (httpx, aiohttp)
 percent-escapes CR, LF and NUL in file names, so the hostile names would never reach the server.
@@ -38,7 +40,7 @@ MAX_DECODED_PIXELS_EXPECTED = 4_194_304
 """The service's default limit on the area really decoded, after JPEG DCT scaling (2048²)."""
 HUNDRED_FILES = 100
 
-JPEG, PNG = "image/jpeg", "image/png"
+JPEG, PNG, GIF, WEBP, BMP = "image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"
 File = tuple[str, bytes, str]
 """(filename, bytes, content type) of one multipart file part."""
 
@@ -223,12 +225,154 @@ def _request_shapes() -> list[HostileCase]:
     ]
 
 
+def decode_cost_cases() -> list[HostileCase]:
+    """Legal-looking files whose decode costs far more than their pixel count says, one per family.
+
+    Each is refused (422) before the costly work, except where the cost now fits the budget; the
+    description gives what the file cost to decode here before `service.decodecost` existed.
+    """
+    mib = 1 << 20
+    tiny_progressive = crafted.jpeg_scan_bomb(64, 64, 2)
+    exif_segment = crafted.jpeg_segment(0xE1, b"Exif\x00\x00" + bytes(65_000))
+    return [
+        _one(
+            "jpeg_progressive_200_scans",
+            crafted.jpeg_scan_bomb(4000, 3000, 200),
+            JPEG,
+            422,
+            "12 MP, 200 refinement scans in 7 KB: 1.4 s",
+        ),
+        _one(
+            "jpeg_progressive_1000_scans",
+            crafted.jpeg_scan_bomb(4000, 3000, 1000),
+            JPEG,
+            422,
+            "12 MP, 1000 scans in 33 KB: 7 s",
+        ),
+        _one(
+            "jpeg_progressive_40mp_444",
+            crafted.jpeg_scan_bomb(8000, 5000, 30, components=3),
+            JPEG,
+            422,
+            "all DCT coefficients of 40 MP 4:4:4 in 3 KB: 0.9 s, 232 MiB",
+        ),
+        _one(
+            "jpeg_sequential_multiscan_40mp",
+            crafted.jpeg_scan_bomb(
+                8000, 5000, 100, components=3, marker=crafted.SOF_BASELINE, with_data=False
+            ),
+            JPEG,
+            422,
+            "baseline, one component per scan, 100 empty scans: 0.45 s, 232 MiB",
+        ),
+        _one(
+            "jpeg_arithmetic_200_scans",
+            crafted.jpeg_scan_bomb(4000, 3000, 200, marker=crafted.SOF_ARITHMETIC_PROGRESSIVE),
+            JPEG,
+            422,
+            "arithmetic-coded progressive, 200 empty scans in 2 KB: 1.8 s",
+        ),
+        _one(
+            "jpeg_dense_40mp_cmyk",
+            crafted.dense_jpeg(8000, 5000, 4),
+            JPEG,
+            422,
+            "baseline, every coefficient coded, 40 MB: 0.65 s",
+        ),
+        _one(
+            "jpeg_lossless_40mp",
+            crafted.lossless_jpeg(8000, 5000),
+            JPEG,
+            422,
+            "lossless (SOF3): no reduced decoding",
+        ),
+        _one("jpeg_lossless_512", crafted.lossless_jpeg(512, 512), JPEG, 200, "small lossless JPEG: decoded"),
+        _one("jpeg_12bit", crafted.lossless_jpeg(64, 64, precision=12), JPEG, 422, "12-bit samples"),
+        _one(
+            "jpeg_header_fill_1mb",
+            crafted.jpeg_with_segments(tiny_progressive, b"\xff" * mib, 1),
+            JPEG,
+            422,
+            "1 MiB of 0xFF before the frame, walked a byte at a time: 0.24 s",
+        ),
+        _one(
+            "jpeg_exif_80_segments",
+            crafted.jpeg_with_segments(tiny_progressive, exif_segment, 80),
+            JPEG,
+            422,
+            "80 Exif APP1 segments (5 MB), concatenated one by one",
+        ),
+        _one(
+            "jpeg_fill_run_13mb",
+            crafted.jpeg_with_fill_run(tiny_progressive, 13_000_000),
+            JPEG,
+            422,
+            "13 MB of 0xFF fill between scans, re-read per 64 KiB: 0.95 s",
+        ),
+        _one(
+            "png_text_bomb",
+            crafted.png_text_bomb(63, mib - 1),
+            PNG,
+            422,
+            "63 compressed iTXt chunks in 67 KB: 0.23 s, 260 MiB",
+        ),
+        _one(
+            "png_100k_chunks",
+            crafted.png_with_chunks(crafted.black_png(64, 64), crafted.png_chunk(b"zzZz", b"") * 100_000),
+            PNG,
+            422,
+            "100,000 empty private chunks: 0.22 s",
+        ),
+        _one(
+            "png_exif_65000_tags",
+            crafted.png_with_chunks(
+                crafted.black_png(64, 64), crafted.png_chunk(b"eXIf", crafted.exif_block(65_000)[6:])
+            ),
+            PNG,
+            200,
+            "65,000 EXIF tags, rotated: 1.5 s, now read for the orientation only",
+        ),
+        _one(
+            "png_gray16_2048",
+            crafted.png_rows(2048, 2048, 16, 0),
+            PNG,
+            200,
+            "16-bit gray at the decode limit: 123 MiB before the integer conversion",
+        ),
+        _one(
+            "gif_lzw_clear_codes_20mb",
+            crafted.gif_with_lzw(64, 64, crafted.lzw_clear_codes(20_000_000)),
+            GIF,
+            422,
+            "20 MB of LZW clear codes, no pixel: ~0.1 s, then truncated",
+        ),
+        _one(
+            "gif_comment_10mb",
+            crafted.gif_with_lzw(64, 64, crafted.lzw_clear_codes(3), crafted.gif_comment(10 * mib)),
+            GIF,
+            422,
+            "10 MiB comment in 41,000 sub-blocks",
+        ),
+        _one(
+            "webp_300k_frames", crafted.webp_animation(300_000), WEBP, 422, "300,000 animation frames: 57 MiB"
+        ),
+        _one(
+            "bmp_rle8_2mb_of_deltas",
+            crafted.bmp_rle(2048, 2048, b"\x00\x02\x00\x00" * 500_000),
+            BMP,
+            422,
+            "RLE8 codes that draw nothing, decoded in Python: 0.34 s",
+        ),
+    ]
+
+
 _GROUPS: tuple[Callable[[], list[HostileCase]], ...] = (
     _not_images,
     _broken_images,
     _declared_sizes,
     _unusual_images,
     _request_shapes,
+    decode_cost_cases,
 )
 
 
@@ -262,6 +406,13 @@ def cost_probes() -> list[HostileCase]:
     flat = Image.new("RGB", (8000, 5000), (90, 120, 60))
     side = math.isqrt(MAX_DECODED_PIXELS_EXPECTED)
     return [
+        _one(
+            f"png_{side}x{side}_rgba16_paeth",
+            crafted.png_rows(side, side, 16, 6),
+            PNG,
+            200,
+            "the costliest PNG rows at the decode limit: 33 MB, ~0.27 s",
+        ),
         _one("png_6000x6000_black", crafted.black_png(6000, 6000), PNG, 422, "36 MP in ~110 KB"),
         _one(
             f"png_{side}x{side}_black", crafted.black_png(side, side), PNG, 200, "the most a PNG may decode"

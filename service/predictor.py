@@ -102,7 +102,8 @@ class Predictor:
                 "the server is overloaded, retry later"
             )
         start = time.perf_counter()
-        self._preprocessor(image.data, image.name, out=row)
+        # The deadline also holds inside the decode: it stops at the first read of the file after it.
+        self._preprocessor(image.data, image.name, out=row, deadline=deadline)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
 
     def deadline(self, arrived_at: float, client_timeout_s: float | None = None) -> float:

@@ -35,8 +35,10 @@ IMAGENET_DEFAULT = ImagePreprocessor(
         input_size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
     )
 )
-# The worst accepted file (a black PNG at the 2048x2048 decode limit) takes ~0.15 s here and a
-# normal 2-MP JPEG ~0.02 s; before the limits a 71-byte 4000x1 PNG took 4.6 s and 3 GB.
+# The worst accepted files, at the 2048x2048 decode limit, take ~0.27 s here (16-bit RGBA PNG rows)
+# and ~47 MiB (16-bit gray PNG, its RGB image included); a normal 2-MP JPEG ~0.02 s. Before the
+# limits a 71-byte 4000x1 PNG took 4.6 s and 3 GB; before the decode budget (service.decodecost) a
+# 7 KB progressive JPEG of 200 scans 1.5 s, a 67 KB PNG of compressed text 260 MiB.
 CPU_SECONDS_PER_FILE = 0.5
 PEAK_GROWTH_MIB_PER_FILE = 64.0
 _HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)

@@ -6,10 +6,23 @@ reading and again while streaming (chunked bodies have no Content-Length); a bod
 408; a body still arriving when the server starts draining gets 503 (it was never accepted). So a
 slow or lying client holds a connection for a bounded time and never delays shutdown.
 
-Parsing never trusts a declared size: a `.npy` header must match the bytes that follow before
-anything is allocated, JSON depth is bounded by the parser's recursion limit, and integers of any
-length become floats (out of float32 range -> inf -> refused by the finiteness check).
-CPU-heavy parsing (JSON tensors, .npy) is done by the caller off the event loop.
+Content-Encoding is read by `content_coding` alone, for every body route: absent or `identity` is
+none; `gzip` or `deflate`, applied once, for tensor bodies (JSON, .npy, V2); anything else (another
+coding, a stack such as `gzip, gzip` or two header lines, an empty value, any coding on an image
+upload) is a 415 saying what to send. `decode_content` undoes it with at most
+CONVSERVE_MAX_UPLOAD_BYTES of output (413 beyond), so the limit bounds the decompressed body too,
+and at most `MAX_INFLATION_RATIO` times the bytes sent (above `INFLATION_FLOOR_BYTES`): the work of a
+compressed body stays proportional to what the client sent, where a 64 KiB gzip of zeros would
+otherwise become 64 MiB to decompress, scan and parse. Real tensors compress 1-5 times (float text
+or bytes); a body that compresses better is cheaper to send uncompressed than to refuse.
+
+Cost model of a tensor body (B bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BYTES):
+- .npy: the header must match the bytes that follow; the array is a view of the body (0 copies).
+- JSON: `service.jsonparse` sets numeric arrays aside unparsed (at most 64 KiB of the rest is parsed
+  into objects) and `service.tensorjson` reads the shape of `inputs` from its brackets; only a
+  [N, C, H, W] with 1 <= N <= CONVSERVE_MAX_QUEUE_SIZE is parsed, straight into float32. Peak
+  memory: B + the float32 tensor + a few MiB (measured: 5-7 MiB at B = 64 MiB); time linear in B.
+CPU-heavy work (decompressing, parsing) is done by the caller off the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from service.errors import (
@@ -35,9 +49,10 @@ from service.errors import (
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
-from service.jsonparse import json_numbers, loads_json
+from service.jsonparse import loads_bounded
 from service.multipart import read_files
 from service.predictor import NamedImage
+from service.tensorjson import nested_numbers
 from service.textsafety import printable
 
 _MAX_FORM_FIELDS = 64
@@ -124,27 +139,79 @@ async def read_body(request: Request, limits: BodyLimits) -> bytes:
     return b"".join([chunk async for chunk in _limited_stream(request, limits)])
 
 
-def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo a `Content-Encoding` of gzip or deflate, refusing output over `limit` bytes (zip bombs)."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
+CODINGS = ("gzip", "deflate")
+
+
+def content_coding(headers: Headers, *, images: bool = False) -> str | None:
+    """The body's content coding: None (absent or identity), "gzip" or "deflate"; 415 otherwise.
+
+    `images`: the body is a multipart upload of image files, which takes no coding at all.
+    """
+    lines = headers.getlist("content-encoding")
+    codings = [coding.strip().lower() for line in lines for coding in line.split(",")]
+    if codings in ([], ["identity"]):
+        return None
+    shown = printable(", ".join(lines))
+    if "" in codings:
         raise UnsupportedMediaTypeError(
-            f"Content-Encoding {printable(encoding)!r} is not supported; use gzip, deflate or none"
+            f"Content-Encoding {shown!r} has an empty coding; leave the header out or send gzip or deflate"
         )
-    decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    if images:
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {shown!r} on a multipart upload: images are already compressed, so "
+            "send them without a Content-Encoding"
+        )
+    if len(codings) != 1:
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {shown!r} applies {len(codings)} codings; apply gzip or deflate once, "
+            "in one header, or send the body as it is"
+        )
+    if codings[0] not in CODINGS:
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {shown!r} is not supported; use gzip or deflate, or leave the header out"
+        )
+    return codings[0]
+
+
+MAX_INFLATION_RATIO = 32
+"""Most bytes a compressed body may decompress to, per byte sent (above `INFLATION_FLOOR_BYTES`)."""
+INFLATION_FLOOR_BYTES = 1 << 20
+"""Any compressed body may decompress to this many bytes, whatever its ratio (cheap to handle)."""
+
+
+def decode_content(body: bytes, coding: str | None, limit: int) -> bytes:
+    """Undo `content_coding`'s coding, refusing output over `limit` bytes or `MAX_INFLATION_RATIO`
+    times the body (zip bombs), truncated streams and bytes after the stream's end."""
+    if coding is None:
+        return body
+    budget = min(limit, max(INFLATION_FLOOR_BYTES, MAX_INFLATION_RATIO * len(body)))
+    decompressor = zlib.decompressobj(wbits=31 if coding == "gzip" else 15)
     try:
-        data = decompressor.decompress(body, limit + 1)
+        data = decompressor.decompress(body, budget + 1)
     except zlib.error as exc:
-        raise BadRequestError(f"the body is not valid {encoding} data ({exc})") from exc
+        raise BadRequestError(f"the body is not valid {coding} data ({exc})") from None
     if len(data) > limit:
-        raise _too_large(limit)
+        raise PayloadTooLargeError(
+            f"the body decompresses to more than {limit} bytes (CONVSERVE_MAX_UPLOAD_BYTES); send less"
+        )
+    if len(data) > budget:
+        raise PayloadTooLargeError(
+            f"the {len(body)}-byte {coding} body decompresses to more than {MAX_INFLATION_RATIO} times its "
+            "size; send it uncompressed (a body this compressible is mostly repeated values)"
+        )
+    if not decompressor.eof:
+        raise BadRequestError(f"the {coding} body is truncated; send the whole compressed stream")
+    if decompressor.unused_data:
+        raise BadRequestError(
+            f"{len(decompressor.unused_data)} bytes follow the end of the {coding} stream; compress the "
+            "body once, as one stream"
+        )
     return data
 
 
 async def read_images(request: Request, limits: BodyLimits, max_files: int) -> list[NamedImage]:
     """Every file part of a multipart/form-data body (any field name), in order."""
+    content_coding(request.headers, images=True)
     files = await read_files(
         _limited_stream(request, limits),
         request.headers.get("content-type", ""),
@@ -158,12 +225,25 @@ async def read_images(request: Request, limits: BodyLimits, max_files: int) -> l
     return [NamedImage(printable(part.filename or part.field), part.data) for part in files]
 
 
-def parse_json_tensor(body: bytes) -> np.ndarray:
-    """`{"inputs": <nested list [N, C, H, W]>}` -> float32 array; blocking for big bodies."""
-    payload = loads_json(body, "the body")
+def parse_json_tensor(body: bytes, row_shape: tuple[int, ...], max_rows: int) -> np.ndarray:
+    """`{"inputs": <nested list [N, *row_shape]>}` -> float32, 1 <= N <= max_rows; blocking for big bodies."""
+    document = loads_bounded(body, "the body")
+    payload = document.value
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadRequestError('expected a JSON object {"inputs": <nested list of shape [N, C, H, W]>}')
-    return json_numbers(payload["inputs"], '"inputs"')
+    lists_per_row = sum(math.prod(row_shape[:level]) for level in range(len(row_shape)))
+    numbers = nested_numbers(payload["inputs"], '"inputs"', max_lists=1 + max_rows * lists_per_row)
+    shape = numbers.shape
+    if len(shape) != 1 + len(row_shape) or shape[1:] != row_shape or shape[0] < 1:
+        expected = ", ".join(map(str, row_shape))
+        raise InvalidInputError(f"expected a tensor of shape [N, {expected}] with N >= 1, got {list(shape)}")
+    if shape[0] > max_rows:
+        raise PayloadTooLargeError(
+            f"the request carries {shape[0]} images but at most {max_rows} can be queued "
+            "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
+        )
+    document.check_all_read(payload["inputs"])
+    return numbers.read()
 
 
 def parse_npy_tensor(body: bytes) -> np.ndarray:
@@ -171,16 +251,15 @@ def parse_npy_tensor(body: bytes) -> np.ndarray:
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
-        read_header = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        if version not in read_header:
+        if version not in _NPY_HEADER_READERS:
             raise ValueError(f"format version {version} is not supported; use numpy.save")
-        shape, fortran_order, dtype = read_header[version](stream, max_header_size=_MAX_NPY_HEADER_BYTES)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        read_header = _NPY_HEADER_READERS[version]
+        shape, fortran_order, dtype = read_header(stream, max_header_size=_MAX_NPY_HEADER_BYTES)
+    except (
+        Exception
+    ) as exc:  # numpy's header parser raises many kinds (tokenize.TokenError too) on hostile input
         raise InvalidInputError(
-            f"the body is not a readable .npy array ({printable(str(exc))[:200]}); save it with numpy.save"
+            f"the body is not a readable .npy array ({printable(str(exc))}); save it with numpy.save"
         ) from None
     if dtype.hasobject:
         raise InvalidInputError("the .npy array holds Python objects; send a float32 array")

@@ -1,8 +1,20 @@
-"""`POST /predict`: images as multipart/form-data, or preprocessed tensors as JSON or .npy."""
+"""`POST /predict`: images as multipart/form-data, or preprocessed tensors as JSON or .npy.
+
+Cost of a request, in what it sends: multipart images are read and admitted by count
+(CONVSERVE_MAX_QUEUE_SIZE) before any decoding; tensor bodies (optionally gzip/deflate, decoded off
+the event loop within CONVSERVE_MAX_UPLOAD_BYTES) are parsed as `service.request_body` describes.
+
+Response budget: for R rows and `top_k` = k (at most the class count) the answer is at most
+`response_bound(R, k, labels)` = 256 + R x (2 + k x (64 + digits of K + the longest escaped label))
+bytes, plus the model's name. A request is refused (422, before inference) if that exceeds the
+bytes of the float32 tensor it makes the server compute (R x C x H x W x 4) + 64 KiB.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -10,26 +22,60 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.errors import UnsupportedMediaTypeError
+from service.errors import InvalidInputError, UnsupportedMediaTypeError
+from service.metadata import ModelMetadata
 from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
 from service.registry import LoadedModel
-from service.request_body import parse_json_tensor, parse_npy_tensor, read_body, read_images
+from service.request_body import (
+    content_coding,
+    decode_content,
+    parse_json_tensor,
+    parse_npy_tensor,
+    read_body,
+    read_images,
+)
 from service.state import ServiceState, model_lease, service_state
 from service.textsafety import printable
+from service.v2 import RESPONSE_SLACK_BYTES, escaped_label_bytes
 
 router = APIRouter(tags=["predict"])
 DEFAULT_TOP_K = 5
+TENSOR_TYPES = ("application/json", "application/x-npy")
+_PREDICTION_BYTES = 64  # {"label":"","index":,"score":-1.2345678901234567e-05}, and a comma
 
-_TENSOR_PARSERS: dict[str, Callable[[bytes], np.ndarray]] = {
-    "application/json": parse_json_tensor,
-    "application/x-npy": parse_npy_tensor,
-}
+
+def response_bound(rows: int, top_k: int, labels: tuple[str, ...]) -> int:
+    """Most bytes of a `/predict` answer for `rows` rows and `top_k` classes each, the model name aside."""
+    per_prediction = _PREDICTION_BYTES + len(str(len(labels))) + escaped_label_bytes(labels)
+    return 256 + rows * (2 + top_k * per_prediction)
+
+
+def _check_response_budget(rows: int, top_k: int, metadata: ModelMetadata) -> None:
+    bound = response_bound(rows, top_k, metadata.labels)
+    tensor_bytes = rows * math.prod(metadata.input_shape) * 4
+    if bound > tensor_bytes + RESPONSE_SLACK_BYTES:
+        raise InvalidInputError(
+            f"top_k={top_k} for {rows} rows could take {bound} bytes, more than the request's "
+            f"{tensor_bytes} tensor bytes + {RESPONSE_SLACK_BYTES}; ask for a smaller top_k"
+        )
+
+
+def _tensor_parser(media_type: str, loaded: LoadedModel, max_rows: int) -> Callable[[bytes], np.ndarray]:
+    if media_type == "application/x-npy":
+        return parse_npy_tensor
+    row_shape = loaded.predictor.metadata.input_shape
+    return functools.partial(parse_json_tensor, row_shape=row_shape, max_rows=max_rows)
 
 
 async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes], np.ndarray]) -> np.ndarray:
+    coding = content_coding(request.headers)  # 415 before the body is read
     body = await read_body(request, state.body_limits)
-    # A [32, 3, 224, 224] JSON body is ~5 million numbers: parse it off the event loop.
-    return await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse, body)
+    limit = state.settings.max_upload_bytes
+
+    def decode_and_parse() -> np.ndarray:  # tens of MB of JSON or gzip: never on the event loop
+        return parse(decode_content(body, coding, limit))
+
+    return await asyncio.get_running_loop().run_in_executor(state.decode_executor, decode_and_parse)
 
 
 @router.post(
@@ -59,18 +105,21 @@ async def _predict(
     request: Request, state: ServiceState, loaded: LoadedModel, top_k: int | None
 ) -> JSONResponse:
     predictor = loaded.predictor
-    top_k = predictor.check_top_k(
-        min(DEFAULT_TOP_K, predictor.metadata.num_classes) if top_k is None else top_k
-    )
+    metadata = predictor.metadata
+    top_k = predictor.check_top_k(min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     arrived_at: float = request.state.arrived_at
     if media_type == "multipart/form-data":
         predictor.check_room()  # overloaded: refuse before reading the upload
         images = await read_images(request, state.body_limits, state.settings.max_queue_size)
+        _check_response_budget(len(images), top_k, metadata)
         predictions = await predictor.classify_images(images, top_k, arrived_at)
-    elif media_type in _TENSOR_PARSERS:
+    elif media_type in TENSOR_TYPES:
         predictor.check_room()
-        tensor = await _tensor(request, state, _TENSOR_PARSERS[media_type])
+        parse = _tensor_parser(media_type, loaded, state.settings.max_queue_size)
+        tensor = await _tensor(request, state, parse)
+        if tensor.ndim == 4 and tensor.shape[1:] == metadata.input_shape:
+            _check_response_budget(tensor.shape[0], top_k, metadata)  # else classify_tensor says why not
         predictions = await predictor.classify_tensor(tensor, top_k, arrived_at)
     else:
         raise UnsupportedMediaTypeError(

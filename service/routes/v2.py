@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
 from service.registry import LoadedModel
-from service.request_body import decode_content, read_body
+from service.request_body import content_coding, decode_content, read_body
 from service.state import ServiceState, State, model_lease, parse_version, path_model, service_state
 from service.v2 import HEADER_LENGTH, InferRequest, TensorSpec, encode_infer_response, parse_infer_request
 
@@ -115,13 +115,21 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
 async def _infer(request: Request, state: ServiceState, loaded: LoadedModel) -> Response:
     predictor = loaded.predictor
     predictor.check_room()  # overloaded: refuse before reading the body
+    coding = content_coding(request.headers)  # 415 before the body is read
     limit = state.settings.max_upload_bytes
     body = await read_body(request, state.body_limits)
-    spec = TensorSpec(loaded.model.input_name, loaded.model.metadata.input_shape, loaded.model.output_name)
-    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+    meta = loaded.model.metadata
+    spec = TensorSpec(
+        input_name=loaded.model.input_name,
+        input_shape=meta.input_shape,
+        output_name=loaded.model.output_name,
+        labels=meta.labels,
+        max_rows=state.settings.max_queue_size,
+    )
+    header_length = request.headers.get(HEADER_LENGTH)
 
     def parse() -> InferRequest:  # decompressing and parsing tens of MB must not block the event loop
-        return parse_infer_request(decode_content(body, encoding, limit), header_length, spec)
+        return parse_infer_request(decode_content(body, coding, limit), header_length, spec)
 
     parsed = await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse)
     tensor = predictor.check_tensor(parsed.tensor)
@@ -131,6 +139,6 @@ async def _infer(request: Request, state: ServiceState, loaded: LoadedModel) -> 
         model_version=str(loaded.version),
         request=parsed,
         logits=logits,
-        labels=loaded.model.metadata.labels,
+        labels=meta.labels,
     )
     return Response(content, headers=headers)

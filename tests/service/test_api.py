@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -223,6 +224,34 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], str, int, str]] = {
         422,
         "CONVSERVE_MAX_DECODED_PIXELS",
     ),
+    # Content-Encoding: one reader for every body route; mistakes are 415, bombs stop at the limit.
+    "multipart-with-content-encoding": (
+        lambda: {"files": image_files(("cat.jpg", jpeg("chelsea"))), "headers": {"content-encoding": "gzip"}},
+        "",
+        415,
+        "images are already compressed",
+    ),
+    "json-with-brotli": (
+        lambda: {"content": b"{}", "headers": {"content-type": "application/json", "content-encoding": "br"}},
+        "",
+        415,
+        "'br' is not supported",
+    ),
+    "gzip-json-inflating-over-the-limit": (
+        lambda: {
+            "content": gzip.compress(b'{"inputs": [' + b"0," * (2 * 1024 * 1024) + b"0]}"),
+            "headers": {"content-type": "application/json", "content-encoding": "gzip"},
+        },
+        "",
+        413,
+        "decompresses to more than",
+    ),
+    "json-inputs-of-empty-lists": (
+        lambda: json_body(b'{"inputs": [' + b"[]," * 5000 + b"[]]}"),
+        "",
+        422,
+        "nested lists",
+    ),
 }
 
 
@@ -290,7 +319,9 @@ def test_not_ready_until_warmed_up(make_settings: Callable[..., Settings]) -> No
     with TestClient(create_app(settings, CollectorRegistry())) as client:
         assert client.get("/healthz").status_code == 200
         readiness = client.get("/readyz")
-        assert readiness.status_code == 503 and "no ready version of ['tiny']" in readiness.json()["error"]
+        assert (
+            readiness.status_code == 503 and "no ready version of tiny (loading)" in readiness.json()["error"]
+        )
         assert client.get("/v2/health/ready").status_code == 400
         response = client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
         assert response.status_code == 503 and "retry shortly" in response.json()["error"]
@@ -388,6 +419,21 @@ V2_MISTAKES: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
         "non-negative integer",
     ),
     "json-nested-100000-deep": (lambda: {"content": b"[" * 100_000}, 400, "nested too deeply"),
+    "outputs-repeated": (
+        lambda: {"json": {**v2_input(), "outputs": [{"name": "logits"}, {"name": "logits"}]}},
+        400,
+        "requested twice",
+    ),
+    "id-over-1024-characters": (lambda: {"json": {**v2_input(), "id": "x" * 1025}}, 400, "at most 1024"),
+    "content-encoding-stacked": (
+        lambda: {
+            "content": gzip.compress(gzip.compress(json.dumps(v2_input()).encode())),
+            "headers": {"content-encoding": "gzip, gzip"},
+        },
+        415,
+        "applies 2 codings",
+    ),
+    "data-longer-than-its-shape": (lambda: {"json": v2_input(data=[0.0] * 30_000)}, 422, "has 30000 values"),
 }
 
 

@@ -10,11 +10,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import BadRequestError, InvalidInputError, ServiceError
-from service.v2 import InferRequest, RequestedOutput, TensorSpec, encode_infer_response, parse_infer_request
+from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError, ServiceError
+from service.v2 import (
+    InferRequest,
+    RequestedOutput,
+    TensorSpec,
+    encode_infer_response,
+    parse_infer_request,
+    response_bound,
+)
 
-SPEC = TensorSpec(input_name="input", input_shape=(3, 2, 2), output_name="logits")
 LABELS = ("cat", "coffee", "astronaut")
+SPEC = TensorSpec(input_name="input", input_shape=(3, 2, 2), output_name="logits", labels=LABELS, max_rows=8)
 
 
 def tensor(rows: int = 2) -> np.ndarray:
@@ -153,3 +160,80 @@ def test_binary_response_appends_raw_tensors_after_the_header() -> None:
         strings.append(raw[offset + 4 : offset + 4 + size].decode())
         offset += 4 + size
     assert strings == ["2.000000:1:coffee", "0.500000:0:cat", "3.000000:0:cat", "1.000000:2:astronaut"]
+
+
+def json_body(data: Any, shape: list[int], **extra: Any) -> bytes:
+    entry = {"name": "input", "shape": shape, "datatype": "FP32", "data": data}
+    return json.dumps({"inputs": [entry], **extra}).encode()
+
+
+def test_large_json_data_parses_flat_or_nested_as_its_shape() -> None:
+    values = tensor(8)  # 96 values: over the 4 KiB a numeric array needs to be read without json.loads
+    values = values + np.float32(1e-7) * np.arange(values.size, dtype=np.float32).reshape(values.shape)
+
+    def body(data: Any) -> bytes:  # padded with whitespace, as JSON allows, past 4 KiB
+        padded = json_body(data, [8, 3, 2, 2]).replace(b", ", b",\n" + b" " * 50)
+        assert len(padded) > 4096
+        return padded
+
+    for data in (values.tolist(), values.ravel().tolist()):
+        np.testing.assert_array_equal(parse_infer_request(body(data), None, SPEC).tensor, values)
+    with pytest.raises(InvalidInputError, match=r"nested as \[8, 12\], not as its shape \[8, 3, 2, 2\]"):
+        parse_infer_request(body(values.reshape(8, 12).tolist()), None, SPEC)
+
+
+def test_json_data_over_the_row_budget_is_refused_before_it_is_read() -> None:
+    body = json_body(None, [SPEC.max_rows + 1, 3, 2, 2]).replace(b"null", b"[" + b"0," * 10**6 + b"0]")
+    with pytest.raises(PayloadTooLargeError, match="CONVSERVE_MAX_QUEUE_SIZE"):
+        parse_infer_request(body, None, SPEC)
+
+
+def test_repeated_outputs_and_long_ids_are_refused() -> None:
+    body = json_body(tensor(1).tolist(), [1, 3, 2, 2], outputs=[{"name": "logits"}, {"name": "logits"}])
+    with pytest.raises(BadRequestError, match="requested twice"):
+        parse_infer_request(body, None, SPEC)
+    with pytest.raises(BadRequestError, match="at most 1024"):
+        parse_infer_request(json_body(tensor(1).tolist(), [1, 3, 2, 2], id="x" * 1025), None, SPEC)
+
+
+def test_numeric_arrays_in_unread_fields_are_refused() -> None:
+    body = json_body(tensor(1).tolist(), [1, 3, 2, 2], parameters={"extra": [0.5] * 2000})
+    with pytest.raises(BadRequestError, match="does not read"):
+        parse_infer_request(body, None, SPEC)
+
+
+EXTREME_LOGITS = np.array(
+    [[3.4028235e38, -3.4028235e38, np.nan], [np.inf, -1.1754943e-38, 1e-45]], np.float32
+)
+
+
+@pytest.mark.parametrize("request_id", [None, "", "\x00" * 1024, "\U0001f600" * 1024])
+def test_response_bound_covers_every_encoding_of_extreme_logits(request_id: str | None) -> None:
+    options = [
+        RequestedOutput("logits", binary, class_count)
+        for binary in (False, True)
+        for class_count in (0, 1, 3, 2**31)
+    ]
+    for output in options:
+        parsed = InferRequest(id=request_id, tensor=tensor(2), outputs=(output,), timeout_s=None)
+        body, _ = encode_infer_response(
+            model_name="tiny", model_version="1", request=parsed, logits=EXTREME_LOGITS, labels=LABELS
+        )
+        assert len(body) <= response_bound(parsed, SPEC) + len("tiny1"), output
+
+
+def test_outputs_larger_than_the_request_are_refused_unless_made_smaller() -> None:
+    many = TensorSpec(
+        "input", (1, 1, 1), "logits", labels=tuple(f"class {i}" for i in range(5000)), max_rows=8
+    )
+    body = json_body(
+        [[[[0.5]]]], [1, 1, 1, 1], outputs=[{"name": "logits", "parameters": {"classification": 5000}}]
+    )
+    with pytest.raises(InvalidInputError, match="ask for binary_data output or a smaller classification"):
+        parse_infer_request(body, None, many)
+    small = json_body(
+        [[[[0.5]]]], [1, 1, 1, 1], outputs=[{"name": "logits", "parameters": {"classification": 5}}]
+    )
+    assert parse_infer_request(small, None, many).outputs[0].class_count == 5
+    binary = json_body([[[[0.5]]]], [1, 1, 1, 1], parameters={"binary_data_output": True})
+    assert parse_infer_request(binary, None, many).outputs[0].binary

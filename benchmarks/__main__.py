@@ -7,7 +7,8 @@ Writes the results JSON (`--output`), a Markdown table and a PNG plot next to it
 regenerates the performance table between the README's perf-table markers.
 
 `python -m benchmarks --robustness` (`make soak`) instead sends the service hostile files, twice its
-capacity, slow clients and SIGTERM under load, and writes benchmarks/results/robustness.{json,md}.
+capacity, slow clients, SIGTERM under load and one hostile client beside a normal one, and writes
+benchmarks/results/robustness.{json,md} and the block of docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -97,19 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-readme",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="regenerate the README table: auto = for full runs only, so a quick run never replaces "
-        "the figures of record; with --robustness, for runs of every phase against this checkout "
-        "(default: auto)",
+        help="regenerate the README table (with --robustness: the block of docs/robustness.md): auto = "
+        "for full runs only, so a quick run never replaces the figures of record; with --robustness, for "
+        "runs of every phase against this checkout (default: auto)",
     )
     return parser
 
 
 def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("robustness (issue 8: safe to expose)")
+    group = parser.add_argument_group("robustness: what a hostile client can cost")
     group.add_argument(
         "--robustness",
         action="store_true",
-        help="measure hostile files, 2x overload, slow clients and SIGTERM under load instead (~10 min)",
+        help="measure hostile files, 2x overload, slow clients, SIGTERM under load and hostile-client "
+        "interference instead (~12 min)",
     )
     group.add_argument(
         "--phases",

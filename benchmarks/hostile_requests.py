@@ -54,6 +54,7 @@ IMAGE_CASES = (
     "png_text_bomb",
     "png_100k_chunks",
     "png_exif_65000_tags",
+    "png_exif_5000_tags",
     "png_gray16_2048",
     "gif_lzw_clear_codes_20mb",
     "gif_comment_10mb",

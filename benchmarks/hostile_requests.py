@@ -8,8 +8,10 @@ Where `hostile_inputs` holds files for `/predict`, these are whole HTTP requests
   `{}` objects, as `/predict` JSON (`{"inputs": [...]}`) and as V2 infer `"data"`;
 - response_amplification: a V2 infer request for one valid image tensor that lists its output
   `repeated_outputs` times (as JSON data, then as Triton's classification strings);
-- image_decode: the files of `hostile_inputs` named in `IMAGE_CASES` (decode-cost families and
-  cost probes), as uploads;
+- image_decode: the files of `hostile_inputs` named in `IMAGE_CASES` (one per decode-cost family),
+  as uploads;
+- costly_legal_images: the cost probes named in `LEGAL_IMAGE_CASES`, files at or past the decode
+  limits that are legal work within the per-image budget (the heaviest costs ~0.3 s of one core);
 - admin_refusal: the repository API without a token, with a wrong one, and from another site's page.
 """
 
@@ -35,6 +37,7 @@ CLASSES: Mapping[str, str] = {
     "parse_amplification": "small gzip JSON bodies inflating to tens of MB of numbers or of `{}`",
     "response_amplification": "a V2 infer request listing its output many times",
     "image_decode": "image files that cost more to decode than their size says (one per family)",
+    "costly_legal_images": "legal images at the decode limits (4-MP 16-bit PNG, 40-MP JPEG)",
     "admin_refusal": "the repository API without a token, with a wrong one, and cross-site",
 }
 IMAGE_CASES = (
@@ -60,14 +63,17 @@ IMAGE_CASES = (
     "gif_comment_10mb",
     "webp_300k_frames",
     "bmp_rle8_2mb_of_deltas",
+)
+"""`hostile_inputs` cases the image class sends, in turn; a name the corpus does not hold (yet) is
+skipped and reported missing. Add a new family here by name."""
+LEGAL_IMAGE_CASES = (
     # cost_probes(): legal files at or beyond the decode limits
     "png_2048x2048_rgba16_paeth",
     "png_2048x2048_black",
     "jpeg_8000x5000_flat",
     "png_6000x6000_black",
 )
-"""`hostile_inputs` cases (hostile cases or cost probes) the image class sends, in turn; a name the
-corpus does not hold (yet) is skipped and reported missing. Add a new family here by name."""
+"""Cost probes the costly-legal-images class sends: what any client may ask for within the budgets."""
 ATTACKER_ORIGIN = "https://attacker.example"
 
 
@@ -119,10 +125,12 @@ def upload(case: HostileCase) -> HttpRequest:
     return HttpRequest(case.name, "POST", "/predict", {"Content-Type": content_type}, body)
 
 
-def image_cases() -> tuple[list[HostileCase], list[str]]:
-    """The `IMAGE_CASES` the corpus holds, and the names it does not."""
+def image_cases(names: tuple[str, ...] | None = None) -> tuple[list[HostileCase], list[str]]:
+    """The cases of `names` (default: `IMAGE_CASES` and `LEGAL_IMAGE_CASES`) the corpus holds, and the
+    names it does not."""
+    names = (*IMAGE_CASES, *LEGAL_IMAGE_CASES) if names is None else names
     known = {case.name: case for case in [*hostile_cases(), *cost_probes()]}
-    return [known[name] for name in IMAGE_CASES if name in known], [n for n in IMAGE_CASES if n not in known]
+    return [known[name] for name in names if name in known], [n for n in names if n not in known]
 
 
 def _heads(sizes: HostileSizes) -> list[HostileRequest]:
@@ -212,7 +220,9 @@ def requests_for(class_name: str, target: V2Target, sizes: HostileSizes) -> list
     if class_name == "response_amplification":
         return _repeated_outputs(target, sizes)
     if class_name == "image_decode":
-        return [upload(case) for case in image_cases()[0]]
+        return [upload(case) for case in image_cases(IMAGE_CASES)[0]]
+    if class_name == "costly_legal_images":
+        return [upload(case) for case in image_cases(LEGAL_IMAGE_CASES)[0]]
     if class_name == "admin_refusal":
         return _admin_requests(target)
     raise ValueError(f"unknown hostile class {class_name!r}; choose from {list(CLASSES)}")

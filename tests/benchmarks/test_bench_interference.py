@@ -89,10 +89,15 @@ def test_repeated_outputs_header_declares_its_length_and_every_output() -> None:
     )
 
 
-def test_image_class_sends_the_named_cases_and_reports_missing_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hostile_requests, "IMAGE_CASES", ("png_2048x2048_black", "no_such_family"))
-    present, missing = image_cases()
+def test_image_classes_send_the_named_cases_and_report_missing_ones() -> None:
+    present, missing = image_cases(("png_2048x2048_black", "no_such_family"))
     assert [case.name for case in present] == ["png_2048x2048_black"] and missing == ["no_such_family"]
+    hostile, legal = (
+        image_cases(hostile_requests.IMAGE_CASES)[0],
+        image_cases(hostile_requests.LEGAL_IMAGE_CASES)[0],
+    )
+    assert {case.name for case in hostile}.isdisjoint(case.name for case in legal)
+    assert [case.name for case in image_cases()[0]] == [case.name for case in [*hostile, *legal]]
 
 
 def test_trickled_head_arrives_in_pieces_and_stops_when_answered() -> None:

@@ -13,16 +13,12 @@ Browsers attach no token by themselves, but they do send requests another site's
 a browser marks as cross-site (`Sec-Fetch-Site`, or an `Origin` whose host is not this server's) is
 refused with 403 unless its origin is in CONVSERVE_CORS_ORIGINS. Clients that are not browsers send
 neither header and are unaffected. The check runs before the body is read.
-
-Every refusal here is answered after `REFUSAL_DELAY_S`, without holding any CPU: a client guessing
-tokens, or hammering an endpoint it may not call, gets at most 1 / REFUSAL_DELAY_S answers a second
-per connection. Refusals are cheap, but at thousands a second from one client they took the event
-loop from everyone else (a normal request's p99 tripled in the soak's interference phase).
+Like every 4xx, a refusal is answered after CONVSERVE_CLIENT_ERROR_DELAY_S (see
+`service.middleware`), which also slows token guessing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -53,8 +49,6 @@ _OPEN_PATHS = frozenset(
 _MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 _ADMIN_PREFIXES = ("/v2/repository/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-REFUSAL_DELAY_S = 0.05
-"""How long a refused request waits for its 401/403, in seconds (a legitimate client sees it once)."""
 
 
 def role_of(path: str) -> Role:
@@ -235,7 +229,6 @@ class AccessMiddleware:
             return
         self.on_refused(refusal.reason)
         scope.setdefault("state", {})["error"] = refusal.message
-        await asyncio.sleep(REFUSAL_DELAY_S)
         body = json.dumps({"error": refusal.message}).encode()
         headers = [
             (b"content-type", b"application/json"),

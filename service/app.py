@@ -56,7 +56,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             max_age=600,
         )
     budget = BodyBudget(settings.max_body_bytes_in_flight)
-    app.add_middleware(RequestContextMiddleware, metrics=collectors, budget=budget)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=collectors,
+        budget=budget,
+        error_delay_s=settings.client_error_delay_s,
+    )
     for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
         app.include_router(router)
     return app

@@ -1,6 +1,13 @@
 """Per-request bookkeeping as plain ASGI middleware: request id, arrival time, metrics, one log line,
 and the body bytes the request holds (counted against the worker's `BodyBudget` until it ends).
 
+Every 4xx answer waits `client_error_delay_s` first (an `asyncio.sleep`: no CPU, only this
+connection waits). Refusing is cheap, but one client sending thousands of refused requests a second
+took the event loop, and with it CPU, from everyone else: in the soak's interference phase a normal
+client's p99 rose to 3-4x idle beside a client repeating refused admin calls or V2 requests with
+repeated outputs. With the delay such a client gets at most 1/delay answers a second per connection;
+a client with a bug sees its error 50 ms later.
+
 It is also the last line of defence: an exception no handler turned into a response becomes our
 JSON 500 (with `X-Request-ID`, logged once), and any error response sent before the request body
 was fully read says `Connection: close`, so the unread bytes can never be parsed as the next request
@@ -76,8 +83,18 @@ def _endpoint(scope: Scope) -> str:
 class _Exchange:
     """What the middleware learns about one request while it runs."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, budget: BodyBudget, gauge: Any) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        budget: BodyBudget,
+        gauge: Any,
+        error_delay_s: float,
+    ) -> None:
         self.request_id = _request_id(scope)
+        self.error_delay_s = error_delay_s
         self.budget, self.gauge = budget, gauge
         self.held_bytes = 0
         """Body bytes the app received, counted in `budget` until the request ends."""
@@ -112,6 +129,8 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started, self.status = True, message["status"]
+            if 400 <= self.status < 500 and self.error_delay_s:
+                await asyncio.sleep(self.error_delay_s)
             headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), self.request_id.encode())]
             if self.status >= 400 and self.body_pending and not await self._drain():
                 headers.append((b"connection", b"close"))
@@ -154,16 +173,24 @@ class _Exchange:
 class RequestContextMiddleware:
     """Gives each HTTP request an id (echoed in `X-Request-ID`), records its metrics, logs one line."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, budget: BodyBudget) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, budget: BodyBudget, error_delay_s: float) -> None:
         self.app = app
         self.metrics = metrics
         self.budget = budget
+        self.error_delay_s = error_delay_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(scope, receive, send, self.budget, self.metrics.body_bytes)
+        exchange = _Exchange(
+            scope,
+            receive,
+            send,
+            budget=self.budget,
+            gauge=self.metrics.body_bytes,
+            error_delay_s=self.error_delay_s,
+        )
         state = scope.setdefault("state", {})
         state["request_id"], state["arrived_at"] = exchange.request_id, time.monotonic()
         start = time.perf_counter()

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     N instances with INTRA_OP_THREADS=cores/N avoid the per-operator thread barrier."""
     workers: int = Field(default=1, ge=1)
     """Uvicorn worker processes, a count; each loads its own model copy and keeps its own metrics."""
+    client_error_delay_s: float = Field(default=0.05, ge=0.0, le=5.0)
+    """Pause before every 4xx answer, in seconds (0 = none): a client that keeps sending requests the
+    server refuses gets at most 1/delay answers a second per connection, at no CPU cost."""
     max_header_bytes: int = Field(default=65_536, ge=1024, le=1 << 20)
     """Largest request head (request line plus headers) a connection may send, in bytes; beyond it 431."""
     max_header_count: int = Field(default=100, ge=8, le=10_000)

@@ -222,3 +222,25 @@ def test_overload_is_refused_at_admission_while_admitted_images_wait_for_decodin
             release.set()
             assert [job.result().status_code for job in admitted] == [200, 200]
         assert metric(httpx.get(f"{live.url}/metrics").text, "convserve_queue_depth") == 0
+
+
+def test_every_client_error_waits_its_delay_and_nothing_else_does(
+    make_settings: Callable[..., Settings],
+) -> None:
+    delay = 0.2
+    with (
+        live_server(make_settings(client_error_delay_s=delay)) as live,
+        httpx.Client(base_url=live.url) as client,
+    ):
+        started = time.monotonic()
+        refused = [
+            client.post("/predict", content=b"x", headers={"content-type": "text/plain"}),  # 415
+            client.post("/predict", params={"model": "nope"}, files={"f": ("a.jpg", jpeg("chelsea"))}),  # 404
+            client.get("/no/such/route"),  # 404
+            client.post("/predict", files={"f": ("a.jpg", b"not an image")}),  # 422
+        ]
+        # asyncio.sleep never wakes early: the lower bound is deterministic.
+        assert time.monotonic() - started >= len(refused) * delay
+        assert [r.status_code for r in refused] == [415, 404, 404, 422]
+        assert all("error" in r.json() for r in refused)
+        assert client.post("/predict", files={"f": ("a.jpg", jpeg("chelsea"))}).status_code == 200

@@ -40,6 +40,7 @@ ISSUE_VARIABLES = [
     "OPENTELEMETRY",
     "INSTANCES",
     # who may call what, and what one request head may cost
+    "CLIENT_ERROR_DELAY_S",
     "MAX_HEADER_BYTES",
     "MAX_BODY_BYTES_IN_FLIGHT",
     "MAX_HEADER_COUNT",

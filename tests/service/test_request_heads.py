@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.protocol import GuardedHttpToolsProtocol
+from service.protocol import FREE_CHUNKS, MIN_CHUNK_BYTES, GuardedHttpToolsProtocol
 from service.settings import Settings
 from tests.service.conftest import LiveServer, live_server
 from tests.service.promtext import metric
@@ -235,6 +235,39 @@ def test_trailers_over_the_limits_close_the_connection(
                 pass  # closed with trailers still arriving: the kernel resets the connection
             assert answer == b""
         assert refusals(live) == 1
+
+
+def chunked(payload: bytes, chunk: int) -> bytes:
+    """`payload` as a chunked body of `chunk`-byte chunks, terminator included."""
+    pieces = [payload[i : i + chunk] for i in range(0, len(payload), chunk)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+CHUNKED_HEAD = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_body_of_tiny_chunks_is_cut_off_and_normal_chunks_are_served(
+    make_settings: Callable[..., Settings],
+) -> None:
+    bad_input = 'convserve_rejected_total{reason="bad_input"}'
+    with live_server(make_settings(), customize=_echo) as live:
+        with connect(live) as sock:
+            # Twice the free chunks, each exactly at the required average: served.
+            payload = b"n" * (2 * FREE_CHUNKS * MIN_CHUNK_BYTES)
+            send(sock, CHUNKED_HEAD + chunked(payload, MIN_CHUNK_BYTES))
+            [(status, _, body)] = responses(sock.recv(65536))
+            assert (status, json.loads(body)) == (200, {"bytes": len(payload)})
+        before = metric(httpx.get(f"{live.url}/metrics").text, bad_input)
+        with connect(live) as sock:
+            answer = b""
+            try:  # one-byte chunks: 6 bytes of framing and a parser callback per byte of payload
+                send(sock, CHUNKED_HEAD + chunked(b"t" * 100 * FREE_CHUNKS, 1), 4096)
+                answer = read_until_closed(sock)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed with chunks still arriving: the kernel resets the connection
+            assert answer == b""
+        after = metric(httpx.get(f"{live.url}/metrics").text, bad_input)
+        assert after == before + 1
 
 
 @contextmanager

@@ -194,9 +194,9 @@ def key_figures(results: Row) -> list[tuple[str, str]]:
 def _describe_run(results: Row) -> str:
     machine = results.get("machine") or {}
     others = sum(entry["cpu_percent"] for entry in results.get("other_processes_cpu_before") or [])
+    # The commit stays in the results JSON (`service_commit`); the docs name the run by date and machine.
     return (
-        f"{results.get('created', '?')[:16].replace('T', ' ')} UTC, service at "
-        f"`{results.get('service_commit') or '?'}`, {machine.get('cpu_model', '?')} × "
+        f"{results.get('created', '?')[:16].replace('T', ' ')} UTC, {machine.get('cpu_model', '?')} × "
         f"{machine.get('logical_cpus', '?')}, other processes using {others:.0f} % CPU at the start"
     )
 

@@ -353,7 +353,7 @@ def decode_cost_cases() -> list[HostileCase]:
             crafted.gif_with_lzw(64, 64, crafted.lzw_clear_codes(20_000_000)),
             GIF,
             422,
-            "20 MB of LZW clear codes, no pixel: ~0.1 s, then truncated",
+            "20 MB of LZW clear codes over a 64x64 frame: was ~0.1 s, then truncated; refused from the walk",
         ),
         _one(
             "gif_comment_10mb",

@@ -608,7 +608,32 @@ def _inspect_gif(data: bytes, name: str) -> GifPlan:
         _refuse_metadata(metadata, name, "GIF")
     if block is None and len(data) - pos > MAX_JUNK_BYTES - junk + 1:
         raise _junk_error(name, "GIF", "between its blocks")
-    return GifPlan(steps, junk, metadata, max(0, len(data) - pos))
+    coded = _first_frame_lzw_bytes(data, pos, name) if block is not None and block[0] == b"," else 0
+    return GifPlan(steps, junk, metadata, coded)
+
+
+def _first_frame_lzw_bytes(data: bytes, pos: int, name: str) -> int:
+    """The LZW bytes of the first frame (its descriptor starts at `pos`); 422 past what its pixels use.
+
+    Every LZW code draws at least one pixel, except clear codes, which encoders send once per 4,096
+    codes at most, and a code is at most 12 bits: a frame of P pixels needs under 1.5 P bytes. Pillow
+    decodes until the frame's data ends, so 20 MB of clear codes over a tiny frame cost 0.1 s and end
+    as "truncated"; the walk stops as soon as the frame's data passes `2 P + 64 KiB`.
+    """
+    if len(data) < pos + 10:
+        return 0
+    width, height, flags = struct.unpack_from("<HHB", data, pos + 4)
+    pos += 9 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # descriptor, colour table, code size
+    limit, coded = 2 * width * height + 65_536, 0
+    while pos < len(data) and data[pos]:
+        coded += data[pos]
+        pos += 1 + data[pos]
+        if coded > limit:
+            raise InvalidInputError(
+                f"{name}: the first frame of this GIF ({width}x{height}) carries more than {limit:,} bytes "
+                "of LZW data, more than its pixels can use; re-save it with a standard encoder"
+            )
+    return coded
 
 
 # --- WebP -------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from service.errors import BadRequestError, PayloadTooLargeError
 
 MAX_FIELD_BYTES = 1 << 20
 """Largest non-file field, bytes (fields are ignored, but must not grow without bound)."""
+MAX_PART_HEADERS = 16
+"""Header lines one part may carry, a count (clients send two or three)."""
+MAX_PART_HEADER_BYTES = 8192
+"""Longest header line of a part, in bytes: python-multipart parses part heads byte by byte in
+Python, so without these two limits a 60 MB part head would cost seconds of event-loop CPU."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,12 @@ async def read_files(
         "on_part_end": collector.on_part_end,
     }
     try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = MultipartParser(
+            boundary,
+            callbacks,  # type: ignore[arg-type]
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
         async for chunk in chunks:
             parser.write(chunk)
         parser.finalize()

@@ -76,7 +76,7 @@ bench: $(VENV)/.stamp-dev model
 bench-quick: $(VENV)/.stamp-dev model
 	$(BIN)/python -m benchmarks --quick
 
-# Hostile files and clients, 2x overload, slow clients and SIGTERM under load against a real server (~12 min).
+# Hostile files and clients, 2x overload, slow clients and SIGTERM under load against a real server (~5 min).
 .PHONY: soak
 soak: $(VENV)/.stamp-dev model
 	$(BIN)/python -m benchmarks --robustness

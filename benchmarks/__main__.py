@@ -111,7 +111,7 @@ def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
         "--robustness",
         action="store_true",
         help="measure hostile files, 2x overload, slow clients, SIGTERM under load and hostile-client "
-        "interference instead (~12 min)",
+        "interference instead (~5 min)",
     )
     group.add_argument(
         "--phases",

@@ -51,22 +51,26 @@ def tiny_model(tiny_model_path: Path) -> OnnxModel:
     return load_model(tiny_model_path, ["CPUExecutionProvider"], intra_op_threads=1)
 
 
+def tiny_settings(repository: Path, **overrides: Any) -> Settings:
+    """Settings for tiny models in `repository` on CPU: small batches and limits; `overrides` win."""
+    fields: dict[str, Any] = {
+        "model_repository": repository,
+        "providers": ["cpu"],
+        "max_batch_size": 4,
+        "max_queue_size": 16,
+        "max_queue_delay_ms": 2.0,
+        "intra_op_threads": 1,
+        "max_upload_bytes": 2 * 1024 * 1024,
+    }
+    return Settings(**{**fields, **overrides})
+
+
 @pytest.fixture
 def make_settings(model_repository: Path) -> Callable[..., Settings]:
-    """Settings for the tiny model on CPU; keyword arguments override fields."""
+    """Settings for the session's tiny model on CPU; keyword arguments override fields."""
 
     def build(**overrides: Any) -> Settings:
-        fields: dict[str, Any] = {
-            "model_repository": model_repository,
-            "providers": ["cpu"],
-            "max_batch_size": 4,
-            "max_queue_size": 16,
-            "max_queue_delay_ms": 2.0,
-            "intra_op_threads": 1,
-            "max_upload_bytes": 2 * 1024 * 1024,
-        }
-        fields.update(overrides)
-        return Settings(**fields)
+        return tiny_settings(model_repository, **overrides)
 
     return build
 

@@ -23,7 +23,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service.settings import Settings
-from tests.service.conftest import LiveServer, live_server
+from tests.service.conftest import LiveServer, live_server, tiny_settings
 from tests.service.photos import jpeg
 from tests.service.promtext import metric
 
@@ -48,14 +48,8 @@ def repository(tmp_path: Path, tiny_model_path: Path) -> Path:
 
 
 def settings_for(repository: Path, **fields: object) -> Settings:
-    base: dict[str, object] = {
-        "model_repository": repository,
-        "providers": ["cpu"],
-        "max_batch_size": 4,
-        "max_queue_size": 64,
-        "intra_op_threads": 1,
-    }
-    return Settings(**{**base, **fields})  # type: ignore[arg-type]
+    """The tiny test settings with room for the steady-load clients' images."""
+    return tiny_settings(repository, **{"max_queue_size": 64, **fields})
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> float:

@@ -6,7 +6,7 @@ one-pixel-wide PNG 39 million rows tall that compresses to ~80 KB. These are wri
 chunk, with valid checksums, so the file gets past format sniffing and exercises the decoder itself.
 
 The second half builds the files whose decode costs more than their pixel count says (see
-`service.decodecost`): JPEGs written marker by marker with their own Huffman tables and scan scripts
+`service.inference.decodecost`): JPEGs written marker by marker with their own Huffman tables and scan scripts
 (hundreds of scans, lossless, arithmetic, 12-bit, fill bytes), PNGs with compressed-text bombs and
 thousands of chunks, GIFs of clear codes, animated WebPs of many frames, run-length BMPs.
 Everything is deterministic and built in memory.

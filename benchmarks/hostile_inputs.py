@@ -5,7 +5,7 @@ service gives with default settings (after issue 8, "Safe to expose"). 200 for e
 reasonable user could send; 422 for anything that is not a decodable image in an accepted format
 (JPEG, PNG, WebP, BMP, GIF), for headers declaring more than the pixel limit, for aspect ratios
 beyond `MAX_ASPECT_RATIO_EXPECTED`, and for files whose decode would cost more than the budget of
-`service.decodecost` (`decode_cost_cases`: scans, coefficients, metadata, chunks, run-length
+`service.inference.decodecost` (`decode_cost_cases`: scans, coefficients, metadata, chunks, run-length
 codes); 400 for bodies the multipart parser cannot read (a part header line over
 python-multipart's 4 KiB limit).
 
@@ -229,7 +229,7 @@ def decode_cost_cases() -> list[HostileCase]:
     """Legal-looking files whose decode costs far more than their pixel count says, one per family.
 
     Each is refused (422) before the costly work, except where the cost now fits the budget; the
-    description gives what the file cost to decode here before `service.decodecost` existed.
+    description gives what the file cost to decode here before `service.inference.decodecost` existed.
     """
     mib = 1 << 20
     tiny_progressive = crafted.jpeg_scan_bomb(64, 64, 2)

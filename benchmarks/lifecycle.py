@@ -196,9 +196,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[mode] = await _swap_phase(server, root, source, args, explicit=mode == "explicit")
                 results[mode]["startup_s"] = server.startup_s
             results[mode]["warmup_log"] = [
-                line.split("service.registry: ", 1)[1]
+                line.split("service.models.registry: ", 1)[1]
                 for line in (Path(work) / f"{mode}.log").read_text().splitlines()
-                if "service.registry: model" in line and "loaded in" in line
+                if "service.models.registry: model" in line and "loaded in" in line
             ][:2]
     return results
 

@@ -1,7 +1,7 @@
 """Does serving still compute what the model was evaluated on? Served inputs against torchvision's.
 
 For each real photo, uploaded as the JPEG bytes a client sends, two model inputs are compared:
-- served: `service.preprocessing.ImagePreprocessor` (DCT-scaled decode of large JPEGs, then the
+- served: `service.inference.preprocessing.ImagePreprocessor` (DCT-scaled decode of large JPEGs, then the
   shared `modelcontract.transform.EvalTransform` that training evaluation runs too);
 - reference: a full decode, then torchvision's Resize -> CenterCrop -> ToTensor -> Normalize, the
   pipeline the ImageNet weights and every model trained before issue 11 were evaluated with.
@@ -53,8 +53,8 @@ def torchvision_input(data: bytes, metadata: Any) -> np.ndarray:
 
 def measure_parity(model_path: Path, photos: Sequence[Photo] | None = None) -> dict[str, Any]:
     """Served vs reference inputs and top-1 for each photo, and the summary the benchmark reports."""
-    from service.preprocessing import ImagePreprocessor
-    from service.runtime import load_model
+    from service.inference.preprocessing import ImagePreprocessor
+    from service.models.runtime import load_model
 
     model = load_model(model_path, ["CPUExecutionProvider"])
     served_preprocess = ImagePreprocessor.from_metadata(model.metadata)

@@ -31,7 +31,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (DECODE, ("preprocessing.py", "PIL/")),
     (
         "multipart parsing",
-        ("python_multipart", "service/multipart.py", "formparsers.py", "datastructures.py"),
+        ("python_multipart", "service/transport/multipart.py", "formparsers.py", "datastructures.py"),
     ),
     ("JSON + response", ("json/", "encoders.py", "responses.py", "_ranked (")),
     ("prometheus metrics", ("prometheus_client",)),

@@ -122,7 +122,7 @@ def _resolve_model(config: RunConfig) -> ServedModel:
     """The one model version the benchmark serves: `--model-name`/`--model-version`, else the only
     model in the repository at its newest complete version (the service serves them all now)."""
     from benchmarks.naive_server import read_metadata
-    from service.repository import ModelLocation, scan
+    from service.models.repository import ModelLocation, scan
 
     root = config.model_repository
     found = {
@@ -186,8 +186,8 @@ def _run_in_process(
     not_measured: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The FP32 ceiling, then the INT8 rows at the configurations it chose (None without a variant)."""
-    from service.preprocessing import ImagePreprocessor
-    from service.runtime import load_model
+    from service.inference.preprocessing import ImagePreprocessor
+    from service.models.runtime import load_model
     from service.settings import Settings
 
     # Sessions are built exactly as the service builds them, from the same settings.

@@ -15,15 +15,15 @@ import tempfile
 import uvicorn
 from pydantic import ValidationError
 
-from service.access import Credentials
 from service.app import create_app
 from service.errors import StartupError
 from service.lifecycle import check_repository
 from service.logging_config import log_config
 from service.metrics import MULTIPROCESS_DIR_ENV
-from service.runtime import limit_malloc_arenas
-from service.server import Server, check_tls, uvicorn_options
+from service.models.runtime import limit_malloc_arenas
 from service.settings import Settings
+from service.transport.access import Credentials
+from service.transport.server import Server, check_tls, uvicorn_options
 
 logger = logging.getLogger("service")
 

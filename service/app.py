@@ -7,15 +7,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from service import __version__
-from service.access import AccessMiddleware, Credentials
-from service.body_budget import BodyBudget
-from service.error_handlers import install_error_handlers
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
-from service.routes import health, metrics, predict, repository, v2
+from service.protocols import health, metrics, predict, repository, v2
+from service.protocols.error_handlers import install_error_handlers
 from service.settings import Settings
 from service.state import ServiceState
+from service.transport.access import AccessMiddleware, Credentials
+from service.transport.body_budget import BodyBudget
+from service.transport.middleware import RequestContextMiddleware
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:

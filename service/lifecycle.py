@@ -20,11 +20,11 @@ from fastapi import FastAPI
 from modelcontract import MODEL_FILENAME, complete_versions
 from service.errors import StartupError
 from service.metrics import forget_dead_workers, forget_worker
-from service.protocol import LIMITS_STATE_KEY, ConnectionLimits
-from service.repository import ModelLocation, list_models
-from service.runtime import check_gpu, load_model
+from service.models.repository import ModelLocation, list_models
+from service.models.runtime import check_gpu, load_model
 from service.settings import Settings
 from service.state import ServiceState
+from service.transport.protocol import LIMITS_STATE_KEY, ConnectionLimits
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def probe_gpu(settings: Settings, name: str) -> None:
 
 
 def connection_limits(state: ServiceState) -> ConnectionLimits:
-    """The limits `service.protocol` enforces per connection, counted in `convserve_rejected_total`."""
+    """The per-connection limits of `service.transport.protocol`, counted in `convserve_rejected_total`."""
 
     def count(reason: str) -> None:
         state.metrics.rejected.labels(reason="slow_client" if reason == "header_timeout" else reason).inc()
@@ -124,7 +124,7 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
             await state.registry.sync(names)
         controller = asyncio.create_task(control(state, names), name="convserve-model-control")
         try:
-            # uvicorn hands the lifespan state to every connection's protocol (service.protocol).
+            # uvicorn hands the lifespan state to every connection's protocol (service.transport.protocol).
             yield {LIMITS_STATE_KEY: connection_limits(state)}
         finally:
             controller.cancel()

@@ -12,12 +12,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service import repository
 from service.metrics import Metrics
+from service.models import repository
+from service.models.registry import LoadedModel, ModelRegistry
 from service.priority import yield_to_the_event_loop
-from service.registry import LoadedModel, ModelRegistry
-from service.request_body import BodyLimits
 from service.settings import Settings
+from service.transport.request_body import BodyLimits
 
 
 def decode_threads() -> int:
@@ -37,7 +37,7 @@ class ServiceState:
         )
     )
     draining: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set by the HTTP protocol when the server begins a graceful shutdown (see `service.protocol`)."""
+    """Set by the HTTP protocol when a graceful shutdown begins (see `service.transport.protocol`)."""
     registry: ModelRegistry = field(init=False)
 
     def __post_init__(self) -> None:

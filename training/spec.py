@@ -2,7 +2,7 @@
 
 A model in the repository is `models/<name>/<version>/model.onnx`. Its ONNX `metadata_props` hold one
 key, `convserve`, whose value is the JSON of `ModelMetadata`-like dict built here. The service reads it
-back with its own torch-free code (`service.repository`), so every field here is plain JSON.
+back with its own torch-free code (`service.models.repository`), so every field here is plain JSON.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from PIL import Image
 from benchmarks.ceiling import CeilingPlan, measure_ceiling, measure_pipeline
 from benchmarks.corpus import Photo, build_corpus, describe_corpus
 from modelcontract.transform import EvalTransform
-from service.preprocessing import ImagePreprocessor
+from service.inference.preprocessing import ImagePreprocessor
 
 SIDE = 32
 CLASSES = 4

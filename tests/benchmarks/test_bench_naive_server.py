@@ -14,7 +14,7 @@ from PIL import Image
 from benchmarks.corpus import encode_jpeg
 from benchmarks.naive_server import create_app, eval_transform, load_torch_model
 from modelcontract.transform import EvalTransform
-from service.preprocessing import ImagePreprocessor
+from service.inference.preprocessing import ImagePreprocessor
 from training.backbones import create_model
 
 METADATA: dict[str, Any] = {

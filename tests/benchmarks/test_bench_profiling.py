@@ -9,12 +9,12 @@ from benchmarks.profiling import NATIVE_ORT, bucket_of, summarize
 # Shapes of real py-spy raw lines from the service (root first, `function (file:line)` frames).
 DECODE = (
     "_bootstrap (threading.py:1002);run (concurrent/futures/thread.py:58);"
-    "_preprocess_one (service/predictor.py:101);decode (service/preprocessing.py:103);"
+    "_preprocess_one (service/inference/predictor.py:101);decode (service/inference/preprocessing.py:103);"
     "load (PIL/ImageFile.py:425)"
 )
 ORT = (
     "_bootstrap (threading.py:1002);run (concurrent/futures/thread.py:58);"
-    "_infer_batch (service/batching.py:300);run (service/runtime.py:120);"
+    "_infer_batch (service/inference/batching.py:300);run (service/models/runtime.py:120);"
     "run (onnxruntime/capi/onnxruntime_inference_collection.py:287)"
 )
 MULTIPART = (

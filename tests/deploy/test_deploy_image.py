@@ -53,7 +53,7 @@ if _UNAVAILABLE:
 CAT_CLASSES = {281, 282, 285}  # ImageNet tabby, tiger cat, Egyptian cat: scikit-image's chelsea
 ESPRESSO = 967  # scikit-image's coffee
 LOAD_CLIENTS = 6
-# The service's one line per request (service/middleware.py), for the load test's request ids.
+# The service's one line per request (service/transport/middleware.py), for the load test's request ids.
 _ACCESS_LINE = r"request_id=(load-\d+-\d+) method=POST path=/predict status=(\d+)"
 
 

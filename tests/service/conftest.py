@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
-from service.runtime import OnnxModel, load_model
-from service.server import uvicorn_options
+from service.models.runtime import OnnxModel, load_model
 from service.settings import Settings
+from service.transport.server import uvicorn_options
 from tests.service.photos import TINY_LABELS
 from tests.tinymodel import export_tiny, free_port
 

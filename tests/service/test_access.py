@@ -26,10 +26,10 @@ import trustme
 from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
-from service.access import Credentials, Role, role_of
 from service.errors import StartupError
-from service.server import check_tls
 from service.settings import Settings
+from service.transport.access import Credentials, Role, role_of
+from service.transport.server import check_tls
 from tests.service.conftest import LiveServer, live_server, tiny_settings
 from tests.service.photos import jpeg
 from tests.service.promtext import metric

@@ -31,16 +31,16 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
-from service.jsonparse import SKELETON_LIMIT, loads_bounded
-from service.request_body import parse_json_tensor
-from service.routes.predict import response_bound as predict_response_bound
-from service.settings import Settings
-from service.v2 import (
+from service.protocols.predict import response_bound as predict_response_bound
+from service.protocols.v2codec import (
     RESPONSE_SLACK_BYTES,
     TensorSpec,
     parse_infer_request,
     response_bound,
 )
+from service.settings import Settings
+from service.transport.jsonparse import SKELETON_LIMIT, loads_bounded
+from service.transport.request_body import parse_json_tensor
 from tests.service.conftest import live_server, wait_ready
 from tests.service.photos import TINY_LABELS, jpeg
 

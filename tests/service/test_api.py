@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from modelcontract import softmax
 from service.app import create_app
-from service.preprocessing import ImagePreprocessor
-from service.runtime import OnnxModel
+from service.inference.preprocessing import ImagePreprocessor
+from service.models.runtime import OnnxModel
 from service.settings import Settings
 from tests.service.photos import TINY_LABELS, encode, jpeg, photo
 from tests.service.test_preprocessing import png_declaring

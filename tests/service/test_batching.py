@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.batching import DynamicBatcher, InferFn
 from service.errors import (
     DeadlineExceededError,
     InferenceError,
@@ -20,8 +19,9 @@ from service.errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
+from service.inference.batching import DynamicBatcher, InferFn
 from service.metrics import Metrics
-from service.runtime import OnnxModel
+from service.models.runtime import OnnxModel
 
 HANG_GUARD_S = 30.0  # only stops a broken batcher from hanging the suite; never a speed check
 

@@ -1,4 +1,4 @@
-"""The decode budget (`service.decodecost`) on crafted files of every costly family and on real photos.
+"""The decode budget (`service.inference.decodecost`) on crafted files of every costly family and photos.
 
 Each family is refused with a 422 that names the file, the limit and a fix, through the real app,
 for a small fraction of what decoding it cost (before the budget: 0.2 to 7 s of CPU, up to 260 MiB);
@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry
 from benchmarks import crafted_files as crafted
 from benchmarks.hostile_inputs import HostileCase, decode_cost_cases
 from modelcontract.transform import EvalTransform
-from service import decodecost
 from service.app import create_app
 from service.errors import DeadlineExceededError, InvalidInputError
-from service.predictor import NamedImage, Predictor
-from service.preprocessing import ImagePreprocessor, to_rgb
+from service.inference import decodecost
+from service.inference.predictor import NamedImage, Predictor
+from service.inference.preprocessing import ImagePreprocessor, to_rgb
 from service.settings import Settings
 from tests.service.conftest import wait_ready
 from tests.service.photos import encode, photo

@@ -169,13 +169,13 @@ def test_an_error_before_the_body_is_read_says_connection_close(
 def test_control_characters_from_the_client_never_reach_the_log_raw(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.access")
+    caplog.set_level(logging.INFO, logger="service.transport.access")
     with live_server(make_settings()) as live:
-        forged = "/x%0d%0a2026-01-01 INFO service.access: request_id=forged status=200"
+        forged = "/x%0d%0a2026-01-01 INFO service.transport.access: request_id=forged status=200"
         assert httpx.get(live.url + forged).status_code == 404
         files = {"image": ("evil\r\nname.jpg", b"not an image", "image/jpeg")}
         assert httpx.post(f"{live.url}/predict", files=files).status_code == 422
-    lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.transport.access"]
     assert any("\\x0d\\x0a2026-01-01" in line for line in lines)
     assert not any(char in line for line in lines for char in "\r\n\x00")
 

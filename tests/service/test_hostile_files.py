@@ -24,7 +24,7 @@ import pytest
 from benchmarks.hostile_inputs import HostileCase, cost_probes, hostile_cases
 from modelcontract.transform import EvalTransform
 from service.errors import InvalidInputError
-from service.preprocessing import ImagePreprocessor
+from service.inference.preprocessing import ImagePreprocessor
 from service.settings import Settings
 from tests.service.conftest import LiveServer, live_server
 
@@ -37,7 +37,7 @@ IMAGENET_DEFAULT = ImagePreprocessor(
 )
 # The worst accepted files, at the 2048x2048 decode limit, take ~0.27 s here (16-bit RGBA PNG rows)
 # and ~47 MiB (16-bit gray PNG, its RGB image included); a normal 2-MP JPEG ~0.02 s. Before the
-# limits a 71-byte 4000x1 PNG took 4.6 s and 3 GB; before the decode budget (service.decodecost) a
+# limits a 71-byte 4000x1 PNG took 4.6 s and 3 GB; before the decode budget (service.inference.decodecost) a
 # 7 KB progressive JPEG of 200 scans 1.5 s, a 67 KB PNG of compressed text 260 MiB.
 CPU_SECONDS_PER_FILE = 0.5
 PEAK_GROWTH_MIB_PER_FILE = 64.0

@@ -13,7 +13,7 @@ PROBE = """
 import sys
 for blocked in ("torch", "torchvision", "timm", "training"):
     sys.modules[blocked] = None
-import service.__main__, service.app, service.preprocessing, service.runtime
+import service.__main__, service.app, service.inference.preprocessing, service.models.runtime
 loaded = sorted(name for name, mod in sys.modules.items() if mod is not None and name.startswith("torch"))
 print("torch modules loaded:", loaded)
 assert not loaded

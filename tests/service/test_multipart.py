@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.errors import BadRequestError, PayloadTooLargeError
-from service.multipart import MAX_FIELD_BYTES, FilePart, read_files
+from service.transport.multipart import MAX_FIELD_BYTES, FilePart, read_files
 from tests.service.photos import jpeg
 
 BOUNDARY = "----convserve-test-boundary"

@@ -16,9 +16,9 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInputError
-from service.metadata import ModelMetadata
-from service.preprocessing import ImagePreprocessor
-from service.runtime import OnnxModel
+from service.inference.preprocessing import ImagePreprocessor
+from service.models.metadata import ModelMetadata
+from service.models.runtime import OnnxModel
 from tests.service.photos import encode, jpeg, large_jpeg, photo
 from tests.tinymodel import TINY_SPEC
 from training.spec import EvalSpec

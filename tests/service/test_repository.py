@@ -10,7 +10,7 @@ import pytest
 from modelcontract import complete_versions
 from service.errors import StartupError
 from service.lifecycle import check_repository
-from service.repository import VersionPolicy, list_models, scan
+from service.models.repository import VersionPolicy, list_models, scan
 from service.settings import Settings
 
 

@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.protocol import FREE_CHUNKS, MIN_CHUNK_BYTES, GuardedHttpToolsProtocol
 from service.settings import Settings
+from service.transport.protocol import FREE_CHUNKS, MIN_CHUNK_BYTES, GuardedHttpToolsProtocol
 from tests.service.conftest import LiveServer, live_server
 from tests.service.promtext import metric
 
@@ -318,7 +318,7 @@ def test_a_multi_megabyte_header_trickled_in_costs_little_cpu_and_others_are_ser
 
 
 def test_uvicorn_still_has_what_the_protocol_overrides_and_reads() -> None:
-    # service/protocol.py subclasses uvicorn's HttpToolsProtocol (tested on 0.30.0 and 0.55.0). When
+    # service/transport/protocol.py subclasses uvicorn's HttpToolsProtocol (tested on 0.30.0 and 0.55.0). When
     # an upgrade renames one of these, fix the protocol and the version range in pyproject.toml.
     for method in (
         "data_received",

@@ -11,7 +11,7 @@ import pytest
 
 from modelcontract import METADATA_KEY
 from service.errors import StartupError
-from service.runtime import OnnxModel, check_gpu, load_model
+from service.models.runtime import OnnxModel, check_gpu, load_model
 from tests.service.photos import TINY_LABELS
 
 

@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.runtime import load_model
+from service.models.runtime import load_model
 from service.settings import Settings
 from tests.service.conftest import MODEL_NAME, LiveServer, live_server
 from tests.service.photos import jpeg

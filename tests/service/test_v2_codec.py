@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError, ServiceError
-from service.v2 import (
+from service.protocols.v2codec import (
     InferRequest,
     RequestedOutput,
     TensorSpec,

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcontract import METADATA_KEY, complete_versions
-from service.runtime import load_model
+from service.models.runtime import load_model
 from tests.tinymodel import TINY_SPEC, export_tiny
 from tests.training.images import TINY_LABELS, photo, preprocess, write_image_folder
 from training.cli import main

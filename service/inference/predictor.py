@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from modelcontract import softmax
-from service.batching import DynamicBatcher
 from service.errors import DeadlineExceededError, InvalidInputError
-from service.metadata import ModelMetadata
+from service.inference.batching import DynamicBatcher
+from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
-from service.preprocessing import ImagePreprocessor
+from service.models.metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.openapi import METRICS_OPENAPI
+from service.protocols.openapi import METRICS_OPENAPI
 from service.state import State
 
 router = APIRouter(tags=["metrics"])

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from modelcontract import METADATA_KEY
 from service.errors import StartupError
-from service.metadata import MetadataError, ModelMetadata
+from service.models.metadata import MetadataError, ModelMetadata
 from service.priority import yield_to_the_event_loop
 from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
 

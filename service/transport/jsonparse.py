@@ -8,7 +8,7 @@ inflates to it) used to become 1.4-2.2 GB of objects before any check ran. Here:
 - Numeric arrays are not parsed. An array that holds no string (numbers, nested lists of them: how a
   tensor is written) of `SPAN_MIN_BYTES` or more, found as the value of an object member or as the
   whole document, is set aside as a `NumericSpan` (a slice of the body, O(1) memory) and left in the
-  document as a placeholder: a random 37-digit integer a client cannot guess. `service.tensorjson`
+  document as a placeholder: a random 37-digit integer a client cannot guess. `service.transport.tensorjson`
   reads a span into float32 once the consumer knows how many values it may hold.
 - The rest, the skeleton, is at most `SKELETON_LIMIT` bytes of text (413 beyond): whatever it
   holds, `json.loads` makes at most ~1.5 MiB of objects from it.
@@ -19,7 +19,7 @@ inflates to it) used to become 1.4-2.2 GB of objects before any check ran. Here:
   `bytes.find` or NumPy over chunks of at most 128 KiB (O(1) extra memory).
 - Syntax inside a span is checked when it is read; a span nobody reads is refused
   (`BoundedJson.check_all_read`), so every accepted body was valid JSON throughout (up to NumPy's
-  leniency about numbers, see `service.tensorjson`).
+  leniency about numbers, see `service.transport.tensorjson`).
 - Integers of any length become floats (beyond float32 -> inf -> refused by the finiteness check);
   NaN/Infinity literals are refused; every failure is a 400/413/422 that says what was wrong.
 """

@@ -14,7 +14,7 @@ a browser marks as cross-site (`Sec-Fetch-Site`, or an `Origin` whose host is no
 refused with 403 unless its origin is in CONVSERVE_CORS_ORIGINS. Clients that are not browsers send
 neither header and are unaffected. The check runs before the body is read.
 Like every 4xx, a refusal is answered after CONVSERVE_CLIENT_ERROR_DELAY_S (see
-`service.middleware`), which also slows token guessing.
+`service.transport.middleware`), which also slows token guessing.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from typing import Any
 import uvicorn
 
 from service.errors import StartupError
-from service.protocol import GuardedHttpToolsProtocol
 from service.settings import Settings
+from service.transport.protocol import GuardedHttpToolsProtocol
 
 # Extra seconds uvicorn waits for open requests on shutdown beyond the request timeout.
 _SHUTDOWN_MARGIN_S = 5.0

@@ -2,7 +2,7 @@
 
 Cost of a request, in what it sends: multipart images are read and admitted by count
 (CONVSERVE_MAX_QUEUE_SIZE) before any decoding; tensor bodies (optionally gzip/deflate, decoded off
-the event loop within CONVSERVE_MAX_UPLOAD_BYTES) are parsed as `service.request_body` describes.
+the event loop within CONVSERVE_MAX_UPLOAD_BYTES) are parsed as `service.transport.request_body` describes.
 
 Response budget: for R rows and `top_k` = k (at most the class count) the answer is at most
 `response_bound(R, k, labels)` = 256 + R x (2 + k x (64 + digits of K + the longest escaped label))
@@ -23,10 +23,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.errors import InvalidInputError, UnsupportedMediaTypeError
-from service.metadata import ModelMetadata
-from service.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
-from service.registry import LoadedModel
-from service.request_body import (
+from service.models.metadata import ModelMetadata
+from service.models.registry import LoadedModel
+from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
+from service.protocols.v2codec import RESPONSE_SLACK_BYTES, escaped_label_bytes
+from service.state import ServiceState, model_lease, service_state
+from service.textsafety import printable
+from service.transport.request_body import (
     content_coding,
     decode_content,
     parse_json_tensor,
@@ -34,9 +37,6 @@ from service.request_body import (
     read_body,
     read_images,
 )
-from service.state import ServiceState, model_lease, service_state
-from service.textsafety import printable
-from service.v2 import RESPONSE_SLACK_BYTES, escaped_label_bytes
 
 router = APIRouter(tags=["predict"])
 DEFAULT_TOP_K = 5

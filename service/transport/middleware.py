@@ -28,11 +28,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.body_budget import BodyBudget
 from service.metrics import Metrics
 from service.textsafety import printable
+from service.transport.body_budget import BodyBudget
 
-logger = logging.getLogger("service.access")
+logger = logging.getLogger("service.transport.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

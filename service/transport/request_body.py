@@ -18,8 +18,8 @@ or bytes); a body that compresses better is cheaper to send uncompressed than to
 
 Cost model of a tensor body (B bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BYTES):
 - .npy: the header must match the bytes that follow; the array is a view of the body (0 copies).
-- JSON: `service.jsonparse` sets numeric arrays aside unparsed (at most 64 KiB of the rest is parsed
-  into objects) and `service.tensorjson` reads the shape of `inputs` from its brackets; only a
+- JSON: `service.transport.jsonparse` sets numeric arrays aside unparsed (at most 64 KiB of the rest is parsed
+  into objects) and `service.transport.tensorjson` reads the shape of `inputs` from its brackets; only a
   [N, C, H, W] with 1 <= N <= CONVSERVE_MAX_QUEUE_SIZE is parsed, straight into float32. Peak
   memory: B + the float32 tensor + a few MiB (measured: 5-7 MiB at B = 64 MiB); time linear in B.
 CPU-heavy work (decompressing, parsing) is done by the caller off the event loop.
@@ -49,11 +49,11 @@ from service.errors import (
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
-from service.jsonparse import loads_bounded
-from service.multipart import read_files
-from service.predictor import NamedImage
-from service.tensorjson import nested_numbers
+from service.inference.predictor import NamedImage
 from service.textsafety import printable
+from service.transport.jsonparse import loads_bounded
+from service.transport.multipart import read_files
+from service.transport.tensorjson import nested_numbers
 
 _MAX_FORM_FIELDS = 64
 _MAX_NPY_HEADER_BYTES = 10_000

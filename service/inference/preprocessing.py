@@ -12,7 +12,7 @@ decode of an uploaded file, whose cost is bounded before it is paid, from the he
   `max_decoded_pixels` (PNG, WebP, BMP, GIF and lossless JPEG have no reduced decoding and pay for
   every pixel);
 - what the file's structure costs besides its pixels (scans, metadata, chunks, run-length codes) and
-  the decode as a whole must fit the CPU and memory budget of `service.decodecost`, which reads the
+  the decode as a whole must fit the CPU and memory budget of `service.inference.decodecost`, which reads the
   structure before Pillow does;
 - the request's deadline holds during the decode: Pillow reads the file through `_DeadlineFile`,
   which stops it at the first read after the deadline.
@@ -32,9 +32,9 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from modelcontract.transform import EvalTransform
-from service import decodecost
 from service.errors import DeadlineExceededError, InvalidInputError
-from service.metadata import ModelMetadata
+from service.inference import decodecost
+from service.models.metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@
   `Connection: close` (uvicorn's own `limit_concurrency` answers in plain text).
 - A drain signal: when uvicorn begins a graceful shutdown it calls `shutdown()` on every connection;
   the first call sets the app's draining event, so request bodies still arriving are refused at once
-  instead of holding the shutdown open (see `service.request_body`).
+  instead of holding the shutdown open (see `service.transport.request_body`).
 
 The app hands its limits to the protocol through the lifespan state (`ConnectionLimits` under
 `LIMITS_STATE_KEY`), which uvicorn gives every connection: the same path works for one process and

@@ -24,13 +24,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from modelcontract import complete_versions
-from service.batching import DynamicBatcher
 from service.errors import BadRequestError, NotFoundError, ServiceUnavailableError, StartupError
+from service.inference.batching import DynamicBatcher
+from service.inference.predictor import Predictor
+from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import Metrics
-from service.predictor import Predictor
-from service.preprocessing import ImagePreprocessor
-from service.repository import ModelLocation, check_model_name
-from service.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
+from service.models.repository import ModelLocation, check_model_name
+from service.models.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
 from service.settings import Settings
 from service.textsafety import printable
 

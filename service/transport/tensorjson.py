@@ -5,7 +5,7 @@ knows the values fit.
 read from its brackets and first row alone, and a `read()` that fills a float32 array of that shape.
 The consumer compares the shape with what the model accepts (and with its row budget) in between.
 
-Cost model, for a `NumericSpan` (a large array left unparsed by `service.jsonparse`):
+Cost model, for a `NumericSpan` (a large array left unparsed by `service.transport.jsonparse`):
 - Shape, before any number is parsed: a flat array's length is its commas + 1 (`bytes.count`, C
   speed, in 8 MiB pieces so the GIL is never held for long). A nested one's `[` are counted first
   (NumPy over 128 KiB chunks, nothing kept) and refused past `max_lists`, the lists the largest
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidInputError
-from service.jsonparse import NumericSpan
+from service.transport.jsonparse import NumericSpan
 
 _OPEN, _CLOSE = ord("["), ord("]")
 _SCAN_BYTES = 128 * 1024

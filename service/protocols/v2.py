@@ -13,11 +13,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__
-from service.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
-from service.registry import LoadedModel
-from service.request_body import content_coding, decode_content, read_body
+from service.models.registry import LoadedModel
+from service.protocols.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
+from service.protocols.v2codec import (
+    HEADER_LENGTH,
+    InferRequest,
+    TensorSpec,
+    encode_infer_response,
+    parse_infer_request,
+)
 from service.state import ServiceState, State, model_lease, parse_version, path_model, service_state
-from service.v2 import HEADER_LENGTH, InferRequest, TensorSpec, encode_infer_response, parse_infer_request
+from service.transport.request_body import content_coding, decode_content, read_body
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 Model = Annotated[LoadedModel, Depends(path_model)]

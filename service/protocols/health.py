@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.openapi import errors
+from service.protocols.openapi import errors
 from service.state import State
 
 router = APIRouter(tags=["health"])

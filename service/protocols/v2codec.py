@@ -8,12 +8,12 @@ may ask for Triton's `classification: k` (BYTES tensor of "value:index:label" st
 Pure functions: no HTTP, no model.
 
 Request cost model (B body bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BYTES):
-- Binary data is a view of the body (0 copies). JSON `data` is read by `service.tensorjson` only
+- Binary data is a view of the body (0 copies). JSON `data` is read by `service.transport.tensorjson` only
   after the declared `shape` passed two checks: at most CONVSERVE_MAX_QUEUE_SIZE rows' worth of
   values (`TensorSpec.max_rows` x the model's row; 413 beyond), and `data` holds exactly that many
   (counted from its separators and brackets; flat, or nested exactly as `shape`; 422 otherwise).
   Then it is parsed straight into float32: peak B + the tensor + a few MiB, time linear in B.
-- The rest of the header is at most 64 KiB of JSON (`service.jsonparse`), so `outputs` or
+- The rest of the header is at most 64 KiB of JSON (`service.transport.jsonparse`), so `outputs` or
   `parameters` cannot be blown up into millions of objects; `id` is at most `MAX_ID_CHARS`.
 
 Response budget: each output name at most once (400 for a repeat) and a classification of at most
@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
-from service.jsonparse import BoundedJson, loads_bounded
-from service.tensorjson import nested_numbers
 from service.textsafety import brief
+from service.transport.jsonparse import BoundedJson, loads_bounded
+from service.transport.tensorjson import nested_numbers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _BYTE_COUNT = re.compile(r"[0-9]{1,15}")

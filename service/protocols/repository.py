@@ -3,7 +3,7 @@
 `tritonclient.http`'s `get_model_repository_index`, `load_model` and `unload_model` work against it.
 Load and unload are allowed with CONVSERVE_MODEL_CONTROL=explicit only, as in Triton: in `poll`
 mode the repository on disk is the truth, and in `none` mode nothing changes after start-up. Every
-route here needs the admin token when one is set (`service.access`). A model name from the URL is
+route here needs the admin token when one is set (`service.transport.access`). A model name from the URL is
 looked up among the names the repository scan lists (and CONVSERVE_MODELS allows), never joined
 into a path first, so `..` or a name outside the served set is a 4xx, not a load.
 """
@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 
 from modelcontract import complete_versions
 from service.errors import BadRequestError, NotFoundError
-from service.openapi import errors
-from service.repository import check_model_name, list_models
+from service.models.repository import check_model_name, list_models
+from service.protocols.openapi import errors
 from service.state import ServiceState, State
 from service.textsafety import printable
 

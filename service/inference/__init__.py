@@ -1,0 +1,1 @@
+"""Inference: admission, deadlines, preprocessing and dynamic batching, owned by the predictor."""

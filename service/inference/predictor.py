@@ -1,7 +1,21 @@
-"""From request content to predictions: validate, preprocess off the event loop, batch, rank.
+"""The one path every inference request takes, whatever protocol it came by.
 
-`Predictor` is what the routes talk to. Every check on client input happens here, before anything
-reaches the batcher, so one client's bad request can never break a batch shared with others.
+A protocol (`/predict`, V2 REST, and any future one) translates its request into an
+`InferenceRequest` — how to receive the payload, how to parse it — and its answer back from the
+logits; everything in between is decided here, once:
+
+1. admission: refused at once (503) when not even one more image fits the queue, before any of the
+   body is read;
+2. receive: the payload, read within its bounds on the event loop (the protocol's `receive`);
+3. parse: decompressing and parsing on the decode threads, never the event loop (the protocol's
+   `parse`), into `Inputs` — encoded images or a preprocessed tensor — and what the protocol needs
+   again for its answer;
+4. deadline: the server's request timeout, shortened by the client's own if its protocol carries one;
+5. validation and inference: images are admitted by count, then decoded into their rows of one
+   tensor; tensors are checked against the model's input; then one trip through the batcher.
+
+Every check on client input happens before anything reaches the batcher, so one client's bad request
+can never break a batch shared with others.
 """
 
 from __future__ import annotations
@@ -9,21 +23,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from modelcontract import softmax
 from service.errors import DeadlineExceededError, InvalidInputError
-from service.inference.batching import DynamicBatcher
+from service.inference.batching import DynamicBatcher, InferFn
 from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
 from service.models.metadata import ModelMetadata
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+Payload = TypeVar("Payload")
+Parsed = TypeVar("Parsed")
 
 
 @dataclass(frozen=True)
@@ -34,8 +52,32 @@ class NamedImage:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What one request asks the model to compute: encoded images, or a preprocessed tensor."""
+
+    images: Sequence[NamedImage] = ()
+    tensor: np.ndarray | None = None
+    timeout_s: float | None = None
+    """The client's own time limit, when its protocol carries one; the server's limit still applies."""
+
+
+@dataclass(frozen=True)
+class InferenceRequest(Generic[Payload, Parsed]):
+    """One request as its protocol hands it over: when it arrived, how to receive it and parse it."""
+
+    arrived_at: float
+    """`time.monotonic()` when the request's head arrived: its deadline counts from here."""
+    receive: Callable[[], Awaitable[Payload]]
+    """Reads the payload within its bounds, on the event loop."""
+    parse: Callable[[Payload], tuple[Inputs, Parsed]]
+    """Payload -> model inputs and whatever the protocol needs to answer; runs on a decode thread."""
+    parse_on_loop: bool = False
+    """True when `parse` does constant work (the payload is already parsed): skips the thread hop."""
+
+
 class Predictor:
-    """Classifies images or client-preprocessed tensors with one model through the batcher."""
+    """Runs inference requests of every protocol for one model version, through its batcher."""
 
     def __init__(
         self,
@@ -48,18 +90,83 @@ class Predictor:
         request_timeout_s: float,
     ) -> None:
         self.metadata = metadata
+        self.batcher = batcher
         self._preprocessor = preprocessor
-        self._batcher = batcher
         self._metrics = metrics
         self._decode_executor = decode_executor
         self._timeout_s = request_timeout_s
 
-    def check_top_k(self, top_k: int) -> int:
+    @classmethod
+    async def start(
+        cls,
+        metadata: ModelMetadata,
+        infer: InferFn,
+        settings: Settings,
+        metrics: ModelMetrics,
+        decode_executor: ThreadPoolExecutor,
+    ) -> Predictor:
+        """The predictor of a loaded, warmed-up model (`infer` runs one batch), its batcher running."""
+        batcher = DynamicBatcher(
+            infer,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_s,
+            max_queue_size=settings.max_queue_size,
+            instances=settings.instances,
+            metrics=metrics,
+        )
+        await batcher.start()
+        preprocessor = ImagePreprocessor.from_metadata(
+            metadata, max_pixels=settings.max_image_pixels, max_decoded_pixels=settings.max_decoded_pixels
+        )
+        return cls(
+            metadata=metadata,
+            preprocessor=preprocessor,
+            batcher=batcher,
+            metrics=metrics,
+            decode_executor=decode_executor,
+            request_timeout_s=settings.request_timeout_s,
+        )
+
+    async def close(self) -> None:
+        """Finish every accepted request, then stop the batcher."""
+        await self.batcher.close(timeout_s=self._timeout_s)
+
+    # ---- the request path -------------------------------------------------------------------------
+
+    async def run(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, Parsed]:
+        """The logits of one request, in the order of its rows, and what its protocol parsed."""
+        self.batcher.check_room(1)  # overloaded: refuse before reading the body
+        payload = await request.receive()
+        if request.parse_on_loop:
+            inputs, parsed = request.parse(payload)
+        else:  # tens of MB of JSON or gzip: never on the event loop
+            loop = asyncio.get_running_loop()
+            inputs, parsed = await loop.run_in_executor(self._decode_executor, request.parse, payload)
+        deadline = self.deadline(request.arrived_at, inputs.timeout_s)
+        if inputs.tensor is not None:
+            logits = await self.batcher.submit(self.check_tensor(inputs.tensor), deadline)
+        else:
+            with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
+                tensor = await self.preprocess(inputs.images, deadline)
+                logits = await reservation.submit(tensor, deadline)
+        self._record(softmax(logits))
+        return logits, parsed
+
+    async def classify(
+        self, request: InferenceRequest[Any, Parsed], top_k: int
+    ) -> tuple[list[list[dict[str, Any]]], Parsed]:
+        """The top-k classes of every row, best first; `top_k` is checked before anything is read."""
+        self.check_top_k(top_k)
+        logits, parsed = await self.run(request)
+        return self.ranked(logits, top_k), parsed
+
+    # ---- the steps ----------------------------------------------------------------------------------
+
+    def check_top_k(self, top_k: int) -> None:
         if not 1 <= top_k <= self.metadata.num_classes:
             raise InvalidInputError(
                 f"top_k must be between 1 and {self.metadata.num_classes} (the class count), got {top_k}"
             )
-        return top_k
 
     def check_tensor(self, tensor: np.ndarray) -> np.ndarray:
         """The tensor as float32 [N, C, H, W] if it fits the model; `InvalidInputError` saying why not."""
@@ -74,6 +181,10 @@ class Predictor:
         if not np.isfinite(tensor).all():
             raise InvalidInputError("the tensor contains NaN or Inf values; send finite numbers only")
         return tensor.astype(np.float32, copy=False)
+
+    def deadline(self, arrived_at: float, client_timeout_s: float | None = None) -> float:
+        """The `time.monotonic()` time a request that arrived at `arrived_at` must be computed by."""
+        return arrived_at + min(self._timeout_s, client_timeout_s or self._timeout_s)
 
     async def preprocess(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
         """Decode and transform every image on the decode threads; [N, C, H, W] float32.
@@ -106,43 +217,9 @@ class Predictor:
         self._preprocessor(image.data, image.name, out=row, deadline=deadline)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
 
-    def deadline(self, arrived_at: float, client_timeout_s: float | None = None) -> float:
-        """The `time.monotonic()` time a request that arrived at `arrived_at` must be computed by."""
-        return arrived_at + min(self._timeout_s, client_timeout_s or self._timeout_s)
-
-    def check_room(self) -> None:
-        """Refuse at once (503) when not even one more image could be admitted."""
-        self._batcher.check_room(1)
-
-    async def infer(self, tensor: np.ndarray, deadline: float) -> np.ndarray:
-        """Logits for a checked tensor, through the batcher; `deadline` is a `time.monotonic()` time."""
-        logits = await self._batcher.submit(tensor, deadline)
-        self._record(softmax(logits))
-        return logits
-
-    async def classify_images(
-        self, images: Sequence[NamedImage], top_k: int, arrived_at: float
-    ) -> list[list[dict[str, Any]]]:
-        """Top-k predictions for each image, in order; admitted (or refused) before any decoding."""
-        self.check_top_k(top_k)
-        deadline = self.deadline(arrived_at)
-        with self._batcher.reserve(len(images)) as reservation:
-            tensor = await self.preprocess(images, deadline)
-            logits = await reservation.submit(tensor, deadline)
-        return self._ranked(logits, top_k)
-
-    async def classify_tensor(
-        self, tensor: np.ndarray, top_k: int, arrived_at: float
-    ) -> list[list[dict[str, Any]]]:
-        """Top-k predictions for each row of a client-preprocessed tensor, in order."""
-        self.check_top_k(top_k)
-        deadline = self.deadline(arrived_at)
-        return self._ranked(await self._batcher.submit(self.check_tensor(tensor), deadline), top_k)
-
-    def _ranked(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
-        """Records the predictions in the metrics, and returns the top-k of each row, best first."""
+    def ranked(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+        """The top-k of each row, best first, as `{"label", "index", "score"}`."""
         probabilities = softmax(logits)
-        self._record(probabilities)
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         labels = self.metadata.labels
         return [

@@ -25,9 +25,7 @@ from pathlib import Path
 
 from modelcontract import complete_versions
 from service.errors import BadRequestError, NotFoundError, ServiceUnavailableError, StartupError
-from service.inference.batching import DynamicBatcher
 from service.inference.predictor import Predictor
-from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import Metrics
 from service.models.repository import ModelLocation, check_model_name
 from service.models.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
@@ -60,7 +58,6 @@ class LoadedModel:
 
     location: ModelLocation
     model: OnnxModel
-    batcher: DynamicBatcher
     predictor: Predictor
     load_seconds: float
     warmup_seconds: float
@@ -87,7 +84,8 @@ class ModelRegistry:
         self._failed: dict[tuple[str, int], tuple[float, int]] = {}
         """File signature (mtime, size) of versions that failed to load: retried when it changes."""
         self._leases: dict[tuple[str, int], int] = {}
-        self._lease_released = asyncio.Condition()
+        self._released: dict[tuple[str, int], asyncio.Event] = {}
+        """Set when the last lease on a version being unloaded ends."""
         self._changes = asyncio.Lock()  # one reconciliation at a time
         self.required: set[str] = set()
         """Models that must have a ready version for the service to be ready: the start-up set, less
@@ -153,11 +151,8 @@ class ModelRegistry:
             self._leases[key] -= 1
             if not self._leases[key]:
                 del self._leases[key]
-                asyncio.get_running_loop().create_task(self._notify_lease_released())
-
-    async def _notify_lease_released(self) -> None:
-        async with self._lease_released:
-            self._lease_released.notify_all()
+                if key in self._released:
+                    self._released[key].set()
 
     def expect(self, names: list[str]) -> None:
         """Models the service must serve before it is ready (the start-up set), and the default model.
@@ -249,7 +244,14 @@ class ModelRegistry:
             )
             return
         self._failed.pop((name, version), None)
-        loaded = await self._assemble(location, model, time.perf_counter() - started, warmup)
+        predictor = await Predictor.start(
+            model.metadata,
+            model.run,
+            self._settings,
+            self._metrics.for_model(name, version),
+            self._decode_executor,
+        )
+        loaded = LoadedModel(location, model, predictor, time.perf_counter() - started, warmup)
         self._served = {**self._served, name: {**self._served.get(name, {}), version: loaded}}
         self._status[(name, version)] = VersionStatus(name, version, VersionState.READY)
         self._metrics.model_loads.labels(model=name, result="success").inc()
@@ -269,34 +271,6 @@ class ModelRegistry:
             model.metadata.backbone,
         )
 
-    async def _assemble(
-        self, location: ModelLocation, model: OnnxModel, seconds: float, warmup: float
-    ) -> LoadedModel:
-        settings = self._settings
-        metrics = self._metrics.for_model(location.name, location.version)
-        batcher = DynamicBatcher(
-            model.run,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_s=settings.max_queue_delay_s,
-            max_queue_size=settings.max_queue_size,
-            instances=settings.instances,
-            metrics=metrics,
-        )
-        await batcher.start()
-        predictor = Predictor(
-            metadata=model.metadata,
-            preprocessor=ImagePreprocessor.from_metadata(
-                model.metadata,
-                max_pixels=settings.max_image_pixels,
-                max_decoded_pixels=settings.max_decoded_pixels,
-            ),
-            batcher=batcher,
-            metrics=metrics,
-            decode_executor=self._decode_executor,
-            request_timeout_s=settings.request_timeout_s,
-        )
-        return LoadedModel(location, model, batcher, predictor, seconds, warmup)
-
     async def _unload(self, name: str, version: int, reason: str) -> None:
         loaded = self._served.get(name, {}).get(version)
         if loaded is None:
@@ -307,16 +281,17 @@ class ModelRegistry:
         self._status[(name, version)] = VersionStatus(name, version, VersionState.UNLOADING, reason)
         self._metrics.set_model_state(name, version, VersionState.UNLOADING, loaded.model.active_provider)
         drain_s = self._settings.request_timeout_s + self._settings.body_timeout_s
-        async with self._lease_released:
+        if (name, version) in self._leases:
+            released = self._released[(name, version)] = asyncio.Event()
             try:
-                await asyncio.wait_for(
-                    self._lease_released.wait_for(lambda: (name, version) not in self._leases), drain_s
-                )
+                await asyncio.wait_for(released.wait(), drain_s)
             except TimeoutError:
                 logger.error(
                     "model %s version %d still held by requests after %.0f s", name, version, drain_s
                 )
-        await loaded.batcher.close(timeout_s=self._settings.request_timeout_s)
+            finally:
+                del self._released[(name, version)]
+        await loaded.predictor.close()
         del loaded
         gc.collect()  # the session (and its arena) goes with the last reference
         await asyncio.to_thread(return_freed_memory)

@@ -12,19 +12,15 @@ bytes of the float32 tensor it makes the server compute (R x C x H x W x 4) + 64
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import math
-from collections.abc import Callable
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.errors import InvalidInputError, UnsupportedMediaTypeError
+from service.inference.predictor import InferenceRequest, Inputs, NamedImage
 from service.models.metadata import ModelMetadata
-from service.models.registry import LoadedModel
 from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
 from service.protocols.v2codec import RESPONSE_SLACK_BYTES, escaped_label_bytes
 from service.state import ServiceState, model_lease, service_state
@@ -60,24 +56,6 @@ def _check_response_budget(rows: int, top_k: int, metadata: ModelMetadata) -> No
         )
 
 
-def _tensor_parser(media_type: str, loaded: LoadedModel, max_rows: int) -> Callable[[bytes], np.ndarray]:
-    if media_type == "application/x-npy":
-        return parse_npy_tensor
-    row_shape = loaded.predictor.metadata.input_shape
-    return functools.partial(parse_json_tensor, row_shape=row_shape, max_rows=max_rows)
-
-
-async def _tensor(request: Request, state: ServiceState, parse: Callable[[bytes], np.ndarray]) -> np.ndarray:
-    coding = content_coding(request.headers)  # 415 before the body is read
-    body = await read_body(request, state.body_limits)
-    limit = state.settings.max_upload_bytes
-
-    def decode_and_parse() -> np.ndarray:  # tens of MB of JSON or gzip: never on the event loop
-        return parse(decode_content(body, coding, limit))
-
-    return await asyncio.get_running_loop().run_in_executor(state.decode_executor, decode_and_parse)
-
-
 @router.post(
     "/predict",
     responses={200: {"model": PredictResponse}, **INFERENCE_ERRORS, **errors(404)},
@@ -98,37 +76,58 @@ async def predict(
     """Top-k labels for each image (or tensor row), in the order they were sent, and which model
     version computed them (`?model=NAME&version=V`, default: the default model's newest version)."""
     with model_lease(request, model, version) as loaded:
-        return await _predict(request, service_state(request), loaded, top_k)
-
-
-async def _predict(
-    request: Request, state: ServiceState, loaded: LoadedModel, top_k: int | None
-) -> JSONResponse:
-    predictor = loaded.predictor
-    metadata = predictor.metadata
-    top_k = predictor.check_top_k(min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k)
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    arrived_at: float = request.state.arrived_at
-    if media_type == "multipart/form-data":
-        predictor.check_room()  # overloaded: refuse before reading the upload
-        images = await read_images(request, state.body_limits, state.settings.max_queue_size)
-        _check_response_budget(len(images), top_k, metadata)
-        predictions = await predictor.classify_images(images, top_k, arrived_at)
-    elif media_type in TENSOR_TYPES:
-        predictor.check_room()
-        parse = _tensor_parser(media_type, loaded, state.settings.max_queue_size)
-        tensor = await _tensor(request, state, parse)
-        if tensor.ndim == 4 and tensor.shape[1:] == metadata.input_shape:
-            _check_response_budget(tensor.shape[0], top_k, metadata)  # else classify_tensor says why not
-        predictions = await predictor.classify_tensor(tensor, top_k, arrived_at)
-    else:
-        raise UnsupportedMediaTypeError(
-            f"Content-Type {printable(media_type or '(none)')!r} is not accepted; send images as "
-            'multipart/form-data, or a preprocessed tensor as application/json {"inputs": [...]} or '
-            "application/x-npy"
-        )
+        predictor = loaded.predictor
+        metadata = predictor.metadata
+        top_k = min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k
+        inference = _inference_request(request, service_state(request), metadata, top_k)
+        predictions, _ = await predictor.classify(inference, top_k)
     body: dict[str, Any] = {
         "model": {"name": loaded.name, "version": loaded.version},
         "predictions": predictions,
     }
     return JSONResponse(body)
+
+
+def _inference_request(
+    request: Request, state: ServiceState, metadata: ModelMetadata, top_k: int
+) -> InferenceRequest[Any, None]:
+    """How the predictor receives and parses this request's body, by its Content-Type."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    arrived_at: float = request.state.arrived_at
+    max_rows = state.settings.max_queue_size
+    if media_type == "multipart/form-data":
+
+        async def receive_images() -> list[NamedImage]:
+            files = await read_images(request, state.body_limits, max_rows)
+            return [NamedImage(name, data) for name, data in files]
+
+        def images(files: list[NamedImage]) -> tuple[Inputs, None]:
+            _check_response_budget(len(files), top_k, metadata)
+            return Inputs(images=files), None
+
+        # The multipart reader splits the files while they arrive: nothing is left to parse off the loop.
+        return InferenceRequest(arrived_at, receive_images, images, parse_on_loop=True)
+    if media_type in TENSOR_TYPES:
+        limit = state.settings.max_upload_bytes
+
+        async def receive_body() -> tuple[bytes, str | None]:
+            coding = content_coding(request.headers)  # 415 before the body is read
+            return await read_body(request, state.body_limits), coding
+
+        def tensor(payload: tuple[bytes, str | None]) -> tuple[Inputs, None]:
+            body, coding = payload
+            decoded = decode_content(body, coding, limit)
+            if media_type == "application/x-npy":
+                array = parse_npy_tensor(decoded)
+            else:
+                array = parse_json_tensor(decoded, row_shape=metadata.input_shape, max_rows=max_rows)
+            if array.ndim == 4 and array.shape[1:] == metadata.input_shape:
+                _check_response_budget(array.shape[0], top_k, metadata)  # else the predictor says why not
+            return Inputs(tensor=array), None
+
+        return InferenceRequest(arrived_at, receive_body, tensor)
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {printable(media_type or '(none)')!r} is not accepted; send images as "
+        'multipart/form-data, or a preprocessed tensor as application/json {"inputs": [...]} or '
+        "application/x-npy"
+    )

@@ -6,13 +6,13 @@ says. Every served model version is reachable; without a version the newest read
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__
+from service.inference.predictor import InferenceRequest, Inputs
 from service.models.registry import LoadedModel
 from service.protocols.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
 from service.protocols.v2codec import (
@@ -22,7 +22,7 @@ from service.protocols.v2codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from service.state import ServiceState, State, model_lease, parse_version, path_model, service_state
+from service.state import State, model_lease, parse_version, path_model, service_state
 from service.transport.request_body import content_coding, decode_content, read_body
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -115,31 +115,30 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
 )
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     with model_lease(request, model_name, parse_version(model_version)) as loaded:
-        return await _infer(request, service_state(request), loaded)
+        state = service_state(request)
+        meta = loaded.model.metadata
+        spec = TensorSpec(
+            input_name=loaded.model.input_name,
+            input_shape=meta.input_shape,
+            output_name=loaded.model.output_name,
+            labels=meta.labels,
+            max_rows=state.settings.max_queue_size,
+        )
+        limit = state.settings.max_upload_bytes
+        header_length = request.headers.get(HEADER_LENGTH)
 
+        async def receive() -> tuple[bytes, str | None]:
+            coding = content_coding(request.headers)  # 415 before the body is read
+            return await read_body(request, state.body_limits), coding
 
-async def _infer(request: Request, state: ServiceState, loaded: LoadedModel) -> Response:
-    predictor = loaded.predictor
-    predictor.check_room()  # overloaded: refuse before reading the body
-    coding = content_coding(request.headers)  # 415 before the body is read
-    limit = state.settings.max_upload_bytes
-    body = await read_body(request, state.body_limits)
-    meta = loaded.model.metadata
-    spec = TensorSpec(
-        input_name=loaded.model.input_name,
-        input_shape=meta.input_shape,
-        output_name=loaded.model.output_name,
-        labels=meta.labels,
-        max_rows=state.settings.max_queue_size,
-    )
-    header_length = request.headers.get(HEADER_LENGTH)
+        def parse(payload: tuple[bytes, str | None]) -> tuple[Inputs, InferRequest]:
+            body, coding = payload
+            parsed = parse_infer_request(decode_content(body, coding, limit), header_length, spec)
+            return Inputs(tensor=parsed.tensor, timeout_s=parsed.timeout_s), parsed
 
-    def parse() -> InferRequest:  # decompressing and parsing tens of MB must not block the event loop
-        return parse_infer_request(decode_content(body, coding, limit), header_length, spec)
-
-    parsed = await asyncio.get_running_loop().run_in_executor(state.decode_executor, parse)
-    tensor = predictor.check_tensor(parsed.tensor)
-    logits = await predictor.infer(tensor, predictor.deadline(request.state.arrived_at, parsed.timeout_s))
+        logits, parsed = await loaded.predictor.run(
+            InferenceRequest(request.state.arrived_at, receive, parse)
+        )
     content, headers = encode_infer_response(
         model_name=loaded.name,
         model_version=str(loaded.version),

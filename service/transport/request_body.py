@@ -49,7 +49,6 @@ from service.errors import (
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
-from service.inference.predictor import NamedImage
 from service.textsafety import printable
 from service.transport.jsonparse import loads_bounded
 from service.transport.multipart import read_files
@@ -209,8 +208,10 @@ def decode_content(body: bytes, coding: str | None, limit: int) -> bytes:
     return data
 
 
-async def read_images(request: Request, limits: BodyLimits, max_files: int) -> list[NamedImage]:
-    """Every file part of a multipart/form-data body (any field name), in order."""
+async def read_images(request: Request, limits: BodyLimits, max_files: int) -> list[tuple[str, bytes]]:
+    """Every file part of a multipart/form-data body (any field name), in order, as (name, bytes).
+
+    The name is the part's file name (else its field name), made safe to log and echo."""
     content_coding(request.headers, images=True)
     files = await read_files(
         _limited_stream(request, limits),
@@ -222,7 +223,7 @@ async def read_images(request: Request, limits: BodyLimits, max_files: int) -> l
         raise BadRequestError(
             "the multipart body holds no files; attach images as file fields, e.g. `curl -F image=@cat.jpg`"
         )
-    return [NamedImage(printable(part.filename or part.field), part.data) for part in files]
+    return [(printable(part.filename or part.field), part.data) for part in files]
 
 
 def parse_json_tensor(body: bytes, row_shape: tuple[int, ...], max_rows: int) -> np.ndarray:

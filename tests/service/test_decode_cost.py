@@ -250,7 +250,7 @@ def test_predictor_hands_the_request_deadline_to_the_decode(client: TestClient) 
         return Predictor(
             metadata=metadata,
             preprocessor=preprocessor,
-            batcher=loaded.batcher,
+            batcher=loaded.predictor.batcher,
             metrics=state.metrics.for_model(loaded.name, loaded.version),
             decode_executor=state.decode_executor,
             request_timeout_s=30.0,

@@ -1,4 +1,5 @@
-"""The evaluation transform, torch-free: the one implementation training evaluation and serving share.
+"""The evaluation transform, torch-free: its description (`EvalSpec`) and the one implementation
+(`EvalTransform`) training evaluation and serving share.
 
 An RGB image becomes the model's normalized [3, H, W] float32 input the way torchvision's
 `Resize(resize_size)` -> `CenterCrop(input_size)` -> `ToTensor()` -> `Normalize(mean, std)` does it,
@@ -14,15 +15,75 @@ When the resized image is smaller than the crop, CenterCrop's zero padding is re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from modelcontract import INTERPOLATIONS
-
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+"""Resize filters a model may name. They are also the values of torchvision's `InterpolationMode`, so
+training builds its torchvision transforms with `InterpolationMode(name)` and needs no map of its own."""
 _FILTERS = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 _RESAMPLE = dict(zip(INTERPOLATIONS, _FILTERS, strict=True))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The evaluation transform, defined once: what the model's metadata says about preprocessing.
+
+    Applied to an RGB image: resize so the shorter side is `resize_size` (aspect kept, torchvision
+    `Resize(int)` semantics), center-crop to `input_size`, scale to [0, 1], normalize with mean/std,
+    lay out as CHW float32. Training validates with it; the service rebuilds it from the metadata.
+    Sequences are stored as tuples, so a spec read back from JSON compares equal to the original.
+    """
+
+    input_size: tuple[int, int]
+    """(height, width) in pixels after the center crop: the model's input H and W."""
+    resize_size: int
+    """Length in pixels of the shorter image side after resizing, before the crop."""
+    interpolation: str
+    """Resampling filter for the resize: one of `INTERPOLATIONS`."""
+    mean: tuple[float, float, float]
+    """Per-channel mean subtracted after scaling to [0, 1] (RGB order)."""
+    std: tuple[float, float, float]
+    """Per-channel standard deviation divided by after subtracting the mean (RGB order)."""
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "mean", "std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"'interpolation' must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise ValueError(f"'input_size' must be two positive integers, got {list(self.input_size)}")
+        if self.resize_size < min(self.input_size):
+            raise ValueError(
+                f"'resize_size' ({self.resize_size}) must be at least the shorter side of the crop "
+                f"{list(self.input_size)}"
+            )
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name!r} must be three finite numbers (RGB), got {list(values)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"'std' must be positive, got {list(self.std)}")
+
+    @classmethod
+    def from_crop_pct(
+        cls,
+        image_size: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> EvalSpec:
+        """timm's convention: resize to floor(image_size / crop_pct), then crop `image_size`."""
+        return cls(
+            input_size=(image_size, image_size),
+            resize_size=int(image_size / crop_pct),
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+        )
 
 
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -50,6 +111,11 @@ class EvalTransform:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     _table: np.ndarray = field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_spec(cls, spec: EvalSpec) -> EvalTransform:
+        """The transform `spec` describes; serving passes the `eval_spec` of the model's metadata."""
+        return cls(spec.input_size, spec.resize_size, spec.interpolation, spec.mean, spec.std)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from training.backbones import Classifier, create_model
+from modelcontract import EvalSpec
+from training.backbones import create_model
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.finetune import PhaseRecord, Progress
-from training.spec import EvalSpec
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "convserve-checkpoint/2"
@@ -26,25 +27,9 @@ _READABLE_FORMATS = ("convserve-checkpoint/1", CHECKPOINT_FORMAT)
 """Format 1 (before resume) has no progress: it can be re-exported but not resumed."""
 
 
-def _spec_json(spec: EvalSpec) -> dict[str, Any]:
-    return {
-        "input_size": list(spec.input_size),
-        "resize_size": spec.resize_size,
-        "interpolation": spec.interpolation,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-    }
-
-
 def eval_spec_of(checkpoint: dict[str, Any]) -> EvalSpec:
-    stored = checkpoint["eval_spec"]
-    return EvalSpec(
-        input_size=(stored["input_size"][0], stored["input_size"][1]),
-        resize_size=stored["resize_size"],
-        interpolation=stored["interpolation"],
-        mean=tuple(stored["mean"]),
-        std=tuple(stored["std"]),
-    )
+    """The eval spec stored by `save_checkpoint` (its fields by name, sequences as lists or tuples)."""
+    return EvalSpec(**checkpoint["eval_spec"])
 
 
 def save_checkpoint(
@@ -63,7 +48,7 @@ def save_checkpoint(
         "backbone": config.backbone,
         "labels": labels,
         "drop_rate": config.drop_rate,
-        "eval_spec": _spec_json(spec),
+        "eval_spec": asdict(spec),
         "state_dict": progress.best_state,
         "config": config.to_json(),
         "parity_inputs": parity_inputs,

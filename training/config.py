@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from training.backbones import DEFAULT_BACKBONE, backbone_defaults
-from training.spec import EvalSpec
+from modelcontract import EvalSpec
+from training.backbone_defaults import DEFAULT_BACKBONE, backbone_defaults
 from training.transforms import Augmentation
 
 DEMO_DIGITS = "demo:digits"

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.spec import EvalSpec
+from modelcontract import EvalSpec
 from training.transforms import eval_transform, train_transform
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def _folder_dataset(root: Path, val_split: float, seed: int) -> LabelledImages:
 
 def _digits_dataset(val_split: float, seed: int) -> LabelledImages:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as RGB images; no download."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 (~2 s to import; only demo:digits needs it)
 
     digits = load_digits()
     images = [

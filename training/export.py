@@ -2,13 +2,12 @@
 
 `export_onnx` is the only way a model enters `models/<name>/<version>/`: it exports in eval mode with
 a symbolic batch axis, runs the ONNX checker, proves PyTorch and ONNX Runtime agree on real images,
-embeds the `convserve` metadata and only then moves `model.onnx` into place, so the service never
+embeds the contract's `ModelMetadata` and only then moves `model.onnx` into place, so the service never
 sees a half-written or unverified file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,8 +22,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from modelcontract import METADATA_KEY, MODEL_FILENAME, softmax, version_numbers
-from training.spec import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, EvalSpec
+from modelcontract import (
+    INPUT_NAME,
+    MODEL_FILENAME,
+    ONNX_OPSET,
+    OUTPUT_NAME,
+    EvalSpec,
+    ModelMetadata,
+    softmax,
+    version_numbers,
+)
+from training.modelfile import set_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -127,25 +135,17 @@ def build_metadata(
     val_accuracy: float | None,
     parity_max_abs_diff: float,
     extra_metadata: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """The `convserve` metadata JSON: the contract fields, then any extra fields that do not clash."""
-    metadata: dict[str, Any] = {
-        "labels": list(labels),
-        **eval_spec.to_metadata(),
-        "backbone": backbone,
-        "val_accuracy": val_accuracy,
-        "parity_max_abs_diff": parity_max_abs_diff,
-        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "opset": ONNX_OPSET,
-        "num_classes": len(labels),
-    }
-    clashes = sorted(set(metadata) & set(extra_metadata or {}))
-    if clashes:
-        raise ValueError(f"extra_metadata may not override contract fields {clashes}")
-    metadata.update(extra_metadata or {})
-    return metadata
+) -> ModelMetadata:
+    """The metadata of a freshly exported FP32 model, stamped with the current UTC time."""
+    return ModelMetadata(
+        labels=tuple(labels),
+        eval_spec=eval_spec,
+        backbone=backbone,
+        val_accuracy=val_accuracy,
+        parity_max_abs_diff=parity_max_abs_diff,
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        extra=extra_metadata or {},
+    )
 
 
 def export_onnx(
@@ -158,8 +158,10 @@ def export_onnx(
     parity_inputs: torch.Tensor,
     val_accuracy: float | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ModelMetadata:
     """Export `model` (moved to CPU, eval mode) to `version_dir/model.onnx`; return its metadata.
+
+    `extra_metadata` adds JSON fields to the metadata; they may not override the contract's own.
 
     `parity_inputs` are real preprocessed images ([N >= 2, 3, H, W], N = the export example batch):
     ONNX Runtime must reproduce PyTorch's softmax within `PARITY_TOLERANCE` with the same top-1, on
@@ -198,8 +200,8 @@ def export_onnx(
         "exported %s (%d classes, input %s, parity max abs softmax diff %.2g)",
         target,
         len(labels),
-        metadata["input_shape"],
-        metadata["parity_max_abs_diff"],
+        list(metadata.input_shape),
+        metadata.parity_max_abs_diff,
     )
     return metadata
 
@@ -215,7 +217,7 @@ def _export_verified(
     backbone: str,
     val_accuracy: float | None,
     extra_metadata: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+) -> ModelMetadata:
     # The staging directory starts with "." and holds no model.onnx, so the service ignores it.
     with tempfile.TemporaryDirectory(prefix=".export-", dir=version_dir) as staging_name:
         staging = Path(staging_name)
@@ -232,7 +234,7 @@ def _export_verified(
             parity_max_abs_diff=diff,
             extra_metadata=extra_metadata,
         )
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+        set_metadata(proto, metadata)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(final_path), save_as_external_data=False)
         _parity(reference[:1], _run_onnx(final_path, images[:1].numpy()), "batch of 1")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from training.backbones import Classifier
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.data import Batches
 from training.distributed import Ranks

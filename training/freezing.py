@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from training.backbones import Classifier
+from training.classifier import Classifier
 
 
 def _in_group(parameter_name: str, group: list[str]) -> bool:

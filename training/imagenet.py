@@ -3,24 +3,64 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import torch
+from timm.data import ImageNetInfo
+from torch import nn
 
-from training.backbones import DEFAULT_BACKBONE, TIMM_ALIASES
+from modelcontract import EvalSpec, ModelMetadata
+from training.backbone_defaults import DEFAULT_BACKBONE, EFFICIENTNET_LITE0_DEFAULTS, TIMM_ALIASES
+from training.backbones import create_model
+from training.classifier import Classifier
 from training.export import export_onnx, next_version_dir
 from training.photos import sample_photos
 from training.pretrained import (
-    EFFICIENTNET_LITE0_DEFAULTS,
-    imagenet_efficientnet_lite0,
-    imagenet_labels,
+    WeightsUnavailableError,
+    map_by_order,
     packaged_efficientnet_lite0_path,
+    read_state_dict,
 )
-from training.spec import EvalSpec
 from training.transforms import eval_transform
 
 logger = logging.getLogger(__name__)
+
+IMAGENET_CLASSES = 1000
+_HEAD_KEYS = ("head.linear.weight", "head.linear.bias")
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class descriptions timm ships ("tabby, tabby cat"), made unique.
+
+    Two classes share the description "crane" (the bird and the machine); those get their WordNet
+    id appended so every label names one class.
+    """
+    info = ImageNetInfo()
+    descriptions = [info.index_to_description(index) for index in range(IMAGENET_CLASSES)]
+    counts = Counter(descriptions)
+    return [
+        f"{text} ({info.index_to_label_name(index)})" if counts[text] > 1 else text
+        for index, text in enumerate(descriptions)
+    ]
+
+
+def imagenet_efficientnet_lite0() -> Classifier:
+    """EfficientNet-Lite0 with its ImageNet head: all 296 packaged tensors, mapped by position."""
+    model = create_model("efficientnet_lite0", num_classes=IMAGENET_CLASSES)
+    path = packaged_efficientnet_lite0_path()
+    source = read_state_dict(path)
+    target = model.base.state_dict()
+    target.update({key: model.state_dict()[key] for key in _HEAD_KEYS})
+    mapped = map_by_order(target, source)
+    if len(mapped) != len(source):
+        raise WeightsUnavailableError(f"{path} holds {len(source)} tensors, expected {len(mapped)}")
+    model.base.load_state_dict({k: v for k, v in mapped.items() if k not in _HEAD_KEYS}, strict=True)
+    head: nn.Linear = model.head.linear
+    with torch.no_grad():
+        head.weight.copy_(mapped["head.linear.weight"])
+        head.bias.copy_(mapped["head.linear.bias"])
+    return model.eval()
 
 
 def imagenet_eval_spec() -> EvalSpec:
@@ -31,8 +71,8 @@ def imagenet_eval_spec() -> EvalSpec:
     )
 
 
-def export_imagenet_model(model_root: Path) -> tuple[Path, dict[str, Any]]:
-    """Export the ImageNet EfficientNet-Lite0 to `model_root/<next version>/model.onnx`."""
+def export_imagenet_model(model_root: Path) -> tuple[Path, ModelMetadata]:
+    """Export the ImageNet EfficientNet-Lite0 to the next version directory under `model_root`."""
     torch.manual_seed(0)
     spec = imagenet_eval_spec()
     model = imagenet_efficientnet_lite0()

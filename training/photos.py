@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from skimage import data
 
 SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 """scikit-image sample photos: a tabby cat, an espresso, a person, a rocket launch."""
@@ -11,8 +12,6 @@ SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 def sample_photo(name: str) -> Image.Image:
     """The scikit-image sample `name` (e.g. "chelsea") as an RGB PIL image."""
-    from skimage import data
-
     array = getattr(data, name)()
     if isinstance(array, tuple):  # stereo samples come as (left, right, disparity)
         array = array[0]

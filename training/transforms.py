@@ -1,4 +1,8 @@
-"""Image transforms: the eval transform (the service's own, from an `EvalSpec`) and the training one."""
+"""Image transforms: the eval transform (the service's own, from an `EvalSpec`) and the training one.
+
+The training transform is torchvision's. Interpolation names are the contract's `INTERPOLATIONS`, which
+are also `InterpolationMode` values, so `InterpolationMode(spec.interpolation)` needs no map here.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from modelcontract import EvalSpec
 from modelcontract.transform import EvalTransform
-from training.spec import EvalSpec
-
-_INTERPOLATION = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
 
 def eval_transform(spec: EvalSpec) -> Callable[[Image.Image], torch.Tensor]:
@@ -25,10 +23,10 @@ def eval_transform(spec: EvalSpec) -> Callable[[Image.Image], torch.Tensor]:
 
     `modelcontract.transform.EvalTransform`: resize (shorter side to `resize_size`, antialiased PIL
     filter) -> center crop -> [0, 1] -> normalize, as torchvision's Resize/CenterCrop/ToTensor/
-    Normalize within rounding. The metadata written into the ONNX file (`EvalSpec.to_metadata`)
-    describes it, and the service rebuilds the same object from that metadata.
+    Normalize within rounding. The model's metadata carries `spec`, and the service rebuilds the same
+    object from it.
     """
-    shared = EvalTransform(spec.input_size, spec.resize_size, spec.interpolation, spec.mean, spec.std)
+    shared = EvalTransform.from_spec(spec)
     return transforms.Compose([shared, torch.from_numpy])
 
 
@@ -51,7 +49,7 @@ def train_transform(spec: EvalSpec, augmentation: Augmentation) -> Callable[[Ima
     """The eval pipeline with random zoom (resized crop), rotation and flip mixed in."""
     if augmentation == NO_AUGMENTATION:
         return eval_transform(spec)
-    interpolation = _INTERPOLATION[spec.interpolation]
+    interpolation = InterpolationMode(spec.interpolation)
     steps: list[object] = [transforms.Resize(spec.resize_size, interpolation=interpolation, antialias=True)]
     if augmentation.min_scale < 1.0:
         steps.append(

@@ -26,9 +26,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MIN_IMAGE_SIZE = 63
-"""Smallest input side in pixels: below it layer 5's 3x3 max pool has less than 3x3 to pool."""
-
 
 def _contrast_norm() -> nn.LocalResponseNorm:
     # AlexNet's constants (size 5, alpha 1e-4, beta 0.75, k 2); the ZFNet paper reuses its normalization.

@@ -30,12 +30,11 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from modelcontract import softmax
+from modelcontract import ModelMetadata, softmax
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.inference.batching import DynamicBatcher, InferFn
 from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
-from service.models.metadata import ModelMetadata
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from modelcontract.transform import EvalTransform
+from modelcontract import EvalTransform, ModelMetadata
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.inference import decodecost
-from service.models.metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +131,7 @@ class ImagePreprocessor:
         max_pixels: int = MAX_IMAGE_PIXELS,
         max_decoded_pixels: int = MAX_DECODED_PIXELS,
     ) -> ImagePreprocessor:
-        _, height, width = metadata.input_shape
-        transform = EvalTransform(
-            input_size=(height, width),
-            resize_size=metadata.resize_size,
-            interpolation=metadata.interpolation,
-            mean=metadata.mean,
-            std=metadata.std,
-        )
-        return cls(transform, use_draft, max_pixels, max_decoded_pixels)
+        return cls(EvalTransform.from_spec(metadata.eval_spec), use_draft, max_pixels, max_decoded_pixels)
 
     def __call__(
         self, data: bytes, name: str = "image", out: np.ndarray | None = None, deadline: float = math.inf

@@ -1,7 +1,8 @@
 """ONNX Runtime: one inference session for one model, GPU first and CPU as the fallback.
 
 This module knows nothing about batching or HTTP: it loads a file, says which execution provider is
-really active (ORT falls back silently, so we ask the session), and runs float32 NCHW batches.
+really active (ORT falls back silently, so `service.models.providers` probes a GPU provider first and
+the session is asked), and runs float32 NCHW batches.
 """
 
 from __future__ import annotations
@@ -9,14 +10,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
-import re
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +20,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from modelcontract import METADATA_KEY
+from modelcontract import MetadataError, ModelMetadata
 from service.errors import StartupError
-from service.models.metadata import MetadataError, ModelMetadata
+from service.models.providers import probe_providers
 from service.priority import yield_to_the_event_loop
 from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
 
 logger = logging.getLogger(__name__)
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# ORT's native log lines look like "<timestamp> [W:onnxruntime:Default, file.cc:12 fn] message".
-_ORT_LOG_PREFIX = re.compile(r"^.*?\[[EW]:onnxruntime:[^\]]*\]\s*")
-# ...and errors carry the C++ location first: "/src/x.cc:12 fn() [ONNXRuntimeError] : 1 : FAIL : message".
-_ORT_ERROR_PREFIX = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def provider_options(name: str) -> dict[str, Any]:
@@ -65,39 +55,6 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     # the cores image decoding needs between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-@contextmanager
-def _native_stderr_captured() -> Iterator[list[str]]:
-    """Collect what native code writes to file descriptor 2 (ORT's logger) inside the block.
-
-    ORT reports why it could not create the CUDA provider only as a log line on stderr, then falls
-    back to CPU; capturing it lets REQUIRE_GPU quote the reason. The lines are re-logged at DEBUG.
-    """
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            sink.seek(0)
-            text = _ANSI.sub("", sink.read().decode("utf-8", errors="replace"))
-            lines.extend(line for line in text.splitlines() if line.strip())
-            for line in lines:
-                logger.debug("onnxruntime: %s", _ORT_LOG_PREFIX.sub("", line))
-
-
-def _provider_failure(lines: Iterable[str]) -> str:
-    reasons = [
-        _ORT_ERROR_PREFIX.sub("", _ORT_LOG_PREFIX.sub("", line))
-        for line in lines
-        if "[E:" in line or "Failed to" in line
-    ]
-    return " | ".join(reasons) or "ONNX Runtime logged no reason (is a GPU visible to this process?)"
 
 
 @dataclass
@@ -190,29 +147,32 @@ def return_freed_memory() -> None:
 def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
     """Create the session (preferring `providers` in order), check the graph against the metadata.
 
+    A GPU provider the probe could not create is left out of the request, so ORT does not log the
+    same failure again at every load; `provider_failure` keeps the probe's reason for REQUIRE_GPU.
     Call it from a worker thread: that thread, and the session's own threads, run at compute priority.
     """
     yield_to_the_event_loop()
     options = session_options(intra_op_threads)
     requested = [(name, provider_options(name)) for name in providers]
+    probe = probe_providers(path, requested)
+    usable = [(name, opts) for name, opts in requested if name in probe.active] or requested[-1:]
     try:
-        if GPU_PROVIDERS & set(providers):
-            with _native_stderr_captured() as ort_log:
-                session = ort.InferenceSession(str(path), options, providers=requested)
-        else:
-            ort_log = []
-            session = ort.InferenceSession(str(path), options, providers=requested)
+        session = ort.InferenceSession(str(path), options, providers=usable)
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
         raise StartupError(f"ONNX Runtime cannot load {path}: {exc}") from exc
     try:
-        metadata = ModelMetadata.from_json(
-            session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), str(path)
-        )
+        metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, str(path))
     except MetadataError as exc:
         raise StartupError(str(exc)) from exc
     input_name, output_name = _check_signature(session, metadata, path)
     active = session.get_providers()[0]
-    failure = None if active == providers[0] else _provider_failure(ort_log)
+    failure = None
+    if active != providers[0]:
+        failure = probe.failure or (
+            f"{providers[0]} was created in a probe process but not for this session; ONNX Runtime's log "
+            "on stderr says why"
+        )
+        logger.warning("%s runs on %s instead of %s: %s", path, active, providers[0], failure)
     return OnnxModel(session, metadata, path, input_name, output_name, failure)
 
 

@@ -18,9 +18,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from modelcontract import ModelMetadata
 from service.errors import InvalidInputError, UnsupportedMediaTypeError
 from service.inference.predictor import InferenceRequest, Inputs, NamedImage
-from service.models.metadata import ModelMetadata
 from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
 from service.protocols.v2codec import RESPONSE_SLACK_BYTES, escaped_label_bytes
 from service.state import ServiceState, model_lease, service_state

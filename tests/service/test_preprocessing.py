@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import struct
 import zlib
@@ -15,13 +14,12 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from modelcontract import EvalSpec, ModelMetadata
 from service.errors import InvalidInputError
 from service.inference.preprocessing import ImagePreprocessor
-from service.models.metadata import ModelMetadata
 from service.models.runtime import OnnxModel
-from tests.service.photos import encode, jpeg, large_jpeg, photo
+from tests.photos import encode, jpeg, large_jpeg, photo
 from tests.tinymodel import TINY_SPEC
-from training.spec import EvalSpec
 from training.transforms import eval_transform
 
 logger = logging.getLogger(__name__)
@@ -40,8 +38,9 @@ SPECS = {
 
 
 def preprocessor_for(spec: EvalSpec, use_draft: bool = False) -> ImagePreprocessor:
-    metadata = ModelMetadata.from_json(json.dumps({"labels": ["a"], **spec.to_metadata()}), "test")
-    return ImagePreprocessor.from_metadata(metadata, use_draft=use_draft)
+    # Through the metadata's JSON form, as the service gets it from a model file.
+    props = ModelMetadata(labels=("a",), eval_spec=spec).to_props()
+    return ImagePreprocessor.from_metadata(ModelMetadata.from_props(props, "test"), use_draft=use_draft)
 
 
 def torchvision_reference(image: Image.Image, spec: EvalSpec) -> np.ndarray:

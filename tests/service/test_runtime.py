@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from modelcontract import METADATA_KEY
+from modelcontract import METADATA_KEY, MODEL_FILENAME
 from service.errors import StartupError
-from service.models.runtime import OnnxModel, check_gpu, load_model
-from tests.service.photos import TINY_LABELS
+from service.models.providers import failure_reason, run_probe
+from service.models.runtime import OnnxModel, check_gpu, load_model, provider_options
+from tests.tinymodel import TINY_LABELS
 
 
 def test_loaded_model_reports_its_provider_metadata_and_answers_any_batch_size(tiny_model: OnnxModel) -> None:
@@ -38,6 +40,60 @@ def test_cuda_fallback_is_explained_and_require_gpu_refuses_with_orts_reason(tin
     check_gpu(model, require_gpu=False)  # without the requirement, CPU fallback is fine
 
 
+def _cuda_request() -> str:
+    return json.dumps(
+        [[name, provider_options(name)] for name in ("CUDAExecutionProvider", "CPUExecutionProvider")]
+    )
+
+
+def test_orts_log_text_still_yields_a_clean_reason(tiny_model_path: Path) -> None:
+    """Fails when an ONNX Runtime upgrade changes its native log format: the reason must stay readable."""
+    probe = run_probe(tiny_model_path, _cuda_request())
+    if probe.active[0] == "CUDAExecutionProvider":
+        pytest.skip("a GPU is usable here; ONNX Runtime logs no provider failure")
+    assert probe.active == ("CPUExecutionProvider",) and probe.conclusive
+    assert probe.failure is not None and "CUDA" in probe.failure
+    for prefix_residue in ("\x1b[", "onnxruntime:Default", "[ONNXRuntimeError]", ".cc:"):
+        assert prefix_residue not in probe.failure, probe.failure
+
+
+def test_reason_is_taken_from_orts_error_and_warning_lines_only() -> None:
+    # Two lines as onnxruntime 1.31 writes them (colours included), between unrelated output.
+    log = (
+        "\x1b[1;31m2026-01-05 13:25:30.648 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+        "/src/provider_bridge_ort.cc:2043 onnxruntime::Provider& Get() [ONNXRuntimeError] : 1 : FAIL : "
+        "Failed to load library libonnxruntime_providers_cuda.so\n\x1b[m\n"
+        "some other line\n"
+        "\x1b[0;93m2026-01-05 13:25:30.648 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 "
+        "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider.\x1b[m\n"
+    )
+    assert failure_reason(log) == (
+        "Failed to load library libonnxruntime_providers_cuda.so | Failed to create CUDAExecutionProvider."
+    )
+    assert failure_reason("nothing from onnxruntime\n") is None
+
+
+def test_gpu_load_leaves_the_process_stderr_alone(
+    tiny_model_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The probe runs in a child: this process's fd 2 stays put, and ORT's failure is not logged again."""
+    os.write(2, b"before\n")
+    model = load_model(tiny_model_path, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert err.splitlines()[0] == "before" and err.splitlines()[-1] == "after"
+    if not model.on_gpu:
+        assert "Failed to create CUDAExecutionProvider" not in err  # CUDA was left out of the request
+
+
+def test_unreadable_file_is_refused_and_says_nothing_about_the_gpu(tmp_path: Path) -> None:
+    path = tmp_path / MODEL_FILENAME
+    path.write_bytes(b"definitely not a protobuf")
+    assert not run_probe(path, _cuda_request()).conclusive  # so it is not cached as the GPU's verdict
+    with pytest.raises(StartupError, match="ONNX Runtime cannot load"):
+        load_model(path, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
 def rewrite_metadata(source: Path, target: Path, value: str | None) -> Path:
     proto = onnx.load(str(source))
     del proto.metadata_props[:]
@@ -59,20 +115,20 @@ def rewrite_metadata(source: Path, target: Path, value: str | None) -> Path:
 def test_model_without_usable_metadata_refuses_to_load(
     tmp_path: Path, tiny_model_path: Path, value: str | None, message: str
 ) -> None:
-    path = rewrite_metadata(tiny_model_path, tmp_path / "model.onnx", value)
+    path = rewrite_metadata(tiny_model_path, tmp_path / MODEL_FILENAME, value)
     with pytest.raises(StartupError, match=message):
         load_model(path, ["CPUExecutionProvider"])
 
 
 def test_metadata_that_contradicts_the_graph_refuses_to_load(tmp_path: Path, tiny_model: OnnxModel) -> None:
-    wrong = dict(tiny_model.metadata.raw, input_shape=[3, 64, 64])
-    path = rewrite_metadata(tiny_model.path, tmp_path / "model.onnx", json.dumps(wrong))
+    wrong = dict(tiny_model.metadata.to_json(), input_shape=[3, 64, 64], resize_size=72)
+    path = rewrite_metadata(tiny_model.path, tmp_path / MODEL_FILENAME, json.dumps(wrong))
     with pytest.raises(StartupError, match=r"metadata promises float32 \[batch, 3, 64, 64\]"):
         load_model(path, ["CPUExecutionProvider"])
 
 
 def test_file_that_is_not_onnx_refuses_to_load(tmp_path: Path) -> None:
-    path = tmp_path / "model.onnx"
+    path = tmp_path / MODEL_FILENAME
     path.write_bytes(b"definitely not a protobuf")
     with pytest.raises(StartupError, match="ONNX Runtime cannot load"):
         load_model(path, ["CPUExecutionProvider"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from modelcontract import EvalSpec
 from tests.training.images import PHOTO_NAMES, TINY_LABELS, photo, preprocess
 from training.backbones import create_model
-from training.spec import EvalSpec
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modelcontract import EvalSpec
 from training.photos import sample_photo
-from training.spec import EvalSpec
 from training.transforms import eval_transform
 
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field")

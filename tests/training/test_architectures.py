@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from modelcontract import INPUT_NAME, MODEL_FILENAME, EvalSpec
 from tests.training.images import TINY_LABELS, preprocess
-from training.backbones import Classifier, create_model
+from training.backbones import create_model
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.export import export_onnx, next_version_dir
 from training.freezing import freeze_base, group_index, parameter_groups, top_groups, unfreeze_top
-from training.spec import EvalSpec
 
 SEED_ARCHITECTURES = ("lenet5", "alexnet", "zfnet", "vgg16", "googlenet", "resnet50", "efficientnet_lite0")
 SMALL = EvalSpec((64, 64), 72, "bilinear", (0.5,) * 3, (0.5,) * 3)
@@ -65,10 +66,10 @@ def test_seed_architecture_freezes_unfreezes_and_exports_with_parity(
     metadata = export_onnx(
         model, version_dir, labels=TINY_LABELS, eval_spec=SMALL, backbone=name, parity_inputs=images[:4]
     )
-    assert metadata["parity_max_abs_diff"] <= 1e-4
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert metadata.parity_max_abs_diff is not None and metadata.parity_max_abs_diff <= 1e-4
+    session = ort.InferenceSession(str(version_dir / MODEL_FILENAME), providers=["CPUExecutionProvider"])
     for batch in (images[:1], images):
-        logits = session.run(None, {"input": batch.numpy()})[0]
+        logits = session.run(None, {INPUT_NAME: batch.numpy()})[0]
         with torch.no_grad():
             np.testing.assert_allclose(logits, model(batch).numpy(), atol=1e-4, rtol=1e-3)
 
@@ -115,4 +116,5 @@ def test_full_size_vgg16_exports_with_parity(photos: list[Image.Image], tmp_path
         backbone="vgg16",
         parity_inputs=preprocess(photos[:3], spec),
     )
-    assert metadata["input_shape"] == [3, 224, 224] and metadata["parity_max_abs_diff"] <= 1e-4
+    assert metadata.input_shape == (3, 224, 224)
+    assert metadata.parity_max_abs_diff is not None and metadata.parity_max_abs_diff <= 1e-4

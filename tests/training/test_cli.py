@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from modelcontract import INPUT_NAME, MODEL_FILENAME, ModelMetadata
 from tests.training.images import TINY_LABELS, write_image_folder
 from training.cli import build_parser
 from training.config import RunConfig
@@ -55,7 +56,8 @@ def test_fit_publishes_a_complete_version(fitted: tuple[Path, subprocess.Complet
     version = out / "1"
     assert version.stat().st_mode & 0o755 == 0o755  # readable by a service running as another user
     files = sorted(p.name for p in version.iterdir())
-    assert files == sorted([CHECKPOINT_FILENAME, "config.json", "metrics.json", "model.onnx", "training.png"])
+    expected = [CHECKPOINT_FILENAME, "config.json", "metrics.json", MODEL_FILENAME, "training.png"]
+    assert files == sorted(expected)
     metrics = json.loads((version / "metrics.json").read_text())
     assert metrics["skipped_images"] == 1 and metrics["skipped_files"][0].endswith("broken.jpg")
     assert [p["name"] for p in metrics["phases"]] == ["unfrozen"]  # --no-pretrained: no frozen phase
@@ -73,12 +75,12 @@ def test_fit_publishes_a_complete_version(fitted: tuple[Path, subprocess.Complet
 
 
 def test_fitted_model_answers_batch_1_and_17(fitted: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    session = ort.InferenceSession(str(fitted[0] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    metadata = json.loads(session.get_modelmeta().custom_metadata_map["convserve"])
-    assert metadata["labels"] == sorted(TINY_LABELS) and metadata["backbone"] == "lenet5"
-    assert metadata["skipped_images"] == 1 and metadata["val_accuracy"] is not None
+    session = ort.InferenceSession(str(fitted[0] / "1" / MODEL_FILENAME), providers=["CPUExecutionProvider"])
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "the fitted model")
+    assert metadata.labels == tuple(sorted(TINY_LABELS)) and metadata.backbone == "lenet5"
+    assert metadata.extra["skipped_images"] == 1 and metadata.val_accuracy is not None
     for batch in (1, 17):
-        logits = session.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0]
+        logits = session.run(None, {INPUT_NAME: np.zeros((batch, 3, 32, 32), np.float32)})[0]
         assert logits.shape == (batch, 3)
 
 
@@ -86,14 +88,16 @@ def test_export_republishes_the_checkpoint_as_the_next_version(
     fitted: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
     out = fitted[0]
-    original = (out / "1" / "model.onnx").read_bytes()
+    original = (out / "1" / MODEL_FILENAME).read_bytes()
     done = _training("export", "--checkpoint", str(out / "1" / CHECKPOINT_FILENAME), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "1" / "model.onnx").read_bytes() == original  # never overwritten
-    first = ort.InferenceSession(str(out / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    second = ort.InferenceSession(str(out / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert (out / "1" / MODEL_FILENAME).read_bytes() == original  # never overwritten
+    first = ort.InferenceSession(str(out / "1" / MODEL_FILENAME), providers=["CPUExecutionProvider"])
+    second = ort.InferenceSession(str(out / "2" / MODEL_FILENAME), providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
-    np.testing.assert_allclose(second.run(None, {"input": images})[0], first.run(None, {"input": images})[0])
+    np.testing.assert_allclose(
+        second.run(None, {INPUT_NAME: images})[0], first.run(None, {INPUT_NAME: images})[0]
+    )
 
 
 def test_bad_data_fails_before_training_with_a_message(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
+from modelcontract import INTERPOLATIONS, EvalSpec
 from training.config import RunConfig
-from training.spec import EvalSpec
 from training.transforms import NO_AUGMENTATION, eval_transform, train_transform
 
 
@@ -77,3 +78,8 @@ def test_augmentation_changes_images_but_keeps_their_shape(photos: list[Image.Im
     augmented = train_transform(spec, RunConfig(data="x", out="m").resolve().augmentation())(photos[0])
     assert augmented.shape == (3, 48, 48)
     assert not torch.equal(augmented, eval_transform(spec)(photos[0]))
+
+
+def test_every_contract_interpolation_is_a_torchvision_mode() -> None:
+    # training.transforms builds its torchvision steps with InterpolationMode(name), without a map.
+    assert [InterpolationMode(name).value for name in INTERPOLATIONS] == list(INTERPOLATIONS)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelcontract import EvalSpec
 from tests.training.images import TINY_LABELS, write_image_folder
 from training.data import DatasetError, ImageDataset, load_dataset, stratified_split
-from training.spec import EvalSpec
 from training.transforms import eval_transform
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from modelcontract import INPUT_NAME, MODEL_FILENAME
 from tests.training.images import write_image_folder
 from training.checkpoint import CHECKPOINT_FILENAME, load_checkpoint
 from training.config import RunConfig
@@ -78,10 +79,10 @@ def test_two_gloo_processes_run_both_phases_and_publish_one_verified_version(
 
     model, checkpoint = load_checkpoint(version / CHECKPOINT_FILENAME)
     images = checkpoint["parity_inputs"]
-    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(version / MODEL_FILENAME), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = torch.softmax(model(images), dim=1).numpy()
-    logits = session.run(None, {"input": images.numpy()})[0]
+    logits = session.run(None, {INPUT_NAME: images.numpy()})[0]
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), dim=1).numpy(), expected, atol=1e-4)
 
 

@@ -1,8 +1,9 @@
-"""The exporter: one verified ONNX file with a symbolic batch axis and the convserve metadata."""
+"""The exporter: one verified ONNX file with a symbolic batch axis and the contract's metadata."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +14,24 @@ import pytest
 import torch
 from PIL import Image
 
-from modelcontract import METADATA_KEY, version_numbers
+from modelcontract import (
+    INPUT_NAME,
+    MODEL_FILENAME,
+    ONNX_OPSET,
+    OUTPUT_NAME,
+    SCHEMA_VERSION,
+    EvalSpec,
+    ModelMetadata,
+    version_numbers,
+)
 from tests.training.images import TINY_LABELS, preprocess
+from training.backbones import create_model
 from training.export import ExportParityError, export_onnx, next_version_dir
-from training.spec import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, EvalSpec
-
-CONTRACT_KEYS = {
-    "labels", "input_shape", "mean", "std", "resize_size", "interpolation", "backbone", "val_accuracy",
-    "parity_max_abs_diff", "created", "input_name", "output_name", "opset", "num_classes",
-}  # fmt: skip
+from training.modelfile import read_metadata
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_batch: torch.Tensor, tiny_spec: EvalSpec):
-    from training.backbones import create_model
-
     torch.manual_seed(0)
     model = create_model("lenet5", num_classes=len(TINY_LABELS), pretrained=False)
     version_dir = next_version_dir(tmp_path_factory.mktemp("repo") / "tiny")
@@ -45,7 +49,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_batch: torch.Tensor,
 
 
 def _session(version_dir: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(version_dir / MODEL_FILENAME), providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("batch_size", [1, 17])
@@ -63,9 +67,9 @@ def test_exported_model_answers_any_batch_size_like_pytorch(
 
 def test_exported_file_is_single_checked_onnx_with_symbolic_batch(exported: Any) -> None:
     _, version_dir, _ = exported
-    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx"]
-    onnx.checker.check_model(str(version_dir / "model.onnx"), full_check=True)
-    proto = onnx.load(str(version_dir / "model.onnx"))
+    assert sorted(p.name for p in version_dir.iterdir()) == [MODEL_FILENAME]
+    onnx.checker.check_model(str(version_dir / MODEL_FILENAME), full_check=True)
+    proto = onnx.load(str(version_dir / MODEL_FILENAME))
     assert all(init.data_location == onnx.TensorProto.DEFAULT for init in proto.graph.initializer)
     assert {op.domain: op.version for op in proto.opset_import}[""] == ONNX_OPSET
     session = _session(version_dir)
@@ -78,15 +82,24 @@ def test_exported_file_is_single_checked_onnx_with_symbolic_batch(exported: Any)
 
 def test_metadata_round_trips_through_onnxruntime(exported: Any, tiny_spec: EvalSpec) -> None:
     _, version_dir, metadata = exported
-    stored = json.loads(_session(version_dir).get_modelmeta().custom_metadata_map[METADATA_KEY])
-    assert stored == metadata
-    assert set(stored) >= CONTRACT_KEYS
-    assert stored["labels"] == list(TINY_LABELS) and stored["num_classes"] == len(TINY_LABELS)
-    assert stored["input_shape"] == [3, 32, 32] and stored["resize_size"] == tiny_spec.resize_size
-    assert stored["mean"] == list(tiny_spec.mean) and stored["interpolation"] == "bilinear"
-    assert stored["backbone"] == "lenet5" and stored["val_accuracy"] == 0.5 and stored["run"] == "test"
-    assert 0 <= stored["parity_max_abs_diff"] <= 1e-4
-    assert stored["created"].endswith("Z") and stored["opset"] == ONNX_OPSET
+    session = _session(version_dir)
+    stored = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "the export")
+    assert stored == metadata == read_metadata(version_dir / MODEL_FILENAME)
+    assert stored.labels == tuple(TINY_LABELS) and stored.num_classes == len(TINY_LABELS)
+    assert stored.eval_spec == tiny_spec and stored.input_shape == (3, 32, 32)
+    assert stored.backbone == "lenet5" and stored.val_accuracy == 0.5 and stored.precision == "fp32"
+    assert stored.extra == {"run": "test"} and stored.schema_version == SCHEMA_VERSION
+    assert stored.parity_max_abs_diff is not None and 0 <= stored.parity_max_abs_diff <= 1e-4
+    assert stored.created is not None and stored.created.endswith("Z")
+    assert (stored.input_name, stored.output_name, stored.opset) == (INPUT_NAME, OUTPUT_NAME, ONNX_OPSET)
+
+
+def test_extra_metadata_may_not_override_the_contract(exported: Any) -> None:
+    _, _, metadata = exported
+    with pytest.raises(ValueError, match=r"may not override contract fields \['labels'\]"):
+        replace(metadata, extra={"labels": ["x"]})
+    # What the contract writes for the extra fields is plain JSON, next to its own.
+    assert json.loads(metadata.to_props()[next(iter(metadata.to_props()))])["run"] == "test"
 
 
 class _ExportDiffers(torch.nn.Module):

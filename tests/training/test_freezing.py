@@ -10,14 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from modelcontract import EvalSpec
 from tests.training.images import TINY_LABELS, write_image_folder
-from training.backbones import Classifier, create_model
+from training.backbones import create_model
+from training.classifier import Classifier
 from training.config import RunConfig
 from training.data import ImageDataset, load_dataset
 from training.distributed import Ranks
 from training.finetune import warmup_cosine
 from training.freezing import freeze_base, group_index, parameter_groups, top_groups, unfreeze_top
-from training.spec import EvalSpec
 from training.trainer import Trainer
 from training.transforms import Augmentation, train_transform
 

@@ -23,29 +23,30 @@ code with static SAME padding and eps 1e-3, converted from the TF-Lite checkpoin
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
+from torchvision import models
 
+from modelcontract import INPUT_NAME, MODEL_FILENAME, EvalSpec, ModelMetadata
 from tests.training.images import photo, preprocess
-from training.backbones import IMAGENET_MEAN, IMAGENET_STD, create_model
-from training.imagenet import imagenet_eval_spec
+from training.backbone_defaults import IMAGENET_MEAN, IMAGENET_STD
+from training.backbones import create_model
+from training.imagenet import imagenet_efficientnet_lite0, imagenet_eval_spec, imagenet_labels
 from training.pretrained import (
     WeightsUnavailableError,
-    imagenet_efficientnet_lite0,
-    imagenet_labels,
     load_pretrained,
     map_by_order,
     packaged_efficientnet_lite0_path,
     read_state_dict,
 )
-from training.spec import EvalSpec
 
 CAT_CLASSES = [281, 282, 285]  # tabby, tiger cat, Egyptian cat
 ESPRESSO = 967
@@ -148,8 +149,6 @@ def test_weights_file_loads_by_name_into_a_fresh_model(tmp_path: Path, suffix: s
     path = tmp_path / f"weights{suffix}"
     state = {f"module.{k}": v for k, v in trained.base.state_dict().items()}
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state}, path)
@@ -172,8 +171,6 @@ def test_missing_weights_fail_with_the_way_out() -> None:
 
 @pytest.mark.slow
 def test_pretrained_command_exports_a_servable_imagenet_model(tmp_path: Path) -> None:
-    import onnxruntime as ort
-
     out = tmp_path / "models" / "efficientnet_lite0_imagenet"
     done = subprocess.run(
         [sys.executable, "-m", "training", "pretrained", "--out", str(out)],
@@ -183,18 +180,15 @@ def test_pretrained_command_exports_a_servable_imagenet_model(tmp_path: Path) ->
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    session = ort.InferenceSession(str(out / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    metadata = json.loads(session.get_modelmeta().custom_metadata_map["convserve"])
-    spec = EvalSpec((224, 224), metadata["resize_size"], metadata["interpolation"],
-                    tuple(metadata["mean"]), tuple(metadata["std"]))  # fmt: skip
-    logits = session.run(None, {"input": preprocess([photo("chelsea")], spec).numpy()})[0]
-    assert metadata["labels"][int(logits.argmax())] in {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
-    assert metadata["backbone"] == "efficientnet_lite0" and metadata["num_classes"] == 1000
+    session = ort.InferenceSession(str(out / "1" / MODEL_FILENAME), providers=["CPUExecutionProvider"])
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "the exported model")
+    assert metadata.eval_spec == imagenet_eval_spec()
+    logits = session.run(None, {INPUT_NAME: preprocess([photo("chelsea")], metadata.eval_spec).numpy()})[0]
+    assert metadata.labels[int(logits.argmax())] in {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
+    assert metadata.backbone == "efficientnet_lite0" and metadata.num_classes == 1000
 
 
 def test_torchvision_full_model_weights_load_into_the_headless_base(tmp_path: Path) -> None:
-    from torchvision import models
-
     torch.manual_seed(2)
     full = models.alexnet(weights=None)  # features.* plus the FC classifier the base does not have
     torch.save(full.state_dict(), tmp_path / "alexnet.pth")

@@ -11,13 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from modelcontract import METADATA_KEY, complete_versions
+from modelcontract import INPUT_NAME, MODEL_FILENAME, OUTPUT_NAME, ModelMetadata, complete_versions
 from service.models.runtime import load_model
 from tests.tinymodel import TINY_SPEC, export_tiny
 from tests.training.images import TINY_LABELS, photo, preprocess, write_image_folder
 from training.cli import main
-from training.quantize import depthwise_weights, quantize_file
-from training.spec import INPUT_NAME, OUTPUT_NAME
+from training.qdq import depthwise_weights, quantize_file
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +26,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "models" / "tiny", write_image_folder(root / "data")
 
 
-def _metadata(path: Path) -> dict[str, object]:
+def _metadata(path: Path) -> ModelMetadata:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    result: dict[str, object] = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
-    return result
+    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +49,11 @@ def test_quantize_publishes_int8_next_version_the_service_serves(
 ) -> None:
     model_dir, data = repository
     version = int8_version
-    metadata = _metadata(version / "model.onnx")
-    assert metadata["precision"] == "int8"
-    assert metadata["calibration"] == {"source": str(data), "images": 12, "method": "MinMax"}
-    assert metadata["labels"] == list(TINY_LABELS)
+    metadata = _metadata(version / MODEL_FILENAME)
+    assert metadata.precision == "int8"
+    assert metadata.extra["calibration"] == {"source": str(data), "images": 12, "method": "MinMax"}
+    assert metadata.labels == tuple(TINY_LABELS)
+    assert metadata.eval_spec == _metadata(model_dir / "1" / MODEL_FILENAME).eval_spec
     report = json.loads((version / "quantize.json").read_text())
     comparison = report["comparison"]
     assert comparison["images"] == 6  # the folder's validation split: 2 of each class's 8 images
@@ -62,8 +61,8 @@ def test_quantize_publishes_int8_next_version_the_service_serves(
     assert report["bytes"]["int8"] < report["bytes"]["fp32"]
     assert report["throughput"] is None  # --throughput-seconds 0 skips it
 
-    served = load_model(version / "model.onnx", ["CPUExecutionProvider"], intra_op_threads=1)
-    fp32 = load_model(model_dir / "1" / "model.onnx", ["CPUExecutionProvider"], intra_op_threads=1)
+    served = load_model(version / MODEL_FILENAME, ["CPUExecutionProvider"], intra_op_threads=1)
+    fp32 = load_model(model_dir / "1" / MODEL_FILENAME, ["CPUExecutionProvider"], intra_op_threads=1)
     batch = preprocess([photo("chelsea"), photo("coffee")], TINY_SPEC).numpy()
     logits = served.run(batch)
     assert logits.shape == (2, len(TINY_LABELS)) and np.isfinite(logits).all()
@@ -103,7 +102,7 @@ def test_quantize_on_sample_photos_reports_agreement_and_throughput(repository: 
         assert set(speed["images_per_second"][precision]) == {"1", "8"}
         assert min(speed["images_per_second"][precision].values()) > 0
     assert set(speed["int8_speedup"]) == {"1", "8"}
-    assert _metadata(version / "model.onnx")["calibration"] == {
+    assert _metadata(version / MODEL_FILENAME).extra["calibration"] == {
         "source": "skimage:photos",
         "images": 16,
         "method": "MinMax",

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelcontract import MODEL_FILENAME
 from tests.training.images import write_image_folder
 from training.checkpoint import CHECKPOINT_FILENAME
 from training.config import RunConfig
@@ -101,7 +102,7 @@ def test_cli_resumes_and_says_how_when_data_is_missing(uninterrupted: Path, tmp_
     # A finished run has nothing left to train: resuming it publishes its best epoch again.
     assert done.returncode == 0, done.stderr[-3000:]
     assert "nothing left to train" in done.stderr and not re.search(r"epoch \d+/\d+:", done.stderr)
-    assert (tmp_path / "1" / "model.onnx").is_file()
+    assert (tmp_path / "1" / MODEL_FILENAME).is_file()
     missing = subprocess.run(
         [sys.executable, "-m", "training", "fit", "--out", str(tmp_path)],
         capture_output=True,

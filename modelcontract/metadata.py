@@ -1,0 +1,262 @@
+"""The metadata a model carries inside its ONNX file: one typed object, its JSON form and its checks.
+
+The ONNX file's `metadata_props` hold one key, `METADATA_KEY`, whose value is the JSON of
+`ModelMetadata.to_json()`. Training builds a `ModelMetadata` and writes `to_props()`; the service and
+the tools read it back with `ModelMetadata.from_props`, which refuses anything that does not follow
+the contract with a message naming the field, what it should be, and the file it came from.
+
+`SCHEMA_VERSION` numbers the layout. A reader accepts every version up to its own (a file without
+the field predates it and is version 1) and refuses newer ones, so a layout change is detected at load
+time instead of being half-understood. Raise it when a field changes meaning or becomes required.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from modelcontract.transform import EvalSpec
+
+METADATA_KEY = "convserve"
+"""The one `metadata_props` key of an ONNX file that holds the metadata JSON."""
+SCHEMA_VERSION = 1
+"""Version of the metadata layout this code writes and the newest it reads."""
+
+# The JSON keys, each written and read only here.
+_SCHEMA_VERSION = "schema_version"
+_LABELS = "labels"
+_NUM_CLASSES = "num_classes"
+_INPUT_SHAPE = "input_shape"
+_RESIZE_SIZE = "resize_size"
+_INTERPOLATION = "interpolation"
+_MEAN = "mean"
+_STD = "std"
+_BACKBONE = "backbone"
+_PRECISION = "precision"
+_VAL_ACCURACY = "val_accuracy"
+_PARITY = "parity_max_abs_diff"
+_CREATED = "created"
+_INPUT_NAME = "input_name"
+_OUTPUT_NAME = "output_name"
+_OPSET = "opset"
+_REQUIRED = (_LABELS, _INPUT_SHAPE, _MEAN, _STD, _RESIZE_SIZE, _INTERPOLATION)
+CONTRACT_FIELDS = frozenset(
+    {
+        _SCHEMA_VERSION, _LABELS, _NUM_CLASSES, _INPUT_SHAPE, _RESIZE_SIZE, _INTERPOLATION, _MEAN, _STD,
+        _BACKBONE, _PRECISION, _VAL_ACCURACY, _PARITY, _CREATED, _INPUT_NAME, _OUTPUT_NAME, _OPSET,
+    }
+)  # fmt: skip
+"""The keys `ModelMetadata` owns; anything else in the JSON is kept in `extra`."""
+
+
+class MetadataError(ValueError):
+    """A model's metadata is missing or does not follow the contract."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a model file says about itself: its labels, its evaluation transform, where it came from."""
+
+    labels: tuple[str, ...]
+    """Class names, in the order of the logits."""
+    eval_spec: EvalSpec
+    """The evaluation transform the model was validated with; serving rebuilds it from here."""
+    backbone: str = "unknown"
+    """Architecture name the model was built from (e.g. efficientnet_lite0)."""
+    precision: str = "fp32"
+    """Numeric precision of the weights: fp32, or int8 for a quantized variant."""
+    val_accuracy: float | None = None
+    """Top-1 accuracy on the validation split, a fraction in [0, 1]; None when not measured."""
+    parity_max_abs_diff: float | None = None
+    """Largest absolute softmax difference between PyTorch and ONNX Runtime at export."""
+    created: str | None = None
+    """When the file was written, ISO 8601 UTC."""
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    opset: int = ONNX_OPSET
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Further JSON fields (quantization details, weights origin, ...), kept and written back as they are."""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if not self.labels or not all(isinstance(label, str) for label in self.labels):
+            raise ValueError(f"{_LABELS!r} must be a non-empty list of strings, got {list(self.labels)!r}")
+        if self.val_accuracy is not None and not 0.0 <= self.val_accuracy <= 1.0:
+            raise ValueError(
+                f"{_VAL_ACCURACY!r} must be a fraction in [0, 1] or null, got {self.val_accuracy}"
+            )
+        clashes = sorted(CONTRACT_FIELDS & set(self.extra))
+        if clashes:
+            raise ValueError(f"extra metadata may not override contract fields {clashes}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one input image."""
+        height, width = self.eval_spec.input_size
+        return (3, height, width)
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter image side in pixels after resizing, before the center crop."""
+        return self.eval_spec.resize_size
+
+    @property
+    def interpolation(self) -> str:
+        return self.eval_spec.interpolation
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.eval_spec.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.eval_spec.std
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata as the JSON object stored in the file (contract fields first, then `extra`)."""
+        spec = self.eval_spec
+        return {
+            _SCHEMA_VERSION: self.schema_version,
+            _LABELS: list(self.labels),
+            _NUM_CLASSES: self.num_classes,
+            _INPUT_SHAPE: list(self.input_shape),
+            _RESIZE_SIZE: spec.resize_size,
+            _INTERPOLATION: spec.interpolation,
+            _MEAN: list(spec.mean),
+            _STD: list(spec.std),
+            _BACKBONE: self.backbone,
+            _PRECISION: self.precision,
+            _VAL_ACCURACY: self.val_accuracy,
+            _PARITY: self.parity_max_abs_diff,
+            _CREATED: self.created,
+            _INPUT_NAME: self.input_name,
+            _OUTPUT_NAME: self.output_name,
+            _OPSET: self.opset,
+            **self.extra,
+        }
+
+    def to_props(self) -> dict[str, str]:
+        """The ONNX `metadata_props` entries that carry this metadata (`onnx.helper.set_model_props`)."""
+        return {METADATA_KEY: json.dumps(self.to_json())}
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str) -> ModelMetadata:
+        """Parse and check the metadata among an ONNX file's `metadata_props`; `source` names the file."""
+        return cls.from_json(props.get(METADATA_KEY), source)
+
+    @classmethod
+    def from_json(cls, text: str | None, source: str) -> ModelMetadata:
+        """Parse and check the metadata JSON (None: the file has none); `source` goes into error messages."""
+        if text is None:
+            raise MetadataError(
+                f"{source} has no {METADATA_KEY!r} metadata; export it with `python -m training export` "
+                "so it carries its labels and preprocessing"
+            )
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MetadataError(f"{source}: {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise MetadataError(f"{source}: {METADATA_KEY!r} metadata must be a JSON object")
+        try:
+            return _from_dict(raw)
+        except ValueError as exc:
+            raise MetadataError(f"{source}: {exc}") from exc
+
+
+def _from_dict(raw: dict[str, Any]) -> ModelMetadata:
+    """The checked `ModelMetadata` of a metadata JSON object; ValueError naming the first bad field."""
+    version = raw.get(_SCHEMA_VERSION, 1)
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{_SCHEMA_VERSION!r} must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{METADATA_KEY!r} metadata has schema version {version}, newer than the {SCHEMA_VERSION} this "
+            "code reads; upgrade convserve to serve this model, or export it with this version"
+        )
+    missing = sorted(set(_REQUIRED) - set(raw))
+    if missing:
+        raise ValueError(f"{METADATA_KEY!r} metadata lacks {missing}")
+    labels = raw[_LABELS]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{_LABELS!r} must be a non-empty list of strings")
+    if _NUM_CLASSES in raw and raw[_NUM_CLASSES] != len(labels):
+        raise ValueError(f"{_NUM_CLASSES!r} is {raw[_NUM_CLASSES]!r} but there are {len(labels)} labels")
+    shape = raw[_INPUT_SHAPE]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)):
+        raise ValueError(f"{_INPUT_SHAPE!r} must be three positive integers, got {shape!r}")
+    if shape[0] != 3:
+        raise ValueError(f"{_INPUT_SHAPE!r} must be [3, H, W] (RGB), got {shape}")
+    resize_size = raw[_RESIZE_SIZE]
+    if not _is_int(resize_size) or resize_size < 1:
+        raise ValueError(f"{_RESIZE_SIZE!r} must be a positive integer, got {resize_size!r}")
+    spec = EvalSpec(
+        input_size=(shape[1], shape[2]),
+        resize_size=resize_size,
+        interpolation=_string(raw, _INTERPOLATION, None),
+        mean=_triple(raw, _MEAN),
+        std=_triple(raw, _STD),
+    )
+    return ModelMetadata(
+        labels=tuple(labels),
+        eval_spec=spec,
+        backbone=_string(raw, _BACKBONE, "unknown"),
+        precision=_string(raw, _PRECISION, "fp32"),
+        val_accuracy=_optional_number(raw, _VAL_ACCURACY),
+        parity_max_abs_diff=_optional_number(raw, _PARITY),
+        created=raw[_CREATED] if isinstance(raw.get(_CREATED), str) else None,
+        input_name=_string(raw, _INPUT_NAME, INPUT_NAME),
+        output_name=_string(raw, _OUTPUT_NAME, OUTPUT_NAME),
+        opset=_positive_int(raw, _OPSET, ONNX_OPSET),
+        extra={key: value for key, value in raw.items() if key not in CONTRACT_FIELDS},
+        schema_version=version,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _string(raw: dict[str, Any], key: str, default: str | None) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {value!r}")
+    return value
+
+
+def _optional_number(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise ValueError(f"{key!r} must be a finite number or null, got {value!r}")
+    return float(value)
+
+
+def _positive_int(raw: dict[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _triple(raw: dict[str, Any], key: str) -> tuple[float, float, float]:
+    value = raw[key]
+    if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)):
+        raise ValueError(f"{key!r} must be three finite numbers, got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))

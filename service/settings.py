@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import onnxruntime
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.models.repository import VersionPolicy
+from service.versionpolicy import VersionPolicy
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -27,17 +28,11 @@ PROVIDER_ALIASES = {
 }
 
 
-def _known_providers() -> list[str]:
-    import onnxruntime
-
-    return list(onnxruntime.get_all_providers())
-
-
 def normalize_provider(name: str) -> str:
     """Map a short alias (`cuda`, `cpu`, ...) or an ONNX Runtime provider name to the ORT name."""
     cleaned = name.strip()
     canonical = PROVIDER_ALIASES.get(cleaned.lower(), cleaned)
-    known = _known_providers()
+    known = list(onnxruntime.get_all_providers())
     if canonical not in known:
         raise ValueError(
             f"unknown execution provider {cleaned!r} in CONVSERVE_PROVIDERS; use a comma-separated list "
@@ -131,7 +126,7 @@ class Settings(BaseSettings):
     """Batches of one model version computed at once, a count (Triton's instance count); on a CPU,
     N instances with INTRA_OP_THREADS=cores/N avoid the per-operator thread barrier."""
     workers: int = Field(default=1, ge=1)
-    """Uvicorn worker processes, a count; each loads its own model copy and keeps its own metrics."""
+    """Uvicorn worker processes, a count; each loads its own model copy, and `/metrics` reports them all."""
     client_error_delay_s: float = Field(default=0.05, ge=0.0, le=5.0)
     """Pause before every 4xx answer, in seconds (0 = none): a client that keeps sending requests the
     server refuses gets at most 1/delay answers a second per connection, at no CPU cost."""

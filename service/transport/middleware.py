@@ -32,7 +32,7 @@ from service.metrics import Metrics
 from service.textsafety import printable
 from service.transport.body_budget import BodyBudget
 
-logger = logging.getLogger("service.transport.access")
+logger = logging.getLogger("service.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

@@ -10,8 +10,9 @@ import pytest
 from modelcontract import complete_versions
 from service.errors import StartupError
 from service.lifecycle import check_repository
-from service.models.repository import VersionPolicy, list_models, scan
-from service.settings import Settings
+from service.models.repository import list_models, scan
+from service.versionpolicy import VersionPolicy
+from tests.tinymodel import tiny_settings
 
 
 def add_version(root: Path, name: str, version: str, source: Path, complete: bool = True) -> None:
@@ -59,23 +60,20 @@ def test_bad_version_policies_name_the_accepted_forms(text: str) -> None:
 def test_several_models_are_all_served_unless_a_list_is_given(tmp_path: Path, tiny_model_path: Path) -> None:
     add_version(tmp_path, "flowers", "1", tiny_model_path)
     add_version(tmp_path, "digits", "1", tiny_model_path)
-    assert check_repository(Settings(model_repository=tmp_path, providers=["cpu"])) == ["digits", "flowers"]
-    chosen = Settings(model_repository=tmp_path, providers=["cpu"], models="flowers")
+    assert check_repository(tiny_settings(tmp_path)) == ["digits", "flowers"]
+    chosen = tiny_settings(tmp_path, models="flowers")
     assert check_repository(chosen) == ["flowers"]
 
 
 def test_unknown_models_and_empty_repositories_say_how_to_fix_them(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
-    def settings(**fields: object) -> Settings:
-        return Settings(providers=["cpu"], **fields)  # type: ignore[arg-type]
-
     with pytest.raises(StartupError, match=r"does not exist.*python -m training pretrained"):
-        check_repository(settings(model_repository=tmp_path / "nowhere"))
+        check_repository(tiny_settings(tmp_path / "nowhere"))
     with pytest.raises(StartupError, match="holds no model"):
-        check_repository(settings(model_repository=tmp_path))
+        check_repository(tiny_settings(tmp_path))
     add_version(tmp_path, "flowers", "1", tiny_model_path)
     with pytest.raises(StartupError, match=r"CONVSERVE_MODELS names \['roses'\].*available: \['flowers'\]"):
-        check_repository(settings(model_repository=tmp_path, models="roses"))
+        check_repository(tiny_settings(tmp_path, models="roses"))
     with pytest.raises(StartupError, match=r"'roses' \(CONVSERVE_MODEL_NAME\).*available: \['flowers'\]"):
-        check_repository(settings(model_repository=tmp_path, model_name="roses"))
+        check_repository(tiny_settings(tmp_path, model_name="roses"))

@@ -1,12 +1,12 @@
 # syntax=docker/dockerfile:1
 #
-# Three stages:
-#   requirements - the `train` and `serve` dependency lists, read from pyproject.toml, so that the install
-#                  layers are cached on those lists rather than on the whole file (dev tools, linter
-#                  settings and the version change often; the dependencies rarely).
-#   model        - CPU-only torch; runs the same `python -m training pretrained` that `make serve` runs, so
-#                  the image always carries a working default model (built at build time, never at run time).
-#   runtime      - NVIDIA CUDA + cuDNN base, only the `serve` extra (no torch, no training code), non-root.
+# Two stages, both installing from the lock files in requirements/ (`make lock`): exact versions, and
+# pip refuses any file whose sha256 the lock does not list, so an image built next month holds what CI
+# tested today. Each lock is copied alone before the source, so its install layer stays cached until
+# that lock changes.
+#   model    - CPU-only torch; runs the same `python -m training pretrained` that `make serve` runs, so
+#              the image always carries a working default model (built at build time, never at run time).
+#   runtime  - NVIDIA CUDA + cuDNN base, only the `serve` extra (no torch, no training code), non-root.
 #
 # GPU:  docker compose up                       (see docker-compose.yml)
 # CPU:  docker compose -f docker-compose.yml -f docker-compose.cpu.yml up
@@ -21,21 +21,13 @@ ARG RUNTIME_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 ARG BUILD_BASE=python:3.11-slim-bookworm
 
 ############################################################################################
-FROM ${BUILD_BASE} AS requirements
-
-WORKDIR /requirements
-COPY pyproject.toml deploy/docker/requirements.py ./
-RUN python requirements.py pyproject.toml train > train.txt \
-    && python requirements.py pyproject.toml serve > serve.txt
-
-############################################################################################
 FROM ${BUILD_BASE} AS model
 
 # The `train` extra pins torch==2.14.1 / torchvision==0.29.1. From PyPI those are the CUDA builds,
 # which drag in ~4 GB of nvidia-* and triton wheels (3.2 GB + 0.9 GB installed) that this stage never
-# uses: it only exports one model on the CPU. So the CPU builds of the same versions are installed first from PyTorch's CPU wheel index; the
-# `pip install ".[train]"` that follows sees 2.14.1+cpu as satisfying ==2.14.1 (PEP 440 ignores the
-# local "+cpu" label) and keeps them.
+# uses: it only exports one model on the CPU. So the CPU builds of the same versions come first, from
+# PyTorch's CPU wheel index. They are pinned by version only: the lock's hashes are those of PyPI's
+# files, which the "+cpu" builds are not.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
@@ -49,12 +41,13 @@ WORKDIR /build
 RUN pip install --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# Dependencies first (cached until the train extra's list changes), then the source. The export runs
+# The rest of the train extra, locked without torch, torchvision and torch's CUDA libraries
+# (requirements/no-cuda-overrides.txt). The lock lists every other package, so nothing is resolved
+# (--no-deps); installing it also moves torch's own dependencies, which came from the CPU index, to the
+# locked versions, and `pip check` then proves the whole set consistent, torch included. The export runs
 # the training package from this directory: it is not installed, so only training/ changes re-run it.
-COPY --from=requirements /requirements/train.txt ./
-# DL3013 (pin pip versions) does not apply: the pins are pyproject.toml's.
-# hadolint ignore=DL3013
-RUN pip install -r train.txt
+COPY requirements/train.txt ./
+RUN pip install --no-deps --require-hashes -r train.txt && pip check
 
 # modelcontract/ is the torch-free model contract training and serving both import.
 COPY modelcontract/ modelcontract/
@@ -86,17 +79,18 @@ RUN apt-get update \
 
 WORKDIR /opt/convserve/src
 
-# Dependency layer: rebuilt only when the serve extra's list changes (see the requirements stage).
-COPY --from=requirements /requirements/serve.txt ./
-# hadolint ignore=DL3013
-RUN pip install -r serve.txt
+# Dependency layer: rebuilt only when the serve lock changes. Dependencies are resolved (not --no-deps):
+# in hash-checking mode pip then refuses a dependency the lock does not list, so an incomplete lock fails
+# here instead of at import. The lock serves this base's Python 3.12 as well as the 3.11 stand-in:
+# requirements/lock.sh checks that both resolve to the same pins, and it lists every file's hash.
+COPY requirements/serve.txt ./
+RUN pip install --require-hashes -r serve.txt
 
-# The service source, installed without touching the cached dependencies.
+# The service source, installed without touching the locked dependencies.
 COPY pyproject.toml README.md ./
 COPY modelcontract/ modelcontract/
 COPY service/ service/
-# hadolint ignore=DL3013
-RUN pip install --no-deps ".[serve]"
+RUN pip install --no-deps .
 
 # The default model from the build stage. The service reads CONVSERVE_MODEL_REPOSITORY; compose mounts
 # the host's ./models read-only at /app/models, and setting CONVSERVE_MODEL_REPOSITORY=models in .env

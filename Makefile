@@ -6,36 +6,43 @@ MODEL_REPOSITORY ?= models
 DEFAULT_MODEL ?= efficientnet_lite0_imagenet
 
 # Build arguments of the image test (make image-test BUILD_BASE=...): the CPU variant's real bases and
-# PyTorch's CPU index. Where they cannot be pulled or reached, the test uses the local stand-ins of
-# ../shared/tools/docker-offline-bases.sh and PyPI's torch, and says so.
+# PyTorch's CPU index. Where they cannot be pulled or reached, the test uses locally built stand-in
+# bases and PyPI's torch, and says so.
 BUILD_BASE ?= python:3.11-slim-bookworm
 RUNTIME_BASE ?= ubuntu:24.04
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL
 
-.PHONY: help serve test lint typecheck pytest image-test bench bench-quick model tools clean
+.PHONY: help serve test lint typecheck pytest image-test bench bench-quick model tools lock docs clean
 
 help:
 	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
 	@echo "make test   - set up the venv, then lint, type-check and run the whole test suite"
 	@echo "make image-test - build the CPU image and test the running container (needs a Docker daemon)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
+	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
+	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-# One stamp per extra set, so a change to pyproject.toml reinstalls.
-$(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[serve,train]"
+# The venv holds exactly the lock (requirements/dev.txt: versions pinned, every file's hash checked),
+# then the project itself without dependencies, so nothing is resolved anew on the day of the install.
+# tests/deploy/test_deploy_lockfiles.py fails when the lock no longer satisfies pyproject.toml: `make lock`.
+$(VENV)/.stamp-lock: requirements/dev.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --no-deps -e .
+	$(BIN)/pip check
 	touch $@
 
-$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[dev]"
-	touch $@ $(VENV)/.stamp-run
+# Regenerates requirements/*.txt from pyproject.toml (see requirements/lock.sh); LOCK_FLAGS=--upgrade
+# moves every pin to the newest release the ranges allow.
+lock: $(VENV)/.stamp-lock
+	UV=$(BIN)/uv LOCK_FLAGS="$(LOCK_FLAGS)" bash requirements/lock.sh
 
 # Builds the default model only when the repository holds no model at all.
-model: $(VENV)/.stamp-run
+model: $(VENV)/.stamp-lock
 	@if [ -z "$$(find $(MODEL_REPOSITORY) -name model.onnx 2>/dev/null | head -n 1)" ]; then \
 		$(BIN)/python -m training pretrained --out $(MODEL_REPOSITORY)/$(DEFAULT_MODEL); \
 	else echo "model repository $(MODEL_REPOSITORY)/ already holds a model; not rebuilding"; fi
@@ -53,33 +60,40 @@ tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl >/dev/null) \
 		|| echo "NOTE: could not install kubectl; the Kubernetes manifest tests will be skipped"; }
 
-lint: $(VENV)/.stamp-dev
+lint: $(VENV)/.stamp-lock
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(VENV)/.stamp-dev
+typecheck: $(VENV)/.stamp-lock
 	$(BIN)/mypy
 
-pytest: $(VENV)/.stamp-dev tools
+pytest: $(VENV)/.stamp-lock tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
 # The image test alone. `make test` runs it too (inside pytest) when a Docker daemon answers, and
 # otherwise reports it skipped with how to enable it.
-image-test: $(VENV)/.stamp-dev
+image-test: $(VENV)/.stamp-lock
 	$(BIN)/pytest -m image tests/deploy
 
-bench: $(VENV)/.stamp-dev model
+bench: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks
 
-bench-quick: $(VENV)/.stamp-dev model
+bench-quick: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks --quick
 
 # Hostile files and clients, 2x overload, slow clients and SIGTERM under load against a real server (~5 min).
 .PHONY: soak
-soak: $(VENV)/.stamp-dev model
+soak: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks --robustness
+
+# The generated parts of docs/: the configuration reference from the Settings class, and the figures
+# blocks from benchmarks/results/*.json (nothing is measured). tests/docs checks they are current.
+docs: $(VENV)/.stamp-lock
+	$(BIN)/python docs/generate.py
+	$(BIN)/python -m benchmarks --report-only --update-docs yes
+	$(BIN)/python -m benchmarks --robustness --report-only --update-docs yes
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

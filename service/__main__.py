@@ -23,7 +23,7 @@ from service.metrics import MULTIPROCESS_DIR_ENV
 from service.models.runtime import limit_malloc_arenas
 from service.settings import Settings
 from service.transport.access import Credentials
-from service.transport.server import Server, check_tls, uvicorn_options
+from service.transport.server import Server, check_tls, check_uvicorn_hooks, uvicorn_options
 
 logger = logging.getLogger("service")
 
@@ -51,6 +51,7 @@ def main() -> None:
         names = check_repository(settings)
         Credentials.from_settings(settings)  # token files readable and strong
         check_tls(settings)
+        check_uvicorn_hooks()  # a uvicorn outside the pinned range must not drop request limits silently
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         raise SystemExit(2) from None

@@ -1,7 +1,7 @@
 """Every Prometheus collector of the service, built in one place on a registry that is passed in.
 
-Tests give each app a fresh `CollectorRegistry`, so nothing leaks between them. Names follow the
-issue's contract exactly (base units, `_seconds`, `_total`).
+Tests give each app a fresh `CollectorRegistry`, so nothing leaks between them. Names follow
+Prometheus' conventions (base units, `_seconds`, `_total`) and are documented in docs/operations.md.
 
 With several uvicorn workers, each process only sees its own events, so `python -m service` gives the
 workers prometheus-client's multiprocess mode (a fresh `PROMETHEUS_MULTIPROC_DIR` per start): every
@@ -34,6 +34,8 @@ REJECT_REASONS = (
 )
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus-client's own switch: set before the workers start, it puts every process's values there."""
+# prometheus-client's own file names for the live gauges of one process (gauge_livesum_<pid>.db, ...): an
+# internal, hence the pinned range in pyproject.toml and tests/service/test_library_internals.py.
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -26,18 +26,21 @@ The app hands its limits to the protocol through the lifespan state (`Connection
 `LIMITS_STATE_KEY`), which uvicorn gives every connection: the same path works for one process and
 for several workers, and without a lifespan (tests' in-process client) nothing changes.
 
-This module is the one place that relies on uvicorn internals (tested on uvicorn 0.30.0 and 0.55.0):
+This module is the one place that relies on uvicorn internals (the uvicorn range pyproject.toml pins):
 the `HttpToolsProtocol` methods it overrides (the httptools parser callbacks `on_message_begin`,
 `on_header`, `on_headers_complete`, `on_body`, `on_message_complete`, plus `on_response_complete` and
 `shutdown`) and the attributes `app`, `app_state`, `connections`, `cycle` (with `response_complete`),
 `parser`, `server_state`, `transport`, `loop` and `client`. It also relies on httptools calling
 `on_chunk_header` and `on_chunk_complete` on a protocol that has them, which uvicorn's has not.
-tests/service/test_request_heads.py fails if any of this changes.
+An override uvicorn stopped calling would drop its limit silently, so `python -m service` refuses to
+start when one is missing (`uvicorn_hook_problems`); tests/service/test_library_internals.py and
+tests/service/test_request_heads.py fail if any of this changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -54,6 +57,8 @@ FREE_CHUNKS = 256
 MIN_CHUNK_BYTES = 256
 """Average chunk payload a chunked body must keep past `FREE_CHUNKS`, in bytes (clients send 8-64 KiB)."""
 _BLANK_LINE = b"\r\n\r\n"  # ends a head; the parser refuses bare-LF heads, so no other ending exists
+# httptools calls these on any protocol that defines them; uvicorn's does not, so they override nothing.
+HTTPTOOLS_CALLBACKS = frozenset({"on_chunk_header", "on_chunk_complete"})
 
 
 @dataclass(frozen=True)
@@ -363,3 +368,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
+
+
+def uvicorn_hook_problems(protocol: type[HttpToolsProtocol] = GuardedHttpToolsProtocol) -> list[str]:
+    """What the installed uvicorn lacks for `protocol`'s overrides to take effect.
+
+    Every public method the class defines (httptools' chunk callbacks aside) must still exist on
+    `HttpToolsProtocol` with the same parameters: uvicorn never calls an override of a method it renamed,
+    and the limit that override enforces would silently stop applying. Empty when all is in place.
+    """
+    problems = []
+    for name, override in vars(protocol).items():
+        if name.startswith("_") or name in HTTPTOOLS_CALLBACKS or not callable(override):
+            continue
+        base = getattr(HttpToolsProtocol, name, None)
+        if not callable(base):
+            problems.append(f"HttpToolsProtocol.{name} is gone")
+            continue
+        expected = list(inspect.signature(override).parameters)
+        if list(inspect.signature(base).parameters) != expected:
+            problems.append(f"HttpToolsProtocol.{name}{inspect.signature(base)} no longer takes {expected}")
+    return problems

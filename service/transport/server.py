@@ -15,7 +15,7 @@ import uvicorn
 
 from service.errors import StartupError
 from service.settings import Settings
-from service.transport.protocol import GuardedHttpToolsProtocol
+from service.transport.protocol import GuardedHttpToolsProtocol, uvicorn_hook_problems
 
 # Extra seconds uvicorn waits for open requests on shutdown beyond the request timeout.
 _SHUTDOWN_MARGIN_S = 5.0
@@ -62,6 +62,30 @@ def check_tls(settings: Settings) -> None:
         ) from None
 
 
+def check_uvicorn_hooks() -> None:
+    """Stop the start (`StartupError`) when the installed uvicorn lacks a hook the service overrides.
+
+    Each would fail silently otherwise: a protocol override uvicorn no longer calls drops a request
+    limit, and a signal list `Server` no longer clears turns a clean stop into exit status 143.
+    """
+    problems = uvicorn_hook_problems()
+    if not callable(getattr(uvicorn.Server, "capture_signals", None)):
+        problems.append("uvicorn.Server.capture_signals is gone")
+    probe = uvicorn.Server(uvicorn.Config(app=_no_app, log_config=None))
+    if not isinstance(getattr(probe, "_captured_signals", None), list):
+        problems.append("uvicorn.Server instances no longer have the `_captured_signals` list")
+    if problems:
+        raise StartupError(
+            f"uvicorn {uvicorn.__version__} lacks what service/transport relies on: {'; '.join(problems)}; "
+            "install the versions of requirements/serve.txt (pip install --require-hashes -r "
+            "requirements/serve.txt), or adapt service/transport to this uvicorn"
+        )
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the probe server of check_uvicorn_hooks never serves")
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, exiting 0 after a signal-initiated graceful shutdown.
 
@@ -72,6 +96,7 @@ class Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        # uvicorn internals: `check_uvicorn_hooks` refuses to start if either is gone.
         with super().capture_signals():
             yield
             self._captured_signals.clear()  # reached only when serving ended without an exception

@@ -1,4 +1,5 @@
-"""Paths of the deployment files and a Compose-aware YAML loader, shared by the tests in this folder."""
+"""Paths of the deployment files, a Compose-aware YAML loader and a lock-file reader, shared by the tests
+in this folder."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "convserve.json"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 HEALTHCHECK_SCRIPT = REPO_ROOT / "deploy" / "healthcheck.py"
+REQUIREMENTS_DIR = REPO_ROOT / "requirements"
+DEV_LOCK = REQUIREMENTS_DIR / "dev.txt"
+SERVE_LOCK = REQUIREMENTS_DIR / "serve.txt"
+TRAIN_LOCK = REQUIREMENTS_DIR / "train.txt"
 
 PROMTOOL_MISSING = "promtool is not installed (Debian package `prometheus`; `make tools` installs it)"
 
@@ -149,3 +154,44 @@ def stages(text: str) -> dict[str, Stage]:
 
 def arg_defaults(text: str) -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.MULTILINE))
+
+
+# --- lock files (requirements/*.txt) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockedPackage:
+    """One requirement of a lock file: `name==version`, with the sha256 of each file it may install."""
+
+    name: str  # normalized: lower case, runs of "-_." as one "-"
+    version: str
+    hashes: tuple[str, ...]
+
+
+def lock_entries(path: Path) -> dict[str, LockedPackage]:
+    """The requirements of a pip lock file (uv or pip-compile output), by normalized name."""
+    entries: dict[str, LockedPackage] = {}
+    for requirement in _joined_requirement_lines(path.read_text(encoding="utf-8")):
+        spec, *options = requirement.split(" --")
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(\S+)", spec.split(";")[0].strip())
+        assert match, f"{path.name}: {spec!r} is not pinned as name==version; regenerate it with `make lock`"
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        hashes = tuple(o.removeprefix("hash=sha256:") for o in options if o.startswith("hash=sha256:"))
+        entries[name] = LockedPackage(name, match.group(3), hashes)
+    return entries
+
+
+def _joined_requirement_lines(text: str) -> list[str]:
+    """Requirement lines with backslash continuations joined; comments and blank lines dropped."""
+    joined: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    return joined

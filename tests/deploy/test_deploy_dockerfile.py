@@ -1,26 +1,27 @@
-"""The Dockerfile: hadolint-clean, and built the way issue 4 and the README describe."""
+"""The Dockerfile: hadolint-clean, installing from the lock files, built the way the README describes."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import tomllib
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 from deployfiles import (
     COMPOSE_CPU_FILE,
+    DEV_LOCK,
     DOCKERFILE,
     DOCKERIGNORE,
     REPO_ROOT,
     Stage,
     arg_defaults,
     load_compose,
+    lock_entries,
     stages,
     venv_tool,
 )
+from onnxruntime.capi import build_and_package_info as ort_build
 
 
 @pytest.fixture(scope="module")
@@ -56,51 +57,52 @@ def test_hadolint_flags_a_known_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout
 
 
-def test_build_is_multi_stage_with_requirements_model_and_runtime_stages(
-    build_stages: dict[str, Stage],
-) -> None:
-    assert list(build_stages) == ["requirements", "model", "runtime"]
+def test_build_is_multi_stage_with_model_and_runtime_stages(build_stages: dict[str, Stage]) -> None:
+    assert list(build_stages) == ["model", "runtime"]
 
 
-def test_requirements_stage_writes_the_lists_the_other_stages_install(build_stages: dict[str, Stage]) -> None:
-    runs = " ".join(build_stages["requirements"].runs())
-    for extra in ("train", "serve"):
-        assert f"python requirements.py pyproject.toml {extra} > {extra}.txt" in runs
-        stage = build_stages["model" if extra == "train" else "runtime"]
-        copied = stage.index_of(f"COPY --from=requirements /requirements/{extra}.txt ./")
-        assert copied < stage.index_of(f"RUN pip install -r {extra}.txt")
+def test_each_stage_installs_its_lock_file_before_copying_any_source(build_stages: dict[str, Stage]) -> None:
+    # The lock is copied alone, so the install layer is cached until the lock itself changes.
+    for name, lock, install, source in (
+        (
+            "model",
+            "train.txt",
+            "RUN pip install --no-deps --require-hashes -r train.txt && pip check",
+            "COPY training/",
+        ),
+        ("runtime", "serve.txt", "RUN pip install --require-hashes -r serve.txt", "COPY service/"),
+    ):
+        stage = build_stages[name]
+        copied = stage.index_of(f"COPY requirements/{lock} ./")
+        assert (
+            copied < stage.index_of(install) < stage.index_of("COPY modelcontract/") < stage.index_of(source)
+        )
+        before = stage.instructions[:copied]
+        assert not any("requirements.py" in i or "pyproject.toml" in i for i in before), (
+            f"the {name} stage must install from requirements/{lock}, not from lists read from pyproject.toml"
+        )
 
 
-def test_requirements_script_lists_the_base_dependencies_and_the_extra() -> None:
-    sys.path.insert(0, str(REPO_ROOT / "deploy" / "docker"))
-    try:
-        from requirements import requirements  # type: ignore[import-not-found]
-    finally:
-        sys.path.pop(0)
-    text = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    project = tomllib.loads(text)["project"]
-    serve = requirements(text, ["serve"])
-    assert serve == project["dependencies"] + project["optional-dependencies"]["serve"]
-    assert not any(line.startswith("torch") for line in serve)
-    assert "torch==2.14.1" in requirements(text, ["train"])
-    with pytest.raises(SystemExit, match="unknown extra"):
-        requirements(text, ["servee"])
-
-
-def test_model_stage_installs_cpu_torch_before_the_train_extra(
+def test_model_stage_installs_cpu_torch_of_the_locked_version_before_the_train_lock(
     build_stages: dict[str, Stage], dockerfile_text: str
 ) -> None:
     model = build_stages["model"]
     runs = model.runs()
     torch_install = next(n for n, r in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in r)
-    train_install = runs.index("pip install -r train.txt")
+    train_install = next(n for n, r in enumerate(runs) if "-r train.txt" in r)
     assert torch_install < train_install
     args = arg_defaults(dockerfile_text)
     assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
-    # The CPU wheels must be the versions the train extra pins, or pip would replace them with CUDA ones.
-    requirements = metadata.requires("convserve") or []
-    assert f'torch=={args["TORCH_VERSION"]}; extra == "train"' in requirements
-    assert f'torchvision=={args["TORCHVISION_VERSION"]}; extra == "train"' in requirements
+    # The CPU wheels must be the versions make and CI test (requirements/dev.txt) and the train extra pins.
+    dev = lock_entries(DEV_LOCK)
+    train_extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]["train"]
+    for package, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        assert dev[package].version == args[arg], (
+            f"Dockerfile ARG {arg}={args[arg]}, requirements/dev.txt locks {package}=={dev[package].version}"
+        )
+        assert f"{package}=={args[arg]}" in train_extra
 
 
 def test_model_stage_builds_the_default_model_with_the_makefile_command(
@@ -121,10 +123,6 @@ def test_runtime_stage_uses_cuda_13_with_cudnn_matching_onnxruntime_gpu(dockerfi
     base = arg_defaults(dockerfile_text)["RUNTIME_BASE"]
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu24\.04", base)
     assert match, f"runtime base should be a pinned nvidia/cuda cudnn-runtime tag, got {base}"
-    try:
-        from onnxruntime.capi import build_and_package_info as ort_build
-    except ImportError:
-        pytest.skip("onnxruntime is not importable here; cannot compare its CUDA build version")
     if getattr(ort_build, "package_name", "") != "onnxruntime-gpu":
         pytest.skip("the CPU-only onnxruntime wheel is installed here (not Linux x86_64)")
     assert ort_build.cuda_version.split(".")[0] == match.group(1), (
@@ -133,21 +131,20 @@ def test_runtime_stage_uses_cuda_13_with_cudnn_matching_onnxruntime_gpu(dockerfi
     )
 
 
-def test_runtime_stage_installs_only_the_serve_extra_with_dependencies_cached_before_source(
+def test_runtime_stage_installs_only_the_serve_lock_with_dependencies_cached_before_source(
     build_stages: dict[str, Stage],
 ) -> None:
     runtime = build_stages["runtime"]
     text = "\n".join(runtime.instructions)
     assert "[train]" not in text and "torch" not in text and "COPY training" not in text
-    deps = runtime.index_of("RUN pip install -r serve.txt")
+    assert "train.txt" not in text and "dev.txt" not in text
+    deps = runtime.index_of("RUN pip install --require-hashes -r serve.txt")
     # pyproject.toml and the README come after the dependency layer: editing them does not reinstall.
     assert (
         deps
         < runtime.index_of("COPY pyproject.toml README.md ./")
         < runtime.index_of("COPY service/ service/")
-    )
-    assert runtime.index_of("COPY service/ service/") < runtime.index_of(
-        'RUN pip install --no-deps ".[serve]"'
+        < runtime.index_of("RUN pip install --no-deps .")
     )
 
 

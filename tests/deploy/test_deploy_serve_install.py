@@ -1,13 +1,16 @@
 """The runtime image's install and start steps, replayed without Docker.
 
 test_deploy_image.py builds the real image where a Docker daemon answers; this replay needs none and runs
-everywhere. It does what the Dockerfile's runtime stage does, step for step: a fresh
-virtual environment; the stage's `COPY` and `pip install` instructions, read from the Dockerfile and run in
-order in a scratch directory; then `python -m service` from that environment on a tiny model, probed with
-the image's healthcheck, and stopped with SIGTERM as `docker stop` does. A broken install step, a missing
-runtime dependency or a service that needs torch fails here instead of in a user's build.
+everywhere. It does what the Dockerfile's runtime stage does, step for step: a fresh virtual environment;
+the stage's `COPY` and `pip install` instructions (the serve lock, then the project), read from the
+Dockerfile and run in order in a scratch directory; then `python -m service` from that environment on a
+tiny model, probed with the image's healthcheck, and stopped with SIGTERM as `docker stop` does. A broken
+install step, a lock that misses a runtime dependency or a service that needs torch fails here instead of
+in a user's build.
 
-Slow: it installs the serve extra from the package index into a new environment (~40 s, ~500 MB).
+Slow the first time only: the serve lock's wheels (~300 MB) are downloaded once into a wheelhouse outside
+the repository (`CONVSERVE_WHEELHOUSE`, default ~/.cache/convserve/wheelhouse), hash-checked against the
+lock; each run then installs from there with the package index switched off.
 """
 
 from __future__ import annotations
@@ -19,25 +22,28 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import venv
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deployfiles import DOCKERFILE, HEALTHCHECK_SCRIPT, REPO_ROOT, stages
-from livetestserver import export_tiny_model, free_port
+from deployfiles import DOCKERFILE, HEALTHCHECK_SCRIPT, REPO_ROOT, SERVE_LOCK, stages
+
+from tests.liveserver import free_port
+from tests.tinymodel import export_tiny_model
 
 pytestmark = pytest.mark.slow
 
 INSTALL_WORKDIR = "/opt/convserve/src"
-REQUIREMENTS_WORKDIR = "/requirements"
 START_TIMEOUT_S = 180.0
+PIP_TIMEOUT_S = 900
 
 
-def stage_steps(name: str, workdir: str) -> list[str]:
-    """A stage's instructions from `WORKDIR workdir` up to the next WORKDIR."""
-    stage = stages(DOCKERFILE.read_text(encoding="utf-8"))[name]
-    start = stage.index_of(f"WORKDIR {workdir}") + 1
+def runtime_install_steps() -> list[str]:
+    """The runtime stage's instructions from `WORKDIR /opt/convserve/src` up to the next WORKDIR."""
+    stage = stages(DOCKERFILE.read_text(encoding="utf-8"))["runtime"]
+    start = stage.index_of(f"WORKDIR {INSTALL_WORKDIR}") + 1
     steps = []
     for instruction in stage.instructions[start:]:
         if instruction.startswith("WORKDIR "):
@@ -46,17 +52,66 @@ def stage_steps(name: str, workdir: str) -> list[str]:
     return steps
 
 
-def runtime_install_steps() -> list[str]:
-    """The runtime stage's instructions from `WORKDIR /opt/convserve/src` up to the next WORKDIR."""
-    return stage_steps("runtime", INSTALL_WORKDIR)
+def wheelhouse_dir() -> Path:
+    configured = os.environ.get("CONVSERVE_WHEELHOUSE")
+    if configured:
+        return Path(configured)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "convserve" / "wheelhouse"
 
 
-def replay(steps: list[str], workdir: Path, environment: Path, stage_dirs: dict[str, Path]) -> None:
-    """Run COPY (from the repository, or from an earlier stage replayed into `stage_dirs`) and RUN (with
-    the new environment first on PATH) in `workdir`."""
+def pip_download(wheelhouse: Path, *, offline: bool) -> str | None:
+    """Put the serve lock's files and the project's build backend into `wheelhouse` (offline: only check
+    that they are all there); pip's error output if that failed, else None. pip checks every file of the
+    lock against its hashes either way."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    index = ["--no-index", "--find-links", str(wheelhouse)] if offline else []
+    for arguments in (
+        ["--require-hashes", "-r", str(SERVE_LOCK)],
+        # `pip install --no-deps .` builds the project in an isolated environment that needs these.
+        ["--no-deps", *pyproject["build-system"]["requires"]],
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--dest",
+                str(wheelhouse),
+                *index,
+                *arguments,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=PIP_TIMEOUT_S,
+            check=False,
+        )
+        if result.returncode != 0:
+            return result.stderr
+    return None
+
+
+def filled_wheelhouse() -> Path:
+    """The wheelhouse, after downloading what the lock needs and it does not hold yet (on the first run
+    after a lock change); otherwise nothing is fetched."""
+    wheelhouse = wheelhouse_dir()
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    if pip_download(wheelhouse, offline=True) is not None:
+        failure = pip_download(wheelhouse, offline=False)
+        assert failure is None, f"could not fill the wheelhouse {wheelhouse}:\n{failure}"
+    return wheelhouse
+
+
+def replay(steps: list[str], workdir: Path, environment: Path, wheelhouse: Path) -> None:
+    """Run COPY (from the repository) and RUN (with the new environment first on PATH, and pip reading
+    only the wheelhouse) in `workdir`."""
     env = {
         "PATH": f"{environment / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheelhouse),
     }
     for step in steps:
         keyword, _, rest = step.partition(" ")
@@ -64,13 +119,9 @@ def replay(steps: list[str], workdir: Path, environment: Path, stage_dirs: dict[
             *sources, destination = shlex.split(rest)
             if os.path.isabs(destination):
                 continue  # files placed outside the install directory (models, healthcheck) are not needed
-            origin = REPO_ROOT
-            if sources[0].startswith("--from="):
-                stage = sources.pop(0).removeprefix("--from=")
-                origin = stage_dirs[stage]  # its files are named by absolute paths inside the stage
-                sources = [source.removeprefix(REQUIREMENTS_WORKDIR + "/") for source in sources]
+            assert not sources[0].startswith("--from="), f"the install steps copy from another stage: {step}"
             for source in sources:
-                copy_into(origin / source, workdir / destination)
+                copy_into(REPO_ROOT / source, workdir / destination)
         elif keyword == "RUN":
             result = subprocess.run(
                 rest,
@@ -79,7 +130,7 @@ def replay(steps: list[str], workdir: Path, environment: Path, stage_dirs: dict[
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=900,
+                timeout=PIP_TIMEOUT_S,
                 check=False,
             )
             assert result.returncode == 0, (
@@ -99,23 +150,24 @@ def copy_into(source: Path, destination: Path) -> None:
 @pytest.fixture(scope="module")
 def runtime_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A new environment holding what the runtime stage installs, removed afterwards (it is large)."""
+    wheelhouse = filled_wheelhouse()
     root = tmp_path_factory.mktemp("runtime-image")
     environment = root / "venv"
     venv.create(environment, with_pip=True)
-    workdir, requirements = root / "src", root / "requirements"
+    workdir = root / "src"
     workdir.mkdir()
-    requirements.mkdir()
     try:
-        replay(stage_steps("requirements", REQUIREMENTS_WORKDIR), requirements, environment, {})
-        replay(runtime_install_steps(), workdir, environment, {"requirements": requirements})
+        replay(runtime_install_steps(), workdir, environment, wheelhouse)
         yield environment
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_runtime_install_steps_are_the_serve_extra_commands() -> None:
+def test_runtime_install_steps_are_the_serve_lock_then_the_project() -> None:
     runs = [step for step in runtime_install_steps() if step.startswith("RUN ")]
-    assert runs == ["RUN pip install -r serve.txt", 'RUN pip install --no-deps ".[serve]"']
+    assert runs == ["RUN pip install --require-hashes -r serve.txt", "RUN pip install --no-deps ."]
+    copies = [step for step in runtime_install_steps() if step.startswith("COPY ")]
+    assert copies[0] == "COPY requirements/serve.txt ./"
 
 
 def test_runtime_environment_has_the_service_but_no_torch_or_training(runtime_environment: Path) -> None:

@@ -4,7 +4,8 @@ Also quantizes a copy of the model to INT8 and serves that, and profiles the ser
 (`--servers` without `int8`, `--no-profile` to skip them).
 
 Writes the results JSON (`--output`), a Markdown table and a PNG plot next to it, and — for full runs —
-regenerates the performance table between the README's perf-table markers.
+regenerates the generated block of docs/performance.md. `--report-only` rewrites the Markdown and the
+docs block from an existing results JSON without measuring.
 
 `python -m benchmarks --robustness` (`make soak`) instead sends the service hostile files, twice its
 capacity, slow clients, SIGTERM under load and one hostile client beside a normal one, and writes
@@ -17,15 +18,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from benchmarks.plan import full_plan, quick_plan
-from benchmarks.report import render_markdown, update_readme, write_json
-from benchmarks.robustness import PHASES
-from benchmarks.runner import RunConfig, run, shell_command
+from benchmarks.common.docblock import MissingMarkersError
+from benchmarks.common.results import read_json, write_json
+from benchmarks.performance.plan import full_plan, quick_plan
+from benchmarks.performance.plot import write_plot
+from benchmarks.performance.report import PERFORMANCE_DOC, plot_link, render_markdown, write_docs_block
+from benchmarks.performance.runner import RunConfig, run, shell_command
+from benchmarks.robustness.cli import report_from_arguments, run_from_arguments
+from benchmarks.robustness.phases import PHASES
 
 log = logging.getLogger("benchmarks")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = Path("benchmarks/results/latest.json")
 ALL_SERVERS = ("ceiling", "service", "unbatched", "instances", "naive", "int8")
 
 
@@ -92,15 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: benchmarks/results/latest.json, or robustness.json with --robustness)",
     )
     output_group.add_argument(
-        "--readme", type=Path, default=REPO_ROOT / "README.md", help="README whose perf table to regenerate"
+        "--doc",
+        "--readme",
+        type=Path,
+        help="document whose generated block to regenerate (default: docs/performance.md, or "
+        "docs/robustness.md with --robustness)",
     )
     output_group.add_argument(
+        "--update-docs",
         "--update-readme",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="regenerate the README table (with --robustness: the block of docs/robustness.md): auto = "
-        "for full runs only, so a quick run never replaces the figures of record; with --robustness, for "
-        "runs of every phase against this checkout (default: auto)",
+        help="regenerate the document's generated block: auto = for full runs only, so a quick run "
+        "never replaces the figures of record; with --robustness, for runs of every phase against this "
+        "checkout (default: auto)",
+    )
+    output_group.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the Markdown next to the results JSON (--output) and the "
+        "document's generated block from that JSON (with --robustness: the robustness JSON)",
     )
     return parser
 
@@ -160,8 +178,24 @@ def _add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-with",
         type=Path,
         help="an earlier robustness JSON whose figures go in the Markdown's `before` column "
-        "(default: benchmarks/results/robustness-before.json, the service before issue 8, if present)",
+        "(default: benchmarks/results/robustness-before.json, the service before its hardening, if present)",
     )
+
+
+def _write_reports(results: dict[str, Any], output: Path, args: argparse.Namespace) -> None:
+    """The Markdown next to the JSON and, for a full run (or `--update-docs yes`), the docs block."""
+    markdown_path = output.with_suffix(".md")
+    markdown_path.write_text(render_markdown(results, plot_link(output.with_suffix(".png"), markdown_path)))
+    log.info("wrote %s", markdown_path)
+    doc: Path = args.doc or REPO_ROOT / PERFORMANCE_DOC
+    if args.update_docs == "yes" or (args.update_docs == "auto" and results.get("mode") == "full"):
+        try:
+            changed = write_docs_block(results, output, doc)
+        except MissingMarkersError as error:
+            raise SystemExit(f"the results are written, but not the docs block: {error}") from None
+        log.info("%s the performance block in %s", "regenerated" if changed else "no change to", doc)
+    else:
+        log.info("%s not touched (quick run); pass --update-docs yes to write it anyway", doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.robustness:
-        from benchmarks.robustness_cli import run_from_arguments
-
+        if args.report_only:
+            return report_from_arguments(args, REPO_ROOT)
         return run_from_arguments(args, shell_command(argv), REPO_ROOT, _parse_env(args.set))
+    output: Path = args.output or DEFAULT_OUTPUT
+    if args.report_only:
+        _write_reports(read_json(output), output, args)
+        return 0
     servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
     unknown = sorted(set(servers) - set(ALL_SERVERS))
     if unknown:
@@ -190,29 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         int8_model=args.int8_model,
     )
     plan = quick_plan() if args.quick else full_plan()
-    output: Path = args.output or Path("benchmarks/results/latest.json")
     results = run(config, plan, output)
-
-    from benchmarks.plot import write_plot
-
     plot_path = output.with_suffix(".png")
     write_plot(results, plot_path)
-    readme_dir = args.readme.resolve().parent
-    try:
-        results["plot"] = str(plot_path.resolve().relative_to(readme_dir))
-    except ValueError:
-        results["plot"] = str(plot_path.resolve())
+    results["plot"] = str(plot_path)
     write_json(results, output)
-    markdown = render_markdown(results)
-    output.with_suffix(".md").write_text(markdown)
-    log.info("wrote %s, %s and %s", output, output.with_suffix(".md"), plot_path)
-    if args.update_readme == "yes" or (args.update_readme == "auto" and not args.quick):
-        if update_readme(args.readme, markdown):
-            log.info("regenerated the performance table in %s", args.readme)
-    else:
-        log.info("README not touched (quick run); pass --update-readme yes to write it anyway")
+    log.info("wrote %s and %s", output, plot_path)
+    if results.get("ceiling_valid") is False:
+        log.error("INVALID run: %s", results["ceiling_invalid_reason"])
+    _write_reports(results, output, args)
     for target in results["targets"]:
-        log.info("target %-55s measured %-8s met %s", target["target"], target["measured"], target["met"])
+        met = "INVALID" if target.get("invalid") else target["met"]
+        log.info("target %-55s measured %-8s met %s", target["target"], target["measured"], met)
     return 0
 
 

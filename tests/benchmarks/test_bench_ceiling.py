@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from benchmarks.ceiling import CeilingPlan, measure_ceiling, measure_pipeline
-from benchmarks.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.common.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.performance.ceiling import CeilingPlan, ceiling_spread, measure_ceiling, measure_pipeline
 from modelcontract.transform import EvalTransform
 from service.inference.preprocessing import ImagePreprocessor
 
@@ -92,15 +92,38 @@ def test_ceiling_measures_every_configuration_and_picks_the_best(
         single_image_runs=6,
         seconds_per_measurement=0.2,
         confirm_seconds=0.2,
+        confirm_configurations=2,
+        confirm_repeats=2,
     )
     result = measure_ceiling(lambda threads: _session(model_path, threads), "input", PREPROCESS, photos, plan)
     assert len(result["pipeline"]) == 2 * 2 * 2
     assert len(result["ort_only"]) == 2 * 2
-    best = max(result["pipeline"], key=lambda entry: entry["img_per_s"])
-    assert result["grid_best_img_per_s"] == best["img_per_s"] > 0
+    grid_best = max(result["pipeline"], key=lambda entry: entry["img_per_s"])
+    assert result["grid_best_img_per_s"] == grid_best["img_per_s"] > 0
+    # The grid's two best configurations, twice each, interleaved.
+    confirmed = result["confirmations"]
+    assert [row["repeat"] for row in confirmed] == [1, 1, 2, 2]
+    assert confirmed[0]["batch_size"] == grid_best["batch_size"]
+    # The ceiling is the best window of all, grid and repeats, with its configuration's spread.
+    windows = [*result["pipeline"], *confirmed]
+    best = max(windows, key=lambda entry: entry["img_per_s"])
+    assert result["ceiling_img_per_s"] == best["img_per_s"] >= result["grid_best_img_per_s"]
     assert result["best_batch_size"] == best["batch_size"]
-    assert result["ceiling_img_per_s"] > 0  # the winner measured again
+    spread = result["ceiling_spread"]
+    assert spread["windows"] == 3  # one grid window and two repeats
+    assert spread["max_img_per_s"] == result["ceiling_img_per_s"]
+    assert 0 <= spread["relative_spread"] < 1
     assert 0 < result["single_image_p50_ms"] <= result["single_image_p99_ms"]
+
+
+def test_ceiling_spread_is_relative_to_the_best_window() -> None:
+    assert ceiling_spread([80.8, 139.7, 120.0]) == {
+        "windows": 3,
+        "min_img_per_s": 80.8,
+        "max_img_per_s": 139.7,
+        "relative_spread": 0.422,
+    }
+    assert ceiling_spread([])["relative_spread"] is None
 
 
 def test_pipeline_feeds_whole_batches_of_preprocessed_images(model_path: Path, photos: list[Photo]) -> None:

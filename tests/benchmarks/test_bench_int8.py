@@ -13,11 +13,12 @@ from typing import Any
 import onnx
 import pytest
 
-from benchmarks.ceiling import CeilingPlan
-from benchmarks.int8 import given_variant
-from benchmarks.plan import BenchPlan, LevelTiming
-from benchmarks.report import render_markdown
-from benchmarks.runner import RunConfig, run
+from benchmarks.common.loadgen import Window
+from benchmarks.performance.ceiling import CeilingPlan
+from benchmarks.performance.int8 import given_variant
+from benchmarks.performance.plan import BenchPlan
+from benchmarks.performance.report import render_markdown
+from benchmarks.performance.runner import RunConfig, run
 from modelcontract import METADATA_KEY, complete_versions
 from tests.tinymodel import export_tiny
 
@@ -26,7 +27,7 @@ LABELS = ["cat", "dog", "fish"]
 
 
 def _plan() -> BenchPlan:
-    timing = LevelTiming(warmup_s=0.2, duration_s=1.0, max_requests=300)
+    timing = Window(warmup_s=0.2, duration_s=1.0, max_requests=300)
     return BenchPlan(
         mode="quick",
         concurrency_levels=(1,),

@@ -11,9 +11,10 @@ from dataclasses import asdict
 
 import pytest
 
-from benchmarks import hostile_requests
-from benchmarks.hostile_inputs import case_named
-from benchmarks.hostile_requests import (
+from benchmarks.common.processes import LOOPBACK
+from benchmarks.robustness import hostile_requests
+from benchmarks.robustness.hostile_inputs import case_named
+from benchmarks.robustness.hostile_requests import (
     CLASSES,
     HostileSizes,
     HttpRequest,
@@ -24,8 +25,8 @@ from benchmarks.hostile_requests import (
     requests_for,
     send_trickled,
 )
-from benchmarks.interference import InterferencePlan, measure_interference
-from benchmarks.processes import LOOPBACK, ServerProcess
+from benchmarks.robustness.interference import InterferencePlan, measure_interference
+from tests.liveserver import ServiceProcess
 
 SMALL = HostileSizes(
     header_value_bytes=64 * 1024,
@@ -104,6 +105,7 @@ def test_trickled_head_arrives_in_pieces_and_stops_when_answered() -> None:
     pause_s, chunk, answer_after = 0.02, 1024, 8 * 1024
     head = TrickledHead("big", b"GET / HTTP/1.1\r\nX-Filler: " + b"a" * 2**20)
     received: list[int] = []
+    client_closed = asyncio.Event()
 
     async def answer_431_then_count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
@@ -113,6 +115,7 @@ def test_trickled_head_arrives_in_pieces_and_stops_when_answered() -> None:
                     writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
                 total += len(data)
         received.append(total)  # the client has closed, having read the answer
+        client_closed.set()
         writer.close()
 
     async def run() -> tuple[tuple[int | None, str | None], float]:
@@ -124,10 +127,8 @@ def test_trickled_head_arrives_in_pieces_and_stops_when_answered() -> None:
                 LOOPBACK, port, head, HostileSizes(chunk_bytes=chunk, chunk_pause_s=pause_s), 30.0
             )
             elapsed = time.monotonic() - started
-            for _ in range(500):  # until the handler has seen the client close
-                if received:
-                    break
-                await asyncio.sleep(0.01)
+            # Bounded for a broken build only: a client that never closes fails here, not by hanging.
+            await asyncio.wait_for(client_closed.wait(), timeout=30)
             return result, elapsed
 
     result, elapsed = asyncio.run(run())
@@ -137,7 +138,7 @@ def test_trickled_head_arrives_in_pieces_and_stops_when_answered() -> None:
     assert received and received[0] < len(head.head) // 2  # it stopped writing once answered
 
 
-def test_interference_phase_records_every_key(tiny_server: ServerProcess) -> None:
+def test_interference_phase_records_every_key(tiny_server: ServiceProcess) -> None:
     plan = InterferencePlan(
         normal_requests=5, min_window_s=0.5, window_s=10.0, request_timeout_s=10.0, sizes=SMALL
     )

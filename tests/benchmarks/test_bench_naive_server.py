@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 import pytest
@@ -11,26 +10,25 @@ import skimage.data
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from benchmarks.corpus import encode_jpeg
-from benchmarks.naive_server import create_app, eval_transform, load_torch_model
+from benchmarks.common.corpus import encode_jpeg
+from benchmarks.peers.naive_server import create_app, eval_transform, load_torch_model
+from modelcontract import EvalSpec, ModelMetadata
 from modelcontract.transform import EvalTransform
 from service.inference.preprocessing import ImagePreprocessor
 from training.backbones import create_model
 
-METADATA: dict[str, Any] = {
-    "labels": ["cat", "coffee", "rocket"],
-    "input_shape": [3, 32, 32],
-    "resize_size": 36,
-    "interpolation": "bicubic",
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.25, 0.25, 0.25],
-    "backbone": "lenet5",
-}
+METADATA = ModelMetadata(
+    labels=("cat", "coffee", "rocket"),
+    eval_spec=EvalSpec(
+        input_size=(32, 32), resize_size=36, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3
+    ),
+    backbone="lenet5",
+)
 
 
 def test_naive_server_answers_top_classes_for_a_real_jpeg() -> None:
     model = create_model("lenet5", num_classes=3).eval()
-    app = create_app(model, eval_transform(METADATA), METADATA["labels"])
+    app = create_app(model, eval_transform(METADATA), list(METADATA.labels))
     jpeg = encode_jpeg(Image.fromarray(skimage.data.chelsea()))
     with TestClient(app) as client:
         response = client.post("/predict", files={"file": ("cat.jpg", jpeg, "image/jpeg")})

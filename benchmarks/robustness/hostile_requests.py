@@ -29,8 +29,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from benchmarks.hostile_inputs import HostileCase, cost_probes, hostile_cases
-from benchmarks.overload import error_kind
+from benchmarks.common.loadgen import error_kind
+from benchmarks.robustness.hostile_inputs import HostileCase, cost_probes, hostile_cases
 
 CLASSES: Mapping[str, str] = {
     "request_head": "a multi-MB header, then thousands of headers; each head trickled in small chunks",

@@ -1,7 +1,7 @@
 """Interference: how much one hostile client slows a normal one down.
 
 A normal client sends the reference 2-MP JPEG to `POST /predict`, one request at a time, first to
-an idle server (the baseline), then beside each hostile class of `benchmarks.hostile_requests`. The
+an idle server (the baseline), then beside each hostile class of `benchmarks.robustness.hostile_requests`. The
 hostile client is one sequential client too: it sends its next request as soon as the previous one
 is answered or closed, cycling through its class's requests until the normal client is done (and
 never past its own count and time bounds). Per class: what the hostile requests got, the normal
@@ -33,8 +33,11 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.hostile_inputs import HostileCase
-from benchmarks.hostile_requests import (
+from benchmarks.common.loadgen import client_session
+from benchmarks.common.processes import LOOPBACK, RunningServer, process_alive
+from benchmarks.common.stats import latency_summary_ms
+from benchmarks.robustness.hostile_inputs import HostileCase
+from benchmarks.robustness.hostile_requests import (
     CLASSES,
     HostileRequest,
     HostileSizes,
@@ -47,10 +50,7 @@ from benchmarks.hostile_requests import (
     send_trickled,
     upload,
 )
-from benchmarks.input_cost import CpuClock, MemoryWatch, peak_rss_mb, reset_peak_rss, tree_rss_mb
-from benchmarks.overload import client_session
-from benchmarks.processes import LOOPBACK, ServerProcess
-from benchmarks.stats import latency_summary_ms
+from benchmarks.robustness.input_cost import CpuClock, MemoryWatch, peak_rss_mb, reset_peak_rss, tree_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ READY_TIMEOUT_S = 120.0
 """How long the hostile client may take to build its requests (tens of MB to compress) and start."""
 Sent = tuple[str, int | None, str | None, float]
 """(request label, status or None, client-side error or None, seconds) of one request."""
-ServerOpener = Callable[[], AbstractContextManager[ServerProcess]]
+ServerOpener = Callable[[], AbstractContextManager[RunningServer]]
 """Gives a server that is started on entering and stopped on leaving (a fresh one each call)."""
 
 
@@ -187,14 +187,14 @@ async def discover_v2_target(session: aiohttp.ClientSession, base_url: str, phot
         return V2Target()
 
 
-async def _warm_up(server: ServerProcess, photo: HttpRequest, plan: InterferencePlan) -> V2Target:
+async def _warm_up(server: RunningServer, photo: HttpRequest, plan: InterferencePlan) -> V2Target:
     async with client_session(1, plan.request_timeout_s) as session:
         for _ in range(WARMUP_REQUESTS):  # the first requests allocate pools: not part of any window
-            await send_http(session, server.base_url, photo)
-        return await discover_v2_target(session, server.base_url, photo)
+            await send_http(session, server.url, photo)
+        return await discover_v2_target(session, server.url, photo)
 
 
-async def _normal_client(server: ServerProcess, photo: HttpRequest, plan: InterferencePlan) -> list[Sent]:
+async def _normal_client(server: RunningServer, photo: HttpRequest, plan: InterferencePlan) -> list[Sent]:
     sent: list[Sent] = []
     started = time.monotonic()
     async with client_session(1, plan.request_timeout_s) as session:
@@ -202,7 +202,7 @@ async def _normal_client(server: ServerProcess, photo: HttpRequest, plan: Interf
             len(sent) < plan.normal_requests or elapsed < plan.min_window_s
         ):
             sent_at = time.perf_counter()
-            status, error = await send_http(session, server.base_url, photo)
+            status, error = await send_http(session, server.url, photo)
             sent.append((photo.label, status, error, time.perf_counter() - sent_at))
     return sent
 
@@ -230,7 +230,7 @@ def _hostile_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _window(
-    server: ServerProcess, photo: HttpRequest, plan: InterferencePlan, hostile: HostileSpec | None
+    server: RunningServer, photo: HttpRequest, plan: InterferencePlan, hostile: HostileSpec | None
 ) -> dict[str, Any]:
     """The normal client's run, beside the hostile client of `hostile` (None: alone), and its cost."""
     client = None if hostile is None else HostileClient(hostile)
@@ -282,7 +282,7 @@ async def measure_interference(
         log.info("idle: normal p50/p99 %s", idle["normal_latency_ms"])
         rows = []
         for name in plan.classes:
-            if not server.alive():
+            if not process_alive(server.pid):
                 restarted_before.append(name)
                 stack.close()
                 server = stack.enter_context(open_server())

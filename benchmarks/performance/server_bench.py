@@ -6,18 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from benchmarks.corpus import Photo
-from benchmarks.loadgen import LoadResult, run_concurrency, run_rate
-from benchmarks.plan import LevelTiming
-from benchmarks.processes import ResourceSampler, ServerProcess, rss_mb, thread_cpu_seconds
-from benchmarks.profiling import PySpyRecorder, summarize
-from benchmarks.promtext import scrape, window_means
+from benchmarks.common.corpus import Photo
+from benchmarks.common.loadgen import LoadRun, Window, closed_loop, open_loop
+from benchmarks.common.processes import ResourceSampler, ServerProcess, rss_mb, thread_cpu_seconds
+from benchmarks.common.promtext import scrape, window_means
+from benchmarks.performance.profiling import PySpyRecorder, summarize
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +38,20 @@ class ServerBench:
         self.server_name = server_name
         self.server = server
         self.photos = photos
-        self.url = f"{server.base_url}/predict"
+        self.url = f"{server.url}/predict"
         self.requests_sent = 0
         self.rows: list[dict[str, Any]] = []
         self.description: dict[str, object] = server.describe()
         self.profile_result: dict[str, Any] | None = None
         self.rss_after_all: dict[str, Any] | None = None
 
-    async def _measured(self, load: Any, *, keep: bool = True) -> dict[str, Any]:
-        before = await scrape(self.server.base_url)
+    async def _measured(self, load: Coroutine[Any, Any, LoadRun], *, keep: bool = True) -> dict[str, Any]:
+        before = await scrape(self.server.url)
         client_cpu_before, started = _own_cpu_seconds(), time.perf_counter()
         async with ResourceSampler(self.server.pid) as sampler:
-            result: LoadResult = await load
+            result = (await load).result()
         client_cpu_percent = 100 * (_own_cpu_seconds() - client_cpu_before) / (time.perf_counter() - started)
-        after = await scrape(self.server.base_url)
+        after = await scrape(self.server.url)
         self.requests_sent += result.sent_total
         assert sampler.result is not None
         row = {
@@ -80,26 +79,17 @@ class ServerBench:
             self.rows.append(row)
         return row
 
-    async def concurrency_levels(self, levels: Sequence[int], timing: LevelTiming) -> None:
+    async def concurrency_levels(self, levels: Sequence[int], timing: Window) -> None:
         for level in levels:
-            await self._measured(
-                run_concurrency(
-                    self.url,
-                    self.photos,
-                    level,
-                    duration_s=timing.duration_s,
-                    warmup_s=timing.warmup_s,
-                    max_requests=timing.max_requests,
-                )
-            )
+            await self._measured(closed_loop(self.url, self.photos, level, timing))
 
-    async def profile(self, concurrency: int, timing: LevelTiming, output: Path) -> dict[str, Any]:
+    async def profile(self, concurrency: int, timing: Window, output: Path) -> dict[str, Any]:
         """An extra, unrecorded level under py-spy (sampling costs CPU, so it never feeds the table)."""
         seconds = timing.warmup_s + timing.duration_s
         threads_before = thread_cpu_seconds(self.server.pid)
         async with PySpyRecorder(self.server.pid, seconds, output):
             row = await self._measured(
-                run_concurrency(self.url, self.photos, concurrency, duration_s=seconds, max_requests=10**6),
+                closed_loop(self.url, self.photos, concurrency, Window(duration_s=seconds)),
                 keep=False,
             )
         threads_after = thread_cpu_seconds(self.server.pid)
@@ -117,26 +107,18 @@ class ServerBench:
             **summary,
         }
 
-    async def rates(self, rates: Sequence[float], timing: LevelTiming) -> None:
+    async def rates(self, rates: Sequence[float], timing: Window) -> None:
         for rate in rates:
-            await self._measured(
-                run_rate(
-                    self.url,
-                    self.photos,
-                    rate,
-                    duration_s=timing.duration_s,
-                    warmup_s=timing.warmup_s,
-                    max_requests=timing.max_requests,
-                )
-            )
+            await self._measured(open_loop(self.url, self.photos, rate, timing))
 
     async def soak_until(self, lifetime_requests: int, concurrency: int, max_s: float) -> tuple[int, float]:
         """Send requests until the server has had `lifetime_requests` (or `max_s` passed); (count, RSS MB)."""
         remaining = lifetime_requests - self.requests_sent
         if remaining > 0:
-            result = await run_concurrency(
-                self.url, self.photos, concurrency, duration_s=max_s, max_requests=remaining
+            run = await closed_loop(
+                self.url, self.photos, concurrency, Window(duration_s=max_s, max_requests=remaining)
             )
+            result = run.result()
             self.requests_sent += result.sent_total
             if result.errors:
                 log.warning(

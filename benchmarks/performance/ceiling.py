@@ -8,9 +8,15 @@ preprocessing and an ONNX Runtime session built like the service's:
 - ONNX Runtime alone at several batch sizes and thread counts, on already-preprocessed inputs —
   which batch size the machine likes;
 - the pipeline: a thread pool decodes and preprocesses while the main thread runs batches, so a core
-  is not left idle during decoding (a serial loop understates the machine by ~40 % here). Its best
-  throughput over the grid of batch sizes, ORT threads and decode threads is the ceiling the service
-  is compared with.
+  is not left idle during decoding (a serial loop understates the machine by ~40 % on two cores). It
+  runs over a grid of batch sizes, ORT threads and decode threads; the best configurations are then
+  measured again, several times, interleaved.
+
+The ceiling is the best throughput of all those windows, not a typical one: on shared cores a single
+window can lose a third of its throughput to a neighbour, and a ceiling taken from one unlucky window
+is below what the service then measures. A ceiling must bound the service, so it takes the maximum and
+reports the spread of its configuration's windows beside it; `benchmarks.performance.targets` declares
+the run invalid when a server still beats it.
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.corpus import Photo
-from benchmarks.stats import latency_summary_ms
+from benchmarks.common.corpus import Photo
+from benchmarks.common.stats import latency_summary_ms
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +62,13 @@ class CeilingPlan:
     seconds_per_measurement: float
     """Wall time of each ORT-alone and each pipeline measurement of the grid."""
     confirm_seconds: float
-    """Wall time of the final measurement of the best configuration, which is the ceiling.
-
-    The best of many short noisy measurements is biased upwards (it picks the luckiest window), so
-    the winner is measured again, as long as a service level, and that figure is the ceiling."""
+    """Wall time of each repeated measurement of the grid's best configurations."""
+    confirm_configurations: int = 2
+    """How many of the grid's best pipeline configurations are measured again (the grid's winner may
+    only have had the luckiest window)."""
+    confirm_repeats: int = 2
+    """How many times each of them is measured again, interleaved, so drift on the shared cores
+    reaches every configuration alike."""
 
 
 def measure_single_image(
@@ -170,6 +179,61 @@ def _pipeline_grid(
     return ort_only, pipeline
 
 
+def _configuration(entry: Mapping[str, Any]) -> tuple[int, int, int]:
+    return entry["intra_op_threads"], entry["decode_threads"], entry["batch_size"]
+
+
+def _confirmations(
+    session_factory: SessionFactory,
+    input_name: str,
+    preprocess: Preprocess,
+    photos: Sequence[Photo],
+    *,
+    plan: CeilingPlan,
+    pipeline: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The grid's best `confirm_configurations`, each measured `confirm_repeats` more times, interleaved."""
+    ranked = sorted(pipeline, key=lambda entry: -entry["img_per_s"])[: max(0, plan.confirm_configurations)]
+    sessions = {threads: session_factory(threads) for threads in {e["intra_op_threads"] for e in ranked}}
+    rows = []
+    for repeat in range(plan.confirm_repeats):
+        for entry in ranked:
+            threads, decoders, size = _configuration(entry)
+            rate = measure_pipeline(
+                sessions[threads],
+                input_name,
+                preprocess,
+                photos,
+                batch_size=size,
+                seconds=plan.confirm_seconds,
+                decode_threads=decoders,
+            )
+            rows.append(
+                {
+                    "intra_op_threads": threads,
+                    "decode_threads": decoders,
+                    "batch_size": size,
+                    "repeat": repeat + 1,
+                    "img_per_s": round(rate, 2),
+                }
+            )
+            log.info("ceiling confirmation %s", rows[-1])
+    return rows
+
+
+def ceiling_spread(windows: Sequence[float]) -> dict[str, Any]:
+    """How far apart the windows of one configuration were: min, max and (max - min) / max."""
+    if not windows:
+        return {"windows": 0, "min_img_per_s": None, "max_img_per_s": None, "relative_spread": None}
+    low, high = min(windows), max(windows)
+    return {
+        "windows": len(windows),
+        "min_img_per_s": round(low, 2),
+        "max_img_per_s": round(high, 2),
+        "relative_spread": round((high - low) / high, 3) if high > 0 else None,
+    }
+
+
 def measure_ceiling(
     session_factory: SessionFactory,
     input_name: str,
@@ -177,7 +241,7 @@ def measure_ceiling(
     photos: Sequence[Photo],
     plan: CeilingPlan,
 ) -> dict[str, Any]:
-    """All three measurements; `ceiling_img_per_s` is the grid's best pipeline, measured again.
+    """All three measurements; `ceiling_img_per_s` is the best pipeline window, grid and repeats alike.
 
     The single-image latency uses the service's own thread setting (it is what a request at
     concurrency 1 gets); the grid also tries other intra-op thread counts, because on two cores the
@@ -188,32 +252,27 @@ def measure_ceiling(
         session_factory(0), input_name, preprocess, photos, plan.single_image_runs
     )
     ort_only, pipeline = _pipeline_grid(session_factory, input_name, preprocess, photos, plan)
-    best = max(pipeline, key=lambda entry: entry["img_per_s"])
-    confirmed = measure_pipeline(
-        session_factory(best["intra_op_threads"]),
-        input_name,
-        preprocess,
-        photos,
-        batch_size=best["batch_size"],
-        seconds=plan.confirm_seconds,
-        decode_threads=best["decode_threads"],
+    confirmations = _confirmations(
+        session_factory, input_name, preprocess, photos, plan=plan, pipeline=pipeline
     )
-    log.info(
-        "ceiling: best configuration %s re-measured for %.0f s: %.1f img/s",
-        best,
-        plan.confirm_seconds,
-        confirmed,
-    )
+    best = max([*pipeline, *confirmations], key=lambda entry: entry["img_per_s"])
+    windows = [
+        e["img_per_s"] for e in [*pipeline, *confirmations] if _configuration(e) == _configuration(best)
+    ]
+    spread = ceiling_spread(windows)
+    log.info("ceiling: %.1f img/s with %s; its windows: %s", best["img_per_s"], best, spread)
     result.update(
         {
             "ort_only": ort_only,
             "ort_only_best_img_per_s": max(entry["img_per_s"] for entry in ort_only),
             "pipeline": pipeline,
+            "confirmations": confirmations,
             "best_batch_size": best["batch_size"],
             "best_intra_op_threads": best["intra_op_threads"],
             "best_decode_threads": best["decode_threads"],
-            "grid_best_img_per_s": best["img_per_s"],
-            "ceiling_img_per_s": round(confirmed, 2),
+            "grid_best_img_per_s": max(entry["img_per_s"] for entry in pipeline),
+            "ceiling_img_per_s": best["img_per_s"],
+            "ceiling_spread": spread,
         }
     )
     return result

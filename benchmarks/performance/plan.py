@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks.ceiling import CeilingPlan
+from benchmarks.common.loadgen import Window
+from benchmarks.performance.ceiling import CeilingPlan
 
 CONCURRENCY_LEVELS = (1, 8, 32, 64)
 INT8_CONCURRENCY_LEVELS = (1, 32)
@@ -19,29 +20,17 @@ INT8_CONCURRENCY_LEVELS = (1, 32)
 
 
 @dataclass(frozen=True)
-class LevelTiming:
-    """Timing of one closed- or open-loop level."""
-
-    warmup_s: float
-    """Load applied before measuring (lets queues and thread pools reach steady state), seconds."""
-    duration_s: float
-    """Measured window, seconds."""
-    max_requests: int
-    """Requests started in the window at most; the window closes early when reached."""
-
-
-@dataclass(frozen=True)
 class BenchPlan:
     mode: str
     """"quick" or "full"."""
     concurrency_levels: tuple[int, ...]
-    service_levels: LevelTiming
+    service_levels: Window
     """Timing of the service's concurrency levels (the headline figures)."""
-    baseline_levels: LevelTiming
+    baseline_levels: Window
     """Timing of the batching-off and naive servers' concurrency levels."""
     rate_fractions: tuple[float, ...]
     """Open-loop offered loads as fractions of the service's measured throughput at concurrency 32."""
-    rate_timing: LevelTiming
+    rate_timing: Window
     rates_for_unbatched: bool
     """Also offer the same rates to the batching-off service (equal load, batching on vs off)."""
     rss_checkpoints: tuple[int, ...]
@@ -65,10 +54,10 @@ def quick_plan() -> BenchPlan:
     return BenchPlan(
         mode="quick",
         concurrency_levels=CONCURRENCY_LEVELS,
-        service_levels=LevelTiming(warmup_s=1.0, duration_s=6.0, max_requests=2_000),
-        baseline_levels=LevelTiming(warmup_s=1.0, duration_s=5.0, max_requests=1_000),
+        service_levels=Window(warmup_s=1.0, duration_s=6.0, max_requests=2_000),
+        baseline_levels=Window(warmup_s=1.0, duration_s=5.0, max_requests=1_000),
         rate_fractions=(0.5, 0.9),
-        rate_timing=LevelTiming(warmup_s=1.0, duration_s=5.0, max_requests=2_000),
+        rate_timing=Window(warmup_s=1.0, duration_s=5.0, max_requests=2_000),
         rates_for_unbatched=False,
         rss_checkpoints=(1_000, 2_500),
         rss_soak_concurrency=32,
@@ -79,7 +68,9 @@ def quick_plan() -> BenchPlan:
             decode_threads=(2,),
             single_image_runs=24,
             seconds_per_measurement=2.5,
-            confirm_seconds=6.0,
+            confirm_seconds=4.0,
+            confirm_configurations=2,
+            confirm_repeats=2,
         ),
         notes=[
             "quick run: short windows (6 s service, 5 s baselines) and RSS compared after 1,000 and "
@@ -92,10 +83,10 @@ def full_plan() -> BenchPlan:
     return BenchPlan(
         mode="full",
         concurrency_levels=CONCURRENCY_LEVELS,
-        service_levels=LevelTiming(warmup_s=3.0, duration_s=20.0, max_requests=10_000),
-        baseline_levels=LevelTiming(warmup_s=3.0, duration_s=15.0, max_requests=5_000),
+        service_levels=Window(warmup_s=3.0, duration_s=20.0, max_requests=10_000),
+        baseline_levels=Window(warmup_s=3.0, duration_s=15.0, max_requests=5_000),
         rate_fractions=(0.25, 0.5, 0.75, 0.9),
-        rate_timing=LevelTiming(warmup_s=2.0, duration_s=12.0, max_requests=5_000),
+        rate_timing=Window(warmup_s=2.0, duration_s=12.0, max_requests=5_000),
         rates_for_unbatched=True,
         rss_checkpoints=(1_000, 20_000),
         rss_soak_concurrency=32,
@@ -106,6 +97,8 @@ def full_plan() -> BenchPlan:
             decode_threads=(1, 2),
             single_image_runs=80,
             seconds_per_measurement=4.0,
-            confirm_seconds=20.0,
+            confirm_seconds=10.0,
+            confirm_configurations=2,
+            confirm_repeats=3,
         ),
     )

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.corpus import Photo
-from benchmarks.overload import post_photo
-from benchmarks.stats import latency_summary_ms
+from benchmarks.common.corpus import Photo
+from benchmarks.common.loadgen import post_photo
+from benchmarks.common.stats import latency_summary_ms
 
 PARTIAL_HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris\r\n"

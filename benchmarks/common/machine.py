@@ -6,9 +6,11 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import psutil
 
 _PACKAGES = (
@@ -52,8 +54,6 @@ def _package_versions() -> dict[str, str]:
 
 
 def _onnxruntime_providers() -> list[str]:
-    import onnxruntime
-
     return list(onnxruntime.get_available_providers())
 
 
@@ -89,3 +89,25 @@ def describe_machine(repo: Path) -> dict[str, Any]:
         "git_commit": git_commit(repo),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def other_processes_cpu(sample_s: float = 1.0, min_percent: float = 5.0) -> list[dict[str, Any]]:
+    """Processes outside this benchmark using CPU right now (what else competed for the cores)."""
+    own = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+    processes = [p for p in psutil.process_iter(["name", "cmdline"]) if p.pid not in own]
+    for process in processes:
+        try:
+            process.cpu_percent(None)
+        except psutil.Error:
+            continue
+    time.sleep(sample_s)
+    busy = []
+    for process in processes:
+        try:
+            percent = process.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if percent >= min_percent:
+            command = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
+            busy.append({"pid": process.pid, "cpu_percent": round(percent, 1), "command": command[:120]})
+    return sorted(busy, key=lambda entry: -entry["cpu_percent"])[:8]

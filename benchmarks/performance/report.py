@@ -1,24 +1,24 @@
-"""Turning measured levels into the results JSON, the Markdown performance table and the README block.
+"""The performance results as Markdown: the file next to the results JSON and the block of
+docs/performance.md.
 
-The JSON is the source of truth; the Markdown table (written next to it and, for full runs, between
-the README markers) is generated from the JSON alone, so `python -m benchmarks.report` can regenerate
-the README from a results file without measuring again.
+The JSON is the source of truth; the Markdown is generated from it alone, so
+`python -m benchmarks --report-only` regenerates both from a results file without measuring again.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.targets import HEADLINE_CONCURRENCY, find_level
+from benchmarks.common.docblock import block_between, replace_block
+from benchmarks.performance.targets import HEADLINE_CONCURRENCY, find_level
 
-log = logging.getLogger(__name__)
-
-README_START = "<!-- perf-table:start -->"
-README_END = "<!-- perf-table:end -->"
+PERFORMANCE_DOC = Path("docs/performance.md")
+"""The document whose generated block holds the figures (under the repository root)."""
+DOC_START = "<!-- generated: performance -->"
+DOC_END = "<!-- end generated: performance -->"
 
 SERVERS = ("service", "unbatched", "instances", "naive", "int8")
 SERVER_TITLES = {
@@ -46,8 +46,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _met(flag: bool | None) -> str:
-    return {True: "yes", False: "**no**", None: "not measured"}[flag]
+def _met(target: Mapping[str, Any]) -> str:
+    if target.get("invalid"):
+        return "**INVALID** (ceiling below a server)"
+    return {True: "yes", False: "**no**", None: "not measured"}[target["met"]]
 
 
 def _summary_table(results: Mapping[str, Any]) -> list[str]:
@@ -119,17 +121,41 @@ def _targets_table(results: Mapping[str, Any]) -> list[str]:
     for target in results["targets"]:
         lines.append(
             f"| {target['target']} | {_fmt(target['threshold'], 2)} | {_fmt(target['measured'], 3)} | "
-            f"{_met(target['met'])} |"
+            f"{_met(target)} |"
         )
     return lines
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """The performance section's body, generated from a results dict (as written to the JSON)."""
+def _ceiling_lines(results: Mapping[str, Any]) -> list[str]:
+    """How the ceiling was taken and how far its windows spread; first of all, whether it is valid."""
+    lines = []
+    if results.get("ceiling_valid") is False:
+        lines += [
+            f"**INVALID run: {results.get('ceiling_invalid_reason')}.** The ceiling did not bound the "
+            "service, so every ratio to it is meaningless and its target is not judged; measure again "
+            "on quiet cores.",
+            "",
+        ]
+    spread = results.get("ceiling_spread")
+    if spread and spread.get("windows"):
+        lines += [
+            f"Ceiling: the best of every in-process pipeline window ({spread['windows']} of its "
+            f"configuration: {_fmt(spread['min_img_per_s'])}–{_fmt(spread['max_img_per_s'])} img/s, "
+            f"spread {_fmt(100 * spread['relative_spread'], 0)} %).",
+            "",
+        ]
+    return lines
+
+
+def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) -> str:
+    """The performance figures, generated from a results dict (as written to the JSON).
+
+    `plot_link` is where the plot is from the Markdown's folder (default: the JSON's `plot`)."""
     machine = results["machine"]
     corpus = results["corpus"]
     in_process = results["in_process"]
     lines = [
+        *_ceiling_lines(results),
         f"Measured {results['created'][:10]} with `{results['command']}` ({results['mode']} run, "
         f"{results['duration_s']:.0f} s) on {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, "
         f"ONNX Runtime provider {in_process.get('provider', '?')}; the load generator shares the same "
@@ -169,14 +195,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += [f"Not measured: {what} — {reason}.", ""]
     for note in (results.get("plan") or {}).get("notes", []):
         lines += [f"Note: {note}.", ""]
-    if results.get("plot"):
-        lines += [f"![throughput and latency]({results['plot']})", ""]
+    plot = plot_link or results.get("plot")
+    if plot:
+        lines += [f"![throughput and latency]({plot})", ""]
     lines.append(f"Full results: `{results['output']}`.")
     return "\n".join(lines) + "\n"
 
 
 def _figures_table(results: Mapping[str, Any]) -> list[str]:
-    """Issue 11's figures: ONNX Runtime alone, CPU per image outside the model, and INT8."""
+    """ONNX Runtime alone, CPU per image outside the model, and the INT8 variant."""
     int8 = results.get("int8") or {}
     in_process = int8.get("in_process") or {}
     quantize = int8.get("quantize") or {}
@@ -239,28 +266,21 @@ def _rss_sentence(results: Mapping[str, Any]) -> str:
     return ", ".join(f"{value:.0f} MB after {int(count):,} requests" for count, value in by_requests.items())
 
 
-def write_json(results: Mapping[str, Any], path: Path) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves half a results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    temporary.replace(path)
+def plot_link(plot: Path, markdown: Path) -> str:
+    """The plot's path as a link from `markdown`'s folder (both relative to the same directory)."""
+    return Path(os.path.relpath(plot.resolve(), markdown.resolve().parent)).as_posix()
 
 
-def update_readme(
-    readme: Path, table_markdown: str, start: str = README_START, end: str = README_END
-) -> bool:
-    """Replace the text between two markers (the perf table's by default); False when they are missing."""
-    try:
-        text = readme.read_text()
-    except FileNotFoundError:
-        log.warning("%s does not exist; the performance table was not written into it", readme)
-        return False
-    begin, finish = text.find(start), text.find(end)
-    if begin < 0 or finish < begin:
-        log.warning("%s has no %s … %s block; add both markers where the table belongs", readme, start, end)
-        return False
-    updated = text[: begin + len(start)] + "\n" + table_markdown + text[finish:]
-    if updated != text:
-        readme.write_text(updated)
-    return True
+def docs_block(results: Mapping[str, Any], results_path: Path, doc: Path) -> str:
+    """The generated block of `doc` for the results at `results_path` (the plot is the PNG beside it)."""
+    return render_markdown(results, plot_link(results_path.with_suffix(".png"), doc))
+
+
+def committed_block(doc: Path) -> str:
+    """The generated block as it stands in `doc` (raises, naming the markers, if they are missing)."""
+    return block_between(doc.read_text(), DOC_START, DOC_END, source=str(doc))
+
+
+def write_docs_block(results: Mapping[str, Any], results_path: Path, doc: Path) -> bool:
+    """Regenerate `doc`'s block between `DOC_START` and `DOC_END`; True when it changed."""
+    return replace_block(doc, docs_block(results, results_path, doc), DOC_START, DOC_END)

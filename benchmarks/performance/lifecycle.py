@@ -1,4 +1,4 @@
-"""`python -m benchmarks.lifecycle`: swap model versions under load and count what clients saw.
+"""`python -m benchmarks.performance.lifecycle`: swap model versions under load and count what clients saw.
 
 Against a real `python -m service` on a copy of a real model (the default ImageNet EfficientNet-Lite0),
 while `--clients` clients post real JPEGs without pause:
@@ -28,11 +28,12 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.corpus import Photo, build_corpus
-from benchmarks.processes import ServerProcess, free_port, python_module_command, rss_mb
-from benchmarks.promtext import scrape
+from benchmarks.common.corpus import Photo, build_corpus
+from benchmarks.common.processes import ServerProcess, free_port, python_module_command, rss_mb
+from benchmarks.common.promtext import scrape
+from service.models import registry
 
-log = logging.getLogger("benchmarks.lifecycle")
+log = logging.getLogger(__name__)
 MODEL = "imagenet"
 WAIT_S = 180.0
 ADMIN_TOKEN = secrets.token_hex(16)
@@ -112,7 +113,7 @@ async def _load_seconds(url: str) -> tuple[float, float]:
 async def _swap_phase(
     server: ServerProcess, root: Path, source: Path, args: argparse.Namespace, explicit: bool
 ) -> dict[str, Any]:
-    url, answers, stop = server.base_url, Answers(), asyncio.Event()
+    url, answers, stop = server.url, Answers(), asyncio.Event()
     photos = build_corpus()
     load = asyncio.create_task(_clients(url, photos, args.clients, answers, stop))
     swaps, rss_after = [], []
@@ -195,16 +196,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             with _server(root, mode, args, Path(work)) as server:
                 results[mode] = await _swap_phase(server, root, source, args, explicit=mode == "explicit")
                 results[mode]["startup_s"] = server.startup_s
-            results[mode]["warmup_log"] = [
-                line.split("service.models.registry: ", 1)[1]
-                for line in (Path(work) / f"{mode}.log").read_text().splitlines()
-                if "service.models.registry: model" in line and "loaded in" in line
-            ][:2]
+            results[mode]["warmup_log"] = _load_lines((Path(work) / f"{mode}.log").read_text())[:2]
     return results
 
 
+def _load_lines(log_text: str) -> list[str]:
+    """The registry's "model … loaded in …" lines of a server log, without the logger's prefix.
+
+    The prefix is the registry's logger name, taken from the module: a moved registry keeps it found."""
+    prefix = f"{registry.logger.name}: "
+    return [
+        line.split(prefix, 1)[1]
+        for line in log_text.splitlines()
+        if f"{prefix}model" in line and "loaded in" in line
+    ]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lifecycle", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.performance.lifecycle", description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("models/efficientnet_lite0_imagenet/1/model.onnx"))
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--swaps", type=int, default=10, help="versions published in poll mode (default 10)")

@@ -1,6 +1,6 @@
 """The robustness run's key figures and docs/robustness.md block, computed from its results JSON alone.
 
-`render_markdown(after, before)` writes the block: the issue's figures before → after, the targets,
+`render_markdown(after, before)` writes the block: the key figures before → after, the targets,
 the interference table and the per-file table of the latest run. Anything a run did not measure
 shows as "–".
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.robustness_targets import (
+from benchmarks.robustness.safety_targets import (
     TARGET_INTERFERENCE_P99_RATIO,
     Row,
     get,
@@ -162,7 +162,7 @@ def _expected_count(corpus: list[Row]) -> str:
 
 
 def key_figures(results: Row) -> list[tuple[str, str]]:
-    """The issue's figures as (label, value) pairs, in a fixed order, "–" where not measured."""
+    """The key figures as (label, value) pairs, in a fixed order, "–" where not measured."""
     corpus = get(results, "corpus", "cases") or []
     figures = [
         ("hostile files with the expected status", _expected_count(corpus)),

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import psutil
 
@@ -35,6 +36,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+class RunningServer(Protocol):
+    """What the measurements need of a server that is up: where it listens and which process it is.
+
+    `ServerProcess` is one; so is the test suite's shared launcher's, which the tests pass in."""
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:PORT`."""
+        ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def pid(self) -> int: ...
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (an exited process its parent has not reaped yet does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class ServerStartError(RuntimeError):
@@ -60,7 +86,7 @@ class ServerProcess:
     """Seconds from launch until the readiness endpoint answered 200 (model load and warm-up)."""
 
     @property
-    def base_url(self) -> str:
+    def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
@@ -99,7 +125,7 @@ class ServerProcess:
     def _wait_ready(self) -> None:
         launched = time.monotonic()
         deadline = launched + self.start_timeout_s
-        url = f"{self.base_url}{self.ready_path}"
+        url = f"{self.url}{self.ready_path}"
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:

@@ -10,16 +10,15 @@ with status 0 once they are. Exit statuses follow the shell's convention: killed
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.corpus import Photo
-from benchmarks.overload import Outcome, client_session, post_photo
-from benchmarks.processes import ServerProcess
+from benchmarks.common.corpus import Photo
+from benchmarks.common.loadgen import Window, closed_loop
+from benchmarks.common.processes import ServerProcess
 
 
 def shell_exit_status(returncode: int) -> int:
@@ -37,34 +36,24 @@ async def sigterm_under_load(
     request_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """Load the server with `clients` clients for `load_s`, SIGTERM it, and follow it to its exit."""
-    url = f"{server.base_url}/predict"
-    outcomes: list[Outcome] = []
     stop = asyncio.Event()
-    cycle = itertools.cycle(photos)
-
-    async def client(session: Any) -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
-            status, error = await post_photo(session, url, next(cycle))
-            outcomes.append(Outcome(started, time.perf_counter(), status, error))
-
-    async with client_session(clients, request_timeout_s) as session:
-        tasks = [asyncio.create_task(client(session)) for _ in range(clients)]
-        await asyncio.sleep(load_s)
-        stop.set()
-        signalled = time.perf_counter()
-        server.send_signal(signal.SIGTERM)
-
-        async def wait_exit() -> tuple[int | None, float]:
-            code = await asyncio.to_thread(server.wait_exit, exit_timeout_s)
-            return code, time.perf_counter() - signalled
-
-        exit_wait = asyncio.create_task(wait_exit())
-        await asyncio.wait(tasks, timeout=request_timeout_s + exit_timeout_s)
-        returncode, exited_after = await exit_wait
+    # The window only bounds the run: the clients stop starting requests at `stop`, set at the signal.
+    window = Window(duration_s=load_s + request_timeout_s + exit_timeout_s)
+    load = asyncio.create_task(
+        closed_loop(
+            f"{server.url}/predict", photos, clients, window, stop=stop, request_timeout_s=request_timeout_s
+        )
+    )
+    await asyncio.sleep(load_s)
+    stop.set()
+    signalled = time.perf_counter()
+    server.send_signal(signal.SIGTERM)
+    returncode = await asyncio.to_thread(server.wait_exit, exit_timeout_s)
+    exited_after = time.perf_counter() - signalled
     if returncode is None:
-        server.kill()
-    in_flight = [o for o in outcomes if o.scheduled < signalled <= o.finished]
+        server.kill()  # hung: what it still held is lost, and the clients need not wait for it
+    outcomes = (await load).outcomes
+    in_flight = [o for o in outcomes if o.sent < signalled <= o.finished]
     fates = Counter(outcome.kind for outcome in in_flight)
     return {
         "clients": clients,
@@ -77,7 +66,7 @@ async def sigterm_under_load(
         "lost_kinds": dict(
             Counter(o.error or str(o.status) for o in in_flight if o.kind in ("lost", "connection_error"))
         ),
-        "started_after_sigterm": sum(o.scheduled >= signalled for o in outcomes),
+        "started_after_sigterm": sum(o.sent >= signalled for o in outcomes),
         "last_answer_after_s": round(max((o.finished for o in in_flight), default=signalled) - signalled, 2),
         "exit_status": None if returncode is None else shell_exit_status(returncode),
         "exited_after_s": None if returncode is None else round(exited_after, 2),

@@ -1,4 +1,4 @@
-"""The tiny real model the service and deployment tests serve, and a free loopback port.
+"""The tiny real model the service and deployment tests serve, and the settings they serve it with.
 
 An untrained, seeded LeNet-5 (32x32 RGB input) exported by the real training exporter, with real
 scikit-image photos as parity inputs, so every test runs ONNX Runtime on a contract-conforming file.
@@ -6,18 +6,19 @@ scikit-image photos as parity inputs, so every test runs ONNX Runtime on a contr
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from skimage import data as skimage_data
 
+from modelcontract import EvalSpec
+from service.settings import Settings
 from training.backbones import create_model
 from training.export import export_onnx
-from training.spec import EvalSpec
 from training.transforms import eval_transform
 
 TINY_SPEC = EvalSpec(
@@ -28,6 +29,10 @@ TINY_SPEC = EvalSpec(
     std=(0.229, 0.224, 0.225),
 )
 PARITY_PHOTOS = ("chelsea", "coffee", "astronaut")
+MODEL_NAME = "tiny"
+TINY_LABELS = ("cat", "coffee", "astronaut")
+DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].default
+"""The service's own upload limit, for tests that need its worst case rather than `tiny_settings`' 2 MiB."""
 
 
 def export_tiny(version_dir: Path, labels: Sequence[str], seed: int = 0) -> Path:
@@ -50,8 +55,26 @@ def export_tiny(version_dir: Path, labels: Sequence[str], seed: int = 0) -> Path
     return version_dir / "model.onnx"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def export_tiny_model(repository: Path) -> Path:
+    """Export the tiny model with `TINY_LABELS` as `repository/tiny/1/model.onnx` and return that path."""
+    return export_tiny(repository / MODEL_NAME / "1", TINY_LABELS)
+
+
+def zero_inputs(rows: int) -> list[list[list[list[float]]]]:
+    """A preprocessed batch of `rows` all-zero images of the tiny model's shape, as JSON-ready lists."""
+    height, width = TINY_SPEC.input_size
+    return np.zeros((rows, 3, height, width), dtype=np.float32).tolist()
+
+
+def tiny_settings(repository: Path, **overrides: Any) -> Settings:
+    """Settings for tiny models in `repository` on CPU: small batches and limits; `overrides` win."""
+    fields: dict[str, Any] = {
+        "model_repository": repository,
+        "providers": ["cpu"],
+        "max_batch_size": 4,
+        "max_queue_size": 16,
+        "max_queue_delay_ms": 2.0,
+        "intra_op_threads": 1,
+        "max_upload_bytes": 2 * 1024 * 1024,
+    }
+    return Settings(**{**fields, **overrides})

@@ -7,7 +7,11 @@ from typing import Any
 
 import pytest
 from deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, load_compose
-from livetestserver import LiveServer, export_tiny_model, serve
+from dockerimage import FIGURES
+
+from tests import liveserver
+from tests.liveserver import LiveServer
+from tests.tinymodel import export_tiny_model, tiny_settings
 
 
 @pytest.fixture(scope="session")
@@ -25,14 +29,12 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     """The real service on a free loopback port, serving a tiny exported LeNet-5."""
     repository = tmp_path_factory.mktemp("models")
     export_tiny_model(repository)
-    with serve(repository) as server:
+    with liveserver.live_server(tiny_settings(repository)) as server:
         yield server
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The image test's figures (size, build and start times, `docker stop` under load), when it ran."""
-    from dockerimage import FIGURES
-
     if FIGURES:
         terminalreporter.section("convserve image")
         for name, value in FIGURES.items():

@@ -158,7 +158,8 @@ def kserve_schema(models_dir: Path) -> dict[str, Any]:
 
 def servicemonitor_schema() -> dict[str, Any]:
     """JSON schema of `ServiceMonitor` from cloudcoil's pydantic models of the operator's CRD."""
-    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor  # type: ignore[import-not-found]
+    # Only to regenerate the committed schema, which needs cloudcoil (not a test dependency).
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor  # type: ignore[import-not-found]  # noqa: PLC0415
 
     schema: dict[str, Any] = _strict(ServiceMonitor.model_json_schema(by_alias=True))
     schema["$defs"].pop("ObjectMeta", None)

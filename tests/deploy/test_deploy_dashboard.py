@@ -21,8 +21,11 @@ import pytest
 import yaml
 from dashboardqueries import Query, dashboard_queries, label_names, metric_names, selectors
 from deployfiles import DASHBOARD_FILE, GRAFANA_DIR, PROMETHEUS_CONFIG, PROMTOOL_MISSING
-from livetestserver import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.liveserver import LiveServer
+from tests.photos import jpeg
+from tests.tinymodel import zero_inputs
 
 # Sample-name suffixes each metric type exposes in the text format.
 _SUFFIXES = {
@@ -237,7 +240,7 @@ def scrape_target_labels() -> set[str]:
 @pytest.fixture(scope="module")
 def metrics_after_traffic(live_server: LiveServer) -> str:
     """/metrics after a good image, a good tensor, and inputs the service must reject."""
-    chelsea, coffee = live_server.jpeg_photos()
+    chelsea, coffee = jpeg("chelsea"), jpeg("coffee")
     with httpx.Client(base_url=live_server.url, timeout=30) as client:
         good = client.post("/predict", files=[("a", ("cat.jpg", chelsea, "image/jpeg"))])
         assert good.status_code == 200, good.text
@@ -246,7 +249,7 @@ def metrics_after_traffic(live_server: LiveServer) -> str:
             files=[("a", ("cat.jpg", chelsea, "image/jpeg")), ("b", ("coffee.jpg", coffee, "image/jpeg"))],
         )
         assert good_many.status_code == 200, good_many.text
-        tensor = client.post("/predict", json={"inputs": live_server.zero_tensor(2)})
+        tensor = client.post("/predict", json={"inputs": zero_inputs(2)})
         assert tensor.status_code == 200, tensor.text
         # Only failure is asserted here: which 4xx is right is the service tests' business; these two
         # exist to put error statuses and rejections on /metrics.

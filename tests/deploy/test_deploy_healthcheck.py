@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from deployfiles import HEALTHCHECK_SCRIPT
-from livetestserver import LiveServer, free_port
+
+from tests.liveserver import LiveServer, free_port
 
 
 def run_probe(port: int) -> subprocess.CompletedProcess[str]:

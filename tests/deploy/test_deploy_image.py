@@ -37,10 +37,11 @@ from dockerimage import (
     run_container,
     wait_for,
 )
-from livetestserver import TINY_LABELS, LiveServer, export_tiny_model
 from PIL import Image
 
-from tests.tinymodel import free_port
+from tests.liveserver import free_port
+from tests.photos import jpeg
+from tests.tinymodel import TINY_LABELS, export_tiny_model
 
 _BUDGET_S = float(os.environ.get("IMAGE_BUILD_BUDGET_S", DEFAULT_BUILD_BUDGET_S))
 # The build runs in the first test's setup: its budget, not pytest's default timeout, bounds it.
@@ -105,7 +106,9 @@ def served(image: str) -> Iterator[Container]:
 
 
 def test_readyz_answers_within_the_healthcheck_start_period(served: Container) -> None:
-    # The fixture waited for readiness; the time it took must fit the period Docker grants.
+    # A time budget is the point here: probes failing after --start-period count towards an unhealthy
+    # container. The fixture waited for readiness; the time it took (the summary's "start to /readyz
+    # 200" figure, seconds for the baked-in model) must fit the period, which leaves minutes of margin.
     start_period = healthcheck_timing()["start_period"]
     took = served.ready_s
     assert took is not None, "the fixture records the time to readiness"
@@ -127,7 +130,7 @@ def test_docker_reports_the_container_healthy(served: Container) -> None:
 
 
 def test_predict_names_the_cat_and_the_espresso(served: Container) -> None:
-    cat, coffee = LiveServer.jpeg_photos()
+    cat, coffee = jpeg("chelsea"), jpeg("coffee")
     files = [("file", ("chelsea.jpg", cat, "image/jpeg")), ("file", ("coffee.jpg", coffee, "image/jpeg"))]
     response = httpx.post(f"{served.url}/predict", files=files, timeout=60)
     assert response.status_code == 200, response.text
@@ -181,7 +184,7 @@ def test_model_from_a_bind_mount_is_served(image: str, mounted_repository: Path)
     with run_container(free_port(), {"CONVSERVE_MODEL_REPOSITORY": "/models"}, mount) as container:
         wait_for("/readyz 200", lambda: ready(container), 300, container)
         assert httpx.get(f"{container.url}/readyz").json()["models"] == {"tiny": [1]}
-        cat, _ = LiveServer.jpeg_photos()
+        cat = jpeg("chelsea")
         response = httpx.post(
             f"{container.url}/predict", files={"file": ("c.jpg", cat, "image/jpeg")}, timeout=60
         )
@@ -201,7 +204,7 @@ class LoadClient(threading.Thread):
         self.outcomes: dict[str, Any] = {}  # request id -> status code or the transport error
 
     def run(self) -> None:
-        cat, _ = LiveServer.jpeg_photos()
+        cat = jpeg("chelsea")
         with httpx.Client(timeout=120) as client:
             for sequence in range(100_000):
                 request_id = f"load-{self.number}-{sequence}"
@@ -255,8 +258,9 @@ def test_docker_stop_under_load_loses_no_accepted_request(image: str) -> None:
     assert not lost, f"accepted requests without a 200 answer: {lost}\n{log[-3000:]}"
     assert all(isinstance(outcomes[rid], httpx.TransportError) for rid in never_accepted), never_accepted
     assert after_stop > 0, "no request finished after `Shutting down`; the drain went untested"
+    # Docker SIGKILLs (status 137) whatever is still running when the grace period ends, so a clean
+    # status is the proof the drain fit in it; the stop time is a figure, not a flaky window.
     assert exit_code in (0, 143), (
         f"exit status {exit_code} (137 means Docker had to SIGKILL it)\n{log[-3000:]}"
     )
-    assert stop_s < grace_s, f"`docker stop` took {stop_s:.1f} s, stop_grace_period is {grace_s:.0f} s"
     assert "Application shutdown complete" in log

@@ -37,10 +37,10 @@ from k8smanifests import (
     render,
     selects,
 )
-from livetestserver import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
+from tests.liveserver import LiveServer
 
 if kubectl() is None:
     pytest.skip(KUBECTL_MISSING, allow_module_level=True)

@@ -15,7 +15,7 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from service.errors import StartupError
 from service.settings import Settings
 from service.transport.access import Credentials, Role, role_of
 from service.transport.server import check_tls
-from tests.service.conftest import LiveServer, live_server, tiny_settings
-from tests.service.photos import jpeg
+from tests.liveserver import LiveServer, live_server
+from tests.photos import jpeg
 from tests.service.promtext import metric
+from tests.tinymodel import tiny_settings
 
 ADMIN = "admin-0123456789abcdef"
 INFERENCE = "inference-0123456789abcdef"
@@ -98,11 +99,13 @@ def test_repository_api_without_the_admin_token_is_401_and_changes_nothing(expli
         assert metric(metrics, 'convserve_rejected_total{reason="unauthorized"}') == 9
 
 
-def test_the_admin_token_loads_and_unloads_through_tritonclient(repository: Path) -> None:
+def test_the_admin_token_loads_and_unloads_through_tritonclient(
+    repository: Path, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
     shutil.rmtree(repository / "broken")
     settings = settings_for(repository, model_control="explicit", admin_token=ADMIN, models=[])
     with live_server(settings) as live:
-        client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
+        client = triton_client(live)
         assert served(live) == {"other": [1], "tiny": [1]}
         with pytest.raises(InferenceServerException, match="admin token"):
             client.unload_model("other")
@@ -129,7 +132,9 @@ def test_inference_token_guards_inference_and_metadata_but_not_probes(repository
         assert client.post("/v2/repository/index", headers=bearer(INFERENCE)).status_code == 403
 
 
-def test_metrics_token_and_the_triton_style_token_header(repository: Path) -> None:
+def test_metrics_token_and_the_triton_style_token_header(
+    repository: Path, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
     settings = settings_for(
         repository, metrics_token=METRICS, inference_token=INFERENCE, token_header="infer-key"
     )
@@ -137,10 +142,10 @@ def test_metrics_token_and_the_triton_style_token_header(repository: Path) -> No
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers=bearer(INFERENCE)).status_code == 403
         assert client.get("/metrics", headers=bearer(METRICS)).status_code == 200
-        triton_client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
-        assert triton_client.get_model_metadata("tiny", headers={"infer-key": INFERENCE})["name"] == "tiny"
+        inference_client = triton_client(live)
+        assert inference_client.get_model_metadata("tiny", headers={"infer-key": INFERENCE})["name"] == "tiny"
         with pytest.raises(InferenceServerException):
-            triton_client.get_model_metadata("tiny", headers={"infer-key": METRICS})
+            inference_client.get_model_metadata("tiny", headers={"infer-key": METRICS})
 
 
 def test_tokens_never_reach_the_log(repository: Path, caplog: pytest.LogCaptureFixture) -> None:

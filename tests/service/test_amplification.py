@@ -41,8 +41,9 @@ from service.protocols.v2codec import (
 from service.settings import Settings
 from service.transport.jsonparse import SKELETON_LIMIT, loads_bounded
 from service.transport.request_body import parse_json_tensor
-from tests.service.conftest import live_server, wait_ready
-from tests.service.photos import TINY_LABELS, jpeg
+from tests.liveserver import live_server, wait_ready
+from tests.photos import jpeg
+from tests.tinymodel import TINY_LABELS, tiny_settings
 
 MIB = 1 << 20
 ROW = (3, 32, 32)
@@ -54,14 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def big_client(model_repository: Path) -> Iterator[TestClient]:
     """The real app with the default 64 MiB upload limit, so bombs inflate to the real worst case."""
-    settings = Settings(
-        model_repository=model_repository,
-        providers=["cpu"],
-        max_batch_size=4,
-        max_queue_size=16,
-        intra_op_threads=1,
-        max_upload_bytes=64 * MIB,
-    )
+    settings = tiny_settings(model_repository, max_upload_bytes=64 * MIB)
     with TestClient(create_app(settings, CollectorRegistry())) as client:
         wait_ready(client)
         yield client

@@ -22,8 +22,9 @@ from service.app import create_app
 from service.inference.preprocessing import ImagePreprocessor
 from service.models.runtime import OnnxModel
 from service.settings import Settings
-from tests.service.photos import TINY_LABELS, encode, jpeg, photo
+from tests.photos import encode, jpeg, photo
 from tests.service.test_preprocessing import png_declaring
+from tests.tinymodel import TINY_LABELS
 
 Files = list[tuple[str, tuple[str, bytes, str]]]
 

@@ -22,6 +22,7 @@ from service.errors import (
 from service.inference.batching import DynamicBatcher, InferFn
 from service.metrics import Metrics
 from service.models.runtime import OnnxModel
+from tests.waiting import wait_until_async
 
 HANG_GUARD_S = 30.0  # only stops a broken batcher from hanging the suite; never a speed check
 
@@ -167,7 +168,7 @@ def test_full_queue_rejects_at_once_with_retry_after(tiny_model: OnnxModel) -> N
         await batcher.start()
         waiting = asyncio.ensure_future(batcher.submit(rows(3), later()))
         also_waiting = asyncio.ensure_future(batcher.submit(rows(4), later()))
-        await asyncio.sleep(0)
+        await wait_until_async(lambda: batcher.queued_images == 7, "both requests' 7 images queued")
         with pytest.raises(QueueFullError) as refused:
             await batcher.submit(rows(2), later())
         assert batcher.queued_images == 7
@@ -217,7 +218,11 @@ def test_shutdown_drains_queued_requests(tiny_model: OnnxModel) -> None:
     async def scenario() -> list[np.ndarray]:
         await batcher.start()
         pending = [asyncio.ensure_future(batcher.submit(x, later())) for x in inputs]
-        await asyncio.sleep(0)
+        # The first two fill a batch at once; the third waits out the delay, which close() must cut short.
+        await wait_until_async(
+            lambda: batch_sizes(metrics_of(batcher)) == (1, 4) and batcher.queued_images == 2,
+            "one full batch computed and the third request queued",
+        )
         await batcher.close(timeout_s=HANG_GUARD_S)
         with pytest.raises(ServiceUnavailableError, match="shutting down"):
             await batcher.submit(rows(1), later())
@@ -228,9 +233,10 @@ def test_shutdown_drains_queued_requests(tiny_model: OnnxModel) -> None:
 
 
 def test_shutdown_timeout_fails_stuck_requests_instead_of_hanging() -> None:
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def stuck_infer(batch: np.ndarray) -> np.ndarray:
+        entered.set()
         release.wait(HANG_GUARD_S)  # a model call that never returns in time
         return np.zeros((len(batch), 3), np.float32)
 
@@ -239,7 +245,7 @@ def test_shutdown_timeout_fails_stuck_requests_instead_of_hanging() -> None:
     async def scenario() -> list[Any]:
         await batcher.start()
         pending = [asyncio.ensure_future(batcher.submit(rows(1, s), later())) for s in range(3)]
-        await asyncio.sleep(0.05)
+        await wait_until_async(entered.is_set, "the first batch entering the model call")
         await batcher.close(timeout_s=0.1)
         return list(await asyncio.gather(*pending, return_exceptions=True))
 

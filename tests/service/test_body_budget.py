@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Callable
 
 import httpx
@@ -17,9 +16,10 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
-from tests.service.conftest import LiveServer, live_server
-from tests.service.photos import jpeg
+from tests.liveserver import LiveServer, live_server
+from tests.photos import jpeg
 from tests.service.promtext import metric
+from tests.waiting import wait_until
 
 MIB = 1024 * 1024
 WAIT_S = 30.0
@@ -27,13 +27,6 @@ WAIT_S = 30.0
 
 def held_bytes(live: LiveServer) -> float:
     return metric(httpx.get(f"{live.url}/metrics").text, "convserve_request_body_bytes")
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def start_body(live: LiveServer, declared: int, sent: int) -> socket.socket:

@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.hostile_inputs import HostileCase, cost_probes, hostile_cases
+from benchmarks.robustness.hostile_inputs import HostileCase, cost_probes, hostile_cases
 from modelcontract.transform import EvalTransform
 from service.errors import InvalidInputError
 from service.inference.preprocessing import ImagePreprocessor
-from service.settings import Settings
-from tests.service.conftest import LiveServer, live_server
+from tests.liveserver import LiveServer, live_server
+from tests.tinymodel import DEFAULT_MAX_UPLOAD_BYTES, tiny_settings
 
 # The cost probes are legal files at the edge of the decode limits (the worst that is accepted).
 CASES = {case.name: case for case in [*hostile_cases(), *cost_probes()]}
@@ -46,12 +46,11 @@ _HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def server(model_repository: Path) -> Iterator[LiveServer]:
-    settings = Settings(
-        model_repository=model_repository,
-        providers=["cpu"],
+    settings = tiny_settings(
+        model_repository,
         max_batch_size=8,
         max_queue_size=128,  # the 100-file case fits, as it does with the default 256
-        intra_op_threads=1,
+        max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES,  # the bombs' real worst case
     )
     with live_server(settings) as live:
         yield live

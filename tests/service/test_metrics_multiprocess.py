@@ -7,7 +7,7 @@ from any process sees the sum, and the live gauges of a worker that died are dro
 from __future__ import annotations
 
 import multiprocessing
-import time
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import pytest
@@ -19,41 +19,37 @@ from tests.service.promtext import metric
 # Spawned workers import this module: it stays light (no torch, no model) so they start in a second.
 
 
-def _worker(requests: int, queued: int, ready: str, release: str) -> None:
+WAIT_S = 60.0
+
+
+def _worker(requests: int, queued: int, ready: EventType, release: EventType) -> None:
     metrics = Metrics(CollectorRegistry(), max_batch_size=4)
     for _ in range(requests):
         metrics.requests.labels(endpoint="/predict", status="200", model="tiny", version="1").inc()
     metrics.for_model("tiny", 1).queue_depth.set(queued)
     metrics.set_model_state("tiny", 1, "READY", "CPUExecutionProvider")
-    Path(ready).touch()
-    deadline = time.monotonic() + 60
-    while not Path(release).exists() and time.monotonic() < deadline:  # a live worker until released
-        time.sleep(0.01)
-
-
-def _wait_for(path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.01)
+    ready.set()
+    release.wait(WAIT_S)  # a live worker until released
 
 
 def test_a_scrape_sums_every_worker_and_drops_dead_workers_live_gauges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shared, signals = tmp_path / "metrics", tmp_path / "signals"
+    shared = tmp_path / "metrics"
     shared.mkdir()
-    signals.mkdir()
     monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(shared))  # spawned children inherit it
-    release = str(signals / "release")
     context = multiprocessing.get_context("spawn")
-    alive = context.Process(target=_worker, args=(25, 3, str(signals / "a"), release))
-    dying = context.Process(target=_worker, args=(35, 2, str(signals / "b"), release))
+    alive_ready, dying_ready = context.Event(), context.Event()
+    # The worker that will be killed waits on an event of its own that nobody sets: setting an event
+    # a killed process was waiting on blocks for its acknowledgement forever. Both stay referenced
+    # here until the end: `start()` drops the process's own reference to its arguments.
+    release, never = context.Event(), context.Event()
+    alive = context.Process(target=_worker, args=(25, 3, alive_ready, release))
+    dying = context.Process(target=_worker, args=(35, 2, dying_ready, never))
     alive.start()
     dying.start()
     try:
-        _wait_for(signals / "a")
-        _wait_for(signals / "b")
+        assert alive_ready.wait(WAIT_S) and dying_ready.wait(WAIT_S), "a worker never recorded its metrics"
         dying.kill()  # a crash: no clean shutdown, its live gauge file stays behind
         dying.join(30)
         scrape = Metrics(CollectorRegistry(), max_batch_size=4).exposition().decode()
@@ -65,5 +61,5 @@ def test_a_scrape_sums_every_worker_and_drops_dead_workers_live_gauges(
         assert metric(scrape, "convserve_queue_depth") == 3
         assert scrape.count("convserve_model_info{") == 1
     finally:
-        Path(release).touch()
-        alive.join(30)
+        release.set()
+        alive.join(WAIT_S)

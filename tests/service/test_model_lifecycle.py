@@ -23,9 +23,11 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service.settings import Settings
-from tests.service.conftest import LiveServer, live_server, tiny_settings
-from tests.service.photos import jpeg
+from tests.liveserver import LiveServer, live_server
+from tests.photos import jpeg
 from tests.service.promtext import metric
+from tests.tinymodel import tiny_settings
+from tests.waiting import wait_until
 
 WAIT_S = 60.0
 
@@ -52,13 +54,18 @@ def settings_for(repository: Path, **fields: object) -> Settings:
     return tiny_settings(repository, **{"max_queue_size": 64, **fields})
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> float:
-    """Seconds until `condition()` holds (polled), failing after WAIT_S."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < WAIT_S, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return time.monotonic() - started
+def count_scans(live: LiveServer) -> Callable[[], int]:
+    """A counter of the repository scans the server completes from now on (its registry's `sync`
+    calls), so a test can wait for polls to have happened instead of sleeping a few intervals."""
+    registry = live.app.state.convserve.registry
+    original, completed = registry.sync, [0]
+
+    async def counted(names: list[str]) -> None:
+        await original(names)
+        completed[0] += 1
+
+    registry.sync = counted
+    return lambda: completed[0]
 
 
 def served(live: LiveServer) -> dict[str, list[int]]:
@@ -81,7 +88,7 @@ def predict(client: httpx.Client, model: str | None = None, version: int | None 
 class Load:
     """Clients posting JPEGs until stopped; every status and the version that answered."""
 
-    answers: list[tuple[int, int | None, float]] = field(default_factory=list)
+    answers: list[tuple[int, int | None]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -94,7 +101,7 @@ def steady_load(live: LiveServer, clients: int, model: str) -> Iterator[Load]:
             while not load.stop.is_set():
                 response = predict(client, model)
                 version = response.json()["model"]["version"] if response.status_code == 200 else None
-                load.answers.append((response.status_code, version, time.monotonic()))
+                load.answers.append((response.status_code, version))
 
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for thread in threads:
@@ -107,7 +114,9 @@ def steady_load(live: LiveServer, clients: int, model: str) -> Iterator[Load]:
             thread.join(WAIT_S)
 
 
-def test_every_model_and_version_is_served_and_reachable(repository: Path) -> None:
+def test_every_model_and_version_is_served_and_reachable(
+    repository: Path, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
     with (
         live_server(settings_for(repository, version_policy="all")) as live,
         httpx.Client(base_url=live.url) as c,
@@ -121,7 +130,7 @@ def test_every_model_and_version_is_served_and_reachable(repository: Path) -> No
         assert ambiguous.status_code == 400 and "['alpha', 'beta']" in ambiguous.json()["error"]
         assert predict(c, "gamma").status_code == 404 and predict(c, "alpha", 7).status_code == 404
 
-        client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
+        client = triton_client(live)
         states = {(e["name"], e["version"]): e["state"] for e in client.get_model_repository_index()}
         assert states == {("alpha", "1"): "READY", ("alpha", "2"): "READY", ("beta", "1"): "READY"}
         tensor = np.zeros((1, 3, 32, 32), np.float32)
@@ -145,13 +154,12 @@ def test_poll_mode_swaps_new_versions_in_under_load_without_a_failed_request(
         with steady_load(live, clients=8, model="alpha") as load:
             for version in (3, 4, 5):
                 publish(repository, "alpha", version, tiny_model_path)
-                wait_for(lambda v=version: served(live).get("alpha") == [v], f"alpha version {version} alone")
-            reached_at = time.monotonic()
-            wait_for(
-                lambda: any(v == 5 and t > reached_at for _, v, t in load.answers), "a request on version 5"
-            )
-        statuses = {status for status, _, _ in load.answers}
-        versions = {version for _, version, _ in load.answers}
+                alone = f"alpha serving version {version} alone"
+                wait_until(lambda v=version: served(live).get("alpha") == [v], alone)
+            before = len(load.answers)
+            wait_until(lambda: 5 in (v for _, v in load.answers[before:]), "a request answered by version 5")
+        statuses = {status for status, _ in load.answers}
+        versions = {version for _, version in load.answers}
         assert statuses == {200}, f"{len(load.answers)} requests: statuses {statuses}"
         assert versions <= {2, 3, 4, 5} and 5 in versions
         states = index(live)
@@ -166,27 +174,34 @@ def test_a_truncated_new_version_is_unavailable_and_the_old_one_keeps_serving(
     with live_server(settings) as live:
         with steady_load(live, clients=4, model="alpha") as load:
             publish(repository, "alpha", 3, tiny_model_path, truncate=True)
-            wait_for(lambda: index(live).get(("alpha", 3), ("",))[0] == "UNAVAILABLE", "version 3 to fail")
-            time.sleep(0.5)  # more polls: the failed version is not retried and changes nothing
+            scans = count_scans(live)
+            wait_until(lambda: index(live).get(("alpha", 3), ("",))[0] == "UNAVAILABLE", "version 3 failing")
+            failed_at = scans()
+            # More polls: the failed version is not retried and changes nothing.
+            wait_until(lambda: scans() >= failed_at + 3, "three more repository scans")
         _, reason = index(live)[("alpha", 3)]
         assert "ONNX Runtime cannot load" in reason
-        assert {status for status, _, _ in load.answers} == {200}
-        assert {version for _, version, _ in load.answers} == {2}
+        assert {status for status, _ in load.answers} == {200}
+        assert {version for _, version in load.answers} == {2}
         assert served(live)["alpha"] == [2]
         metrics = httpx.get(f"{live.url}/metrics").text
         assert metric(metrics, 'convserve_model_loads_total{model="alpha",result="failure"}') == 1
 
 
 def test_explicit_mode_loads_and_unloads_only_on_request_through_tritonclient(
-    repository: Path, tiny_model_path: Path
+    repository: Path,
+    tiny_model_path: Path,
+    triton_client: Callable[[LiveServer], triton.InferenceServerClient],
 ) -> None:
     token = "admin-token-for-the-lifecycle-test"
     settings = settings_for(repository, model_control="explicit", repository_poll_s=0.1, admin_token=token)
     admin = {"Authorization": f"Bearer {token}"}
     with live_server(settings) as live:
-        client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
+        client = triton_client(live)
         publish(repository, "alpha", 3, tiny_model_path)
-        time.sleep(0.5)  # five poll intervals: nothing may change without a request
+        # The absence of a change is the condition, so time must pass: five poll intervals, in which
+        # poll mode would have loaded version 3 (explicit mode runs no poller to count scans of).
+        time.sleep(0.5)
         assert served(live) == {"alpha": [2], "beta": [1]}
         listed = client.get_model_repository_index(headers=admin)
         assert ("alpha", "3") in {(e["name"], e["version"]) for e in listed}
@@ -204,9 +219,11 @@ def test_explicit_mode_loads_and_unloads_only_on_request_through_tritonclient(
             client.load_model("gamma", headers=admin)
 
 
-def test_load_and_unload_are_refused_outside_explicit_mode(repository: Path) -> None:
+def test_load_and_unload_are_refused_outside_explicit_mode(
+    repository: Path, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
     with live_server(settings_for(repository)) as live:
-        client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
+        client = triton_client(live)
         with pytest.raises(InferenceServerException, match="MODEL_CONTROL=poll"):
             client.load_model("alpha")
         with pytest.raises(InferenceServerException, match="MODEL_CONTROL=poll"):
@@ -217,8 +234,8 @@ def test_a_removed_version_directory_is_unloaded_and_its_model_dropped_when_empt
     repository: Path,
 ) -> None:
     settings = settings_for(repository, repository_poll_s=0.2, models="alpha,beta", model_name="alpha")
-    with live_server(settings) as live:
+    with live_server(settings) as live, httpx.Client(base_url=live.url) as client:
         shutil.rmtree(repository / "beta")
-        wait_for(lambda: "beta" not in served(live), "beta to be unloaded")
-        assert httpx.get(f"{live.url}/readyz").status_code == 200
-        assert predict(httpx.Client(base_url=live.url)).json()["model"]["name"] == "alpha"
+        wait_until(lambda: "beta" not in served(live), "beta being unloaded")
+        assert client.get("/readyz").status_code == 200
+        assert predict(client).json()["model"]["name"] == "alpha"

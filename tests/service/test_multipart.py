@@ -10,7 +10,7 @@ import pytest
 
 from service.errors import BadRequestError, PayloadTooLargeError
 from service.transport.multipart import MAX_FIELD_BYTES, FilePart, read_files
-from tests.service.photos import jpeg
+from tests.photos import jpeg
 
 BOUNDARY = "----convserve-test-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

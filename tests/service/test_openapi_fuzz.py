@@ -21,7 +21,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.conftest import MODEL_NAME, LiveServer, live_server
+from tests.liveserver import LiveServer, live_server
+from tests.tinymodel import MODEL_NAME, tiny_settings
 
 EXAMPLES_PER_OPERATION = 30
 # The document is the app's own; building the app loads no model, so it can be read at collection.
@@ -31,14 +32,7 @@ OPERATIONS = {op.label: op for op in (result.ok() for result in SCHEMA.get_all_o
 
 @pytest.fixture(scope="module")
 def fuzzed_server(model_repository: Path) -> Iterator[LiveServer]:
-    settings = Settings(
-        model_repository=model_repository,
-        providers=["cpu"],
-        max_batch_size=4,
-        max_queue_size=16,
-        intra_op_threads=1,
-        max_upload_bytes=256 * 1024,
-    )
+    settings = tiny_settings(model_repository, max_upload_bytes=256 * 1024)
     with live_server(settings) as live:
         yield live
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -21,26 +16,20 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service.models import registry
 from service.models.runtime import load_model
 from service.settings import Settings
-from tests.service.conftest import MODEL_NAME, LiveServer, live_server
-from tests.service.photos import jpeg
+from service.transport import middleware
+from tests.liveserver import LiveServer, live_server, run_service, service_env, service_process
+from tests.photos import jpeg
 from tests.service.promtext import metric
-from tests.tinymodel import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.tinymodel import MODEL_NAME, tiny_settings, zero_inputs
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
 def server(model_repository: Path) -> Iterator[LiveServer]:
-    settings = Settings(
-        model_repository=model_repository,
-        providers=["cpu"],
-        max_batch_size=8,
-        max_queue_size=64,
-        max_queue_delay_ms=10,
-        intra_op_threads=1,
-    )
+    settings = tiny_settings(model_repository, max_batch_size=8, max_queue_size=64, max_queue_delay_ms=10)
     with live_server(settings) as live:
         yield live
 
@@ -56,12 +45,14 @@ def test_predict_over_real_http_names_the_model_and_ranks_labels(server: LiveSer
     assert scores == sorted(scores, reverse=True)
 
 
-def test_tritonclient_gets_the_same_top1_as_predict_for_the_same_tensor(server: LiveServer) -> None:
+def test_tritonclient_gets_the_same_top1_as_predict_for_the_same_tensor(
+    server: LiveServer, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
     tensor = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
     predicted = httpx.post(f"{server.url}/predict?top_k=1", json={"inputs": tensor.tolist()}).json()
     predict_top1 = [ranked[0]["index"] for ranked in predicted["predictions"]]
 
-    client = triton.InferenceServerClient(url=f"{server.host}:{server.port}")
+    client = triton_client(server)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
     metadata = client.get_model_metadata(MODEL_NAME)
     assert metadata["inputs"][0]["shape"] == [-1, 3, 32, 32]
@@ -88,8 +79,10 @@ def test_tritonclient_gets_the_same_top1_as_predict_for_the_same_tensor(server: 
     assert labels == predict_top1
 
 
-def test_tritonclient_errors_carry_the_servers_message(server: LiveServer) -> None:
-    client = triton.InferenceServerClient(url=f"{server.host}:{server.port}")
+def test_tritonclient_errors_carry_the_servers_message(
+    server: LiveServer, triton_client: Callable[[LiveServer], triton.InferenceServerClient]
+) -> None:
+    client = triton_client(server)
     wrong = triton.InferInput("input", [1, 3, 16, 16], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
     with pytest.raises(InferenceServerException, match=r"expected a tensor of shape \[N, 3, 32, 32\]"):
@@ -126,13 +119,10 @@ def test_192_requests_from_32_concurrent_clients_all_succeed_in_shared_batches(s
 def test_full_queue_answers_503_with_retry_after_over_http(make_settings: Callable[..., Settings]) -> None:
     # A one-second batching delay keeps 3 of 4 queue slots busy; 2 more images cannot fit.
     settings = make_settings(max_batch_size=4, max_queue_size=4, max_queue_delay_ms=1000)
-    tensor = np.zeros((3, 3, 32, 32), np.float32).tolist()
+    tensor = zero_inputs(3)
     with live_server(settings) as live, ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(httpx.post, f"{live.url}/predict", json={"inputs": tensor}, timeout=30)
-        deadline = time.monotonic() + 10
-        while metric(httpx.get(f"{live.url}/metrics").text, "convserve_queue_depth") < 3:
-            assert time.monotonic() < deadline, "the first request never reached the queue"
-            time.sleep(0.01)
+        wait_until(lambda: queue_depth(live.url) == 3, "the first request's 3 images reaching the queue")
         refused = httpx.post(f"{live.url}/predict", json={"inputs": tensor[:2]})
         assert refused.status_code == 503
         assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]
@@ -143,11 +133,12 @@ def test_full_queue_answers_503_with_retry_after_over_http(make_settings: Callab
 
 def test_client_deadline_passing_in_the_queue_gets_504_before_compute(
     make_settings: Callable[..., Settings],
+    triton_client: Callable[[LiveServer], triton.InferenceServerClient],
 ) -> None:
     # Triton's per-request timeout (1 ms) expires during the 300 ms batching delay.
     settings = make_settings(max_batch_size=4, max_queue_delay_ms=300)
     with live_server(settings) as live:
-        client = triton.InferenceServerClient(url=f"{live.host}:{live.port}")
+        client = triton_client(live)
         infer_input = triton.InferInput("input", [1, 3, 32, 32], "FP32")
         infer_input.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
         with pytest.raises(InferenceServerException) as timed_out:
@@ -159,61 +150,24 @@ def test_client_deadline_passing_in_the_queue_gets_504_before_compute(
         assert client.is_server_ready()
 
 
-def service_env(model_repository: Path, **variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
-    env.update({"CONVSERVE_MODEL_REPOSITORY": str(model_repository), "CONVSERVE_PROVIDERS": "cpu"})
-    env.update({f"CONVSERVE_{name}": value for name, value in variables.items()})
-    return env
-
-
-@contextmanager
-def service_process(model_repository: Path, **variables: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m service` in a subprocess on a free port, ready; killed if still running at the end."""
-    port = free_port()
-    env = service_env(model_repository, PORT=str(port), HOST="127.0.0.1", **variables)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        cwd=REPO_ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: a failed test kills the workers too
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            with suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
-        yield process, url
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def queue_depth(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, "convserve_queue_depth")
 
 
 def test_sigterm_finishes_accepted_requests_refuses_stalled_uploads_and_exits_0(
-    model_repository: Path,
+    model_repository: Path, tmp_path: Path
 ) -> None:
     # Body and request timeouts of a minute: only the drain can end the stalled upload before that.
     timeouts = {"BODY_TIMEOUT_S": "60", "REQUEST_TIMEOUT_S": "60"}
-    with (
-        service_process(model_repository, MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500", **timeouts) as (
-            process,
-            url,
-        ),
-        ThreadPoolExecutor(3) as pool,
-    ):
+    env = service_env(model_repository, MAX_BATCH_SIZE="8", MAX_QUEUE_DELAY_MS="1500", **timeouts)
+    with service_process(env, log_path=tmp_path / "service.log") as server, ThreadPoolExecutor(3) as pool:
         upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
-        pending = [pool.submit(httpx.post, f"{url}/predict", files=upload, timeout=30) for _ in range(3)]
-        while metric(httpx.get(f"{url}/metrics").text, "convserve_queue_depth") < 3:
-            time.sleep(0.01)  # all three are queued, held by the 1.5 s batching delay
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+        pending = [
+            pool.submit(httpx.post, f"{server.url}/predict", files=upload, timeout=30) for _ in range(3)
+        ]
+        # The 1.5 s batching delay holds them there while the stalled upload starts and SIGTERM arrives.
+        wait_until(lambda: queue_depth(server.url) == 3, "all three uploads reaching the queue")
+        with socket.create_connection((server.host, server.port), timeout=30) as stalled:
             stalled.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Expect: 100-continue\r\nContent-Length: 100000\r\n\r\n"
@@ -221,38 +175,44 @@ def test_sigterm_finishes_accepted_requests_refuses_stalled_uploads_and_exits_0(
             # uvicorn sends 100 Continue when the app first asks for the body: it is reading it now.
             assert stalled.recv(65536).startswith(b"HTTP/1.1 100")
             stalled.sendall(b'{"inputs": ')
-            process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)
             assert [future.result().status_code for future in pending] == [200, 200, 200]
             refused = stalled.recv(65536)
-        _, log = process.communicate(timeout=30)
+        status = server.wait(timeout_s=30)
     assert refused.startswith(b"HTTP/1.1 503"), refused
     assert b"shutting down" in refused
-    assert process.returncode == 0, log
-    assert "stopped" in log
+    assert status == 0, server.log()
+    assert "stopped" in server.log()
 
 
-def test_two_workers_serve_and_every_scrape_counts_the_whole_process_group(model_repository: Path) -> None:
+def test_two_workers_serve_and_every_scrape_counts_the_whole_process_group(
+    model_repository: Path, tmp_path: Path
+) -> None:
     predict = 'convserve_requests_total{endpoint="/predict",status="200"}'
-    with service_process(model_repository, WORKERS="2") as (process, url):
+    env = service_env(model_repository, WORKERS="2")
+    with service_process(env, log_path=tmp_path / "service.log") as server:
         upload = {"image": ("cat.jpg", jpeg("chelsea"), "image/jpeg")}
         for _ in range(60):  # a new connection each time, accepted by whichever worker is free
             with httpx.Client() as client:
-                assert client.post(f"{url}/predict", files=upload).status_code == 200
+                assert client.post(f"{server.url}/predict", files=upload).status_code == 200
         for _ in range(10):
             with httpx.Client() as client:
-                text = client.get(f"{url}/metrics").text
+                text = client.get(f"{server.url}/metrics").text
             assert metric(text, predict) == 60
             assert metric(text, "convserve_batch_size_sum") == 60
             assert metric(text, "convserve_queue_depth") == 0
             info = [line for line in text.splitlines() if line.startswith("convserve_model_info{")]
             assert len(info) == 1, info  # one series per model, not one per worker
-        process.send_signal(signal.SIGTERM)
-        _, log = process.communicate(timeout=60)
-    assert process.returncode == 0, log
-    workers = set(re.findall(r"\[(\d+)\] service\.registry: model tiny version 1 loaded", log))
-    served = re.findall(
-        r"\[(\d+)\] service\.access: request_id=\S+ method=POST path=/predict status=200", log
+        server.process.send_signal(signal.SIGTERM)
+        status = server.wait(timeout_s=60)
+    log = server.log()
+    assert status == 0, log
+    loaded = rf"\[(\d+)\] {re.escape(registry.logger.name)}: model tiny version 1 loaded"
+    workers = set(re.findall(loaded, log))
+    access = (
+        rf"\[(\d+)\] {re.escape(middleware.logger.name)}: request_id=\S+ method=POST path=/predict status=200"
     )
+    served = re.findall(access, log)
     # Which worker accepts a connection is the kernel's choice (usually both serve; the split varies),
     # so the aggregation itself is proven deterministically in test_metrics_multiprocess.py.
     assert len(workers) == 2 and len(served) == 60 and set(served) <= workers, log
@@ -270,15 +230,7 @@ def test_two_workers_serve_and_every_scrape_counts_the_whole_process_group(model
 def test_python_m_service_refuses_bad_configuration_with_exit_2(
     model_repository: Path, variables: dict[str, str], message: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=REPO_ROOT,
-        env=service_env(model_repository, PORT=str(free_port()), **variables),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_service(service_env(model_repository, **variables))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
@@ -288,15 +240,7 @@ def test_require_gpu_on_a_cpu_only_machine_refuses_to_start_with_orts_reason(
 ) -> None:
     if load_model(tiny_model_path, ["CUDAExecutionProvider", "CPUExecutionProvider"]).on_gpu:
         pytest.skip("a GPU is active here")
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=REPO_ROOT,
-        env=service_env(model_repository, PORT=str(free_port()), REQUIRE_GPU="true", PROVIDERS="cuda,cpu"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_service(service_env(model_repository, REQUIRE_GPU="true", PROVIDERS="cuda,cpu"))
     assert result.returncode != 0
     assert "REQUIRE_GPU=true but ONNX Runtime is running on CPUExecutionProvider" in result.stderr
     assert "ONNX Runtime said:" in result.stderr

@@ -8,8 +8,6 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
-TINY_LABELS = ("cat", "coffee", "astronaut")
-
 
 def photo(name: str) -> Image.Image:
     """A scikit-image sample photo as an RGB PIL image ("chelsea" is a tabby cat, "coffee" a cup)."""

@@ -30,7 +30,9 @@ README_MAX_LINES = 320
 
 # Paths the docs name that are made at run time, not kept in the repository (fnmatch patterns).
 GENERATED_PATHS = (
-    "models/*",  # the model repository: built by `make serve` / `python -m training`, git-ignored
+    "models",  # the model repository: built by `make serve` / `python -m training`, git-ignored
+    "./models",
+    "models/*",
     "photos/*",  # the reader's own image folder in the training examples
     ".venv/*",  # made by the Makefile
     ".env",  # the reader's copy of .env.example
@@ -40,7 +42,6 @@ GENERATED_PATHS = (
     "quantize.json",
     "training.png",
     "checkpoint.pt",
-    "requirements/*",  # the lock file `make lock` writes
 )
 # Absolute paths inside the container or the pod, not routes of the API (fnmatch patterns).
 CONTAINER_PATHS = (

@@ -25,7 +25,8 @@ from benchmarks.common.results import read_json, write_json
 from benchmarks.performance.plan import full_plan, quick_plan
 from benchmarks.performance.plot import write_plot
 from benchmarks.performance.report import PERFORMANCE_DOC, plot_link, render_markdown, write_docs_block
-from benchmarks.performance.runner import RunConfig, run, shell_command
+from benchmarks.performance.runner import run, shell_command
+from benchmarks.performance.subjects import RunConfig
 from benchmarks.robustness.cli import report_from_arguments, run_from_arguments
 from benchmarks.robustness.phases import PHASES
 

@@ -18,7 +18,8 @@ from benchmarks.performance.ceiling import CeilingPlan
 from benchmarks.performance.int8 import given_variant
 from benchmarks.performance.plan import BenchPlan
 from benchmarks.performance.report import render_markdown
-from benchmarks.performance.runner import RunConfig, run
+from benchmarks.performance.runner import run
+from benchmarks.performance.subjects import RunConfig
 from modelcontract import METADATA_KEY, complete_versions
 from tests.tinymodel import export_tiny
 

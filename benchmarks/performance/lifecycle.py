@@ -31,6 +31,7 @@ import aiohttp
 from benchmarks.common.corpus import Photo, build_corpus
 from benchmarks.common.processes import ServerProcess, free_port, python_module_command, rss_mb
 from benchmarks.common.promtext import scrape
+from modelcontract import MODEL_FILENAME
 from service.models import registry
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ async def _clients(url: str, photos: list[Photo], count: int, answers: Answers, 
 def _publish(root: Path, version: int, source: Path) -> None:
     staging = root / MODEL / f".staging-{version}"
     staging.mkdir(parents=True)
-    shutil.copy(source, staging / "model.onnx")
+    shutil.copy(source, staging / MODEL_FILENAME)
     staging.rename(root / MODEL / str(version))
 
 

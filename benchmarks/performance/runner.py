@@ -48,6 +48,7 @@ from benchmarks.performance.subjects import (
 )
 from benchmarks.performance.targets import (
     HEADLINE_CONCURRENCY,
+    ceiling_check,
     check_targets,
     cpu_per_image,
     find_level,
@@ -160,6 +161,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         ),
         **cpu_per_image(profile),
         **int8_figures(levels, int8),
+        **ceiling_check(levels, in_process),
     }
     results["targets"] = check_targets(results)
     results.update(

@@ -93,6 +93,9 @@ def test_int8_variant_is_quantized_in_a_copy_and_the_users_repository_is_untouch
     assert not Path(int8["path"]).exists()  # the temporary repository is gone after the run
     assert int8["quantize"]["comparison"]["top1_agreement"] == results["int8_top1_agreement"]
     assert results["not_measured"] == {}
+    # The ceiling's validity is part of every run's results (no FP32 server ran here to exceed it).
+    assert results["ceiling_valid"] is True
+    assert results["ceiling_spread"] == results["in_process"]["ceiling_spread"]
 
 
 def test_int8_service_is_measured_at_its_levels_and_compared_in_process(

@@ -106,8 +106,9 @@ WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
 
-# /readyz is 200 only once the model is loaded and every batch size has been warmed up (on a GPU that
-# includes creating the CUDA context and loading cuDNN), hence the generous start period.
+# /readyz is 200 only once the model is loaded and warmed up (batch sizes 1 and the maximum on a CPU,
+# every size on a GPU, where it includes creating the CUDA context and loading cuDNN), hence the
+# generous start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/opt/convserve/healthcheck.py"]
 

@@ -4,8 +4,8 @@ For each real photo, uploaded as the JPEG bytes a client sends, two model inputs
 - served: `service.inference.preprocessing.ImagePreprocessor` (DCT-scaled decode of large JPEGs, then the
   shared `modelcontract.transform.EvalTransform` that training evaluation runs too);
 - reference: a full decode, then torchvision's Resize -> CenterCrop -> ToTensor -> Normalize, the
-  pipeline the ImageNet weights and every model trained before issue 11 were evaluated with.
-Reported: the mean absolute difference per photo in normalized units (the issue's bound: 0.02) and
+  pipeline the ImageNet weights and models trained with earlier releases were evaluated with.
+Reported: the mean absolute difference per photo in normalized units (bound: 0.02) and
 whether the model's top-1 class is the same for both inputs (it must be, on every photo).
 
 `python -m benchmarks.peers.parity [--model PATH]` prints the figures as JSON.

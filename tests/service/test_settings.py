@@ -24,19 +24,19 @@ ISSUE_VARIABLES = [
     "MAX_UPLOAD_BYTES",
     "INTRA_OP_THREADS",
     "WORKERS",
-    # issue 8: what a slow, hostile or mistaken client can cost
+    # what a slow, hostile or mistaken client can cost
     "MAX_IMAGE_PIXELS",
     "MAX_DECODED_PIXELS",
     "HEADER_TIMEOUT_S",
     "BODY_TIMEOUT_S",
     "MIN_BODY_RATE",
     "MAX_CONNECTIONS",
-    # issue 9: several models, version policies, model control
+    # several models, version policies, model control
     "MODELS",
     "VERSION_POLICY",
     "MODEL_CONTROL",
     "REPOSITORY_POLL_S",
-    # issue 11: FastAPI's native OpenTelemetry (off: its per-request check cost CPU); model instances
+    # FastAPI's native OpenTelemetry (off: its per-request check cost CPU); model instances
     "OPENTELEMETRY",
     "INSTANCES",
     # who may call what, and what one request head may cost

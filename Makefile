@@ -13,12 +13,13 @@ RUNTIME_BASE ?= ubuntu:24.04
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL
 
-.PHONY: help serve test lint typecheck pytest image-test bench bench-quick model tools lock docs clean
+.PHONY: help serve test lint typecheck pytest image-test compose-test bench bench-quick model tools lock docs clean
 
 help:
 	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
 	@echo "make test   - set up the venv, then lint, type-check and run the whole test suite"
 	@echo "make image-test - build the CPU image and test the running container (needs a Docker daemon)"
+	@echo "make compose-test - run docker-compose.yml + docker-compose.cpu.yml and test the stack (needs Docker)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
 	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
 	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
@@ -76,6 +77,11 @@ test: lint typecheck pytest
 # otherwise reports it skipped with how to enable it.
 image-test: $(VENV)/.stamp-lock
 	$(BIN)/pytest -m image tests/deploy
+
+# The compose test alone: `docker compose up` of the CPU stack (service + Prometheus) with the offline
+# override tests/deploy/compose/offline.yml. `make test` runs it too when a Docker daemon answers.
+compose-test: $(VENV)/.stamp-lock
+	$(BIN)/pytest -m compose tests/deploy
 
 bench: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks

@@ -54,7 +54,7 @@ def docker(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess
     return result
 
 
-def _image_available(name: str) -> bool:
+def image_available(name: str) -> bool:
     if docker("image", "inspect", name, check=False).returncode == 0:
         return True
     return docker("pull", name, timeout=300, check=False).returncode == 0
@@ -90,7 +90,7 @@ def build_plan() -> BuildPlan:
     plan = BuildPlan({name: os.environ.get(name) or value for name, value in defaults.items()})
     for name, stand_in in STAND_INS.items():
         wanted = plan.args[name]
-        if not _image_available(wanted):
+        if not image_available(wanted):
             if docker("image", "inspect", stand_in, check=False).returncode != 0:
                 raise LookupError(f"base image {wanted} is not here and cannot be pulled, nor is {stand_in}")
             plan.args[name] = stand_in

@@ -13,11 +13,9 @@ import io
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -37,6 +35,7 @@ from dockerimage import (
     run_container,
     wait_for,
 )
+from loadclients import ACCESS_LINE, LOAD_CLIENTS, LoadClient, drain_outcome
 from PIL import Image
 
 from tests.liveserver import free_port
@@ -53,9 +52,6 @@ if _UNAVAILABLE:
 
 CAT_CLASSES = {281, 282, 285}  # ImageNet tabby, tiger cat, Egyptian cat: scikit-image's chelsea
 ESPRESSO = 967  # scikit-image's coffee
-LOAD_CLIENTS = 6
-# The service's one line per request (service/transport/middleware.py), for the load test's request ids.
-_ACCESS_LINE = r"request_id=(load-\d+-\d+) method=POST path=/predict status=(\d+)"
 
 
 def _seconds(text: str) -> float:
@@ -195,31 +191,6 @@ def test_model_from_a_bind_mount_is_served(image: str, mounted_repository: Path)
 # --- docker stop under load ----------------------------------------------------------------------------
 
 
-class LoadClient(threading.Thread):
-    """Posts the cat photo over one keep-alive connection until the server stops taking connections."""
-
-    def __init__(self, number: int, url: str) -> None:
-        super().__init__(daemon=True, name=f"load-{number}")
-        self.number, self.url = number, url
-        self.outcomes: dict[str, Any] = {}  # request id -> status code or the transport error
-
-    def run(self) -> None:
-        cat = jpeg("chelsea")
-        with httpx.Client(timeout=120) as client:
-            for sequence in range(100_000):
-                request_id = f"load-{self.number}-{sequence}"
-                try:
-                    response = client.post(
-                        f"{self.url}/predict",
-                        files={"file": ("c.jpg", cat, "image/jpeg")},
-                        headers={"X-Request-ID": request_id},
-                    )
-                except httpx.TransportError as exc:
-                    self.outcomes[request_id] = exc
-                    return  # the server closed the connection or refuses new ones: it is stopping
-                self.outcomes[request_id] = response.status_code
-
-
 def test_docker_stop_under_load_loses_no_accepted_request(image: str) -> None:
     grace_s = _seconds(load_compose(COMPOSE_FILE)["services"]["service"]["stop_grace_period"])
     with run_container(free_port(), {}) as container:
@@ -245,18 +216,18 @@ def test_docker_stop_under_load_loses_no_accepted_request(image: str) -> None:
         exit_code = int(container.inspect("{{.State.ExitCode}}"))
         log = container.logs()
 
-    seen = dict(re.findall(_ACCESS_LINE, log))
+    drained = drain_outcome(log, clients)
     # Requests the service finished after uvicorn began shutting down: proof the drain ran under load.
-    after_stop = len(re.findall(_ACCESS_LINE, log.partition("uvicorn.error: Shutting down")[2]))
+    after_stop = len(re.findall(ACCESS_LINE, log.partition("uvicorn.error: Shutting down")[2]))
     outcomes = {rid: outcome for client in clients for rid, outcome in client.outcomes.items()}
-    lost = {rid: outcomes.get(rid) for rid in seen if outcomes.get(rid) != 200}
-    never_accepted = [rid for rid, outcome in outcomes.items() if rid not in seen]
     FIGURES["docker stop under load"] = (
-        f"{len(lost)} lost of {len(seen)} accepted ({after_stop} finished while draining, "
-        f"{len(never_accepted)} refused at the door), exited {exit_code} in {stop_s:.1f} s of {grace_s:.0f} s"
+        f"{len(drained.lost)} lost of {len(drained.admitted)} accepted ({after_stop} finished while "
+        f"draining, {len(drained.refused) + len(drained.never_logged)} refused at the door), "
+        f"exited {exit_code} in {stop_s:.1f} s of {grace_s:.0f} s"
     )
-    assert not lost, f"accepted requests without a 200 answer: {lost}\n{log[-3000:]}"
-    assert all(isinstance(outcomes[rid], httpx.TransportError) for rid in never_accepted), never_accepted
+    assert not drained.lost, f"answers that did not reach the client: {drained.lost}\n{log[-3000:]}"
+    never = drained.never_logged
+    assert all(isinstance(outcomes[rid], httpx.TransportError) for rid in never), never
     assert after_stop > 0, "no request finished after `Shutting down`; the drain went untested"
     # Docker SIGKILLs (status 137) whatever is still running when the grace period ends, so a clean
     # status is the proof the drain fit in it; the stop time is a figure, not a flaky window.

@@ -1,4 +1,5 @@
-"""deploy/prometheus/prometheus.yml: accepted by promtool and pointed at the compose service."""
+"""deploy/prometheus: the config and the alerting rules, accepted and unit-tested by promtool, wired into
+Compose and the Kubernetes monitoring overlay."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deployfiles import GRAFANA_DIR, PROMETHEUS_CONFIG, PROMTOOL_MISSING
+from crdschemas import custom_resource_errors
+from deployfiles import GRAFANA_DIR, PROMETHEUS_CONFIG, PROMTOOL_MISSING, REPO_ROOT
 
 
 def promtool() -> str:
@@ -64,3 +66,99 @@ def test_grafana_datasource_points_at_the_compose_prometheus(compose: dict[str, 
     assert source["url"] == "http://prometheus:9090"
     assert "prometheus" in compose["services"]
     assert "9090:9090" in compose["services"]["prometheus"]["ports"]
+
+
+# --- alerting and recording rules ------------------------------------------------------------------------
+
+RULES_DIR = PROMETHEUS_CONFIG.parent / "rules"
+RULE_TESTS = Path(__file__).resolve().parent / "promtool" / "rules_test.yml"
+PROMETHEUS_RULE = REPO_ROOT / "deploy" / "k8s" / "monitoring" / "prometheusrule.yaml"
+
+
+def rule_files() -> list[Path]:
+    files = sorted(RULES_DIR.glob("*.yml"))
+    assert files, f"no rule files in {RULES_DIR}"
+    return files
+
+
+def test_config_loads_every_rules_file(prometheus_config: dict[str, Any], compose: dict[str, Any]) -> None:
+    assert prometheus_config["rule_files"] == ["rules/*.yml"]
+    binds = {
+        m["source"]: m["target"] for m in compose["services"]["prometheus"]["volumes"] if m["type"] == "bind"
+    }
+    config_dir = Path(binds["./deploy/prometheus/prometheus.yml"]).parent
+    assert binds["./deploy/prometheus/rules"] == str(config_dir / "rules")
+
+
+def test_promtool_accepts_the_rule_files() -> None:
+    result = subprocess.run(
+        [promtool(), "check", "rules", *map(str, rule_files())], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"promtool check rules failed:\n{result.stdout}{result.stderr}"
+
+
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"promtool test rules failed:\n{result.stdout}{result.stderr}"
+
+
+def test_every_shipped_alert_has_a_unit_test() -> None:
+    alerts = {
+        rule["alert"]
+        for path in rule_files()
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    tests = yaml.safe_load(RULE_TESTS.read_text(encoding="utf-8"))["tests"]
+    tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])}
+    assert alerts <= tested, f"alerts without a promtool test: {sorted(alerts - tested)}"
+    assert {
+        "ConvserveDown",
+        "ConvserveNotReady",
+        "ConvserveModelLoadFailed",
+        "ConvserveSaturated",
+        "ConvserveHigh5xxRate",
+        "ConvserveHighLatencyP99",
+    } <= alerts
+
+
+def test_promtool_unit_tests_fail_when_an_alert_changes(tmp_path: Path) -> None:
+    # Guards the check above: the same tests against rules whose ConvserveDown waits 5 m must fail.
+    rules = (RULES_DIR / "convserve.yml").read_text(encoding="utf-8")
+    changed = rules.replace(
+        'expr: up{job="convserve"} == 0\n        for: 1m', 'expr: up{job="convserve"} == 0\n        for: 5m'
+    )
+    assert changed != rules
+    (tmp_path / "deploy" / "prometheus" / "rules").mkdir(parents=True)
+    (tmp_path / "deploy" / "prometheus" / "rules" / "convserve.yml").write_text(changed, encoding="utf-8")
+    (tmp_path / "tests" / "deploy" / "promtool").mkdir(parents=True)
+    copy = tmp_path / "tests" / "deploy" / "promtool" / RULE_TESTS.name
+    copy.write_text(RULE_TESTS.read_text(encoding="utf-8"), encoding="utf-8")
+    result = subprocess.run([promtool(), "test", "rules", str(copy)], capture_output=True, check=False)
+    assert result.returncode != 0
+
+
+def test_kubernetes_prometheusrule_holds_the_same_groups_as_the_rules_file() -> None:
+    rule = yaml.safe_load(PROMETHEUS_RULE.read_text(encoding="utf-8"))
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    groups = [
+        group for path in rule_files() for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+    ]
+    assert rule["spec"]["groups"] == groups, (
+        f"{PROMETHEUS_RULE.relative_to(REPO_ROOT)} differs from deploy/prometheus/rules/: copy its groups"
+    )
+    kustomization = yaml.safe_load(
+        (PROMETHEUS_RULE.parent / "kustomization.yaml").read_text(encoding="utf-8")
+    )
+    assert PROMETHEUS_RULE.name in kustomization["resources"]
+
+
+def test_kubernetes_prometheusrule_matches_the_operator_schema() -> None:
+    rule = yaml.safe_load(PROMETHEUS_RULE.read_text(encoding="utf-8"))
+    assert custom_resource_errors(rule) == []
+    # Guards the check: the schema must refuse a misspelt key.
+    rule["spec"]["groups"][0]["rules"][0]["expresion"] = "up"
+    assert custom_resource_errors(rule), "the PrometheusRule schema accepted an unknown key"

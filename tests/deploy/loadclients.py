@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from tests.photos import jpeg
+from tests.waiting import wait_until
 
 LOAD_CLIENTS = 6
 # The service's one line per request (service/transport/middleware.py), for the load clients' request ids.
@@ -72,3 +73,16 @@ def drain_outcome(log: str, clients: list[LoadClient], pattern: str = ACCESS_LIN
     lost.update({rid: outcomes.get(rid) for rid in refused if outcomes.get(rid) != 503})
     never_logged = [rid for rid in outcomes if rid not in logged]
     return DrainOutcome(admitted, refused, lost, never_logged)
+
+
+def steady_load(url: str, prefix: str = "load") -> list[LoadClient]:
+    """`LOAD_CLIENTS` clients started, returned once each has had two answers (all in their loop)."""
+    clients = [LoadClient(n, url, prefix) for n in range(LOAD_CLIENTS)]
+    for client in clients:
+        client.start()
+    wait_until(
+        lambda: all(sum(o == 200 for o in c.outcomes.values()) >= 2 for c in clients),
+        "answers to every load client",
+        120,
+    )
+    return clients

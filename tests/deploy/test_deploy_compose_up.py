@@ -30,7 +30,7 @@ from dockerimage import (
     build_plan,
     docker,
 )
-from loadclients import ACCESS_LINE, LOAD_CLIENTS, LoadClient, access_line, drain_outcome
+from loadclients import ACCESS_LINE, access_line, drain_outcome, steady_load
 
 from modelcontract import MODEL_FILENAME, complete_versions, publish_version
 from tests.liveserver import free_port
@@ -201,14 +201,7 @@ def test_stop_under_load_loses_no_admitted_request_and_the_down_alert_fires_then
     stack: Stack,
 ) -> None:
     assert not _listed(stack, "ConvserveDown")
-    clients = [LoadClient(n, stack.service_url) for n in range(LOAD_CLIENTS)]
-    for client in clients:
-        client.start()
-    wait_until(
-        lambda: all(sum(o == 200 for o in c.outcomes.values()) >= 2 for c in clients),
-        "answers to every load client",
-        120,
-    )
+    clients = steady_load(stack.service_url)
     grace_s = _duration_s(load_compose(COMPOSE_FILE)["services"]["service"]["stop_grace_period"])
     stack.compose("stop", "service", timeout=grace_s + 60)
     for client in clients:
@@ -248,19 +241,12 @@ def test_down_under_load_loses_no_admitted_request(stack: Stack, tmp_path: Path)
     """Last in this file: `docker compose down` under load removes the stack (the fixture's own `down`
     then finds nothing). `down` removes the container and its logs, so they are followed meanwhile."""
     wait_until(lambda: stack.health("service") == "healthy", "the service healthy", UP_TIMEOUT_S)
-    clients = [LoadClient(n, stack.service_url, prefix="down") for n in range(LOAD_CLIENTS)]
     log_path = tmp_path / "service.log"
     command, env = stack.command("logs", "--follow", "--no-color", "service")
     with log_path.open("w", encoding="utf-8") as log_file:
         follower = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            for client in clients:
-                client.start()
-            wait_until(
-                lambda: all(sum(o == 200 for o in c.outcomes.values()) >= 2 for c in clients),
-                "answers to every load client",
-                120,
-            )
+            clients = steady_load(stack.service_url, prefix="down")
             grace_s = _duration_s(load_compose(COMPOSE_FILE)["services"]["service"]["stop_grace_period"])
             stack.compose("down", timeout=grace_s + 120)  # the real stop_grace_period applies
             for client in clients:

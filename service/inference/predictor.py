@@ -134,6 +134,19 @@ class Predictor:
 
     async def run(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, Parsed]:
         """The logits of one request, in the order of its rows, and what its protocol parsed."""
+        logits, _, parsed = await self._infer(request)
+        return logits, parsed
+
+    async def classify(
+        self, request: InferenceRequest[Any, Parsed], top_k: int
+    ) -> tuple[list[list[dict[str, Any]]], Parsed]:
+        """The top-k classes of every row, best first; `top_k` is checked before anything is read."""
+        self.check_top_k(top_k)
+        _, probabilities, parsed = await self._infer(request)
+        return self.ranked(probabilities, top_k), parsed
+
+    async def _infer(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, np.ndarray, Parsed]:
+        """Logits and their softmax (computed once: the metrics and the ranking both read it)."""
         self.batcher.check_room(1)  # overloaded: refuse before reading the body
         payload = await request.receive()
         if request.parse_on_loop:
@@ -148,16 +161,9 @@ class Predictor:
             with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
                 tensor = await self.preprocess(inputs.images, deadline)
                 logits = await reservation.submit(tensor, deadline)
-        self._record(softmax(logits))
-        return logits, parsed
-
-    async def classify(
-        self, request: InferenceRequest[Any, Parsed], top_k: int
-    ) -> tuple[list[list[dict[str, Any]]], Parsed]:
-        """The top-k classes of every row, best first; `top_k` is checked before anything is read."""
-        self.check_top_k(top_k)
-        logits, parsed = await self.run(request)
-        return self.ranked(logits, top_k), parsed
+        probabilities = softmax(logits)
+        self._record(probabilities)
+        return logits, probabilities, parsed
 
     # ---- the steps ----------------------------------------------------------------------------------
 
@@ -216,9 +222,8 @@ class Predictor:
         self._preprocessor(image.data, image.name, out=row, deadline=deadline)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
 
-    def ranked(self, logits: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
+    def ranked(self, probabilities: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
         """The top-k of each row, best first, as `{"label", "index", "score"}`."""
-        probabilities = softmax(logits)
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         labels = self.metadata.labels
         return [

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     """Interface address to listen on (0.0.0.0 = all interfaces)."""
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port to listen on."""
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the KServe V2 gRPC API (`inference.GRPCInferenceService`), on HOST; 0 = no gRPC."""
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Largest number of images (rows) in one `session.run` call, in images."""
     # 0 by default: the collector forms the next batch from whatever queued while the previous
@@ -163,10 +165,23 @@ class Settings(BaseSettings):
     """PEM private key of TLS_CERTFILE."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Least severe log records written to stderr: DEBUG, INFO, WARNING or ERROR."""
+    log_format: Literal["text", "json"] = "text"
+    """`text`: one readable line per record; `json`: one JSON object per line (time, level, logger,
+    message, worker pid, and for requests the request id, model, version, status and duration)."""
     opentelemetry: bool = False
     """FastAPI's native OpenTelemetry spans, metrics and logs, sent to the providers an OpenTelemetry SDK
     configures (e.g. `opentelemetry-instrument`). Off by default: looking for a provider costs ~0.2 ms
     of CPU on every request, and the service's own metrics are Prometheus."""
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalize_case(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value.upper() if value.lower() in {"debug", "info", "warning", "error"} else value.lower()
+        return value
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -301,6 +316,11 @@ class Settings(BaseSettings):
                 "CONVSERVE_MODEL_CONTROL=explicit lets clients load and unload models, but no "
                 "CONVSERVE_ADMIN_TOKEN (or CONVSERVE_ADMIN_TOKEN_FILE) is set; set one, or accept that "
                 "anyone who reaches the port can do it with CONVSERVE_UNSAFE_UNAUTHENTICATED_ADMIN=true"
+            )
+        if self.grpc_port == self.port:
+            raise ValueError(
+                f"CONVSERVE_GRPC_PORT and CONVSERVE_PORT are both {self.port}; give gRPC its own port "
+                "(8001 by default) or set CONVSERVE_GRPC_PORT=0 to turn gRPC off"
             )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("CONVSERVE_TLS_CERTFILE and CONVSERVE_TLS_KEYFILE must be set together")

@@ -56,6 +56,10 @@ ISSUE_VARIABLES = [
     "TLS_CERTFILE",
     "TLS_KEYFILE",
     "TLS_CLIENT_CA",
+    # the ecosystem: V2 gRPC, logs for log shippers
+    "GRPC_PORT",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
 ]
 
 
@@ -73,6 +77,7 @@ def test_defaults_match_the_issue() -> None:
     assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert settings.require_gpu is False
     assert settings.workers == 1
+    assert (settings.grpc_port, settings.log_level, settings.log_format) == (8001, "INFO", "text")
 
 
 def test_every_issue_variable_is_a_documented_field_with_a_unit_or_meaning() -> None:
@@ -95,6 +100,13 @@ def test_environment_variables_are_read_with_the_prefix(monkeypatch: pytest.Monk
     assert settings.model_version == 3
 
 
+def test_log_settings_ignore_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_LOG_LEVEL", "debug")
+    monkeypatch.setenv("CONVSERVE_LOG_FORMAT", "JSON")
+    settings = Settings()
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+
+
 def test_providers_accept_aliases_and_ort_names_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVSERVE_PROVIDERS", "CUDA, CPUExecutionProvider")
     assert Settings().providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -110,6 +122,10 @@ def test_providers_accept_aliases_and_ort_names_comma_separated(monkeypatch: pyt
         ({"providers": "CUDAExecutionProvder"}, "unknown execution provider"),
         ({"providers": ""}, "empty"),
         ({"port": 0}, "port"),
+        ({"grpc_port": 8000}, "GRPC_PORT"),
+        ({"grpc_port": 70000}, "grpc_port"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"log_level": "loud"}, "log_level"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"model_version": 0}, "model_version"),
         ({"model_name": "../elsewhere"}, "MODEL_NAME"),

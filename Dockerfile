@@ -90,6 +90,7 @@ RUN pip install --require-hashes -r serve.txt
 COPY pyproject.toml README.md ./
 COPY modelcontract/ modelcontract/
 COPY service/ service/
+COPY convserve/ convserve/
 RUN pip install --no-deps .
 
 # The default model from the build stage. The service reads CONVSERVE_MODEL_REPOSITORY; compose mounts
@@ -100,11 +101,13 @@ COPY deploy/healthcheck.py /opt/convserve/healthcheck.py
 
 ENV CONVSERVE_MODEL_REPOSITORY=/opt/convserve/models \
     CONVSERVE_HOST=0.0.0.0 \
-    CONVSERVE_PORT=8000
+    CONVSERVE_PORT=8000 \
+    CONVSERVE_GRPC_PORT=8001
 
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST, /metrics, probes) and the V2 gRPC API.
+EXPOSE 8000 8001
 
 # /readyz is 200 only once the model is loaded and warmed up (batch sizes 1 and the maximum on a CPU,
 # every size on a GPU, where it includes creating the CUDA context and loading cuDNN), hence the

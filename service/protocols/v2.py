@@ -6,7 +6,7 @@ says. Every served model version is reachable; without a version the newest read
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,10 +18,11 @@ from service.protocols.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_IN
 from service.protocols.v2codec import (
     HEADER_LENGTH,
     InferRequest,
-    TensorSpec,
     encode_infer_response,
+    output_tensors,
     parse_infer_request,
 )
+from service.protocols.v2model import config_document, metadata_document, tensor_spec
 from service.state import State, model_lease, parse_version, path_model, service_state
 from service.transport.request_body import content_coding, decode_content, read_body
 
@@ -56,45 +57,14 @@ async def ready(state: State) -> Response:
 @router.get(MODEL, responses=errors(404, 503))
 @router.get(VERSIONED, responses=errors(404, 503))
 async def model_metadata(state: State, loaded: Model) -> JSONResponse:
-    meta = loaded.model.metadata
-    body: dict[str, Any] = {
-        "name": loaded.name,
-        "versions": [str(v) for v in state.registry.served().get(loaded.name, [])],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": loaded.model.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]}],
-        "outputs": [{"name": loaded.model.output_name, "datatype": "FP32", "shape": [-1, meta.num_classes]}],
-        "parameters": {
-            "version": loaded.version,
-            "execution_provider": loaded.model.active_provider,
-            "max_batch_size": state.settings.max_batch_size,
-            "backbone": meta.backbone,
-            "val_accuracy": meta.val_accuracy,
-            "created": meta.created,
-        },
-    }
-    return JSONResponse(body)
+    return JSONResponse(metadata_document(state, loaded))
 
 
 @router.get(MODEL + "/config", responses=errors(404, 503))
 @router.get(VERSIONED + "/config", responses=errors(404, 503))
 async def model_config(state: State, loaded: Model) -> JSONResponse:
     """A minimal Triton model configuration, enough for perf_analyzer to benchmark this server."""
-    meta, settings = loaded.model.metadata, state.settings
-    return JSONResponse(
-        {
-            "name": loaded.name,
-            "platform": "onnxruntime_onnx",
-            "max_batch_size": settings.max_batch_size,
-            "version_policy": str(settings.policy),
-            "input": [
-                {"name": loaded.model.input_name, "data_type": "TYPE_FP32", "dims": list(meta.input_shape)}
-            ],
-            "output": [
-                {"name": loaded.model.output_name, "data_type": "TYPE_FP32", "dims": [meta.num_classes]}
-            ],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
-        }
-    )
+    return JSONResponse(config_document(state, loaded))
 
 
 @router.get(MODEL + "/ready", response_class=Response, responses={**NO_CONTENT_HEALTH, **errors(404)})
@@ -116,14 +86,7 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     with model_lease(request, model_name, parse_version(model_version)) as loaded:
         state = service_state(request)
-        meta = loaded.model.metadata
-        spec = TensorSpec(
-            input_name=loaded.model.input_name,
-            input_shape=meta.input_shape,
-            output_name=loaded.model.output_name,
-            labels=meta.labels,
-            max_rows=state.settings.max_queue_size,
-        )
+        spec = tensor_spec(state, loaded)
         limit = state.settings.max_upload_bytes
         header_length = request.headers.get(HEADER_LENGTH)
 
@@ -134,7 +97,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         def parse(payload: tuple[bytes, str | None]) -> tuple[Inputs, InferRequest]:
             body, coding = payload
             parsed = parse_infer_request(decode_content(body, coding, limit), header_length, spec)
-            return Inputs(tensor=parsed.tensor, timeout_s=parsed.timeout_s), parsed
+            return parsed.inputs, parsed
 
         logits, parsed = await loaded.predictor.run(
             InferenceRequest(request.state.arrived_at, receive, parse)
@@ -143,7 +106,6 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         model_name=loaded.name,
         model_version=str(loaded.version),
         request=parsed,
-        logits=logits,
-        labels=meta.labels,
+        outputs=output_tensors(parsed, logits, spec.labels),
     )
     return Response(content, headers=headers)

@@ -1,6 +1,14 @@
-"""KServe Open Inference Protocol (V2) request/response bodies, with Triton's binary tensor extension.
+"""KServe Open Inference Protocol (V2) requests and answers, for every transport.
 
-A body is a JSON header optionally followed by raw little-endian tensors; the header's length comes
+The pieces every transport calls (`check_input`, `fp32_tensor`, `split_bytes_elements`,
+`image_elements`, `requested_output`, `client_timeout_s`, `finish_request`, `output_tensors`) decide
+what a request may ask and what its answer holds; REST (`parse_infer_request`,
+`encode_infer_response`, below) and gRPC (`service.protocols.v2grpc`) only move bytes in and out.
+A model takes either its own FP32 input or `IMAGE_INPUT`, encoded image files as BYTES (Triton's
+serialization: a 4-byte little-endian length before each element; base64 strings in JSON), which the
+predictor admits by count, then decodes and preprocesses exactly as `/predict` does.
+
+A REST body is a JSON header optionally followed by raw little-endian tensors; the header's length comes
 in `Inference-Header-Content-Length` (0 = the whole body is the single input, batch 1). Inputs with
 `parameters.binary_data_size` take their bytes from after the header, in order. Outputs are binary
 when asked (`binary_data` per output, `binary_data_output` per request), else JSON `data`. An output
@@ -20,29 +28,38 @@ Response budget: each output name at most once (400 for a repeat) and a classifi
 the class count K, so for R rows the answer is at most `response_bound(...)` = 256 + the escaped id +
 per output 192 + R x K x (4 binary | 24 JSON) bytes, or R x min(k, K) x (56 + digits of K + the
 longest escaped label) for a classification, plus the model's name and version. A request is
-refused (422, before inference) if that exceeds its own tensor bytes (R x C x H x W x 4) +
+refused (422, before inference) if that exceeds the tensor bytes it makes the server compute
+(R x C x H x W x 4, an image being one row) +
 `RESPONSE_SLACK_BYTES`, so no request makes the server write much more than it sent; for models
 with thousands of classes and tiny inputs that means asking for binary output or fewer classes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 import math
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
+from service.inference.predictor import Inputs, NamedImage
 from service.textsafety import brief
 from service.transport.jsonparse import BoundedJson, loads_bounded
 from service.transport.tensorjson import nested_numbers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE_INPUT = "image"
+"""The BYTES input every model takes beside its own FP32 one: encoded image files, one per element,
+decoded and preprocessed by the server exactly as `/predict` does."""
+InputKind = Literal["tensor", "image"]
 _BYTE_COUNT = re.compile(r"[0-9]{1,15}")
 # A V2 timeout is microseconds; a day is far beyond any server deadline and keeps floats exact.
 _MAX_TIMEOUT_US = 86_400 * 10**6
@@ -76,11 +93,20 @@ class RequestedOutput:
 
 @dataclass(frozen=True)
 class InferRequest:
+    """One V2 inference request, whichever transport brought it: what to compute and what to answer."""
+
     id: str | None
-    tensor: np.ndarray
+    inputs: Inputs
+    """A float32 tensor (the model's own input) or encoded images (the `image` input), and the client's
+    own deadline (Triton's `timeout` parameter, sent in microseconds), if any."""
     outputs: tuple[RequestedOutput, ...]
-    timeout_s: float | None
-    """The client's own deadline (Triton's `timeout` parameter, sent in microseconds), if any."""
+
+    @property
+    def rows(self) -> int:
+        tensor = self.inputs.tensor
+        if tensor is None:
+            return len(self.inputs.images)
+        return tensor.shape[0] if tensor.ndim else 1
 
 
 @dataclass(frozen=True)
@@ -93,7 +119,181 @@ class TensorSpec:
     labels: tuple[str, ...]
     """One per class, in output order."""
     max_rows: int
-    """Most rows one request may carry (CONVSERVE_MAX_QUEUE_SIZE)."""
+    """Most rows (tensor rows or images) one request may carry (CONVSERVE_MAX_QUEUE_SIZE)."""
+
+    @property
+    def row_values(self) -> int:
+        return math.prod(self.input_shape)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of an answer, ready for any transport: `raw` is what binary data and gRPC's
+    `raw_output_contents` carry (little-endian FP32, or length-prefixed BYTES), `data` the JSON values."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes
+    data: list[Any]
+
+
+# ---- the pieces every transport calls, in request order -------------------------------------------
+
+
+def check_input(name: Any, datatype: Any, shape: Any, spec: TensorSpec) -> InputKind:
+    """Which input `name` is, once its datatype and declared shape are acceptable; before any data is read.
+
+    The model's own input takes FP32 [N, C, H, W]; `IMAGE_INPUT` takes BYTES [N] (or [N, 1]): one encoded
+    image per element, at most `spec.max_rows` of them (413 beyond).
+    """
+    if name == spec.input_name:
+        kind: InputKind = "tensor"
+    elif name == IMAGE_INPUT:
+        kind = "image"
+    else:
+        raise BadRequestError(
+            f"unknown input {brief(name)}; this model takes {spec.input_name!r} (FP32 "
+            f"{_tensor_shape_text(spec)}) or {IMAGE_INPUT!r} (BYTES [N], one encoded image per element)"
+        )
+    expected = "FP32" if kind == "tensor" else "BYTES"
+    if datatype != expected:
+        what = _tensor_shape_text(spec) if kind == "tensor" else "[N], one encoded image per element"
+        raise InvalidInputError(f"input {name!r} must be {expected} {what}, got datatype {brief(datatype)}")
+    if not (
+        isinstance(shape, list | tuple) and len(shape) <= 8 and all(_is_whole(d) and d >= 0 for d in shape)
+    ):
+        raise BadRequestError(
+            f'"shape" of {name!r} must be a list of non-negative integers, got {brief(shape)}'
+        )
+    if kind == "image":
+        dims = [int(d) for d in shape]
+        if not (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)) or dims[0] < 1:
+            raise InvalidInputError(
+                f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1] with N >= 1 images, got {dims}"
+            )
+        if dims[0] > spec.max_rows:
+            raise PayloadTooLargeError(
+                f"{dims[0]} images in one request; at most {spec.max_rows} are accepted "
+                "(CONVSERVE_MAX_QUEUE_SIZE); split the request"
+            )
+    return kind
+
+
+def fp32_tensor(raw: bytes | memoryview, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
+    """The tensor in `raw` (little-endian FP32, exactly prod(shape) values), without a copy."""
+    count = math.prod(shape)
+    if len(raw) != count * 4:
+        raise InvalidInputError(
+            f"input {spec.input_name!r} of shape {list(shape)} needs 4 x {count} = {count * 4} bytes of FP32 "
+            f"data, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(tuple(shape))
+
+
+def split_bytes_elements(raw: bytes | memoryview, count: int) -> list[memoryview]:
+    """The `count` elements of a BYTES tensor: each a 4-byte little-endian length, then the bytes."""
+    view, elements, offset = memoryview(raw), [], 0
+    for index in range(count):
+        if offset + 4 > len(view):
+            raise InvalidInputError(
+                f"the BYTES data of {IMAGE_INPUT!r} ends after {index} of its {count} elements; each element "
+                "is a 4-byte little-endian length followed by that many bytes"
+            )
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if length > len(view) - offset:
+            raise InvalidInputError(
+                f"element {index} of {IMAGE_INPUT!r} declares {length} bytes but only "
+                f"{len(view) - offset} follow"
+            )
+        elements.append(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise InvalidInputError(
+            f"{len(view) - offset} bytes follow the {count} elements of {IMAGE_INPUT!r}; the shape says "
+            f"{count}"
+        )
+    return elements
+
+
+def image_elements(elements: Sequence[bytes | memoryview], shape: Sequence[int]) -> tuple[NamedImage, ...]:
+    """One `NamedImage` per element of the `image` input, named by position for error messages."""
+    count = math.prod(shape)
+    if len(elements) != count:
+        raise InvalidInputError(f"input {IMAGE_INPUT!r} has {len(elements)} elements but shape {list(shape)}")
+    images = []
+    for index, element in enumerate(elements):
+        if not len(element):
+            raise InvalidInputError(
+                f"element {index} of {IMAGE_INPUT!r} is empty; send the encoded image file"
+            )
+        images.append(NamedImage(f"{IMAGE_INPUT}[{index}]", bytes(element)))
+    return tuple(images)
+
+
+def requested_output(
+    name: Any,
+    parameters: Mapping[str, Any],
+    binary_default: bool,
+    spec: TensorSpec,
+    earlier: Sequence[RequestedOutput],
+) -> RequestedOutput:
+    """One entry of the request's `outputs`: the model's output, at most once, optionally classified."""
+    if name != spec.output_name:
+        raise BadRequestError(f"unknown output {brief(name)}; this model has one output {spec.output_name!r}")
+    if earlier:  # only one name exists: a second entry repeats it, and would repeat the answer
+        raise BadRequestError(f"output {spec.output_name!r} is requested twice; ask for each output once")
+    class_count = parameters.get("classification", 0)
+    if not _is_whole(class_count) or class_count < 0:
+        raise BadRequestError(f"classification must be a non-negative integer, got {brief(class_count)}")
+    binary = _flag(parameters, "binary_data", binary_default)
+    return RequestedOutput(spec.output_name, binary, int(min(class_count, 2**31)))
+
+
+def client_timeout_s(timeout: Any) -> float | None:
+    """Triton's `timeout` parameter (microseconds) in seconds; None when absent."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= _MAX_TIMEOUT_US
+    ):
+        raise BadRequestError(
+            f"the timeout parameter must be a positive number of microseconds up to {_MAX_TIMEOUT_US}, "
+            f"got {brief(timeout)}"
+        )
+    return float(timeout) / 1e6
+
+
+def check_request_id(request_id: Any) -> str | None:
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequestError(f'"id" must be a string, got {brief(request_id)}')
+    if request_id is not None and len(request_id) > MAX_ID_CHARS:
+        raise BadRequestError(
+            f'"id" has {len(request_id)} characters; it is echoed in the response, so send at most '
+            f"{MAX_ID_CHARS}"
+        )
+    return request_id
+
+
+def finish_request(
+    request_id: str | None,
+    inputs: Inputs,
+    outputs: Sequence[RequestedOutput],
+    binary_default: bool,
+    spec: TensorSpec,
+) -> InferRequest:
+    """The request, its outputs defaulted to the model's one output; refused if its answer could be
+    much larger than what it makes the server compute (see the module docstring)."""
+    chosen = tuple(outputs) or (RequestedOutput(spec.output_name, binary_default),)
+    request = InferRequest(id=request_id, inputs=inputs, outputs=chosen)
+    _check_response_budget(request, spec)
+    return request
+
+
+# ---- REST: a JSON header, optionally followed by binary data --------------------------------------
 
 
 def parse_infer_request(body: bytes, header_length: str | None, spec: TensorSpec) -> InferRequest:
@@ -104,27 +304,28 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: TensorSpec
     header = document.value
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequestError(f'"inputs" must list exactly one tensor, {spec.input_name!r}')
+        raise BadRequestError(
+            f'"inputs" must list exactly one tensor, {spec.input_name!r} (FP32) or {IMAGE_INPUT!r} (BYTES)'
+        )
+    entry = inputs[0]
     # Every cheap check before the tensor is read: a request that would be refused anyway (a repeated
     # output, a long id, a bad parameter) never pays for parsing its data.
     parameters = _parameters(header, "the request")
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequestError(f'"id" must be a string, got {brief(request_id)}')
-    if request_id is not None and len(request_id) > MAX_ID_CHARS:
-        raise BadRequestError(
-            f'"id" has {len(request_id)} characters; it is echoed in the response, so send at most '
-            f"{MAX_ID_CHARS}"
-        )
-    outputs = _requested_outputs(header, _flag(parameters, "binary_data_output"), spec)
-    timeout_s = _timeout_s(parameters)
-    tensor, used = _input_tensor(inputs[0], binary, spec)
+    request_id = check_request_id(header.get("id"))
+    binary_default = _flag(parameters, "binary_data_output")
+    outputs = _requested_outputs(header, binary_default, spec)
+    timeout_s = client_timeout_s(parameters.get("timeout"))
+    kind = check_input(entry.get("name"), entry.get("datatype"), entry.get("shape"), spec)
+    shape = [int(d) for d in entry["shape"]]
+    data, used = _input_data(entry, kind, shape, binary, spec)
     if used != len(binary):
         raise BadRequestError(f"{len(binary) - used} bytes of binary data follow the tensors unused")
-    request = InferRequest(id=request_id, tensor=tensor, outputs=outputs, timeout_s=timeout_s)
-    document.check_all_read(inputs[0].get("data"))
-    _check_response_budget(request, spec)
-    return request
+    if kind == "tensor":
+        model_inputs = Inputs(tensor=data, timeout_s=timeout_s)
+    else:
+        model_inputs = Inputs(images=data, timeout_s=timeout_s)
+    document.check_all_read(entry.get("data"))
+    return finish_request(request_id, model_inputs, outputs, binary_default, spec)
 
 
 def _raw_request(body: bytes, spec: TensorSpec) -> InferRequest:
@@ -135,7 +336,7 @@ def _raw_request(body: bytes, spec: TensorSpec) -> InferRequest:
             f"{math.prod(shape) * 4} bytes; got {len(body)} bytes"
         )
     tensor = np.frombuffer(body, dtype="<f4").reshape(shape)
-    return InferRequest(None, tensor, (RequestedOutput(spec.output_name, binary=True),), None)
+    return InferRequest(None, Inputs(tensor=tensor), (RequestedOutput(spec.output_name, binary=True),))
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[BoundedJson, memoryview]:
@@ -162,45 +363,55 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _input_tensor(entry: dict[str, Any], binary: memoryview, spec: TensorSpec) -> tuple[np.ndarray, int]:
-    """The input as float32 and the number of binary bytes it used."""
-    if entry.get("name") != spec.input_name:
-        raise BadRequestError(
-            f"unknown input {brief(entry.get('name'))}; this model has one input {spec.input_name!r}"
-        )
-    expected = f"[N, {', '.join(map(str, spec.input_shape))}]"
-    if entry.get("datatype") != "FP32":
-        raise InvalidInputError(
-            f"input {spec.input_name!r} must be FP32 {expected}, got {brief(entry.get('datatype'))}"
-        )
-    raw_shape = entry.get("shape")
-    if not (
-        isinstance(raw_shape, list)
-        and len(raw_shape) <= 8
-        and all(_is_whole(d) and d >= 0 for d in raw_shape)
-    ):
-        raise BadRequestError(
-            f'"shape" of {spec.input_name!r} must be a list of non-negative integers, got {brief(raw_shape)}'
-        )
-    shape = [int(d) for d in raw_shape]
-    count = math.prod(shape)
-    size = _parameters(entry, f"input {spec.input_name!r}").get("binary_data_size")
+def _input_data(
+    entry: dict[str, Any], kind: InputKind, shape: list[int], binary: memoryview, spec: TensorSpec
+) -> tuple[Any, int]:
+    """The input's tensor or images, and the number of binary bytes it used."""
+    name = entry["name"]
+    size = _parameters(entry, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if not _is_whole(size) or size != count * 4 or size > len(binary):
+        if not _is_whole(size) or not 0 <= size <= len(binary):
             raise InvalidInputError(
-                f"binary_data_size {brief(size)} of {spec.input_name!r} must equal 4 x prod(shape "
-                f"{shape}) = {count * 4} bytes, and that many bytes must follow the header ({len(binary)} do)"
+                f"binary_data_size {brief(size)} of {name!r} must be a byte count, and that many bytes must "
+                f"follow the header ({len(binary)} do)"
             )
-        return np.frombuffer(binary[: int(size)], dtype="<f4").reshape(shape), int(size)
+        raw = binary[: int(size)]
+        if kind == "tensor":
+            return fp32_tensor(raw, shape, spec), int(size)
+        return image_elements(split_bytes_elements(raw, math.prod(shape)), shape), int(size)
     if "data" not in entry:
-        raise BadRequestError(f'input {spec.input_name!r} has neither "data" nor parameters.binary_data_size')
-    return _json_data(entry["data"], shape, spec), 0
+        raise BadRequestError(f'input {name!r} has neither "data" nor parameters.binary_data_size')
+    if kind == "tensor":
+        return _json_data(entry["data"], shape, spec), 0
+    return image_elements(_base64_elements(entry["data"], shape), shape), 0
+
+
+def _base64_elements(data: Any, shape: list[int]) -> list[bytes]:
+    """JSON `data` of the image input: base64 strings (JSON cannot carry raw bytes), flat or nested [N, 1].
+
+    They count against the 64 KiB JSON header, so only small images fit; larger ones go as binary data.
+    """
+    flat = data
+    nested = len(shape) == 2 and isinstance(data, list)
+    if nested and all(isinstance(row, list) and len(row) == 1 for row in data):
+        flat = [row[0] for row in data]
+    if not isinstance(flat, list) or not all(isinstance(item, str) for item in flat):
+        raise InvalidInputError(
+            f'"data" of {IMAGE_INPUT!r} must be a list of base64 strings, one per image; or send the files '
+            "as binary data (parameters.binary_data_size)"
+        )
+    try:
+        return [base64.b64decode(item, validate=True) for item in flat]
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(
+            f'"data" of {IMAGE_INPUT!r} holds a string that is not base64; encode each image file with base64'
+        ) from None
 
 
 def _json_data(data: Any, shape: list[int], spec: TensorSpec) -> np.ndarray:
     """JSON `data` as float32 of `shape`: the declared size is checked against the budget, then against
     the values' count, before any value is parsed."""
-    count, row = math.prod(shape), math.prod(spec.input_shape)
+    count, row = math.prod(shape), spec.row_values
     if count > spec.max_rows * row:
         raise PayloadTooLargeError(
             f"shape {shape} of {spec.input_name!r} declares {count} values; this model takes at most "
@@ -225,47 +436,25 @@ def _requested_outputs(
 ) -> tuple[RequestedOutput, ...]:
     entries = header.get("outputs")
     if entries is None:
-        return (RequestedOutput(spec.output_name, binary_default),)
+        return ()
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise BadRequestError('"outputs" must be a list of objects')
     outputs: list[RequestedOutput] = []
     for entry in entries:
-        if entry.get("name") != spec.output_name:
-            raise BadRequestError(
-                f"unknown output {brief(entry.get('name'))}; this model has one output {spec.output_name!r}"
-            )
-        if outputs:  # only one name exists: a second entry repeats it, and would repeat the answer
-            raise BadRequestError(f"output {spec.output_name!r} is requested twice; ask for each output once")
-        parameters = _parameters(entry, f"output {spec.output_name!r}")
-        class_count = parameters.get("classification", 0)
-        if not _is_whole(class_count) or class_count < 0:
-            raise BadRequestError(f"classification must be a non-negative integer, got {brief(class_count)}")
-        binary = _flag(parameters, "binary_data", binary_default)
-        outputs.append(RequestedOutput(spec.output_name, binary, int(min(class_count, 2**31))))
+        parameters = _parameters(entry, f"output {brief(entry.get('name'))}")
+        outputs.append(requested_output(entry.get("name"), parameters, binary_default, spec, outputs))
     return tuple(outputs)
 
 
-def _flag(parameters: dict[str, Any], name: str, default: bool = False) -> bool:
+def _flag(parameters: Mapping[str, Any], name: str, default: bool = False) -> bool:
     value = parameters.get(name, default)
     if not isinstance(value, bool):
         raise BadRequestError(f"the {name} parameter must be true or false, got {brief(value)}")
     return value
 
 
-def _timeout_s(parameters: dict[str, Any]) -> float | None:
-    timeout = parameters.get("timeout")
-    if timeout is None:
-        return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not 0 < timeout <= _MAX_TIMEOUT_US
-    ):
-        raise BadRequestError(
-            f"the timeout parameter must be a positive number of microseconds up to {_MAX_TIMEOUT_US}, "
-            f"got {brief(timeout)}"
-        )
-    return float(timeout) / 1e6
+def _tensor_shape_text(spec: TensorSpec) -> str:
+    return f"[N, {', '.join(map(str, spec.input_shape))}]"
 
 
 @functools.lru_cache(maxsize=16)
@@ -276,7 +465,7 @@ def escaped_label_bytes(labels: tuple[str, ...]) -> int:
 
 def response_bound(request: InferRequest, spec: TensorSpec) -> int:
     """Most bytes `encode_infer_response` writes for `request`, the model's name and version aside."""
-    rows = request.tensor.shape[0] if request.tensor.ndim else 1
+    rows = request.rows
     classes = len(spec.labels)
     total = _ENVELOPE_BYTES + len(json.dumps(request.id or ""))
     for output in request.outputs:
@@ -290,15 +479,16 @@ def response_bound(request: InferRequest, spec: TensorSpec) -> int:
 
 
 def _check_response_budget(request: InferRequest, spec: TensorSpec) -> None:
-    tensor = request.tensor
-    if tensor.shape[1:] != spec.input_shape:
+    tensor = request.inputs.tensor
+    if tensor is not None and tensor.shape[1:] != spec.input_shape:
         return  # not a tensor this model takes: the predictor refuses it, saying why
-    allowed = tensor.size * 4 + RESPONSE_SLACK_BYTES
+    computed = request.rows * spec.row_values * 4  # an image becomes one row of the model's tensor
+    allowed = computed + RESPONSE_SLACK_BYTES
     bound = response_bound(request, spec)
     if bound > allowed:
         raise InvalidInputError(
             f"the requested outputs could take {bound} bytes, more than the {allowed} this request may "
-            f"get back (its tensor's {tensor.size * 4} bytes + {RESPONSE_SLACK_BYTES}); ask for binary_data "
+            f"get back (its tensor's {computed} bytes + {RESPONSE_SLACK_BYTES}); ask for binary_data "
             "output or a smaller classification"
         )
 
@@ -312,41 +502,44 @@ def classification_strings(logits: np.ndarray, class_count: int, labels: tuple[s
     ]
 
 
-def _bytes_tensor(strings: list[list[str]]) -> bytes:
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
     parts = []
-    for value in (s.encode() for row in strings for s in row):
+    for value in elements:
         parts += [struct.pack("<I", len(value)), value]
     return b"".join(parts)
 
 
-def encode_infer_response(
-    *,
-    model_name: str,
-    model_version: str,
-    request: InferRequest,
-    logits: np.ndarray,
-    labels: tuple[str, ...],
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and the headers it needs (header length when binary parts follow)."""
-    entries, blobs = [], []
+def output_tensors(request: InferRequest, logits: np.ndarray, labels: tuple[str, ...]) -> list[OutputTensor]:
+    """The outputs `request` asked for, computed from the model's logits."""
+    tensors = []
     for output in request.outputs:
         if output.class_count:
             strings = classification_strings(logits, output.class_count, labels)
-            entry: dict[str, Any] = {
-                "name": output.name,
-                "datatype": "BYTES",
-                "shape": [len(strings), len(strings[0])],
-            }
-            raw, data = _bytes_tensor(strings), [s for row in strings for s in row]
+            flat = [s for row in strings for s in row]
+            shape = [len(strings), len(strings[0])]
+            tensors.append(
+                OutputTensor(output.name, "BYTES", shape, serialize_bytes([s.encode() for s in flat]), flat)
+            )
         else:
             values = np.ascontiguousarray(logits, dtype="<f4")
-            entry = {"name": output.name, "datatype": "FP32", "shape": list(values.shape)}
-            raw, data = values.tobytes(), values.ravel().tolist()
+            data = values.ravel().tolist()
+            tensors.append(OutputTensor(output.name, "FP32", list(values.shape), values.tobytes(), data))
+    return tensors
+
+
+def encode_infer_response(
+    *, model_name: str, model_version: str, request: InferRequest, outputs: Sequence[OutputTensor]
+) -> tuple[bytes, dict[str, str]]:
+    """The REST response body and the headers it needs (header length when binary parts follow)."""
+    entries, blobs = [], []
+    for output, tensor in zip(request.outputs, outputs, strict=True):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
         if output.binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+            entry["parameters"] = {"binary_data_size": len(tensor.raw)}
+            blobs.append(tensor.raw)
         else:
-            entry["data"] = data
+            entry["data"] = tensor.data
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request.id is not None:

@@ -533,7 +533,7 @@ def measure_peak(name: str) -> str:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     try:
         if name.startswith("v2"):
-            result: Any = parse_infer_request(body, None, spec).tensor
+            result: Any = parse_infer_request(body, None, spec).inputs.tensor
         else:
             result = parse_json_tensor(body, ROW, max_rows)
         assert result.nbytes == tensor_bytes

@@ -343,7 +343,10 @@ def test_v2_metadata_health_and_json_infer(client: TestClient, tiny_model: OnnxM
         response = client.get(path)
         assert (response.status_code, response.content) == (200, b"")
     metadata = client.get("/v2/models/tiny/versions/1").json()
-    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert metadata["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+    ]
     assert metadata["parameters"]["execution_provider"] == "CPUExecutionProvider"
     tensor = sample_tensor(2)
     request = {

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError, ServiceError
+from service.inference.predictor import Inputs
 from service.protocols.v2codec import (
     InferRequest,
     RequestedOutput,
     TensorSpec,
     encode_infer_response,
+    output_tensors,
     parse_infer_request,
     response_bound,
 )
@@ -55,7 +57,7 @@ def test_json_data_nested_or_flat_parses_to_the_same_tensor() -> None:
             }
         ).encode()
         parsed = parse_infer_request(body, None, SPEC)
-        np.testing.assert_array_equal(parsed.tensor, values)
+        np.testing.assert_array_equal(parsed.inputs.tensor, values)
         assert parsed.id == "r1"
         assert parsed.outputs == (RequestedOutput("logits", binary=False),)
 
@@ -63,27 +65,28 @@ def test_json_data_nested_or_flat_parses_to_the_same_tensor() -> None:
 def test_binary_tensor_extension_body_parses_with_client_timeout() -> None:
     body, header_length = binary_body(tensor(), parameters={"binary_data_output": True, "timeout": 250_000})
     parsed = parse_infer_request(body, header_length, SPEC)
-    np.testing.assert_array_equal(parsed.tensor, tensor())
+    np.testing.assert_array_equal(parsed.inputs.tensor, tensor())
     assert parsed.outputs == (RequestedOutput("logits", binary=True),)
-    assert parsed.timeout_s == pytest.approx(0.25)
+    assert parsed.inputs.timeout_s == pytest.approx(0.25)
 
 
 def test_raw_binary_request_is_one_image() -> None:
     parsed = parse_infer_request(tensor(1).tobytes(), "0", SPEC)
-    np.testing.assert_array_equal(parsed.tensor, tensor(1))
+    np.testing.assert_array_equal(parsed.inputs.tensor, tensor(1))
 
 
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [
-        (lambda h: h["inputs"][0].update(name="image"), BadRequestError, "unknown input 'image'"),
+        (lambda h: h["inputs"][0].update(name="pixels"), BadRequestError, "unknown input 'pixels'"),
+        (lambda h: h["inputs"][0].update(name="image"), InvalidInputError, "'image' must be BYTES"),
         (lambda h: h["inputs"][0].update(datatype="FP64"), InvalidInputError, "must be FP32"),
-        (lambda h: h["inputs"][0].update(shape=[2, 3, 2]), InvalidInputError, "must equal 4 x prod"),
+        (lambda h: h["inputs"][0].update(shape=[2, 3, 2]), InvalidInputError, "needs 4 x 12 = 48 bytes"),
         (lambda h: h.update(outputs=[{"name": "probabilities"}]), BadRequestError, "unknown output"),
         (lambda h: h.update(inputs=[]), BadRequestError, "exactly one tensor"),
         (lambda h: h.update(parameters={"timeout": -1}), BadRequestError, "timeout"),
     ],
-    ids=["input-name", "datatype", "shape-vs-bytes", "output-name", "no-inputs", "timeout"],
+    ids=["input-name", "image-as-fp32", "datatype", "shape-vs-bytes", "output-name", "no-inputs", "timeout"],
 )
 def test_malformed_headers_are_refused_with_a_message(
     mutate: Callable[[dict[str, Any]], object], error: type[ServiceError], message: str
@@ -116,7 +119,7 @@ def test_json_data_with_wrong_count_is_refused() -> None:
 
 
 def request(*outputs: RequestedOutput) -> InferRequest:
-    return InferRequest(id="abc", tensor=tensor(2), outputs=outputs, timeout_s=None)
+    return InferRequest(id="abc", inputs=Inputs(tensor=tensor(2)), outputs=outputs)
 
 
 LOGITS = np.array([[0.5, 2.0, -1.0], [3.0, 0.0, 1.0]], dtype=np.float32)
@@ -126,9 +129,8 @@ def test_json_response_carries_flat_data() -> None:
     body, headers = encode_infer_response(
         model_name="tiny",
         model_version="1",
-        request=request(RequestedOutput("logits", False)),
-        logits=LOGITS,
-        labels=LABELS,
+        request=(parsed := request(RequestedOutput("logits", False))),
+        outputs=output_tensors(parsed, LOGITS, LABELS),
     )
     assert headers == {"Content-Type": "application/json"}
     response = json.loads(body)
@@ -146,7 +148,10 @@ def test_json_response_carries_flat_data() -> None:
 def test_binary_response_appends_raw_tensors_after_the_header() -> None:
     outputs = (RequestedOutput("logits", True), RequestedOutput("logits", True, class_count=2))
     body, headers = encode_infer_response(
-        model_name="tiny", model_version="1", request=request(*outputs), logits=LOGITS, labels=LABELS
+        model_name="tiny",
+        model_version="1",
+        request=(parsed := request(*outputs)),
+        outputs=output_tensors(parsed, LOGITS, LABELS),
     )
     length = int(headers["Inference-Header-Content-Length"])
     header = json.loads(body[:length])
@@ -177,7 +182,7 @@ def test_large_json_data_parses_flat_or_nested_as_its_shape() -> None:
         return padded
 
     for data in (values.tolist(), values.ravel().tolist()):
-        np.testing.assert_array_equal(parse_infer_request(body(data), None, SPEC).tensor, values)
+        np.testing.assert_array_equal(parse_infer_request(body(data), None, SPEC).inputs.tensor, values)
     with pytest.raises(InvalidInputError, match=r"nested as \[8, 12\], not as its shape \[8, 3, 2, 2\]"):
         parse_infer_request(body(values.reshape(8, 12).tolist()), None, SPEC)
 
@@ -215,9 +220,12 @@ def test_response_bound_covers_every_encoding_of_extreme_logits(request_id: str 
         for class_count in (0, 1, 3, 2**31)
     ]
     for output in options:
-        parsed = InferRequest(id=request_id, tensor=tensor(2), outputs=(output,), timeout_s=None)
+        parsed = InferRequest(id=request_id, inputs=Inputs(tensor=tensor(2)), outputs=(output,))
         body, _ = encode_infer_response(
-            model_name="tiny", model_version="1", request=parsed, logits=EXTREME_LOGITS, labels=LABELS
+            model_name="tiny",
+            model_version="1",
+            request=parsed,
+            outputs=output_tensors(parsed, EXTREME_LOGITS, LABELS),
         )
         assert len(body) <= response_bound(parsed, SPEC) + len("tiny1"), output
 

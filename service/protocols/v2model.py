@@ -1,0 +1,71 @@
+"""What V2 says about a served model version: its metadata, its configuration and its tensor spec.
+
+Plain dicts and dataclasses, the same for every transport: REST returns the dicts as JSON, gRPC
+copies them into its messages. Every model takes two inputs, its own FP32 tensor and
+`IMAGE_INPUT` (encoded image files), and has one FP32 output of class scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.models.registry import LoadedModel
+from service.protocols.v2codec import IMAGE_INPUT, TensorSpec
+from service.state import ServiceState
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def tensor_spec(state: ServiceState, loaded: LoadedModel) -> TensorSpec:
+    """What `loaded` takes and returns, with this server's per-request row limit."""
+    meta = loaded.model.metadata
+    return TensorSpec(
+        input_name=loaded.model.input_name,
+        input_shape=meta.input_shape,
+        output_name=loaded.model.output_name,
+        labels=meta.labels,
+        max_rows=state.settings.max_queue_size,
+    )
+
+
+def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
+    """The V2 model metadata: versions served, inputs and outputs with their shapes, and parameters."""
+    meta = loaded.model.metadata
+    return {
+        "name": loaded.name,
+        "versions": [str(v) for v in state.registry.served().get(loaded.name, [])],
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": loaded.model.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]},
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [{"name": loaded.model.output_name, "datatype": "FP32", "shape": [-1, meta.num_classes]}],
+        "parameters": {
+            "version": loaded.version,
+            "execution_provider": loaded.model.active_provider,
+            "max_batch_size": state.settings.max_batch_size,
+            "backbone": meta.backbone,
+            "val_accuracy": meta.val_accuracy,
+            "created": meta.created,
+        },
+    }
+
+
+def config_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
+    """A minimal Triton model configuration, enough for perf_analyzer and `tritonclient`'s config calls.
+
+    Triton's dims leave out the batch dimension; the image input is one string per batch entry.
+    """
+    meta, settings = loaded.model.metadata, state.settings
+    return {
+        "name": loaded.name,
+        "platform": PLATFORM,
+        "max_batch_size": settings.max_batch_size,
+        "version_policy": str(settings.policy),
+        "input": [
+            {"name": loaded.model.input_name, "data_type": "TYPE_FP32", "dims": list(meta.input_shape)},
+            {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]},
+        ],
+        "output": [{"name": loaded.model.output_name, "data_type": "TYPE_FP32", "dims": [meta.num_classes]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
+    }

@@ -18,6 +18,7 @@ OVERLAYS = ("cpu", "gpu")
 MONITORING_DIR = K8S_DIR / "monitoring"
 ADAPTER_VALUES = MONITORING_DIR / "prometheus-adapter-values.yaml"
 INFERENCE_SERVICE = REPO_ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+GRPC_INFERENCE_SERVICE = REPO_ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
 KUBECTL_MISSING = "kubectl is not installed (Debian package `kubectl`; `make tools` installs it)"
 
 

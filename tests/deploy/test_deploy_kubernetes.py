@@ -23,6 +23,7 @@ import yaml
 from crdschemas import custom_resource_errors
 from deployfiles import DOCKERFILE, PROMTOOL_MISSING
 from k8smanifests import (
+    GRPC_INFERENCE_SERVICE,
     INFERENCE_SERVICE,
     K8S_DIR,
     KUBECTL_MISSING,
@@ -72,6 +73,12 @@ def inference_service() -> dict[str, Any]:
     return document
 
 
+@pytest.fixture(scope="module")
+def grpc_inference_service() -> dict[str, Any]:
+    (document,) = load_file(GRPC_INFERENCE_SERVICE)
+    return document
+
+
 def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
     spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
     return spec
@@ -83,10 +90,11 @@ def image_uid() -> int:
     return int(match.group(1))
 
 
-def image_port() -> int:
-    match = re.search(r"^EXPOSE (\d+)$", DOCKERFILE.read_text(encoding="utf-8"), flags=re.MULTILINE)
-    assert match
-    return int(match.group(1))
+def image_ports() -> tuple[int, int]:
+    """The HTTP and gRPC ports the image exposes, in that order."""
+    match = re.search(r"^EXPOSE (\d+) (\d+)$", DOCKERFILE.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert match, "the Dockerfile should EXPOSE the HTTP port, then the gRPC port"
+    return int(match.group(1)), int(match.group(2))
 
 
 # --- rendering and schemas --------------------------------------------------------------------------
@@ -172,8 +180,15 @@ def test_port_and_uid_agree_with_the_dockerfile_and_the_settings(overlay: list[d
     spec = pod_spec(overlay)
     container = main_container(spec)
     env = container_env(container, overlay)
-    (port,) = container["ports"]
-    assert port["containerPort"] == image_port() == int(env["CONVSERVE_PORT"]) == Settings().port
+    http, grpc = container["ports"]
+    defaults = Settings()
+    assert (http["name"], grpc["name"]) == ("http", "grpc")
+    assert http["containerPort"] == image_ports()[0] == int(env["CONVSERVE_PORT"]) == defaults.port
+    assert grpc["containerPort"] == image_ports()[1] == int(env["CONVSERVE_GRPC_PORT"]) == defaults.grpc_port
+    service_ports = {port["name"]: port for port in one(overlay, "Service")["spec"]["ports"]}
+    assert service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert service_ports["grpc"]["port"] == grpc["containerPort"]
+    port = http
     annotations = one(overlay, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == port["containerPort"]
     assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["runAsGroup"] == image_uid()
@@ -263,6 +278,21 @@ def test_probes_use_the_routes_that_mean_started_ready_and_alive(
     assert probe_paths(kserve) == {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
     for path in {*probe_paths(container).values(), *probe_paths(kserve).values()}:
         assert httpx.get(f"{live_server.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_grpc_inference_service_routes_the_grpc_port_and_probes_readiness_inside(
+    grpc_inference_service: dict[str, Any],
+) -> None:
+    assert custom_resource_errors(grpc_inference_service) == []
+    container = grpc_inference_service["spec"]["predictor"]["containers"][0]
+    assert container["name"] == "kserve-container"
+    env = {item["name"]: item["value"] for item in container["env"]}
+    (port,) = container["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == int(env["CONVSERVE_GRPC_PORT"])
+    assert int(env["CONVSERVE_PORT"]) != port["containerPort"]
+    assert container["readinessProbe"]["exec"]["command"] == ["python", "/opt/convserve/healthcheck.py"]
+    assert container["livenessProbe"]["tcpSocket"]["port"] == port["containerPort"]
+    assert container["securityContext"]["runAsUser"] == image_uid()
 
 
 def test_inference_service_runs_the_image_as_kserve_expects(inference_service: dict[str, Any]) -> None:

@@ -1,4 +1,8 @@
-"""The load generator: POSTs JPEGs as multipart uploads, closed loop or open loop, and keeps every outcome.
+"""The load generator: sends JPEGs, closed loop or open loop, and keeps every outcome.
+
+What one request is comes from a `Transport`: by default a multipart upload to a URL (`/predict`);
+`benchmarks.performance.protocols` adds V2 REST and V2 gRPC ones. A transport answers with an HTTP-like
+status (gRPC codes are mapped: OK 200, UNAVAILABLE 503, ...) so every figure is counted the same way.
 
 Closed loop (`closed_loop`): N clients each send a request, wait for the answer, send the next — how a
 fixed pool of callers behaves; throughput is whatever the server sustains at that concurrency.
@@ -17,10 +21,12 @@ read the outcomes themselves (how many were refused, lost, …).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +102,27 @@ async def post_photo(session: aiohttp.ClientSession, url: str, photo: Photo) -> 
             return response.status, None
     except (aiohttp.ClientError, TimeoutError) as exc:
         return None, error_kind(exc)
+
+
+Send = Callable[[Photo], Awaitable[tuple[int | None, str | None]]]
+"""Sends one photo and reads the whole answer: (status, client-side error), as `post_photo` does."""
+Transport = Callable[[int, float], AbstractAsyncContextManager[Send]]
+"""Opens at most `connections` connections, each request bounded by `timeout_s`, for one run."""
+
+
+def multipart_transport(url: str) -> Transport:
+    """Each photo POSTed to `url` as a multipart upload (`post_photo`)."""
+
+    @asynccontextmanager
+    async def connect(connections: int, timeout_s: float) -> AsyncIterator[Send]:
+        async with client_session(connections, timeout_s) as session:
+            yield functools.partial(post_photo, session, url)
+
+    return connect
+
+
+def _transport(target: str | Transport) -> Transport:
+    return multipart_transport(target) if isinstance(target, str) else target
 
 
 @dataclass(frozen=True)
@@ -213,7 +240,7 @@ class LoadRun:
 
 
 async def closed_loop(
-    url: str,
+    target: str | Transport,
     photos: Sequence[Photo],
     concurrency: int,
     window: Window,
@@ -223,6 +250,7 @@ async def closed_loop(
 ) -> LoadRun:
     """`concurrency` clients back to back until the window ends (or `stop` is set), then drain.
 
+    `target` is a URL to upload to as multipart, or a `Transport`.
     A client starts no request after the window's end or once `stop` is set; every request it started
     is awaited (bounded by `request_timeout_s`)."""
     if concurrency < 1:
@@ -231,20 +259,20 @@ async def closed_loop(
     run = LoadRun("concurrency", concurrency, clock.start, clock.end)
     cycle = itertools.cycle(photos)
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(send: Send) -> None:
         while (sent := time.perf_counter()) < clock.end and not (stop is not None and stop.is_set()):
             clock.count_start(sent)
-            status, error = await post_photo(session, url, next(cycle))
+            status, error = await send(next(cycle))
             run.outcomes.append(Outcome(sent, time.perf_counter(), status, error))
 
-    async with client_session(concurrency, request_timeout_s) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    async with _transport(target)(concurrency, request_timeout_s) as send:
+        await asyncio.gather(*(client(send) for _ in range(concurrency)))
     run.window_end = clock.end
     return run
 
 
 async def open_loop(
-    url: str,
+    target: str | Transport,
     photos: Sequence[Photo],
     rate_per_s: float,
     window: Window,
@@ -268,11 +296,11 @@ async def open_loop(
     schedule: Iterator[Photo] = itertools.cycle(photos)
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def send(session: aiohttp.ClientSession, photo: Photo, due: float) -> None:
-        status, error = await post_photo(session, url, photo)
+    async def request(send: Send, photo: Photo, due: float) -> None:
+        status, error = await send(photo)
         run.outcomes.append(Outcome(due, time.perf_counter(), status, error))
 
-    async with client_session(max_outstanding, request_timeout_s) as session:
+    async with _transport(target)(max_outstanding, request_timeout_s) as send:
         for index in itertools.count():
             offset = index / rate_per_s
             due = begin + offset
@@ -285,7 +313,7 @@ async def open_loop(
             if len(in_flight) >= max_outstanding:
                 run.outcomes.append(Outcome(due, due, None, CLIENT_BACKLOG))
                 continue
-            task = asyncio.create_task(send(session, next(schedule), due))
+            task = asyncio.create_task(request(send, next(schedule), due))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:

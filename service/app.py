@@ -10,6 +10,7 @@ from service import __version__
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
 from service.protocols import health, metrics, predict, repository, v2
+from service.protocols.docs import install_docs
 from service.protocols.error_handlers import install_error_handlers
 from service.settings import Settings
 from service.state import ServiceState
@@ -27,6 +28,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         title="convserve",
         version=__version__,
         lifespan=lifespan_for(state),
+        docs_url=None,  # service.protocols.docs serves the docs, with local assets
+        redoc_url=None,
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
     app.state.convserve = state
@@ -64,6 +67,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
         app.include_router(router)
+    install_docs(app)
     return app
 
 

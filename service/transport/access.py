@@ -46,6 +46,8 @@ _OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
     | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
+# The docs pages' scripts, styles and icon (service.protocols.docs.STATIC_PREFIX).
+_OPEN_PREFIXES = ("/docs/static/",)
 _MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 _ADMIN_PREFIXES = ("/v2/repository/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -53,7 +55,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 def role_of(path: str) -> Role:
     """The role a path belongs to; unknown paths are INFERENCE, so a new route is never open by accident."""
-    if path in _OPEN_PATHS or _MODEL_READY.match(path):
+    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES) or _MODEL_READY.match(path):
         return Role.OPEN
     if path == "/metrics":
         return Role.METRICS

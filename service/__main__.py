@@ -34,19 +34,41 @@ def _settings_or_exit() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  CONVSERVE_{'_'.join(str(p) for p in error['loc']).upper() or '(settings)'}: {error['msg']}"
+        _log_as_configured_if_possible(exc)
+        # One record, one line: a shipper keeps the problems together with the error.
+        problems = "; ".join(
+            f"CONVSERVE_{'_'.join(str(p) for p in error['loc']).upper() or '(settings)'}: {error['msg']}"
             for error in exc.errors()
         )
-        logger.error("invalid configuration, not starting:\n%s", problems)
+        logger.error("invalid configuration, not starting: %s", problems)
         raise SystemExit(2) from None
+
+
+def _log_as_configured_if_possible(exc: ValidationError) -> None:
+    """Switch to the configured log level and format when those two settings are valid themselves, so
+    a log shipper parses the configuration error too; otherwise the default (text) stays.
+
+    They are learnt by validating the settings once more with every invalid field at its default:
+    the one `Settings` class stays the only reader of the environment.
+    """
+    broken = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+    fields = Settings.model_fields
+    if broken & {"log_level", "log_format"} or not broken <= fields.keys():
+        return
+    try:
+        fallback = Settings(**{name: fields[name].get_default(call_default_factory=True) for name in broken})
+    except ValidationError:  # a rule across fields failed: nothing to learn the format from
+        return
+    logging.config.dictConfig(log_config(fallback.log_level, fallback.log_format))
 
 
 def main() -> None:
     limit_malloc_arenas()  # before any thread exists: model swaps must not grow RSS
-    config = log_config()
-    logging.config.dictConfig(config)
+    # The default first, so that even an invalid configuration is logged; then what the settings say.
+    logging.config.dictConfig(log_config())
     settings = _settings_or_exit()
+    config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(config)  # the workers get the same `config` through uvicorn
     try:  # fail here, with a clean message, rather than inside every worker
         names = check_repository(settings)
         Credentials.from_settings(settings)  # token files readable and strong

@@ -222,4 +222,16 @@ class RequestContextMiddleware:
             status,
             seconds * 1000,
             f" error={error!r}" if error else "",
+            # The same facts as fields, for the JSON log format (service.logging_config.REQUEST_FIELDS).
+            extra={
+                "request_id": request_id,
+                "model": model,
+                "version": version,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+                "method": scope["method"],
+                "path": printable(scope["path"]),
+                "protocol": "http",
+                "error": error,
+            },
         )

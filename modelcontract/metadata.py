@@ -7,7 +7,9 @@ the contract with a message naming the field, what it should be, and the file it
 
 `SCHEMA_VERSION` numbers the layout. A reader accepts every version up to its own (a file without
 the field predates it and is version 1) and refuses newer ones, so a layout change is detected at load
-time instead of being half-understood. Raise it when a field changes meaning or becomes required.
+time instead of being half-understood. Raise it when a field changes meaning or becomes required, or
+when a new field changes what the model's outputs or inputs mean (an older reader would serve them
+wrongly instead of refusing). Version 2 added `output_kind`; version 1 files are logits models.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+import numpy as np
+
+from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, softmax
 from modelcontract.transform import EvalSpec
 
 METADATA_KEY = "convserve"
 """The one `metadata_props` key of an ONNX file that holds the metadata JSON."""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the metadata layout this code writes and the newest it reads."""
+LOGITS = "logits"
+"""`output_kind` of a model whose output rows are unnormalized scores: serving applies softmax."""
+PROBABILITIES = "probabilities"
+"""`output_kind` of a model whose output rows already are probabilities (a softmax inside the graph)."""
+OUTPUT_KINDS = (LOGITS, PROBABILITIES)
+_OUTPUT_KIND_SINCE = 2
+"""The schema version that introduced `output_kind`: older files hold logits models."""
 
 # The JSON keys, each written and read only here.
 _SCHEMA_VERSION = "schema_version"
@@ -44,11 +55,13 @@ _CREATED = "created"
 _INPUT_NAME = "input_name"
 _OUTPUT_NAME = "output_name"
 _OPSET = "opset"
+_OUTPUT_KIND = "output_kind"
 _REQUIRED = (_LABELS, _INPUT_SHAPE, _MEAN, _STD, _RESIZE_SIZE, _INTERPOLATION)
 CONTRACT_FIELDS = frozenset(
     {
         _SCHEMA_VERSION, _LABELS, _NUM_CLASSES, _INPUT_SHAPE, _RESIZE_SIZE, _INTERPOLATION, _MEAN, _STD,
         _BACKBONE, _PRECISION, _VAL_ACCURACY, _PARITY, _CREATED, _INPUT_NAME, _OUTPUT_NAME, _OPSET,
+        _OUTPUT_KIND,
     }
 )  # fmt: skip
 """The keys `ModelMetadata` owns; anything else in the JSON is kept in `extra`."""
@@ -79,6 +92,8 @@ class ModelMetadata:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     opset: int = ONNX_OPSET
+    output_kind: str = LOGITS
+    """What the output rows are: `logits` (softmax gives the scores) or `probabilities` (they are)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON fields (quantization details, weights origin, ...), kept and written back as they are."""
     schema_version: int = SCHEMA_VERSION
@@ -91,6 +106,14 @@ class ModelMetadata:
         if self.val_accuracy is not None and not 0.0 <= self.val_accuracy <= 1.0:
             raise ValueError(
                 f"{_VAL_ACCURACY!r} must be a fraction in [0, 1] or null, got {self.val_accuracy}"
+            )
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"{_OUTPUT_KIND!r} must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        if self.output_kind != LOGITS and self.schema_version < _OUTPUT_KIND_SINCE:
+            # A reader of that version would take the probabilities for logits instead of refusing.
+            raise ValueError(
+                f"{_OUTPUT_KIND!r} {self.output_kind!r} needs schema version {_OUTPUT_KIND_SINCE} or later, "
+                f"got {self.schema_version}"
             )
         clashes = sorted(CONTRACT_FIELDS & set(self.extra))
         if clashes:
@@ -123,6 +146,16 @@ class ModelMetadata:
     def std(self) -> tuple[float, float, float]:
         return self.eval_spec.std
 
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """The class probabilities of the model's output rows [N, num_classes], in float64.
+
+        The one place that decides what the outputs mean: softmax of logits, or the rows themselves
+        when the graph already computes probabilities.
+        """
+        if self.output_kind == PROBABILITIES:
+            return np.asarray(outputs, dtype=np.float64)
+        return softmax(outputs)
+
     def to_json(self) -> dict[str, Any]:
         """The metadata as the JSON object stored in the file (contract fields first, then `extra`)."""
         spec = self.eval_spec
@@ -143,6 +176,7 @@ class ModelMetadata:
             _INPUT_NAME: self.input_name,
             _OUTPUT_NAME: self.output_name,
             _OPSET: self.opset,
+            _OUTPUT_KIND: self.output_kind,
             **self.extra,
         }
 
@@ -219,6 +253,7 @@ def _from_dict(raw: dict[str, Any]) -> ModelMetadata:
         input_name=_string(raw, _INPUT_NAME, INPUT_NAME),
         output_name=_string(raw, _OUTPUT_NAME, OUTPUT_NAME),
         opset=_positive_int(raw, _OPSET, ONNX_OPSET),
+        output_kind=_string(raw, _OUTPUT_KIND, LOGITS),
         extra={key: value for key, value in raw.items() if key not in CONTRACT_FIELDS},
         schema_version=version,
     )

@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from modelcontract import ModelMetadata, softmax
+from modelcontract import ModelMetadata
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.inference.batching import DynamicBatcher, InferFn
 from service.inference.preprocessing import ImagePreprocessor
@@ -103,11 +103,16 @@ class Predictor:
         settings: Settings,
         metrics: ModelMetrics,
         decode_executor: ThreadPoolExecutor,
+        *,
+        max_batch_size: int | None = None,
     ) -> Predictor:
-        """The predictor of a loaded, warmed-up model (`infer` runs one batch), its batcher running."""
+        """The predictor of a loaded, warmed-up model (`infer` runs one batch), its batcher running.
+
+        `max_batch_size` caps the batches below CONVSERVE_MAX_BATCH_SIZE for a model whose graph takes
+        fewer rows (a fixed batch axis); None = the setting."""
         batcher = DynamicBatcher(
             infer,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.max_batch_size if max_batch_size is None else max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
             instances=settings.instances,
@@ -146,7 +151,8 @@ class Predictor:
         return self.ranked(probabilities, top_k), parsed
 
     async def _infer(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, np.ndarray, Parsed]:
-        """Logits and their softmax (computed once: the metrics and the ranking both read it)."""
+        """The model's outputs and their class probabilities (computed once: the metrics and the ranking
+        both read them)."""
         self.batcher.check_room(1)  # overloaded: refuse before reading the body
         payload = await request.receive()
         if request.parse_on_loop:
@@ -161,7 +167,7 @@ class Predictor:
             with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
                 tensor = await self.preprocess(inputs.images, deadline)
                 logits = await reservation.submit(tensor, deadline)
-        probabilities = softmax(logits)
+        probabilities = self.metadata.scores(logits)
         self._record(probabilities)
         return logits, probabilities, parsed
 

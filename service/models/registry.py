@@ -250,6 +250,7 @@ class ModelRegistry:
             self._settings,
             self._metrics.for_model(name, version),
             self._decode_executor,
+            max_batch_size=model.batch_limit(self._settings.max_batch_size),
         )
         loaded = LoadedModel(location, model, predictor, time.perf_counter() - started, warmup)
         self._served = {**self._served, name: {**self._served.get(name, {}), version: loaded}}

@@ -2,7 +2,9 @@
 
 This module knows nothing about batching or HTTP: it loads a file, says which execution provider is
 really active (ORT falls back silently, so `service.models.providers` probes a GPU provider first and
-the session is asked), and runs float32 NCHW batches.
+the session is asked), and runs float32 NCHW batches. A graph whose batch axis is a fixed number
+(an imported model exported for batch 1, say) is served too: it says the largest batch it takes
+(`batch_limit`) and pads a smaller batch to its size.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class OnnxModel:
     output_name: str
     provider_failure: str | None
     """Why the first requested provider is not active (ORT's own words), or None if it is."""
+    fixed_batch_size: int | None = None
+    """The batch size the graph's input is fixed to, or None when its batch axis is symbolic."""
 
     @property
     def active_provider(self) -> str:
@@ -77,10 +81,23 @@ class OnnxModel:
     def on_gpu(self) -> bool:
         return self.active_provider in GPU_PROVIDERS
 
+    def batch_limit(self, max_batch_size: int) -> int:
+        """The largest batch to form for this model: `max_batch_size`, or less if the graph's is fixed."""
+        return min(max_batch_size, self.fixed_batch_size or max_batch_size)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop."""
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(logits)
+        """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop."""
+        rows = len(batch)
+        fixed = self.fixed_batch_size
+        if fixed is not None and rows != fixed:
+            if rows > fixed:
+                raise ValueError(f"{self.path} takes batches of at most {fixed} rows, got {rows}")
+            # ONNX Runtime refuses any other size on a fixed axis: fill the rest with zero rows.
+            padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
+            padded[:rows] = batch
+            batch = padded
+        (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(outputs)[:rows]
 
     def warmup(self, batch_sizes: Iterable[int], cancel: threading.Event | None = None) -> float:
         """Run each batch size once so allocations and kernel choices happen before traffic; seconds.
@@ -113,11 +130,15 @@ def warmup_sizes(model: OnnxModel, max_batch_size: int) -> tuple[int, ...]:
     arena, so the smallest and the largest batch are enough: the largest grows the arena to its
     peak once, the smallest covers the single-image path. Measured on EfficientNet-Lite0 here
     (2 cores): sizes 1 and 32 warm in 1.4 s against 17.8 s for 1..32, and a batch size that was not
-    warmed (7) runs no slower the first time than the second.
+    warmed (7) runs no slower the first time than the second. A graph with a fixed batch runs one
+    shape whatever the batch (`OnnxModel.run` pads), so one size warms it.
     """
+    largest = model.batch_limit(max_batch_size)
+    if model.fixed_batch_size is not None:
+        return (largest,)
     if model.on_gpu:
-        return tuple(range(1, max_batch_size + 1))
-    return tuple(sorted({1, max_batch_size}))
+        return tuple(range(1, largest + 1))
+    return tuple(sorted({1, largest}))
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
@@ -164,7 +185,7 @@ def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> O
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, str(path))
     except MetadataError as exc:
         raise StartupError(str(exc)) from exc
-    input_name, output_name = _check_signature(session, metadata, path)
+    input_name, output_name, fixed_batch_size = _check_signature(session, metadata, path)
     active = session.get_providers()[0]
     failure = None
     if active != providers[0]:
@@ -173,10 +194,13 @@ def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> O
             "on stderr says why"
         )
         logger.warning("%s runs on %s instead of %s: %s", path, active, providers[0], failure)
-    return OnnxModel(session, metadata, path, input_name, output_name, failure)
+    return OnnxModel(session, metadata, path, input_name, output_name, failure, fixed_batch_size)
 
 
-def _check_signature(session: ort.InferenceSession, metadata: ModelMetadata, path: Path) -> tuple[str, str]:
+def _check_signature(
+    session: ort.InferenceSession, metadata: ModelMetadata, path: Path
+) -> tuple[str, str, int | None]:
+    """The input and output names, and the fixed batch size (None: a symbolic batch axis)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(outputs) != 1:
         raise StartupError(
@@ -185,17 +209,18 @@ def _check_signature(session: ort.InferenceSession, metadata: ModelMetadata, pat
         )
     dims = list(inputs[0].shape)
     expected = list(metadata.input_shape)
+    fixed_batch = dims[0] if len(dims) == 4 and isinstance(dims[0], int) else None
     if (
         inputs[0].type != "tensor(float)"
         or len(dims) != 4
         or dims[1:] != expected
-        or isinstance(dims[0], int)
+        or (fixed_batch is not None and fixed_batch < 1)
     ):
         raise StartupError(
             f"{path} input {inputs[0].name!r} is {inputs[0].type} {dims}; the metadata promises float32 "
-            f"[batch, {expected[0]}, {expected[1]}, {expected[2]}] with a symbolic batch axis"
+            f"[batch, {expected[0]}, {expected[1]}, {expected[2]}] (batch axis: symbolic or a positive size)"
         )
     classes = outputs[0].shape[-1] if outputs[0].shape else None
     if isinstance(classes, int) and classes != metadata.num_classes:
         raise StartupError(f"{path} outputs {classes} classes but its metadata lists {metadata.num_classes}")
-    return inputs[0].name, outputs[0].name
+    return inputs[0].name, outputs[0].name, fixed_batch

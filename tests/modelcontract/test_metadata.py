@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from modelcontract import (
     ModelMetadata,
     softmax,
 )
+from modelcontract.metadata import LOGITS, PROBABILITIES
 
 SPEC = EvalSpec((32, 24), 36, "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 METADATA = ModelMetadata(
@@ -58,11 +60,12 @@ def test_metadata_written_before_the_schema_version_still_parses() -> None:
         "parity_max_abs_diff": 1e-6, "created": "2026-01-01T00:00:00Z", "input_name": "input",
         "output_name": "logits", "opset": 18, "num_classes": 2, "calibration": {"images": 12},
     }  # fmt: skip
-    assert ModelMetadata.from_json(json.dumps(old), "old.onnx") == METADATA
+    assert ModelMetadata.from_json(json.dumps(old), "old.onnx") == replace(METADATA, schema_version=1)
 
 
 def test_metadata_from_a_newer_schema_is_refused_with_the_way_out() -> None:
-    expected = r"new\.onnx: .*schema version 2, newer than the 1 .*upgrade convserve"
+    newer = SCHEMA_VERSION + 1
+    expected = rf"new\.onnx: .*schema version {newer}, newer than the {SCHEMA_VERSION} .*upgrade convserve"
     with pytest.raises(MetadataError, match=expected):
         ModelMetadata.from_json(_json(schema_version=SCHEMA_VERSION + 1), "new.onnx")
 
@@ -87,6 +90,11 @@ def test_metadata_from_a_newer_schema_is_refused_with_the_way_out() -> None:
         (_json(val_accuracy=97.5), r"'val_accuracy' must be a fraction in \[0, 1\]"),
         (_json(backbone=3), "'backbone' must be a string, got 3"),
         (_json(schema_version="1"), "'schema_version' must be a positive integer"),
+        (_json(output_kind="sigmoid"), r"'output_kind' must be one of \('logits', 'probabilities'\)"),
+        (
+            _json(schema_version=1, output_kind="probabilities"),
+            "'output_kind' 'probabilities' needs schema version 2 or later, got 1",
+        ),
     ],
 )
 def test_bad_metadata_is_refused_naming_the_file_and_the_field(text: str | None, message: str) -> None:
@@ -118,3 +126,21 @@ def test_spec_read_back_from_lists_equals_the_original() -> None:
 def test_softmax_rows_are_probabilities_even_for_huge_logits() -> None:
     probabilities = softmax(np.array([[1000.0, 1000.0, -1000.0], [0.0, 0.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(probabilities, [[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+
+
+def test_a_version_1_file_is_a_logits_model_and_a_probabilities_model_round_trips() -> None:
+    version_1 = ModelMetadata.from_json(_json(schema_version=1, output_kind=...), "old.onnx")
+    assert version_1.output_kind == LOGITS and version_1.schema_version == 1
+    probabilities = replace(METADATA, output_kind=PROBABILITIES)
+    assert json.loads(probabilities.to_props()[METADATA_KEY])["output_kind"] == "probabilities"
+    assert ModelMetadata.from_props(probabilities.to_props(), "p.onnx") == probabilities
+
+
+def test_scores_are_the_softmax_of_logits_and_the_outputs_of_a_probabilities_model() -> None:
+    outputs = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1]], dtype=np.float32)
+    logits_scores = METADATA.scores(outputs)
+    np.testing.assert_allclose(logits_scores, softmax(outputs))
+    assert not np.allclose(logits_scores, outputs)  # the softmax really changed them
+    probability_scores = replace(METADATA, output_kind=PROBABILITIES).scores(outputs)
+    assert probability_scores.dtype == np.float64
+    np.testing.assert_array_equal(probability_scores, outputs.astype(np.float64))

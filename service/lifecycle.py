@@ -5,6 +5,9 @@ start. Loading and warmup run in the background: `/healthz` answers meanwhile an
 200 once every model the version policy requires has a ready version. With MODEL_CONTROL=poll the
 repository is then rescanned every REPOSITORY_POLL_S; with `explicit` the V2 repository API loads
 and unloads; with `none` the start-up set stays.
+
+The KServe V2 gRPC server (`service.protocols.v2grpc`, GRPC_PORT) runs on the same event loop; on
+shutdown it drains before the model versions close, like HTTP requests.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -25,6 +28,9 @@ from service.models.runtime import check_gpu, load_model
 from service.settings import Settings
 from service.state import ServiceState
 from service.transport.protocol import LIMITS_STATE_KEY, ConnectionLimits
+
+if TYPE_CHECKING:
+    from service.protocols.v2grpc import GrpcApi
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,24 @@ def connection_limits(state: ServiceState) -> ConnectionLimits:
     )
 
 
+async def start_grpc(state: ServiceState) -> GrpcApi | None:
+    """The gRPC server on GRPC_PORT, serving; None when GRPC_PORT=0."""
+    if not state.settings.grpc_port:
+        return None
+    # Imported only when gRPC is on: its generated message classes claim Triton's `inference.*` names
+    # in protobuf's process-wide registry, which a process without the server (a test session using
+    # tritonclient.grpc's own classes) must keep free.
+    try:
+        from service.protocols.v2grpc import GrpcApi  # noqa: PLC0415
+    except TypeError as exc:  # protobuf's "duplicate symbol 'inference.…'"
+        raise StartupError(
+            f"cannot load the gRPC message classes ({exc}): another module of this process registered "
+            "Triton's `inference` protobuf names (tritonclient.grpc does); run the server in a process "
+            "of its own, or set CONVSERVE_GRPC_PORT=0"
+        ) from None
+    return await GrpcApi.start(state)
+
+
 def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]:
     """The FastAPI lifespan bound to `state`."""
 
@@ -122,6 +146,11 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
             # Workers share one listening socket: one that accepted connections while still loading
             # would answer 503 beside siblings that serve, so each starts accepting once it can serve.
             await state.registry.sync(names)
+        try:
+            grpc_api = await start_grpc(state)
+        except StartupError as exc:
+            logger.error("cannot start: %s", exc)
+            raise
         controller = asyncio.create_task(control(state, names), name="convserve-model-control")
         try:
             # uvicorn hands the lifespan state to every connection's protocol (service.transport.protocol).
@@ -130,6 +159,8 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
             controller.cancel()
             with suppress(asyncio.CancelledError):
                 await controller
+            if grpc_api is not None:  # admitted RPCs finish before their model versions close
+                await grpc_api.stop()
             # Requests have finished by now (uvicorn waits for them first); each version then drains
             # its batcher, bounded by REQUEST_TIMEOUT_S.
             await state.registry.close()

@@ -89,15 +89,17 @@ class Metrics:
         model = ["model", "version"]
         self.requests = Counter(
             "convserve_requests_total",
-            "HTTP requests by route template, status code and the model version that answered "
-            "(empty for routes that reach no model).",
-            ["endpoint", "status", *model],
+            "Requests by protocol (http, grpc), route template or gRPC method, status code (for gRPC the "
+            "HTTP status of the same answer over REST) and the model version that answered (empty for "
+            "routes that reach no model).",
+            ["protocol", "endpoint", "status", *model],
             registry=registry,
         )
         self.request_duration = Histogram(
             "convserve_request_duration_seconds",
-            "Time from request arrival to the end of the response, by route template and model version.",
-            ["endpoint", *model],
+            "Time from request arrival to the end of the response, by protocol, route template or gRPC "
+            "method and model version.",
+            ["protocol", "endpoint", *model],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )

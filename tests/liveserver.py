@@ -10,6 +10,11 @@ Two modes, sharing the port, readiness and error reporting:
   through `CONVSERVE_*` variables, for what only a whole process shows: exit statuses, signals,
   worker processes, the log.
 
+A subprocess also serves the KServe V2 gRPC API on a free port of its own (`ServiceProcess.grpc_url`);
+an in-process server never does: the server's generated gRPC classes and `tritonclient.grpc`'s claim
+the same `inference.*` names in protobuf's process-wide registry, so the two cannot live in one
+process, and gRPC clients are what tests bring.
+
 Both yield only once `GET /readyz` answers 200 (the model loaded and warmed up) and fail with the
 reason (an exception from the app start, the process's exit status and log) when the server exits
 or stays unready. Both stop the server at the end of the block and wait for it to have stopped.
@@ -106,7 +111,8 @@ def live_server(
     """`create_app(settings)` (fresh metrics registry) under the production uvicorn options and
     `Server`, on a free loopback port, ready, until the block ends.
 
-    `settings.host` and `.port` are replaced by the loopback port chosen here. `customize(app)` runs
+    `settings.host` and `.port` are replaced by the loopback port chosen here, and gRPC is turned off
+    (`grpc_port=0`: see the module docstring; `service_process` serves it). `customize(app)` runs
     before the start (to add a test route, say). `client_options` are httpx keyword arguments for the
     readiness poll, e.g. `verify` and `cert` for a TLS server.
     """
@@ -114,7 +120,7 @@ def live_server(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
     listener.bind((LOOPBACK, 0))
     port = int(listener.getsockname()[1])
-    settings = settings.model_copy(update={"host": LOOPBACK, "port": port})
+    settings = settings.model_copy(update={"host": LOOPBACK, "port": port, "grpc_port": 0})
     app = create_app(settings, CollectorRegistry())
     if customize is not None:
         customize(app)
@@ -174,7 +180,14 @@ def run_service(env: Mapping[str, str], timeout_s: float = 60.0) -> subprocess.C
     return subprocess.run(
         [sys.executable, "-m", "service"],
         cwd=REPO_ROOT,
-        env=process_env({**env, "CONVSERVE_HOST": LOOPBACK, "CONVSERVE_PORT": str(free_port())}),
+        env=process_env(
+            {
+                "CONVSERVE_GRPC_PORT": str(free_port()),  # never the default port another server may hold
+                **env,
+                "CONVSERVE_HOST": LOOPBACK,
+                "CONVSERVE_PORT": str(free_port()),
+            }
+        ),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -189,12 +202,21 @@ class ServiceProcess:
     process: subprocess.Popen[bytes]
     host: str
     port: int
+    grpc_port: int
+    """The KServe V2 gRPC port (0: gRPC off)."""
     log_path: Path
     """stdout and stderr of the process and its workers, as written so far."""
+    scheme: str = "http"
+    """`https` when the environment configures TLS."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """`127.0.0.1:PORT`, the form `tritonclient.grpc.InferenceServerClient(url=...)` takes."""
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def pid(self) -> int:
@@ -228,19 +250,31 @@ def service_process(
     log_path: Path,
     command: Callable[[int], Sequence[str]] | None = None,
     cwd: Path = REPO_ROOT,
+    client_options: Mapping[str, Any] | None = None,
 ) -> Iterator[ServiceProcess]:
     """`python -m service` in a subprocess on a free loopback port, ready, until the block ends.
 
     `env` is added to this process's environment minus its `CONVSERVE_*` variables (`service_env`
-    builds one); `CONVSERVE_HOST` and `CONVSERVE_PORT` are set here. `command(port)` replaces
+    builds one); `CONVSERVE_HOST` and `CONVSERVE_PORT` are set here, and `CONVSERVE_GRPC_PORT` to
+    another free port unless `env` sets it. `command(port)` replaces
     `python -m service` with another server's argv (it must listen on 127.0.0.1:`port` and answer
     `/readyz`). stdout and stderr go to `log_path` (say `tmp_path / "service.log"`), which outlives
     the block for the assertions and post-mortems. At the end a still-running
-    process gets SIGTERM, then its process group SIGKILL after `STOP_TIMEOUT_S`.
+    process gets SIGTERM, then its process group SIGKILL after `STOP_TIMEOUT_S`. With
+    `CONVSERVE_TLS_CERTFILE` in `env` the server is polled over HTTPS; `client_options` are httpx
+    keyword arguments for that poll (`verify`, `cert`), as in `live_server`.
     """
     port = free_port()
+    grpc_port = int(env["CONVSERVE_GRPC_PORT"]) if "CONVSERVE_GRPC_PORT" in env else free_port()
     argv = list(command(port)) if command is not None else [sys.executable, "-m", "service"]
-    full_env = process_env({**env, "CONVSERVE_HOST": LOOPBACK, "CONVSERVE_PORT": str(port)})
+    full_env = process_env(
+        {
+            **env,
+            "CONVSERVE_HOST": LOOPBACK,
+            "CONVSERVE_PORT": str(port),
+            "CONVSERVE_GRPC_PORT": str(grpc_port),
+        }
+    )
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             argv,
@@ -250,7 +284,10 @@ def service_process(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the stop reaches its workers too
         )
-    server = ServiceProcess(process=process, host=LOOPBACK, port=port, log_path=log_path)
+    scheme = "https" if env.get("CONVSERVE_TLS_CERTFILE") else "http"
+    server = ServiceProcess(
+        process=process, host=LOOPBACK, port=port, grpc_port=grpc_port, log_path=log_path, scheme=scheme
+    )
 
     def exited() -> str | None:
         if process.poll() is None:
@@ -258,7 +295,7 @@ def service_process(
         return f"exit status {process.returncode}; log:\n{server.log()}"
 
     try:
-        with httpx.Client(base_url=server.url, timeout=2) as client:
+        with httpx.Client(base_url=server.url, timeout=2, **(client_options or {})) as client:
             wait_ready(client, exited)
         yield server
     finally:

@@ -76,5 +76,7 @@ def tiny_settings(repository: Path, **overrides: Any) -> Settings:
         "max_queue_delay_ms": 2.0,
         "intra_op_threads": 1,
         "max_upload_bytes": 2 * 1024 * 1024,
+        # In-process apps serve no gRPC unless a test asks: 8001 is one port for the whole machine.
+        "grpc_port": 0,
     }
     return Settings(**{**fields, **overrides})

@@ -28,6 +28,14 @@ router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"])
 @router.post("/index")
 async def repository_index(state: State) -> JSONResponse:
     """Every model version in the repository or known to the server, with its state and a reason."""
+    return JSONResponse(index_entries(state))
+
+
+# The protocol-neutral part of each route, which the gRPC API (service.protocols.v2grpc_service) calls too.
+
+
+def index_entries(state: ServiceState) -> list[dict[str, Any]]:
+    """The repository index: `{"name", "version", "state", "reason"}` per version, sorted."""
     known = {(status.name, status.version): status for status in state.registry.index()}
     entries: list[dict[str, Any]] = [
         {"name": s.name, "version": str(s.version), "state": str(s.state), "reason": s.reason}
@@ -41,7 +49,7 @@ async def repository_index(state: State) -> JSONResponse:
                     {"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": "not loaded"}
                 )
     entries.sort(key=lambda entry: (entry["name"], int(entry["version"])))
-    return JSONResponse(entries)
+    return entries
 
 
 def _explicit_only(state: ServiceState, action: str) -> None:
@@ -72,13 +80,18 @@ def _model_in_scope(state: ServiceState, model_name: str) -> str:
 @router.post("/models/{model_name}/load", response_class=Response, responses=errors(400, 404))
 async def load(state: State, model_name: str) -> Response:
     """Load (or reload) a model's versions per the version policy; 200 once one is ready."""
+    await load_model(state, model_name)
+    return Response(status_code=200)
+
+
+async def load_model(state: ServiceState, model_name: str) -> None:
+    """Load (or reload) a model's versions; returns once one is ready, `ServiceError` saying why not."""
     _explicit_only(state, "load")
     name = _model_in_scope(state, model_name)
     await state.registry.sync([name])
     if not state.registry.served().get(name):
         reasons = [s.reason for s in state.registry.index() if s.name == name and s.reason]
         raise BadRequestError(f"failed to load {name!r}: {'; '.join(reasons) or 'no version selected'}")
-    return Response(status_code=200)
 
 
 @router.post("/models/{model_name}/unload", response_class=Response, responses=errors(400, 404))
@@ -88,9 +101,14 @@ async def unload(state: State, model_name: str) -> Response:
     A model of the start-up set stays required: the server reports not ready (`/readyz` 503) until
     it is loaded again.
     """
+    await unload_model(state, model_name)
+    return Response(status_code=200)
+
+
+async def unload_model(state: ServiceState, model_name: str) -> None:
+    """Unload every version of a model once its accepted requests finish; `ServiceError` saying why not."""
     _explicit_only(state, "unload")
     name = check_model_name(model_name)
     if name not in state.registry.served() and name not in list_models(state.settings.model_repository):
         raise NotFoundError(f"model {printable(name, 80)!r} is neither served nor in the repository")
     await state.registry.unload(name)
-    return Response(status_code=200)

@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import __version__
 from service.inference.predictor import InferenceRequest, Inputs
 from service.models.registry import LoadedModel
 from service.protocols.openapi import INFERENCE_ERRORS, NO_CONTENT_HEALTH, V2_INFER_OPENAPI, errors
@@ -22,7 +21,7 @@ from service.protocols.v2codec import (
     output_tensors,
     parse_infer_request,
 )
-from service.protocols.v2model import config_document, metadata_document, tensor_spec
+from service.protocols.v2model import config_document, metadata_document, server_document, tensor_spec
 from service.state import State, model_lease, parse_version, path_model, service_state
 from service.transport.request_body import content_coding, decode_content, read_body
 
@@ -35,13 +34,7 @@ _INFER_ERRORS = {**INFERENCE_ERRORS, **errors(404)}
 
 @router.get("")
 async def server_metadata() -> JSONResponse:
-    return JSONResponse(
-        {
-            "name": "convserve",
-            "version": __version__,
-            "extensions": ["binary_tensor_data", "classification", "model_repository"],
-        }
-    )
+    return JSONResponse(server_document())
 
 
 @router.get("/health/live", response_class=Response, responses=NO_CONTENT_HEALTH)

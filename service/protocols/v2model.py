@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from service import __version__
 from service.models.registry import LoadedModel
 from service.protocols.v2codec import IMAGE_INPUT, TensorSpec
 from service.state import ServiceState
 
 PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository")
+
+
+def server_document() -> dict[str, Any]:
+    """The V2 server metadata: name, version and the protocol extensions served."""
+    return {"name": "convserve", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
 def tensor_spec(state: ServiceState, loaded: LoadedModel) -> TensorSpec:
@@ -43,7 +50,7 @@ def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any
         "parameters": {
             "version": loaded.version,
             "execution_provider": loaded.model.active_provider,
-            "max_batch_size": state.settings.max_batch_size,
+            "max_batch_size": loaded.model.batch_limit(state.settings.max_batch_size),
             "backbone": meta.backbone,
             "val_accuracy": meta.val_accuracy,
             "created": meta.created,
@@ -60,7 +67,8 @@ def config_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
     return {
         "name": loaded.name,
         "platform": PLATFORM,
-        "max_batch_size": settings.max_batch_size,
+        # What one batch holds (a graph with a fixed batch axis caps it); requests may carry more rows.
+        "max_batch_size": loaded.model.batch_limit(settings.max_batch_size),
         "version_policy": str(settings.policy),
         "input": [
             {"name": loaded.model.input_name, "data_type": "TYPE_FP32", "dims": list(meta.input_shape)},

@@ -24,6 +24,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,8 +47,9 @@ _ID_PREFIX = secrets.token_hex(4)
 _id_counter = itertools.count()
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", []):
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's `X-Request-ID` if it is a safe one to echo and log, else a new id."""
+    for name, value in headers:
         if name == REQUEST_ID_HEADER.encode():
             candidate = value.decode("latin-1")
             if _VALID_REQUEST_ID.match(candidate):  # never echo arbitrary bytes into logs
@@ -93,7 +95,7 @@ class _Exchange:
         gauge: Any,
         error_delay_s: float,
     ) -> None:
-        self.request_id = _request_id(scope)
+        self.request_id = request_id_of(scope.get("headers", []))
         self.error_delay_s = error_delay_s
         self.budget, self.gauge = budget, gauge
         self.held_bytes = 0
@@ -208,7 +210,7 @@ class RequestContextMiddleware:
     def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
         endpoint = _endpoint(scope)
         model, version = scope.get("state", {}).get("model", ("", ""))  # set when a model answered
-        labels = {"endpoint": endpoint, "model": model, "version": version}
+        labels = {"protocol": "http", "endpoint": endpoint, "model": model, "version": version}
         self.metrics.requests.labels(status=str(status), **labels).inc()
         self.metrics.request_duration.labels(**labels).observe(seconds)
         level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO

@@ -286,8 +286,9 @@ def test_metrics_expose_every_contract_name(client: TestClient) -> None:
     client.post("/predict", files=image_files(("cat.jpg", jpeg("chelsea"))))
     text = client.get("/metrics").text
     for name in (
-        'convserve_requests_total{endpoint="/predict",model="tiny",status="200",version="1"}',
-        'convserve_request_duration_seconds_bucket{endpoint="/predict",le="0.005",model="tiny",version="1"}',
+        'convserve_requests_total{endpoint="/predict",model="tiny",protocol="http",status="200",version="1"}',
+        'convserve_request_duration_seconds_bucket{endpoint="/predict",le="0.005",model="tiny",protocol="http",'
+        'version="1"}',
         'convserve_queue_wait_seconds_bucket{le="0.0005",model="tiny",version="1"}',
         'convserve_inference_duration_seconds_bucket{le="0.0005",model="tiny",version="1"}',
         'convserve_preprocess_duration_seconds_bucket{le="0.0005",model="tiny",version="1"}',

@@ -25,7 +25,9 @@ WAIT_S = 60.0
 def _worker(requests: int, queued: int, ready: EventType, release: EventType) -> None:
     metrics = Metrics(CollectorRegistry(), max_batch_size=4)
     for _ in range(requests):
-        metrics.requests.labels(endpoint="/predict", status="200", model="tiny", version="1").inc()
+        metrics.requests.labels(
+            protocol="http", endpoint="/predict", status="200", model="tiny", version="1"
+        ).inc()
     metrics.for_model("tiny", 1).queue_depth.set(queued)
     metrics.set_model_state("tiny", 1, "READY", "CPUExecutionProvider")
     ready.set()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.docblock import block_between, replace_block
+from benchmarks.performance.protocols import protocol_table
 from benchmarks.performance.targets import HEADLINE_CONCURRENCY, find_level
 
 PERFORMANCE_DOC = Path("docs/performance.md")
@@ -181,6 +182,15 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
         *_figures_table(results),
         "",
     ]
+    protocol_lines = protocol_table(results["levels"])
+    if protocol_lines:
+        lines += [
+            "Protocols: the same photos through each API of one service (default settings, top 5 answered; "
+            "the FP32 tensor is preprocessed by the client before the run):",
+            "",
+            *protocol_lines,
+            "",
+        ]
     rate_lines = _rate_table(results)
     if rate_lines:
         lines += [

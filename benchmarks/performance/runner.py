@@ -36,6 +36,7 @@ from benchmarks.performance.int8 import (
 )
 from benchmarks.performance.plan import BenchPlan
 from benchmarks.performance.profiling import py_spy_path
+from benchmarks.performance.protocols import bench_protocols
 from benchmarks.performance.server_bench import ServerBench
 from benchmarks.performance.subjects import (
     RunConfig,
@@ -230,6 +231,8 @@ def _measure(
     if "instances" in config.servers:
         server = service_process(config, model, log_dir, "instances")
         benches.append(asyncio.run(_bench_baseline("instances", server, photos, plan, [])))
+    if "protocols" in config.servers:
+        benches.append(asyncio.run(bench_protocols(config, model, photos, plan.baseline_levels, log_dir)))
     if "naive" in config.servers:
         benches.append(asyncio.run(_bench_baseline("naive", naive_process(model, log_dir), photos, plan, [])))
     if variant is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common.corpus import Photo
-from benchmarks.common.loadgen import LoadRun, Window, closed_loop, open_loop
+from benchmarks.common.loadgen import LoadRun, Transport, Window, closed_loop, open_loop
 from benchmarks.common.processes import ResourceSampler, ServerProcess, rss_mb, thread_cpu_seconds
 from benchmarks.common.promtext import scrape, window_means
 from benchmarks.performance.profiling import PySpyRecorder, summarize
@@ -81,7 +81,11 @@ class ServerBench:
 
     async def concurrency_levels(self, levels: Sequence[int], timing: Window) -> None:
         for level in levels:
-            await self._measured(closed_loop(self.url, self.photos, level, timing))
+            await self.measure(self.url, level, timing)
+
+    async def measure(self, target: str | Transport, concurrency: int, timing: Window) -> dict[str, Any]:
+        """One closed-loop level against `target` (a URL to upload to, or another transport); its row."""
+        return await self._measured(closed_loop(target, self.photos, concurrency, timing))
 
     async def profile(self, concurrency: int, timing: Window, output: Path) -> dict[str, Any]:
         """An extra, unrecorded level under py-spy (sampling costs CPU, so it never feeds the table)."""

@@ -88,6 +88,7 @@ VARIANT_SETTINGS: dict[str, dict[str, str]] = {
         "CONVSERVE_INSTANCES": str(max(1, os.cpu_count() or 1)),
         "CONVSERVE_INTRA_OP_THREADS": "1",
     },
+    "protocols": {},
 }
 
 
@@ -98,6 +99,8 @@ def service_env_for(config: RunConfig, model: ServedModel, port: int, name: str)
         "CONVSERVE_MODEL_VERSION": str(model.version),
         "CONVSERVE_HOST": LOOPBACK,
         "CONVSERVE_PORT": str(port),
+        # Every run serves gRPC too, as the defaults do, on a port of its own.
+        "CONVSERVE_GRPC_PORT": str(free_port()),
         **config.service_env,
         **VARIANT_SETTINGS[name],
     }

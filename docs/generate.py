@@ -1,16 +1,21 @@
-"""Write docs/configuration.md from the service's `Settings` class: one row per field.
+"""Write the docs that come from the code: docs/configuration.md from the service's `Settings` class,
+and the README's block of `convserve --help` output from the command's parser.
 
-    .venv/bin/python docs/generate.py          # rewrite docs/configuration.md
-    .venv/bin/python docs/generate.py --check  # exit 1 if the file differs from what would be written
+    .venv/bin/python docs/generate.py          # rewrite both
+    .venv/bin/python docs/generate.py --check  # exit 1 if either differs from what would be written
 
-Each row comes from the field itself: the environment variable (`CONVSERVE_` + the upper-cased name),
-the type, the default and the field's docstring. tests/docs/test_docs.py fails when the file in the
-repository is not what this script writes now, so a new or changed setting cannot go undocumented.
+Each configuration row comes from the field itself: the environment variable (`CONVSERVE_` + the
+upper-cased name), the type, the default and the field's docstring. tests/docs/test_docs.py fails when
+the files in the repository are not what this script writes now, so a new or changed setting or
+option cannot go undocumented.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 import types
 import typing
@@ -23,10 +28,16 @@ from pydantic.fields import FieldInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
+README = REPO_ROOT / "README.md"
+CLI_START, CLI_END = "<!-- generated: convserve --help -->", "<!-- end generated: convserve --help -->"
+CLI_COMMANDS = ((), ("serve",), ("import",), ("predict",))
+HELP_COLUMNS = "100"
+"""argparse wraps help to the terminal's width; the README's copy is made at a fixed one."""
 
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from convserve.cli import build_parser  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HEADER = """\
@@ -136,18 +147,62 @@ def render() -> str:
     return HEADER + "\n".join(rows) + "\n"
 
 
+def command_help(words: tuple[str, ...]) -> str:
+    """What `convserve WORDS... --help` prints, at `HELP_COLUMNS` columns."""
+    output = io.StringIO()
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = HELP_COLUMNS
+    try:
+        with contextlib.redirect_stdout(output), contextlib.suppress(SystemExit):
+            build_parser().parse_args([*words, "--help"])
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+    return output.getvalue()
+
+
+def render_cli_block() -> str:
+    """The README's block: the help of `convserve` and of each subcommand that has its own options."""
+    parts = [CLI_START]
+    for words in CLI_COMMANDS:
+        parts += [
+            "",
+            "```text",
+            f"$ convserve {' '.join((*words, '--help'))}",
+            command_help(words).rstrip(),
+            "```",
+        ]
+    parts += ["", CLI_END]
+    return "\n".join(parts)
+
+
+def render_readme(current: str) -> str:
+    """`current` README text with its CLI block replaced by `render_cli_block()`."""
+    start, end = current.find(CLI_START), current.find(CLI_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"README.md has no {CLI_START} ... {CLI_END} block to fill")
+    return current[:start] + render_cli_block() + current[end + len(CLI_END) :]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write docs/configuration.md from the Settings class.")
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if the file is stale")
+    parser = argparse.ArgumentParser(description="Write the docs that come from the code.")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a file is stale")
     args = parser.parse_args(argv)
-    text = render()
+    readme = README.read_text(encoding="utf-8")
+    wanted = {OUTPUT: render(), README: render_readme(readme)}
+    stale = [
+        path
+        for path, text in wanted.items()
+        if (path.read_text(encoding="utf-8") if path.exists() else "") != text
+    ]
     if args.check:
-        current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT.relative_to(REPO_ROOT)} is out of date; run .venv/bin/python docs/generate.py")
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
+        for path in stale:
+            print(f"{path.relative_to(REPO_ROOT)} is out of date; run .venv/bin/python docs/generate.py")
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(wanted[path], encoding="utf-8")
     return 0
 
 

@@ -19,6 +19,8 @@ import httpx
 from deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, REPO_ROOT, load_compose, venv_tool
 from dockerimage import docker, docker_unavailable, image_available
 
+from tests.liveserver import free_port
+
 COMPOSE_DIR = Path(__file__).resolve().parent / "compose"
 OFFLINE_OVERRIDE = COMPOSE_DIR / "offline.yml"
 PROMETHEUS_STAND_IN = "local/prometheus-standin:compose-test"
@@ -75,6 +77,8 @@ class Stack:
     prometheus_port: int
     models_dir: Path
     """The host directory mounted at /app/models (./models in the real file)."""
+    grpc_port: int = field(default_factory=free_port)
+    """The host port published for the service's gRPC port (8001 in the real file)."""
     project: str = field(default_factory=lambda: f"convserve-compose-test-{uuid.uuid4().hex[:6]}")
     # One connection pool for the many polls of Prometheus' API.
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
@@ -100,6 +104,7 @@ class Stack:
             "COMPOSE_TEST_SERVICE_IMAGE": self.service_image,
             "COMPOSE_TEST_PROMETHEUS_IMAGE": self.prometheus_image,
             "COMPOSE_TEST_SERVICE_PORT": str(self.service_port),
+            "COMPOSE_TEST_GRPC_PORT": str(self.grpc_port),
             "COMPOSE_TEST_PROMETHEUS_PORT": str(self.prometheus_port),
             "COMPOSE_TEST_MODELS_DIR": str(self.models_dir),
         }

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from deployfiles import COMPOSE_CPU_FILE, DOCKERFILE, REPO_ROOT, arg_defaults, load_compose
 
+from tests.liveserver import free_port as _free_port
+
 IMAGE_TAG = "convserve:image-test"
 ENABLE_HINT = (
     "run `bash ../shared/tools/docker-offline-bases.sh` as root (starts dockerd, builds local base images) "
@@ -137,6 +139,8 @@ class Container:
     name: str
     port: int
     started_at: float
+    grpc_port: int = 0
+    """The V2 gRPC port (host networking: the container's own)."""
     ready_s: float | None = None  # seconds from `docker run` to /readyz 200, once known
 
     @property
@@ -162,7 +166,14 @@ def run_container(port: int, env: dict[str, str], extra: tuple[str, ...] = ()) -
     capabilities dropped, no privilege escalation: if the service needed more, the test would show it.
     """
     name = f"convserve-image-test-{uuid.uuid4().hex[:8]}"
-    settings = {"CONVSERVE_PORT": str(port), "CONVSERVE_PROVIDERS": "cpu", **env}
+    # Host networking: the gRPC port too must be one nobody else holds (8001 is one per machine).
+    grpc_port = int(env.get("CONVSERVE_GRPC_PORT") or _free_port())
+    settings = {
+        "CONVSERVE_PORT": str(port),
+        "CONVSERVE_GRPC_PORT": str(grpc_port),
+        "CONVSERVE_PROVIDERS": "cpu",
+        **env,
+    }
     command = ["run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp"]
     command += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges", *extra]
     for key, value in settings.items():
@@ -170,7 +181,7 @@ def run_container(port: int, env: dict[str, str], extra: tuple[str, ...] = ()) -
     started_at = time.monotonic()
     docker(*command, IMAGE_TAG)
     try:
-        yield Container(name=name, port=port, started_at=started_at)
+        yield Container(name=name, port=port, started_at=started_at, grpc_port=grpc_port)
     finally:
         docker("rm", "-f", name, check=False)
 

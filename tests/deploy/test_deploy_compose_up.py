@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 from composestack import ENABLE_HINT, Stack, compose_unavailable, prometheus_image, seeded_models_dir
 from deployfiles import COMPOSE_FILE, PROMETHEUS_CONFIG, load_compose
@@ -110,6 +112,21 @@ def test_predict_through_the_published_port_names_the_cat(stack: Stack) -> None:
     )
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0][0]["index"] in CAT_CLASSES, response.json()
+
+
+def test_grpc_through_the_published_port_names_the_cat(stack: Stack) -> None:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc_port}")
+    try:
+        assert client.is_server_ready()
+        (model,) = client.get_model_repository_index(as_json=True)["models"]
+        output = client.get_model_metadata(model["name"], as_json=True)["outputs"][0]["name"]
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([jpeg("chelsea")], dtype=np.object_))
+        top1 = grpcclient.InferRequestedOutput(output, class_count=1)
+        (best,) = client.infer(model["name"], [image], outputs=[top1]).as_numpy(output)[0]
+    finally:
+        client.close()
+    assert int(best.decode().split(":")[1]) in CAT_CLASSES, best
 
 
 def _samples(stack: Stack, selector: str) -> list[tuple[float, float]]:

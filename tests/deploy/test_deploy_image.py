@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 from deployfiles import COMPOSE_FILE, DOCKERFILE, REPO_ROOT, load_compose
 from dockerimage import (
@@ -133,6 +134,22 @@ def test_predict_names_the_cat_and_the_espresso(served: Container) -> None:
     first, second = (row[0] for row in response.json()["predictions"])
     assert first["index"] in CAT_CLASSES, first
     assert second["index"] == ESPRESSO, second
+
+
+def test_grpc_and_the_convserve_command_work_in_the_image(served: Container) -> None:
+    assert "usage: convserve" in served.exec("convserve", "--help")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        assert client.is_server_ready()
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([jpeg("coffee")], dtype=np.object_))
+        (model,) = client.get_model_repository_index(as_json=True)["models"]
+        output = client.get_model_metadata(model["name"], as_json=True)["outputs"][0]["name"]
+        top1 = grpcclient.InferRequestedOutput(output, class_count=1)
+        (best,) = client.infer(model["name"], [image], outputs=[top1]).as_numpy(output)[0]
+    finally:
+        client.close()
+    assert int(best.decode().split(":")[1]) == ESPRESSO, best
 
 
 def test_upload_larger_than_the_spool_threshold_uses_the_writable_tmp(served: Container) -> None:

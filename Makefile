@@ -102,10 +102,11 @@ docs: $(VENV)/.stamp-lock
 	$(BIN)/python -m benchmarks --report-only --update-docs yes
 	$(BIN)/python -m benchmarks --robustness --report-only --update-docs yes
 
-# The gRPC message and service classes beside their .proto (imported as service.protocols.v2proto.*);
+# The gRPC message classes beside their .proto (imported as service.protocols.v2proto.*); no service
+# classes: the server and client name Triton's service path themselves (service/protocols/v2proto).
 # tests/service/test_v2_grpc_proto.py fails when the committed ones differ from what this generates.
 proto: $(VENV)/.stamp-lock
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
 		service/protocols/v2proto/grpc_service.proto
 
 clean:

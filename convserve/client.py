@@ -2,8 +2,9 @@
 
 HTTP uses only the standard library (`urllib`, a multipart body to `POST /predict`), so the client
 needs nothing the service does not; `--grpc` uses the V2 gRPC API (`ModelInfer`, each file one element
-of the BYTES input `image`, Triton's `classification` parameter), with the generated stubs the service
-ships. A server's refusal is raised as `ServerError` carrying the server's own message.
+of the BYTES input `image`, Triton's `classification` parameter), with the message classes the service
+ships, called at Triton's method paths. A server's refusal is raised as `ServerError` carrying the
+server's own message.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def predict_grpc(
 
         from service.protocols.v2codec import IMAGE_INPUT  # noqa: PLC0415
         from service.protocols.v2proto import grpc_service_pb2 as pb  # noqa: PLC0415
-        from service.protocols.v2proto import grpc_service_pb2_grpc as pb_grpc  # noqa: PLC0415
+        from service.protocols.v2proto import method_path  # noqa: PLC0415
     except ImportError as exc:
         raise UsageError(
             f"--grpc needs grpcio ({exc}); install it with pip install 'convserve[serve]'"
@@ -132,9 +133,18 @@ def predict_grpc(
         raise UsageError("--grpc needs --model NAME: the V2 gRPC API has no default model")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        model_metadata = channel.unary_unary(
+            method_path("ModelMetadata"),
+            request_serializer=pb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=pb.ModelMetadataResponse.FromString,
+        )
+        model_infer = channel.unary_unary(
+            method_path("ModelInfer"),
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         try:
-            described = stub.ModelMetadata(
+            described = model_metadata(
                 pb.ModelMetadataRequest(name=model), metadata=metadata, timeout=TIMEOUT_S
             )
             output = described.outputs[0].name
@@ -152,7 +162,7 @@ def predict_grpc(
                 ],
                 raw_input_contents=[b"".join(struct.pack("<I", len(i.data)) + i.data for i in images)],
             )
-            answer = stub.ModelInfer(request, metadata=metadata, timeout=TIMEOUT_S)
+            answer = model_infer(request, metadata=metadata, timeout=TIMEOUT_S)
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() else "UNKNOWN"
             raise ServerError(f"gRPC {code}: {exc.details()}") from None

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -25,12 +25,10 @@ from service.errors import StartupError
 from service.metrics import forget_dead_workers, forget_worker
 from service.models.repository import ModelLocation, list_models
 from service.models.runtime import check_gpu, load_model
+from service.protocols.v2grpc import GrpcApi
 from service.settings import Settings
 from service.state import ServiceState
 from service.transport.protocol import LIMITS_STATE_KEY, ConnectionLimits
-
-if TYPE_CHECKING:
-    from service.protocols.v2grpc import GrpcApi
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +112,6 @@ async def start_grpc(state: ServiceState) -> GrpcApi | None:
     """The gRPC server on GRPC_PORT, serving; None when GRPC_PORT=0."""
     if not state.settings.grpc_port:
         return None
-    # Imported only when gRPC is on: its generated message classes claim Triton's `inference.*` names
-    # in protobuf's process-wide registry, which a process without the server (a test session using
-    # tritonclient.grpc's own classes) must keep free.
-    try:
-        from service.protocols.v2grpc import GrpcApi  # noqa: PLC0415
-    except TypeError as exc:  # protobuf's "duplicate symbol 'inference.…'"
-        raise StartupError(
-            f"cannot load the gRPC message classes ({exc}): another module of this process registered "
-            "Triton's `inference` protobuf names (tritonclient.grpc does); run the server in a process "
-            "of its own, or set CONVSERVE_GRPC_PORT=0"
-        ) from None
     return await GrpcApi.start(state)
 
 

@@ -11,9 +11,8 @@ Two modes, sharing the port, readiness and error reporting:
   worker processes, the log.
 
 A subprocess also serves the KServe V2 gRPC API on a free port of its own (`ServiceProcess.grpc_url`);
-an in-process server never does: the server's generated gRPC classes and `tritonclient.grpc`'s claim
-the same `inference.*` names in protobuf's process-wide registry, so the two cannot live in one
-process, and gRPC clients are what tests bring.
+an in-process server does when the test asks (`live_server(settings, grpc=True)`, `LiveServer.grpc_url`),
+beside the test's own `tritonclient.grpc`.
 
 Both yield only once `GET /readyz` answers 200 (the model loaded and warmed up) and fail with the
 reason (an exception from the app start, the process's exit status and log) when the server exits
@@ -99,28 +98,39 @@ class LiveServer:
     app: FastAPI
     thread: threading.Thread
     """The thread running the server's event loop (whose CPU clock a cost test reads, say)."""
+    grpc_port: int = 0
+    """The KServe V2 gRPC port (0: gRPC off, the default of `live_server`)."""
+
+    @property
+    def grpc_url(self) -> str:
+        """`127.0.0.1:PORT`, the form `tritonclient.grpc.InferenceServerClient(url=...)` takes."""
+        assert self.grpc_port, "this server serves no gRPC; start it with live_server(..., grpc=True)"
+        return f"{self.host}:{self.grpc_port}"
 
 
 @contextmanager
 def live_server(
     settings: Settings,
     *,
+    grpc: bool = False,
     customize: Callable[[FastAPI], None] | None = None,
     client_options: Mapping[str, Any] | None = None,
 ) -> Iterator[LiveServer]:
     """`create_app(settings)` (fresh metrics registry) under the production uvicorn options and
     `Server`, on a free loopback port, ready, until the block ends.
 
-    `settings.host` and `.port` are replaced by the loopback port chosen here, and gRPC is turned off
-    (`grpc_port=0`: see the module docstring; `service_process` serves it). `customize(app)` runs
-    before the start (to add a test route, say). `client_options` are httpx keyword arguments for the
-    readiness poll, e.g. `verify` and `cert` for a TLS server.
+    `settings.host` and `.port` are replaced by the loopback port chosen here, and `.grpc_port` by
+    another free port with `grpc=True` (gRPC then listens before the server is ready), else by 0:
+    whatever port the settings name, tests never bind a fixed one. `customize(app)` runs before the
+    start (to add a test route, say). `client_options` are httpx keyword arguments for the readiness
+    poll, e.g. `verify` and `cert` for a TLS server.
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
     listener.bind((LOOPBACK, 0))
     port = int(listener.getsockname()[1])
-    settings = settings.model_copy(update={"host": LOOPBACK, "port": port, "grpc_port": 0})
+    grpc_port = free_port() if grpc else 0
+    settings = settings.model_copy(update={"host": LOOPBACK, "port": port, "grpc_port": grpc_port})
     app = create_app(settings, CollectorRegistry())
     if customize is not None:
         customize(app)
@@ -137,7 +147,14 @@ def live_server(
 
     thread = threading.Thread(target=run, name="convserve-live-server", daemon=True)
     scheme = "https" if settings.tls_certfile else "http"
-    live = LiveServer(url=f"{scheme}://{LOOPBACK}:{port}", host=LOOPBACK, port=port, app=app, thread=thread)
+    live = LiveServer(
+        url=f"{scheme}://{LOOPBACK}:{port}",
+        host=LOOPBACK,
+        port=port,
+        app=app,
+        thread=thread,
+        grpc_port=grpc_port,
+    )
 
     def exited() -> str | None:
         if thread.is_alive():

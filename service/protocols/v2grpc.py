@@ -37,8 +37,8 @@ import grpc
 
 from service.errors import StartupError
 from service.protocols.v2grpc_calls import CallRunner
-from service.protocols.v2grpc_service import InferenceServicer
-from service.protocols.v2proto.grpc_service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from service.protocols.v2grpc_service import InferenceServicer, method_handlers
+from service.protocols.v2proto import SERVICE_NAME
 from service.settings import Settings
 from service.state import ServiceState
 from service.transport.access import Credentials
@@ -100,7 +100,10 @@ class GrpcApi:
             options=server_options(settings), maximum_concurrent_rpcs=settings.max_connections
         )
         calls = CallRunner(state.metrics, Credentials.from_settings(settings), settings.client_error_delay_s)
-        add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, calls), server)
+        handlers = method_handlers(InferenceServicer(state, calls))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        # As generated servers do: gRPC core then matches these paths itself, without a Python lookup.
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
         address = _address(settings.host, settings.grpc_port)
         credentials = server_credentials(settings)
         try:

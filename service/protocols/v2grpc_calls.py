@@ -25,12 +25,11 @@ import grpc
 
 from service.errors import ServiceError, ServiceUnavailableError
 from service.metrics import Metrics
+from service.protocols.v2proto import method_path
 from service.transport.access import Credentials, Role, check_token_of
 from service.transport.middleware import REQUEST_ID_HEADER, request_id_of
 
 logger = logging.getLogger("service.access")
-
-SERVICE_NAME = "inference.GRPCInferenceService"
 
 GRPC_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -175,7 +174,7 @@ class CallRunner:
         self.metrics.requests.labels(status=str(http_status), **labels).inc()
         self.metrics.request_duration.labels(**labels).observe(seconds)
         status = "OK" if http_status == 200 else grpc_status(http_status).name
-        path = f"/{SERVICE_NAME}/{call.method}"
+        path = method_path(call.method)
         quiet = call.method in _QUIET_METHODS and http_status < 400
         logger.log(
             logging.DEBUG if quiet else logging.INFO,

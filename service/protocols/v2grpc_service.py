@@ -7,6 +7,11 @@ copied into protobuf (`service.protocols.v2grpc_messages`). Who may call which m
 of each error, metrics and logs are `service.protocols.v2grpc_calls`'. Health methods are open like
 `/v2/health/*`; metadata, configuration and inference need the inference token; the repository
 methods the admin token.
+
+`method_handlers` registers every method grpc_service.proto declares, by the proto's own request and
+response classes, under Triton's service name (`service.protocols.v2proto.SERVICE_NAME`), which
+differs from the proto's package; methods of Triton's service the proto does not declare are
+answered UNIMPLEMENTED by gRPC.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf import message_factory
 
 from service.errors import BadRequestError
 from service.inference.predictor import InferenceRequest, Inputs
@@ -31,8 +37,8 @@ from service.protocols.v2grpc_messages import (
     repository_index,
 )
 from service.protocols.v2model import config_document, metadata_document, server_document, tensor_spec
+from service.protocols.v2proto import PROTO_SERVICE
 from service.protocols.v2proto import grpc_service_pb2 as pb
-from service.protocols.v2proto.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
 from service.state import ServiceState, parse_version
 from service.transport.access import Role
 
@@ -42,8 +48,8 @@ Reply = TypeVar("Reply")
 # What GET /v2 answers (service.protocols.v2.server_metadata).
 
 
-class InferenceServicer(GRPCInferenceServiceServicer):
-    """Every method the service implements; the generated base class answers UNIMPLEMENTED for the rest."""
+class InferenceServicer:
+    """One coroutine per method grpc_service.proto declares, named as the method."""
 
     def __init__(self, state: ServiceState, calls: CallRunner) -> None:
         self.state = state
@@ -164,6 +170,23 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         loaded = registry.resolve(name, parse_version(version))
         call.model = (loaded.name, str(loaded.version))  # labels the call's metrics and log line
         return registry.lease(loaded)
+
+
+def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """A handler for every method grpc_service.proto declares, by method name, each reading and
+    writing the proto's own messages; `AttributeError` for a declared method the servicer lacks."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name[PROTO_SERVICE].methods:
+        if method.client_streaming or method.server_streaming:  # every V2 method served is unary
+            raise TypeError(f"{method.full_name} streams; only unary methods are served")
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return handlers
 
 
 def _no_parameters(parameters: Any, action: str, allowed: frozenset[str] | set[str] = frozenset()) -> None:

@@ -1,13 +1,17 @@
-"""The KServe V2 gRPC API against a real server subprocess, with `tritonclient.grpc` unmodified.
+"""The KServe V2 gRPC API against a real in-process server, with `tritonclient.grpc` unmodified.
 
-One server (explicit model control, inference and admin tokens) serves the module; messages the
-client library will not build (typed contents, missing data, wrong sizes) go through tritonclient's
-own generated stub. Every refusal must carry its status, never INTERNAL, and leave the server ready.
+One server (explicit model control, inference and admin tokens) serves most of the module, in this
+process beside tritonclient's own generated classes; messages the client library will not build
+(typed contents, missing data, wrong sizes) go through tritonclient's own generated stub. Every
+refusal must carry its status, never INTERNAL, and leave the server ready. TLS and deadlines get
+servers of their own; what only a whole process shows is in test_v2_grpc_process.py.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,14 +21,17 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import trustme
+from google.protobuf import descriptor_pool
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from modelcontract import softmax
-from tests.liveserver import ServiceProcess, service_env, service_process
+from service.protocols.v2proto import grpc_service_pb2
+from tests.liveserver import LiveServer, live_server
 from tests.photos import jpeg
 from tests.service.promtext import metric
-from tests.tinymodel import MODEL_NAME, TINY_LABELS
+from tests.tinymodel import MODEL_NAME, TINY_LABELS, tiny_settings
 from tests.waiting import wait_until
 
 INFERENCE_TOKEN = "inference-token-0123456789abcdef"
@@ -37,31 +44,30 @@ INPUT, OUTPUT = "input", "logits"
 
 
 @pytest.fixture(scope="module")
-def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    env = service_env(
+def server(model_repository: Path) -> Iterator[LiveServer]:
+    settings = tiny_settings(
         model_repository,
-        MODEL_CONTROL="explicit",
-        INFERENCE_TOKEN=INFERENCE_TOKEN,
-        ADMIN_TOKEN=ADMIN_TOKEN,
-        TOKEN_HEADER="admin-key",
-        MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
-        MAX_BATCH_SIZE="4",
-        MAX_QUEUE_SIZE="16",
-        INTRA_OP_THREADS="1",
+        model_control="explicit",
+        inference_token=INFERENCE_TOKEN,
+        admin_token=ADMIN_TOKEN,
+        token_header="admin-key",
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_batch_size=4,
+        max_queue_size=16,
     )
-    with service_process(env, log_path=tmp_path_factory.mktemp("grpc") / "service.log") as process:
-        yield process
+    with live_server(settings, grpc=True) as live:
+        yield live
 
 
 @pytest.fixture
-def client(server: ServiceProcess) -> Iterator[triton.InferenceServerClient]:
+def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
     grpc_client = triton.InferenceServerClient(url=server.grpc_url)
     yield grpc_client
     grpc_client.close()
 
 
 @pytest.fixture
-def stub(server: ServiceProcess) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+def stub(server: LiveServer) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
     """tritonclient's generated stub, for messages its client class never builds."""
     with grpc.insecure_channel(server.grpc_url) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -86,7 +92,7 @@ def status_of(call: Callable[[], Any]) -> str:
     return str(code).removeprefix("StatusCode.")
 
 
-def rest_scores(server: ServiceProcess, headers: dict[str, str] | None = None, **request: Any) -> np.ndarray:
+def rest_scores(server: LiveServer, headers: dict[str, str] | None = None, **request: Any) -> np.ndarray:
     """`POST /predict` probabilities per row, in class-index order."""
     url = f"{server.url}/predict?top_k={len(TINY_LABELS)}"
     response = httpx.post(url, headers={**AUTH, **(headers or {})}, timeout=30, **request)
@@ -116,6 +122,25 @@ def raw_request(**fields: Any) -> service_pb2.ModelInferRequest:
     return message
 
 
+def test_tritonclient_grpc_infers_against_a_server_in_its_own_process(model_repository: Path) -> None:
+    # Both sets of generated classes in protobuf's one default pool: Triton's names and ours differ.
+    pool = descriptor_pool.Default()
+    assert (
+        pool.FindMessageTypeByName("inference.ModelInferRequest") is service_pb2.ModelInferRequest.DESCRIPTOR
+    )
+    assert (
+        pool.FindMessageTypeByName("convserve.v2.ModelInferRequest")
+        is grpc_service_pb2.ModelInferRequest.DESCRIPTOR
+    )
+    with live_server(tiny_settings(model_repository), grpc=True) as live:
+        client = triton.InferenceServerClient(url=live.grpc_url)
+        try:
+            result = client.infer(MODEL_NAME, [fp32_input(tensor(2))])
+        finally:
+            client.close()
+    assert result.as_numpy(OUTPUT).shape == (2, len(TINY_LABELS))
+
+
 # ---- health, metadata, configuration ---------------------------------------------------------------
 
 
@@ -129,7 +154,7 @@ def test_health_rpcs_answer_without_a_token(client: triton.InferenceServerClient
 
 
 def test_metadata_and_configuration_are_what_rest_answers(
-    server: ServiceProcess, client: triton.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient
 ) -> None:
     served = client.get_server_metadata(headers=AUTH)
     rest = httpx.get(f"{server.url}/v2", headers=AUTH).json()
@@ -167,7 +192,7 @@ def test_metadata_and_configuration_are_what_rest_answers(
 
 
 def test_fp32_raw_contents_give_the_logits_rest_predict_gives(
-    server: ServiceProcess, client: triton.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient
 ) -> None:
     values = tensor(2)
     result = client.infer(MODEL_NAME, [fp32_input(values)], headers=AUTH, request_id="grpc-raw")
@@ -210,7 +235,7 @@ def test_classification_output_ranks_the_logits(client: triton.InferenceServerCl
 
 
 def test_jpeg_files_as_the_image_input_give_what_rest_predict_gives(
-    server: ServiceProcess, client: triton.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient
 ) -> None:
     photos = [jpeg("chelsea"), jpeg("coffee")]
     entry = triton.InferInput("image", [2], "BYTES")
@@ -347,7 +372,7 @@ def test_methods_the_service_does_not_implement_are_unimplemented(
 
 
 def test_repository_index_unload_and_load_with_the_admin_token(
-    server: ServiceProcess, client: triton.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient
 ) -> None:
     index = client.get_model_repository_index(headers=ADMIN, as_json=True)["models"]
     rest = httpx.post(f"{server.url}/v2/repository/index", headers=ADMIN).json()
@@ -383,17 +408,121 @@ def test_repository_index_unload_and_load_with_the_admin_token(
 
 
 def test_metrics_and_the_access_log_record_grpc_calls(
-    server: ServiceProcess, client: triton.InferenceServerClient
+    server: LiveServer, client: triton.InferenceServerClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client.infer(MODEL_NAME, [fp32_input(tensor(1))], headers={**AUTH, "x-request-id": "grpc-logged-1"})
-    with pytest.raises(InferenceServerException):
-        client.infer(MODEL_NAME, [fp32_input(tensor(1)[:, :, :16])], headers=AUTH)
+
+    def access_lines() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "service.access"]
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        client.infer(MODEL_NAME, [fp32_input(tensor(1))], headers={**AUTH, "x-request-id": "grpc-logged-1"})
+        with pytest.raises(InferenceServerException):
+            client.infer(MODEL_NAME, [fp32_input(tensor(1)[:, :, :16])], headers=AUTH)
+        # A refusal's line is written once its status has been sent, so it may follow the client's error.
+        wait_until(
+            lambda: any("status=INVALID_ARGUMENT" in line for line in access_lines()),
+            "the access log line of the refused call",
+        )
     text = httpx.get(f"{server.url}/metrics").text
     labels = 'protocol="grpc",endpoint="ModelInfer",model="tiny",version="1"'
     assert metric(text, f'convserve_requests_total{{{labels},status="200"}}') >= 1
     assert metric(text, f'convserve_requests_total{{{labels},status="422"}}') >= 1
     assert metric(text, f"convserve_request_duration_seconds_count{{{labels}}}") >= 2
     assert metric(text, 'convserve_requests_total{protocol="http",endpoint="/readyz"}') >= 1  # REST's too
+    # A reply's line is written before the reply leaves, so it is there once the client has it.
     line = "request_id=grpc-logged-1 method=POST path=/inference.GRPCInferenceService/ModelInfer status=OK"
-    wait_until(lambda: line in server.log(), "the access log line of the call")
-    assert "INVALID_ARGUMENT" in server.log()
+    assert any(entry.startswith(line) for entry in access_lines()), access_lines()
+
+
+# ---- TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1, and a client key and certificate the CA signed."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("client@example")
+    files = {
+        name: directory / f"{name}.pem" for name in ("ca", "server", "server_key", "client", "client_key")
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server.private_key_pem.write_to_path(str(files["server_key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    return files
+
+
+def test_mutual_tls_serves_certified_clients_only_and_poll_mode_refuses_loads(
+    model_repository: Path, pki: dict[str, Path]
+) -> None:
+    settings = tiny_settings(
+        model_repository,
+        tls_certfile=pki["server"],
+        tls_keyfile=pki["server_key"],
+        tls_client_ca=pki["ca"],
+        admin_token=ADMIN_TOKEN,
+    )
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+    with live_server(settings, grpc=True, client_options={"verify": context}) as server:
+        certified = triton.InferenceServerClient(
+            server.grpc_url,
+            ssl=True,
+            root_certificates=str(pki["ca"]),
+            private_key=str(pki["client_key"]),
+            certificate_chain=str(pki["client"]),
+        )
+        anonymous = triton.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(pki["ca"]))
+        plain = triton.InferenceServerClient(server.grpc_url)
+        try:
+            assert certified.infer(MODEL_NAME, [fp32_input(tensor(1))]).as_numpy(OUTPUT).shape == (1, 3)
+            for refused in (anonymous, plain):  # the handshake fails: no call reaches the service
+                assert status_of(refused.is_server_live) == "UNAVAILABLE"
+            # MODEL_CONTROL=poll (the default): the repository on disk decides, as over REST.
+            with pytest.raises(InferenceServerException) as failure:
+                certified.load_model(MODEL_NAME, headers=ADMIN)
+            assert str(failure.value.status()) == "StatusCode.INVALID_ARGUMENT"
+            assert "MODEL_CONTROL" in failure.value.message()
+        finally:
+            for client in (certified, anonymous, plain):
+                client.close()
+
+
+# ---- deadlines -------------------------------------------------------------------------------------------
+
+
+def test_a_client_deadline_shorter_than_the_batchers_wait_ends_the_call_and_the_server_stays_ready(
+    model_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A lone row waits MAX_QUEUE_DELAY_MS for company before its batch runs: 6 s, far past the 0.5 s
+    # deadline, so the deadline passes first whatever the machine's speed.
+    settings = tiny_settings(model_repository, max_queue_delay_ms=6000.0, max_batch_size=4)
+
+    def infer_statuses() -> list[str]:
+        """The gRPC status of every ModelInfer access-log line so far."""
+        path = "path=/inference.GRPCInferenceService/ModelInfer status="
+        return [
+            record.getMessage().split(path, 1)[1].split()[0]
+            for record in caplog.records
+            if record.name == "service.access" and path in record.getMessage()
+        ]
+
+    with live_server(settings, grpc=True) as server, caplog.at_level(logging.INFO, logger="service.access"):
+        client = triton.InferenceServerClient(server.grpc_url)
+        try:
+            call = lambda: client.infer(MODEL_NAME, [fp32_input(tensor(1))], client_timeout=0.5)  # noqa: E731
+            assert status_of(call) == "DEADLINE_EXCEEDED"
+            wait_until(infer_statuses, "the call's access-log line")
+            assert infer_statuses() == ["DEADLINE_EXCEEDED"]
+            assert client.is_server_ready()
+            # Triton's own `timeout` parameter (microseconds), without a gRPC deadline: the server ends
+            # the call itself, with the status REST's 504 maps to.
+            with pytest.raises(InferenceServerException) as failure:
+                client.infer(MODEL_NAME, [fp32_input(tensor(1))], timeout=500_000)
+            assert str(failure.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
+            assert "without reaching the model" in failure.value.message()  # the batcher dropped it
+            assert client.is_server_ready()
+        finally:
+            client.close()

@@ -1,9 +1,8 @@
 """The gRPC protocol definition: wire-compatible with Triton's, and the committed generated code current.
 
-Our `grpc_service.proto` is read through protoc into a descriptor pool of its own: its message
-classes and tritonclient's claim the same `inference.*` names, so the two cannot share protobuf's
-default pool (this test session imports tritonclient.grpc), and the comparison needs no import of
-the generated module.
+Our messages live in a package of their own (`convserve.v2`), Triton's in `inference`; the wire
+carries field numbers and types, never message names, so they are compared by name within their
+package. Importing both generated modules here, in one process, is itself part of the check.
 """
 
 from __future__ import annotations
@@ -11,16 +10,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FileDescriptor
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from service.protocols.v2grpc_service import InferenceServicer, method_handlers
+from service.protocols.v2proto import PROTO_SERVICE, SERVICE_NAME, method_path
+from service.protocols.v2proto import grpc_service_pb2 as pb
 from tests.liveserver import REPO_ROOT
 
 PROTO = "service/protocols/v2proto/grpc_service.proto"
-GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py")
-FieldKey = tuple[str, int, int, str, str]
+GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2.pyi")
+FieldKey = tuple[str, int, int, str, str, str]
 
 
 def protoc(*arguments: str) -> None:
@@ -35,71 +39,81 @@ def protoc(*arguments: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def as_proto(descriptor: FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
+    proto = descriptor_pb2.FileDescriptorProto()
+    descriptor.CopyToProto(proto)
+    return proto
+
+
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorProto:
-    out = tmp_path_factory.mktemp("descriptor") / "set.pb"
-    protoc(f"--descriptor_set_out={out}")
-    files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
-    assert [f.name for f in files] == [PROTO]
-    return files[0]
+def ours() -> descriptor_pb2.FileDescriptorProto:
+    return as_proto(pb.DESCRIPTOR)
 
 
 def tritons() -> list[descriptor_pb2.FileDescriptorProto]:
-    files = []
-    for module in (service_pb2, model_config_pb2):
-        proto = descriptor_pb2.FileDescriptorProto()
-        module.DESCRIPTOR.CopyToProto(proto)
-        files.append(proto)
-    return files
+    return [as_proto(module.DESCRIPTOR) for module in (service_pb2, model_config_pb2)]
 
 
-def messages(
-    file: descriptor_pb2.FileDescriptorProto,
-) -> dict[str, descriptor_pb2.DescriptorProto]:
-    """Every message of `file` (nested ones and map entries too) by full name."""
+def local(type_name: str, package: str) -> str:
+    """`.convserve.v2.InferParameter` -> `InferParameter`: a type's name within its package."""
+    prefix = f".{package}."
+    assert type_name.startswith(prefix), f"{type_name} is not of package {package}"
+    return type_name.removeprefix(prefix)
+
+
+def messages(file: descriptor_pb2.FileDescriptorProto) -> dict[str, descriptor_pb2.DescriptorProto]:
+    """Every message of `file` (nested ones and map entries too) by its name within the package."""
     found: dict[str, descriptor_pb2.DescriptorProto] = {}
 
     def walk(prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
-        name = f"{prefix}.{message.name}"
+        name = f"{prefix}{message.name}"
         found[name] = message
         for nested in message.nested_type:
-            walk(name, nested)
+            walk(f"{name}.", nested)
 
     for message in file.message_type:
-        walk(f".{file.package}", message)
+        walk("", message)
     return found
 
 
-def fields(message: descriptor_pb2.DescriptorProto) -> dict[str, FieldKey]:
-    """Per field: name, number, type, label, type name and oneof, which together decide its wire form."""
+def fields(message: descriptor_pb2.DescriptorProto, package: str) -> dict[str, FieldKey]:
+    """Per field: name, number, type, label, type name (within `package`) and oneof, which together
+    decide its wire form."""
     return {
         f.name: (
             f.name,
             f.number,
             f.type,
             descriptor_pb2.FieldDescriptorProto.Label.Name(f.label),
-            f.type_name,
+            local(f.type_name, package) if f.type_name else "",
             message.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else "",
         )
         for f in message.field
     }
 
 
+def test_our_messages_have_a_package_of_their_own(ours: descriptor_pb2.FileDescriptorProto) -> None:
+    assert ours.package == "convserve.v2"
+    assert {file.package for file in tritons()} == {"inference"}
+    assert pb.ModelInferRequest.DESCRIPTOR.full_name == "convserve.v2.ModelInferRequest"
+    assert service_pb2.ModelInferRequest.DESCRIPTOR.full_name == "inference.ModelInferRequest"
+
+
 def test_every_message_field_matches_tritons(ours: descriptor_pb2.FileDescriptorProto) -> None:
-    assert ours.package == "inference"
     theirs: dict[str, descriptor_pb2.DescriptorProto] = {}
+    their_fields: dict[str, dict[str, FieldKey]] = {}
     for file in tritons():
-        theirs.update(messages(file))
+        for name, message in messages(file).items():
+            theirs[name] = message
+            their_fields[name] = fields(message, file.package)
     mine = messages(ours)
     assert len(mine) >= 30  # the walk found the nested messages and map entries too
     for name, message in mine.items():
         assert name in theirs, f"{name} is not a message of Triton's protocol"
         assert message.options.map_entry == theirs[name].options.map_entry, name
-        their_fields = fields(theirs[name])
-        for field_name, key in fields(message).items():
-            assert key == their_fields.get(field_name), (
-                f"{name}.{field_name}: ours {key}, Triton's {their_fields.get(field_name)}"
-            )
+        for field_name, key in fields(message, ours.package).items():
+            twin = their_fields[name].get(field_name)
+            assert key == twin, f"{name}.{field_name}: ours {key}, Triton's {twin}"
 
 
 def test_every_enum_value_matches_tritons(ours: descriptor_pb2.FileDescriptorProto) -> None:
@@ -111,19 +125,27 @@ def test_every_enum_value_matches_tritons(ours: descriptor_pb2.FileDescriptorPro
         }.items(), enum.name
 
 
-def test_every_rpc_has_tritons_request_and_response(ours: descriptor_pb2.FileDescriptorProto) -> None:
+def test_every_rpc_served_is_tritons_with_its_request_and_response(
+    ours: descriptor_pb2.FileDescriptorProto,
+) -> None:
     (service,) = ours.service
     (theirs,) = [s for s in tritons()[0].service if s.name == service.name]
-    assert service.name == "GRPCInferenceService"
+    assert service.name == PROTO_SERVICE
+    # Served under Triton's name, which is what the method paths carry.
+    assert f"{tritons()[0].package}.{theirs.name}" == SERVICE_NAME
     their_methods = {m.name: m for m in theirs.method}
     for method in service.method:
         twin = their_methods[method.name]
-        assert (method.input_type, method.output_type) == (twin.input_type, twin.output_type), method.name
+        assert (local(method.input_type, ours.package), local(method.output_type, ours.package)) == (
+            local(twin.input_type, "inference"),
+            local(twin.output_type, "inference"),
+        ), method.name
         assert (method.client_streaming, method.server_streaming) == (
             twin.client_streaming,
             twin.server_streaming,
         ), method.name
-    assert {m.name for m in service.method} == {
+    declared = {m.name for m in service.method}
+    assert declared == {
         "ServerLive",
         "ServerReady",
         "ModelReady",
@@ -135,12 +157,22 @@ def test_every_rpc_has_tritons_request_and_response(ours: descriptor_pb2.FileDes
         "RepositoryModelLoad",
         "RepositoryModelUnload",
     }
+    # The server registers exactly the declared methods, each with the proto's own messages.
+    servicer = InferenceServicer(cast(Any, None), cast(Any, None))  # only its methods are read
+    handlers = method_handlers(servicer)
+    assert set(handlers) == declared
+    infer = handlers["ModelInfer"]
+    assert infer.request_deserializer == pb.ModelInferRequest.FromString
+    assert infer.response_serializer == pb.ModelInferResponse.SerializeToString
+    assert method_path("ModelInfer") == "/inference.GRPCInferenceService/ModelInfer"
 
 
 def test_the_committed_generated_code_is_what_make_proto_generates(tmp_path: Path) -> None:
-    protoc(f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}")
+    protoc(f"--python_out={tmp_path}", f"--pyi_out={tmp_path}")
     folder = Path(PROTO).parent
     for name in GENERATED:
         generated = (tmp_path / folder / name).read_text()
         committed = (REPO_ROOT / folder / name).read_text()
         assert committed == generated, f"{folder / name} differs from what `make proto` generates; run it"
+    # `make proto` generates no service classes: the server and the client name Triton's paths.
+    assert sorted(p.name for p in (REPO_ROOT / folder).glob("*_pb2*")) == sorted(GENERATED)

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     """TCP port to listen on."""
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     """TCP port of the KServe V2 gRPC API (`inference.GRPCInferenceService`), on HOST; 0 = no gRPC."""
+    grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest gRPC request message (at most MAX_UPLOAD_BYTES applies), in bytes; larger ones get
+    RESOURCE_EXHAUSTED. gRPC holds a whole message before the service sees it, so one worker runs at
+    most MAX_BODY_BYTES_IN_FLIGHT / this many calls at once (64 by default); send larger batches in
+    several calls, or over REST."""
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Largest number of images (rows) in one `session.run` call, in images."""
     # 0 by default: the collector forms the next batch from whatever queued while the previous
@@ -297,6 +302,12 @@ class Settings(BaseSettings):
                 f"CONVSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) is below "
                 f"CONVSERVE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}), so a body at the upload limit could "
                 "never be accepted; raise it"
+            )
+        if self.grpc_max_message_bytes > self.max_body_bytes_in_flight:
+            raise ValueError(
+                f"CONVSERVE_GRPC_MAX_MESSAGE_BYTES ({self.grpc_max_message_bytes}) is above "
+                f"CONVSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}), so not even one "
+                "gRPC call could be held; lower it or raise the budget"
             )
         if self.max_decoded_pixels > self.max_image_pixels:
             raise ValueError(

@@ -5,14 +5,15 @@ WORKERS > 1 every worker binds the same port (`SO_REUSEPORT`) and the kernel spr
 over them, as it does for the HTTP port; a single worker binds it alone, so a port another server
 holds stops the start instead of silently sharing that server's traffic. The limits are the REST ones:
 
-- a message may be at most MAX_UPLOAD_BYTES (gRPC answers RESOURCE_EXHAUSTED beyond it, before the
-  service sees it); call metadata at most MAX_HEADER_BYTES, like a request head. Replies are bounded
-  by the codec's response budget (`service.protocols.v2codec`), so they need no limit of their own.
-- at most MAX_CONNECTIONS RPCs run at once per worker, the REST connection cap; gRPC refuses calls
-  beyond it with RESOURCE_EXHAUSTED before reading their message. gRPC reads a whole message before
-  the service sees it, so MAX_BODY_BYTES_IN_FLIGHT cannot apply: the messages one worker holds are
-  bounded by MAX_CONNECTIONS x MAX_UPLOAD_BYTES instead (lower either where gRPC clients send large
-  tensors). Neither refusal reaches the service, so neither is in its metrics or log.
+- memory: gRPC reads a whole message before the service sees it, so the budget REST bodies share
+  (MAX_BODY_BYTES_IN_FLIGHT) is kept by bounding both factors before any byte is read: a message is
+  at most GRPC_MAX_MESSAGE_BYTES (and MAX_UPLOAD_BYTES; gRPC answers RESOURCE_EXHAUSTED beyond it as
+  soon as the message's length prefix arrives), and at most MAX_BODY_BYTES_IN_FLIGHT / that many
+  calls run at once per worker (64 by default; never more than MAX_CONNECTIONS); gRPC refuses calls
+  beyond it with RESOURCE_EXHAUSTED before reading their message. So the messages one worker holds
+  never exceed MAX_BODY_BYTES_IN_FLIGHT, whatever clients send. Neither refusal reaches the service,
+  so neither is in its metrics or log. Call metadata is at most MAX_HEADER_BYTES, like a request
+  head. Replies are bounded by the codec's response budget (`service.protocols.v2codec`).
 - TLS, and mutual TLS, with TLS_CERTFILE, TLS_KEYFILE and TLS_CLIENT_CA.
 
 Graceful shutdown: when the HTTP side begins its drain (`ServiceState.draining`), or at the latest
@@ -51,10 +52,20 @@ REFUSAL_LINGER_S = 1.0
 before gRPC stops listening, in seconds: calls clients sent meanwhile get a status they retry."""
 
 
+def message_limit(settings: Settings) -> int:
+    """The largest request message a call may carry, in bytes."""
+    return min(settings.grpc_max_message_bytes, settings.max_upload_bytes)
+
+
+def max_concurrent_calls(settings: Settings) -> int:
+    """Calls one worker runs at once: as many largest messages as MAX_BODY_BYTES_IN_FLIGHT holds."""
+    return max(1, min(settings.max_connections, settings.max_body_bytes_in_flight // message_limit(settings)))
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """gRPC core options for `settings` (see the module docstring)."""
     return [
-        ("grpc.max_receive_message_length", settings.max_upload_bytes),
+        ("grpc.max_receive_message_length", message_limit(settings)),
         ("grpc.max_metadata_size", settings.max_header_bytes),
         # gRPC's default on Linux is on; only sibling workers may share the port.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -97,7 +108,7 @@ class GrpcApi:
         """Bind HOST:GRPC_PORT and serve; `StartupError` if the port cannot be bound."""
         settings = state.settings
         server = grpc.aio.server(
-            options=server_options(settings), maximum_concurrent_rpcs=settings.max_connections
+            options=server_options(settings), maximum_concurrent_rpcs=max_concurrent_calls(settings)
         )
         calls = CallRunner(state.metrics, Credentials.from_settings(settings), settings.client_error_delay_s)
         handlers = method_handlers(InferenceServicer(state, calls))

@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from modelcontract import softmax
+from service.protocols.v2grpc import max_concurrent_calls, message_limit
 from service.protocols.v2proto import grpc_service_pb2
 from tests.liveserver import LiveServer, live_server
 from tests.photos import jpeg
@@ -524,5 +525,52 @@ def test_a_client_deadline_shorter_than_the_batchers_wait_ends_the_call_and_the_
             assert str(failure.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
             assert "without reaching the model" in failure.value.message()  # the batcher dropped it
             assert client.is_server_ready()
+        finally:
+            client.close()
+
+
+# ---- the memory budget -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "upload", "budget", "connections"),
+    [
+        (4 << 20, 64 << 20, 256 << 20, 512),  # the defaults
+        (64 << 20, 64 << 20, 64 << 20, 512),
+        (4 << 20, 1 << 20, 256 << 20, 16),
+        (1024, 2048, 1 << 30, 512),
+    ],
+)
+def test_messages_one_worker_can_hold_stay_within_the_body_budget(
+    model_repository: Path, message: int, upload: int, budget: int, connections: int
+) -> None:
+    settings = tiny_settings(
+        model_repository,
+        grpc_max_message_bytes=message,
+        max_upload_bytes=upload,
+        max_body_bytes_in_flight=budget,
+        max_connections=connections,
+    )
+    limit, calls = message_limit(settings), max_concurrent_calls(settings)
+    assert limit == min(message, upload)
+    assert 1 <= calls <= connections
+    assert limit * calls <= budget
+
+
+def test_a_message_over_the_grpc_limit_is_refused_before_the_service_sees_it(model_repository: Path) -> None:
+    settings = tiny_settings(model_repository, grpc_max_message_bytes=32 * 1024, max_upload_bytes=1 << 20)
+    photo = jpeg("astronaut")
+    assert 32 * 1024 < len(photo) < 1 << 20
+    with live_server(settings, grpc=True) as live:
+        client = triton.InferenceServerClient(url=live.grpc_url)
+        try:
+            image = triton.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([photo], dtype=np.object_))
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(MODEL_NAME, [image])
+            assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            small = triton.InferInput("image", [1], "BYTES")
+            small.set_data_from_numpy(np.array([jpeg("coffee", quality=10)], dtype=np.object_))
+            assert client.infer(MODEL_NAME, [small]).as_numpy(OUTPUT).shape == (1, 3)
         finally:
             client.close()

@@ -303,12 +303,6 @@ class Settings(BaseSettings):
                 f"CONVSERVE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}), so a body at the upload limit could "
                 "never be accepted; raise it"
             )
-        if self.grpc_max_message_bytes > self.max_body_bytes_in_flight:
-            raise ValueError(
-                f"CONVSERVE_GRPC_MAX_MESSAGE_BYTES ({self.grpc_max_message_bytes}) is above "
-                f"CONVSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}), so not even one "
-                "gRPC call could be held; lower it or raise the budget"
-            )
         if self.max_decoded_pixels > self.max_image_pixels:
             raise ValueError(
                 f"CONVSERVE_MAX_DECODED_PIXELS ({self.max_decoded_pixels}) is above "

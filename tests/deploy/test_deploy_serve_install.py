@@ -172,7 +172,8 @@ def test_runtime_install_steps_are_the_serve_lock_then_the_project() -> None:
 
 def test_runtime_environment_has_the_service_but_no_torch_or_training(runtime_environment: Path) -> None:
     python = str(runtime_environment / "bin" / "python")
-    probe = "import importlib.util as u; print([m for m in ('torch', 'training', 'onnx') if u.find_spec(m)])"
+    modules = "('torch', 'torchvision', 'training')"
+    probe = f"import importlib.util as u; print([m for m in {modules} if u.find_spec(m)])"
     found = subprocess.run([python, "-c", probe], cwd="/", capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
     service = subprocess.run(
@@ -194,6 +195,7 @@ def test_python_m_service_from_the_runtime_environment_becomes_ready_and_stops_o
         "CONVSERVE_MODEL_REPOSITORY": str(repository),
         "CONVSERVE_HOST": "127.0.0.1",
         "CONVSERVE_PORT": str(port),
+        "CONVSERVE_GRPC_PORT": str(free_port()),
         "CONVSERVE_PROVIDERS": "cpu",
         "CONVSERVE_MAX_BATCH_SIZE": "4",
         "CONVSERVE_INTRA_OP_THREADS": "1",

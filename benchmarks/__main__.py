@@ -34,7 +34,7 @@ log = logging.getLogger("benchmarks")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path("benchmarks/results/latest.json")
-ALL_SERVERS = ("ceiling", "service", "unbatched", "instances", "protocols", "naive", "int8")
+ALL_SERVERS = ("ceiling", "service", "unbatched", "instances", "protocols", "memory", "naive", "int8")
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(ALL_SERVERS),
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure; instances = the service "
         "with one single-threaded batch per core; protocols = the service answering /predict, V2 REST "
-        "and V2 gRPC (JPEG bytes and FP32 tensors) at concurrency 1 and 32; int8 = the service serving "
+        "and V2 gRPC (JPEG bytes and FP32 tensors) at concurrency 1 and 32; memory = its RSS serving 1, "
+        "8 and 32 copies of the model; int8 = the service serving "
         "an INT8 variant (quantized from a temporary copy of the model) and its in-process rows "
         "(default: all)",
     )

@@ -43,6 +43,8 @@ class BenchPlan:
     """Bound on the time spent reaching the last checkpoint; if hit, the RSS is read where it stopped."""
     ceiling: CeilingPlan
     int8_concurrency_levels: tuple[int, ...] = INT8_CONCURRENCY_LEVELS
+    model_counts: tuple[int, ...] = (1, 8, 32)
+    """How many copies of the model the memory scenario serves, one service start each."""
     """Levels of the service serving the INT8 variant (timed like the FP32 service's levels)."""
     notes: list[str] = field(default_factory=list)
 
@@ -59,6 +61,7 @@ def quick_plan() -> BenchPlan:
         rate_fractions=(0.5, 0.9),
         rate_timing=Window(warmup_s=1.0, duration_s=5.0, max_requests=2_000),
         rates_for_unbatched=False,
+        model_counts=(1, 4),
         rss_checkpoints=(1_000, 2_500),
         rss_soak_concurrency=32,
         rss_soak_max_s=60.0,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.docblock import block_between, replace_block
+from benchmarks.performance.model_memory import memory_table
 from benchmarks.performance.protocols import protocol_table
 from benchmarks.performance.targets import HEADLINE_CONCURRENCY, find_level
 
@@ -189,6 +190,15 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
             "the FP32 tensor is preprocessed by the client before the run):",
             "",
             *protocol_lines,
+            "",
+        ]
+    memory_lines = memory_table(results.get("model_memory"))
+    if memory_lines:
+        lines += [
+            "Memory per model: the service's RSS once ready, serving copies of the model as separate "
+            "models (default settings, one start per count):",
+            "",
+            *memory_lines,
             "",
         ]
     rate_lines = _rate_table(results)

@@ -29,6 +29,7 @@ from benchmarks.common.processes import (
     ServerStartError,
     rss_mb,
 )
+from benchmarks.performance import model_memory
 from benchmarks.performance.in_process import in_worker_thread, run_in_process
 from benchmarks.performance.int8 import (
     Int8Unavailable,
@@ -140,6 +141,12 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         benches, in_process, int8_rows, rss = _measure(
             config, model, photos, plan, log_dir, variant=variant, not_measured=not_measured
         )
+        # Last, one service start per count: nothing else runs meanwhile, and the RSS is read idle.
+        memory = (
+            model_memory.measure(config, model, plan.model_counts, log_dir)
+            if "memory" in config.servers
+            else None
+        )
     finally:
         shutil.rmtree(int8_repository, ignore_errors=True)
     if int8 is not None:
@@ -179,6 +186,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
                 "onnx_mb": round(model.path.stat().st_size / 2**20, 1),
             },
             "int8": int8,
+            "model_memory": memory,
             "corpus": describe_corpus(photos),
             "servers": {bench.server_name: bench.description for bench in benches},
             "profile": profile,

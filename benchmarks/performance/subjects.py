@@ -89,6 +89,7 @@ VARIANT_SETTINGS: dict[str, dict[str, str]] = {
         "CONVSERVE_INTRA_OP_THREADS": "1",
     },
     "protocols": {},
+    "memory": {},
 }
 
 

@@ -1,0 +1,38 @@
+"""The memory scenario of `make bench`: the service's RSS serving several copies of a model, one start
+per count, and the cost of one more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.performance.model_memory import mb_per_extra_model, measure, memory_table
+from benchmarks.performance.subjects import RunConfig, resolve_model
+from tests.liveserver import REPO_ROOT
+from tests.tinymodel import export_tiny_model
+
+
+def test_each_count_starts_a_service_serving_that_many_models(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    export_tiny_model(repository)
+    config = RunConfig(
+        repo_root=REPO_ROOT,
+        model_repository=repository,
+        model_name=None,
+        model_version=None,
+        servers=("memory",),
+        service_env={"CONVSERVE_PROVIDERS": "cpu", "CONVSERVE_INTRA_OP_THREADS": "1"},
+    )
+    memory = measure(config, resolve_model(config), (1, 3), tmp_path / "logs")
+    assert [row["models"] for row in memory["levels"]] == [1, 3]
+    serving_three = (tmp_path / "logs" / "memory.log").read_text()
+    assert "m00" in serving_three and "m02" in serving_three, serving_three[-2000:]
+    assert all(row["rss_mb"] > 0 for row in memory["levels"])
+    assert memory["mb_per_extra_model"] == mb_per_extra_model(memory["levels"])
+    table = memory_table(memory)
+    assert table[2].startswith("| 1 |") and table[3].startswith("| 3 |")
+
+
+def test_cost_per_extra_model_is_the_slope_between_the_fewest_and_the_most() -> None:
+    rows = [{"models": 8, "rss_mb": 570.0}, {"models": 1, "rss_mb": 402.0}, {"models": 32, "rss_mb": 1146.0}]
+    assert mb_per_extra_model(rows) == round((1146.0 - 402.0) / 31, 1)
+    assert mb_per_extra_model(rows[:1]) is None

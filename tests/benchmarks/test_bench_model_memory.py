@@ -6,22 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.performance.model_memory import mb_per_extra_model, measure, memory_table
-from benchmarks.performance.subjects import RunConfig, resolve_model
-from tests.liveserver import REPO_ROOT
-from tests.tinymodel import export_tiny_model
+from benchmarks.performance.subjects import resolve_model
+from tests.benchmarks.tinyrun import tiny_run_config
 
 
 def test_each_count_starts_a_service_serving_that_many_models(tmp_path: Path) -> None:
-    repository = tmp_path / "models"
-    export_tiny_model(repository)
-    config = RunConfig(
-        repo_root=REPO_ROOT,
-        model_repository=repository,
-        model_name=None,
-        model_version=None,
-        servers=("memory",),
-        service_env={"CONVSERVE_PROVIDERS": "cpu", "CONVSERVE_INTRA_OP_THREADS": "1"},
-    )
+    config = tiny_run_config(tmp_path, "memory")
     memory = measure(config, resolve_model(config), (1, 3), tmp_path / "logs")
     assert [row["models"] for row in memory["levels"]] == [1, 3]
     serving_three = (tmp_path / "logs" / "memory.log").read_text()

@@ -9,22 +9,12 @@ from pathlib import Path
 from benchmarks.common.corpus import build_corpus
 from benchmarks.common.loadgen import Window
 from benchmarks.performance.protocols import PROTOCOL_LEVELS, PROTOCOL_TITLES, bench_protocols, protocol_table
-from benchmarks.performance.subjects import RunConfig, resolve_model
-from tests.liveserver import REPO_ROOT
-from tests.tinymodel import export_tiny_model
+from benchmarks.performance.subjects import resolve_model
+from tests.benchmarks.tinyrun import tiny_run_config
 
 
 def test_each_protocol_answers_every_level_and_the_table_lists_them(tmp_path: Path) -> None:
-    repository = tmp_path / "models"
-    export_tiny_model(repository)
-    config = RunConfig(
-        repo_root=REPO_ROOT,
-        model_repository=repository,
-        model_name=None,
-        model_version=None,
-        servers=("protocols",),
-        service_env={"CONVSERVE_PROVIDERS": "cpu", "CONVSERVE_INTRA_OP_THREADS": "1"},
-    )
+    config = tiny_run_config(tmp_path, "protocols")
     photos = build_corpus((0.05, 0.1))
     timing = Window(duration_s=1.0, warmup_s=0.2)
 

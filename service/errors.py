@@ -78,6 +78,12 @@ class ServiceUnavailableError(ServiceError):
     status_code = 503
 
 
+class InsufficientStorageError(ServiceError):
+    """The model version needs more memory than CONVSERVE_MEMORY_BUDGET_MB allows all versions together."""
+
+    status_code = 507
+
+
 class QueueFullError(ServiceUnavailableError):
     """The batching queue holds MAX_QUEUE_SIZE images already; the client should retry later."""
 

@@ -78,7 +78,7 @@ async def control(state: ServiceState, names: list[str]) -> None:
     while True:
         await asyncio.sleep(settings.repository_poll_s)
         # Models that left the repository are synced too, so that they are unloaded.
-        await registry.sync(sorted(set(models_in_scope(settings)) | set(registry.served())))
+        await registry.sync(sorted(set(models_in_scope(settings)) | registry.names()))
 
 
 def probe_gpu(settings: Settings, name: str) -> None:

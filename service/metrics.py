@@ -155,7 +155,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "convserve_model_info",
-            "One series per loaded model version with its state and execution provider; the value is 1.",
+            "One series per model version the server holds or can load on demand, with its state (READY, "
+            "LOADING, UNLOADING, UNAVAILABLE, LOADABLE, EVICTED) and execution provider; the value is 1.",
             [*model, "state", "provider"],
             registry=registry,
             multiprocess_mode="livemax",  # one series per version, not one per worker
@@ -165,6 +166,26 @@ class Metrics:
             "Model version loads by result (success, failure).",
             ["model", "result"],
             registry=registry,
+        )
+        self.model_evictions = Counter(
+            "convserve_model_evictions_total",
+            "Model versions unloaded to make room within CONVSERVE_MEMORY_BUDGET_MB.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_memory = Gauge(
+            "convserve_model_memory_bytes",
+            "Resident memory a loaded model version took when it loaded (at least its file's size); the "
+            "versions' sum counts against CONVSERVE_MEMORY_BUDGET_MB.",
+            model,
+            registry=registry,
+            multiprocess_mode="livesum",  # each worker holds its own copy
+        )
+        self.memory_budget = Gauge(
+            "convserve_memory_budget_bytes",
+            "CONVSERVE_MEMORY_BUDGET_MB of one worker, in bytes (absent when unset).",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.model_load_duration = Histogram(
             "convserve_model_load_duration_seconds",
@@ -206,11 +227,12 @@ class Metrics:
         self.model_info.labels(*self._info_labels[(name, version)]).set(1)
 
     def forget_model(self, name: str, version: int) -> None:
-        """Retire an unloaded version's `convserve_model_info` and queue-depth series."""
+        """Retire an unloaded version's `convserve_model_info`, queue-depth and memory series."""
         previous = self._info_labels.pop((name, version), None)
         if previous is not None:
             _retire(self.model_info, previous)
         _retire(self.queue_depth, (name, str(version)))
+        _retire(self.model_memory, (name, str(version)))
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this registry, or every worker's values in multiprocess mode."""

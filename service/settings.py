@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     """`poll`: rescan the repository; `explicit`: V2 load/unload API; `none`: load at start only."""
     repository_poll_s: float = Field(default=5.0, gt=0.0)
     """Seconds between repository scans when MODEL_CONTROL=poll."""
+    memory_budget_mb: int | None = Field(default=None, ge=1)
+    """Memory for loaded model versions in one worker, in MiB (each version's cost measured at load);
+    unset = load every version the policy selects. Under it, versions that do not fit load on their
+    first request, and idle ones are unloaded least recently used first to make room."""
     host: str = "0.0.0.0"
     """Interface address to listen on (0.0.0.0 = all interfaces)."""
     port: int = Field(default=8000, ge=1, le=65535)
@@ -348,3 +352,8 @@ class Settings(BaseSettings):
     def max_queue_delay_s(self) -> float:
         """`max_queue_delay_ms` in seconds."""
         return self.max_queue_delay_ms / 1000.0
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """`memory_budget_mb` in bytes (None = no budget)."""
+        return None if self.memory_budget_mb is None else self.memory_budget_mb * 1024 * 1024
+

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -68,16 +68,19 @@ async def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-@contextmanager
-def model_lease(request: Request, name: str | None, version: int | None) -> Iterator[LoadedModel]:
-    """The model version a request names, held (never unloaded) until the block ends; 404 if not served.
+@asynccontextmanager
+async def model_lease(request: Request, name: str | None, version: int | None) -> AsyncIterator[LoadedModel]:
+    """The model version a request names (loaded on demand under a memory budget), held (never
+    unloaded) until the block ends; 404 if the server has no such model.
 
     A context manager inside the route rather than a generator dependency: on the inference path
     FastAPI's exit-stack bookkeeping for one was ~7 % of the event loop's time per request.
     """
-    registry = service_state(request).registry
-    loaded = registry.resolve(name, version)
-    with registry.lease(loaded):
+
+    def waited(seconds: float) -> None:  # the middleware answers it in `Server-Timing: load;dur=<ms>`
+        request.state.model_load_s = seconds
+
+    async with service_state(request).registry.acquire(name, version, waited) as loaded:
         request.state.model = (loaded.name, str(loaded.version))  # labels the request's metrics
         yield loaded
 
@@ -86,7 +89,7 @@ async def path_model(
     request: Request, model_name: str, model_version: str | None = None
 ) -> AsyncIterator[LoadedModel]:
     """FastAPI dependency for the V2 metadata routes: the model version named in the path."""
-    with model_lease(request, model_name, parse_version(model_version)) as loaded:
+    async with model_lease(request, model_name, parse_version(model_version)) as loaded:
         yield loaded
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service.models.registry import VersionState
 from service.protocols.openapi import errors
 from service.state import State
 
@@ -28,18 +29,21 @@ async def healthz() -> JSONResponse:
 
 @router.get("/readyz", responses=errors(503))
 async def readyz(state: State) -> JSONResponse:
-    """200 while every model the version policy requires has a ready version; 503 otherwise."""
+    """200 while every model the version policy requires has a ready version; 503 otherwise. Under
+    CONVSERVE_MEMORY_BUDGET_MB a version that loads on demand (LOADABLE, EVICTED) counts as ready, and
+    the body lists those and the memory in use."""
     registry = state.registry
-    served = registry.served()
     if not registry.ready:
         reasons = {
             status.name: f"{status.state}: {status.reason}" for status in registry.index() if status.reason
         }
-        missing = sorted(name for name in registry.required if not served.get(name))
+        missing = sorted(name for name in registry.required if not registry.versions(name))
         detail = ", ".join(f"{name} ({reasons.get(name, 'loading')})" for name in missing) or "no model"
         return JSONResponse({"error": f"not ready: no ready version of {detail}"}, status_code=503)
-    body: dict[str, Any] = {
-        "status": "ready",
-        "models": {name: versions for name, versions in served.items()},
-    }
+    body: dict[str, Any] = {"status": "ready", "models": registry.served()}
+    if state.settings.memory_budget_mb is not None:
+        # Under a memory budget: what loads on the next request, and the memory in use.
+        body["loadable"] = registry.in_state(VersionState.LOADABLE)
+        body["evicted"] = registry.in_state(VersionState.EVICTED)
+        body["memory"] = registry.memory()
     return JSONResponse(body)

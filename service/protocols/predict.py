@@ -75,7 +75,7 @@ async def predict(
 ) -> JSONResponse:
     """Top-k labels for each image (or tensor row), in the order they were sent, and which model
     version computed them (`?model=NAME&version=V`, default: the default model's newest version)."""
-    with model_lease(request, model, version) as loaded:
+    async with model_lease(request, model, version) as loaded:
         predictor = loaded.predictor
         metadata = predictor.metadata
         top_k = min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k

@@ -79,7 +79,8 @@ def _model_in_scope(state: ServiceState, model_name: str) -> str:
 
 @router.post("/models/{model_name}/load", response_class=Response, responses=errors(400, 404))
 async def load(state: State, model_name: str) -> Response:
-    """Load (or reload) a model's versions per the version policy; 200 once one is ready."""
+    """Load (or reload) a model's versions per the version policy; 200 once one is ready. Under a
+    memory budget, idle versions of other models are unloaded to make room."""
     await load_model(state, model_name)
     return Response(status_code=200)
 
@@ -88,7 +89,7 @@ async def load_model(state: ServiceState, model_name: str) -> None:
     """Load (or reload) a model's versions; returns once one is ready, `ServiceError` saying why not."""
     _explicit_only(state, "load")
     name = _model_in_scope(state, model_name)
-    await state.registry.sync([name])
+    await state.registry.sync([name], make_room=True)
     if not state.registry.served().get(name):
         reasons = [s.reason for s in state.registry.index() if s.name == name and s.reason]
         raise BadRequestError(f"failed to load {name!r}: {'; '.join(reasons) or 'no version selected'}")
@@ -109,6 +110,6 @@ async def unload_model(state: ServiceState, model_name: str) -> None:
     """Unload every version of a model once its accepted requests finish; `ServiceError` saying why not."""
     _explicit_only(state, "unload")
     name = check_model_name(model_name)
-    if name not in state.registry.served() and name not in list_models(state.settings.model_repository):
+    if name not in state.registry.names() and name not in list_models(state.settings.model_repository):
         raise NotFoundError(f"model {printable(name, 80)!r} is neither served nor in the repository")
     await state.registry.unload(name)

@@ -63,11 +63,8 @@ async def model_config(state: State, loaded: Model) -> JSONResponse:
 @router.get(MODEL + "/ready", response_class=Response, responses={**NO_CONTENT_HEALTH, **errors(404)})
 @router.get(VERSIONED + "/ready", response_class=Response, responses={**NO_CONTENT_HEALTH, **errors(404)})
 async def model_ready(state: State, model_name: str, model_version: str | None = None) -> Response:
-    version = parse_version(model_version)
-    served = state.registry.served().get(model_name, [])
-    if not served and not any(status.name == model_name for status in state.registry.index()):
-        state.registry.resolve(model_name, version)  # raises the 404 naming what is served
-    return Response(status_code=200 if (served and (version is None or version in served)) else 400)
+    ready = state.registry.model_ready(model_name, parse_version(model_version))
+    return Response(status_code=200 if ready else 400)
 
 
 @router.post(
@@ -77,7 +74,7 @@ async def model_ready(state: State, model_name: str, model_version: str | None =
     VERSIONED + "/infer", response_class=Response, responses=_INFER_ERRORS, openapi_extra=V2_INFER_OPENAPI
 )
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    with model_lease(request, model_name, parse_version(model_version)) as loaded:
+    async with model_lease(request, model_name, parse_version(model_version)) as loaded:
         state = service_state(request)
         spec = tensor_spec(state, loaded)
         limit = state.settings.max_upload_bytes

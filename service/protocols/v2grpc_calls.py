@@ -45,6 +45,7 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,  # a model version larger than the whole memory budget
 }
 """The gRPC status of each HTTP status a `ServiceError` carries; any other 4xx is INVALID_ARGUMENT,
 any other 5xx INTERNAL."""

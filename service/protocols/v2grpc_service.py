@@ -16,8 +16,8 @@ answered UNIMPLEMENTED by gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -77,12 +77,8 @@ class InferenceServicer:
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         async def ready(call: Call) -> pb.ModelReadyResponse:
             # As GET /v2/models/{name}[/versions/{v}]/ready: unknown model 404, known but not served false.
-            registry = self.state.registry
-            version = parse_version(request.version)
-            served = registry.served().get(request.name, [])
-            if not served and not any(status.name == request.name for status in registry.index()):
-                registry.resolve(request.name, version)  # raises the 404 naming what is served
-            return pb.ModelReadyResponse(ready=bool(served) and (version is None or version in served))
+            ready = self.state.registry.model_ready(request.name, parse_version(request.version))
+            return pb.ModelReadyResponse(ready=ready)
 
         return await self._run("ModelReady", Role.OPEN, context, ready)
 
@@ -100,14 +96,14 @@ class InferenceServicer:
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         async def metadata(call: Call) -> pb.ModelMetadataResponse:
-            with self._lease(call, request.name, request.version) as loaded:
+            async with self._lease(call, request.name, request.version) as loaded:
                 return model_metadata(metadata_document(self.state, loaded))
 
         return await self._run("ModelMetadata", Role.INFERENCE, context, metadata)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         async def config(call: Call) -> pb.ModelConfigResponse:
-            with self._lease(call, request.name, request.version) as loaded:
+            async with self._lease(call, request.name, request.version) as loaded:
                 return model_config(config_document(self.state, loaded))
 
         return await self._run("ModelConfig", Role.INFERENCE, context, config)
@@ -116,7 +112,7 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         async def infer(call: Call) -> pb.ModelInferResponse:
-            with self._lease(call, request.model_name, request.model_version) as loaded:
+            async with self._lease(call, request.model_name, request.model_version) as loaded:
                 spec = tensor_spec(self.state, loaded)
                 deadline_s = context.time_remaining()
 
@@ -164,12 +160,12 @@ class InferenceServicer:
 
     # ---- helpers --------------------------------------------------------------------------------------
 
-    def _lease(self, call: Call, name: str, version: str) -> AbstractContextManager[LoadedModel]:
+    @asynccontextmanager
+    async def _lease(self, call: Call, name: str, version: str) -> AsyncIterator[LoadedModel]:
         """The model version a call names, held until the block ends (as `service.state.model_lease`)."""
-        registry = self.state.registry
-        loaded = registry.resolve(name, parse_version(version))
-        call.model = (loaded.name, str(loaded.version))  # labels the call's metrics and log line
-        return registry.lease(loaded)
+        async with self.state.registry.acquire(name, parse_version(version)) as loaded:
+            call.model = (loaded.name, str(loaded.version))  # labels the call's metrics and log line
+            yield loaded
 
 
 def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:

@@ -40,7 +40,7 @@ def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any
     meta = loaded.model.metadata
     return {
         "name": loaded.name,
-        "versions": [str(v) for v in state.registry.served().get(loaded.name, [])],
+        "versions": [str(v) for v in state.registry.versions(loaded.name)],
         "platform": PLATFORM,
         "inputs": [
             {"name": loaded.model.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]},

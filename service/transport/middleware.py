@@ -96,6 +96,7 @@ class _Exchange:
         error_delay_s: float,
     ) -> None:
         self.request_id = request_id_of(scope.get("headers", []))
+        self.state: dict[str, Any] = scope.setdefault("state", {})
         self.error_delay_s = error_delay_s
         self.budget, self.gauge = budget, gauge
         self.held_bytes = 0
@@ -134,6 +135,9 @@ class _Exchange:
             if 400 <= self.status < 500 and self.error_delay_s:
                 await asyncio.sleep(self.error_delay_s)
             headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), self.request_id.encode())]
+            load_s = self.state.get("model_load_s")
+            if load_s is not None:  # the request waited for its model version to load on demand
+                headers.append((b"server-timing", f"load;dur={load_s * 1000:.1f}".encode()))
             if self.status >= 400 and self.body_pending and not await self._drain():
                 headers.append((b"connection", b"close"))
             message["headers"] = headers
@@ -193,7 +197,7 @@ class RequestContextMiddleware:
             gauge=self.metrics.body_bytes,
             error_delay_s=self.error_delay_s,
         )
-        state = scope.setdefault("state", {})
+        state = exchange.state
         state["request_id"], state["arrived_at"] = exchange.request_id, time.monotonic()
         start = time.perf_counter()
         try:

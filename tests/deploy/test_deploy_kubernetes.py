@@ -240,6 +240,32 @@ def test_resources_have_requests_and_a_memory_limit(overlay: list[dict[str, Any]
     assert "cpu" not in resources["limits"], "CPU limits throttle batches mid-run (see the overlay's comment)"
 
 
+# What one worker needs outside CONVSERVE_MEMORY_BUDGET_MB at the CPU overlay's settings: the process
+# with its shared arena grown by two batches of 32 (~0.8 GB), a full queue of decoded images (154 MB)
+# and bodies in flight; the overlay's comment has the reasoning, docs/performance.md the measurements.
+WORKER_BASE_MIB = 1024
+
+
+def test_a_memory_budget_leaves_the_memory_limit_room_for_each_worker(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    budgets = {}
+    for name, objects in rendered.items():
+        container = main_container(pod_spec(objects))
+        env = container_env(container, objects)
+        if "CONVSERVE_MEMORY_BUDGET_MB" in env:
+            budgets[name] = budget = int(env["CONVSERVE_MEMORY_BUDGET_MB"])
+            workers = int(env.get("CONVSERVE_WORKERS", "1"))
+            limit_mib = mebibytes(container["resources"]["limits"]["memory"])
+            assert workers * (budget + WORKER_BASE_MIB) <= limit_mib, name
+    assert "cpu" in budgets, "the CPU overlay sets the budget with its memory limit"
+
+
+def mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
 def test_only_the_gpu_overlay_asks_for_a_gpu_and_tolerates_gpu_nodes(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:

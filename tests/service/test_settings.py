@@ -61,6 +61,8 @@ ISSUE_VARIABLES = [
     "GRPC_MAX_MESSAGE_BYTES",
     "LOG_LEVEL",
     "LOG_FORMAT",
+    # many models per box
+    "MEMORY_BUDGET_MB",
 ]
 
 

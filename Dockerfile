@@ -109,10 +109,11 @@ USER 10001:10001
 # HTTP (REST, /metrics, probes) and the V2 gRPC API.
 EXPOSE 8000 8001
 
-# /readyz is 200 only once the model is loaded and warmed up (batch sizes 1 and the maximum on a CPU,
-# every size on a GPU, where it includes creating the CUDA context and loading cuDNN), hence the
-# generous start period.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+# /readyz is 200 only once the model is loaded and warmed up: on a CPU batch sizes 1 and the maximum;
+# on a GPU the provider probe first (CUDA context, cuDNN, one test image, bounded at 120 s), then the
+# batch sizes the batcher forms (1, 2, 4, ... up to the maximum). 300 s covers the probe's bound and
+# the warmup with room for a slow node.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "/opt/convserve/healthcheck.py"]
 
 CMD ["python", "-m", "service"]

@@ -13,13 +13,14 @@ RUNTIME_BASE ?= ubuntu:24.04
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL
 
-.PHONY: help serve test lint typecheck pytest image-test compose-test bench bench-quick model tools lock docs proto clean
+.PHONY: help serve test lint typecheck pytest image-test compose-test gpu-check bench bench-quick model tools lock docs proto clean
 
 help:
 	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
 	@echo "make test   - set up the venv, then lint, type-check and run the whole test suite"
 	@echo "make image-test - build the CPU image and test the running container (needs a Docker daemon)"
 	@echo "make compose-test - run docker-compose.yml + docker-compose.cpu.yml and test the stack (needs Docker)"
+	@echo "make gpu-check - prove the CUDA path on this host's GPU in ~5 min (without one: a dry run on the CPU)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
 	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
 	@echo "make proto  - regenerate the gRPC message classes from service/protocols/v2proto/*.proto"
@@ -83,6 +84,12 @@ image-test: $(VENV)/.stamp-lock
 # override tests/deploy/compose/offline.yml. `make test` runs it too when a Docker daemon answers.
 compose-test: $(VENV)/.stamp-lock
 	$(BIN)/pytest -m compose tests/deploy
+
+# On a GPU host: the CUDA tests, the GPU image started with REQUIRE_GPU=true on a read-only root, CUDA
+# against CPU logits on real photos, img/s and GPU utilisation at 32 clients, one summary line. Without
+# a GPU (or GPU_CHECK_DRY=1) the same steps run dry on the CPU, without Docker. See docs/gpu.md.
+gpu-check: $(VENV)/.stamp-lock model
+	$(BIN)/python -m benchmarks.gpucheck
 
 bench: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks

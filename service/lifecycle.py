@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from modelcontract import MODEL_FILENAME, complete_versions
 from service.errors import StartupError
 from service.metrics import forget_dead_workers, forget_worker
+from service.models.gpu import GpuOptions
 from service.models.repository import ModelLocation, list_models
 from service.models.runtime import check_gpu, load_model
 from service.protocols.v2grpc import GrpcApi
@@ -84,7 +85,9 @@ async def control(state: ServiceState, names: list[str]) -> None:
 def probe_gpu(settings: Settings, name: str) -> None:
     """With REQUIRE_GPU, open one model's session now and refuse to start if it is not on a GPU."""
     location = ModelLocation(name, complete_versions(settings.model_repository / name)[-1])
-    model = load_model(location.path(settings.model_repository), settings.providers)
+    model = load_model(
+        location.path(settings.model_repository), settings.providers, gpu=GpuOptions.from_settings(settings)
+    )
     try:
         check_gpu(model, require_gpu=True)
     except StartupError as exc:

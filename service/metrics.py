@@ -187,6 +187,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.gpu_fallbacks = Counter(
+            "convserve_gpu_fallbacks_total",
+            "Model versions whose session left the GPU while serving (ONNX Runtime's reason is logged); "
+            "with REQUIRE_GPU the version then refuses every batch and /healthz fails.",
+            ["model"],
+            registry=registry,
+        )
         self.model_load_duration = Histogram(
             "convserve_model_load_duration_seconds",
             "Time to load one model version: session creation plus warmup.",

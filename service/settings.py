@@ -113,7 +113,11 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [CUDA_PROVIDER, CPU_PROVIDER])
     """ONNX Runtime execution providers in order of preference, comma-separated (`cuda,cpu`)."""
     require_gpu: bool = False
-    """Refuse to start unless a GPU provider (CUDA or TensorRT) is the one actually active (true/false)."""
+    """Refuse to start unless a GPU provider (CUDA or TensorRT) is the one actually active, and stop
+    serving (with /healthz failing) if it fails later (true/false)."""
+    gpu_device_id: int = Field(default=0, ge=0)
+    """The GPU this process serves from, a CUDA device index as the process sees it (inside a container,
+    the reserved GPUs are numbered from 0). Several GPUs: one process per GPU, see docs/gpu.md."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest accepted request body, in bytes; larger bodies get 413."""
     max_body_bytes_in_flight: int = Field(default=256 * 1024 * 1024, ge=1024)
@@ -349,11 +353,11 @@ class Settings(BaseSettings):
         return getattr(self, f"{role}_token") is not None or getattr(self, f"{role}_token_file") is not None
 
     @property
-    def max_queue_delay_s(self) -> float:
-        """`max_queue_delay_ms` in seconds."""
-        return self.max_queue_delay_ms / 1000.0
-    @property
     def memory_budget_bytes(self) -> int | None:
         """`memory_budget_mb` in bytes (None = no budget)."""
         return None if self.memory_budget_mb is None else self.memory_budget_mb * 1024 * 1024
 
+    @property
+    def max_queue_delay_s(self) -> float:
+        """`max_queue_delay_ms` in seconds."""
+        return self.max_queue_delay_ms / 1000.0

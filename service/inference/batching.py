@@ -12,12 +12,17 @@ decoded, being decoded, or waiting here — and never the batch being computed. 
 deadline passes before any of its rows were taken is dropped before compute (504), and a failed
 batch fails every request in it (500) while the next batch runs normally.
 
+Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape), a batch is padded
+with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
+padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
+
 This module knows nothing about HTTP or ONNX Runtime: it calls `infer(batch) -> outputs`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import time
@@ -102,6 +107,16 @@ class Reservation:
             self._batcher._unreserve(self.size)
 
 
+def _pad(batch: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """`batch` with zero rows appended up to the smallest of `sizes` that holds it."""
+    size = sizes[bisect.bisect_left(sizes, len(batch))]
+    if size == len(batch):
+        return batch
+    padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
+    padded[: len(batch)] = batch
+    return padded
+
+
 def _fail(request: _Request, error: ServiceError) -> None:
     if not request.future.done():
         request.future.set_exception(error)
@@ -120,12 +135,23 @@ class DynamicBatcher:
         max_queue_size: int,
         instances: int = 1,
         metrics: ModelMetrics | None = None,
+        batch_sizes: tuple[int, ...] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0 or instances < 1:
             raise ValueError(
                 f"need max_batch_size >= 1, max_queue_size >= max_batch_size, a delay >= 0 and "
                 f"instances >= 1; got {max_batch_size}, {max_queue_size}, {max_queue_delay_s}, {instances}"
             )
+        if batch_sizes is not None and (
+            list(batch_sizes) != sorted(set(batch_sizes))
+            or batch_sizes[0] < 1
+            or batch_sizes[-1] != max_batch_size
+        ):
+            raise ValueError(
+                f"batch_sizes must be increasing positive sizes ending at max_batch_size ({max_batch_size}); "
+                f"got {batch_sizes}"
+            )
+        self._batch_sizes = batch_sizes
         self._infer = infer
         self._max_batch = max_batch_size
         self._max_delay = max_queue_delay_s
@@ -347,7 +373,10 @@ class DynamicBatcher:
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
         start = time.perf_counter()
-        outputs = self._infer(batch)
+        if self._batch_sizes is None:
+            outputs = self._infer(batch)
+        else:
+            outputs = self._infer(_pad(batch, self._batch_sizes))[: len(batch)]
         self._last_batch_s = time.perf_counter() - start
         if self._metrics is not None:
             self._metrics.inference_duration.observe(self._last_batch_s)

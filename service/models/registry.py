@@ -43,6 +43,7 @@ from service.errors import (
 )
 from service.inference.predictor import Predictor
 from service.metrics import Metrics
+from service.models.gpu import GpuOptions
 from service.models.memory import MIB, Key, MemoryBudget, measured
 from service.models.repository import ModelLocation, check_model_name
 from service.models.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
@@ -463,6 +464,7 @@ class ModelRegistry:
         path = location.path(self._settings.model_repository)
         self._set_status(key, VersionState.LOADING)
         started = time.perf_counter()
+        fallbacks = self._metrics.gpu_fallbacks.labels(model=name)  # a session that leaves its GPU
         try:
             # The session's own memory (weights, graph, kernels' packed weights); the warmup grows the
             # arena every session shares, which belongs to the process, not to this version.
@@ -473,6 +475,7 @@ class ModelRegistry:
                     path,
                     self._settings.providers,
                     self._settings.intra_op_threads,
+                    GpuOptions.from_settings(self._settings, lambda _reason: fallbacks.inc()),
                 ),
                 path,
             )
@@ -501,6 +504,7 @@ class ModelRegistry:
             self._metrics.for_model(name, version),
             self._decode_executor,
             max_batch_size=model.batch_limit(self._settings.max_batch_size),
+            batch_sizes=model.batch_sizes(self._settings.max_batch_size),
         )
         loaded = LoadedModel(location, model, predictor, time.perf_counter() - started, warmup, cost)
         self._served = {**self._served, name: {**self._served.get(name, {}), version: loaded}}

@@ -1,10 +1,12 @@
 """ONNX Runtime: one inference session for one model, GPU first and CPU as the fallback.
 
 This module knows nothing about batching or HTTP: it loads a file, says which execution provider is
-really active (ORT falls back silently, so `service.models.providers` probes a GPU provider first and
-the session is asked), and runs float32 NCHW batches. A graph whose batch axis is a fixed number
-(an imported model exported for batch 1, say) is served too: it says the largest batch it takes
-(`batch_limit`) and pads a smaller batch to its size.
+really active (ORT falls back silently, so `service.models.providers` probes a GPU provider first,
+with one real inference, and the session is asked), and runs float32 NCHW batches. A graph whose
+batch axis is a fixed number (an imported model exported for batch 1, say) is served too: it says the
+largest batch it takes (`batch_limit`) and pads a smaller batch to its size. On a GPU it also says
+which batch sizes to form (`batch_sizes`, see `service.models.gpu`), and it notices a session that
+leaves the GPU while serving instead of letting ORT switch it to the CPU unseen.
 """
 
 from __future__ import annotations
@@ -16,27 +18,29 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from modelcontract import MetadataError, ModelMetadata
 from service.errors import StartupError
+from service.models.gpu import GpuOptions, gpu_batch_sizes, refusal
 from service.models.providers import probe_providers
 from service.priority import yield_to_the_event_loop
-from service.settings import CUDA_PROVIDER, GPU_PROVIDERS
+from service.settings import CPU_PROVIDER, CUDA_PROVIDER, GPU_PROVIDERS
 
 logger = logging.getLogger(__name__)
 
 
-def provider_options(name: str) -> dict[str, Any]:
+def provider_options(name: str, device_id: int = 0) -> dict[str, Any]:
     """Options for one execution provider, chosen so the first requests do not stall."""
     if name == CUDA_PROVIDER:
         return {
-            "device_id": 0,
+            "device_id": device_id,
             # The default EXHAUSTIVE search benchmarks every cuDNN algorithm on each new input shape:
             # hundreds of ms for the first request of each batch size. HEURISTIC picks one at once.
             "cudnn_conv_algo_search": "HEURISTIC",
@@ -100,6 +104,12 @@ class OnnxModel:
     """Why the first requested provider is not active (ORT's own words), or None if it is."""
     fixed_batch_size: int | None = None
     """The batch size the graph's input is fixed to, or None when its batch axis is symbolic."""
+    gpu: GpuOptions = field(default_factory=GpuOptions)
+    gpu_lost: str | None = None
+    """Why this model refuses every batch (its GPU failed while serving, under REQUIRE_GPU), or None."""
+    left_gpu: str | None = None
+    """ONNX Runtime's reason when the session failed on the GPU while serving, or None."""
+    _fallback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def active_provider(self) -> str:
@@ -113,6 +123,16 @@ class OnnxModel:
         """The largest batch to form for this model: `max_batch_size`, or less if the graph's is fixed."""
         return min(max_batch_size, self.fixed_batch_size or max_batch_size)
 
+    def batch_sizes(self, max_batch_size: int) -> tuple[int, ...] | None:
+        """The only batch sizes to form for this model, or None for any size up to the limit.
+
+        On a GPU: `gpu_batch_sizes`, so every shape run was warmed. A fixed batch axis runs one shape
+        whatever the batch (`run` pads), and a CPU does not care, so neither restricts the sizes.
+        """
+        if not self.on_gpu or self.fixed_batch_size is not None:
+            return None
+        return gpu_batch_sizes(self.batch_limit(max_batch_size))
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop."""
         rows = len(batch)
@@ -124,8 +144,39 @@ class OnnxModel:
             padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
             padded[:rows] = batch
             batch = padded
-        (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
+        if self.gpu_lost is not None:
+            raise RuntimeError(self.gpu_lost)
+        try:
+            (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
+        except EPFail as exc:  # only a GPU session raises it: ORT's own fallback is off (load_model)
+            self.leave_gpu(f"{type(exc).__name__}: {exc}")
+            (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
         return np.asarray(outputs)[:rows]
+
+    def leave_gpu(self, reason: str) -> None:
+        """The GPU failed while serving: log and count it, then refuse (REQUIRE_GPU) or carry on on the CPU.
+
+        ORT would retry a failed run on the CPU by itself and print why to stdout, where no log
+        shipper sees it; its fallback is turned off so the decision, and the reason, are made here.
+        Raises RuntimeError under REQUIRE_GPU, for this batch and every later one.
+        """
+        with self._fallback_lock:  # several instances may fail at once: one switch, one log line
+            if self.gpu_lost is None and self.left_gpu is None:
+                previous = self.active_provider
+                logger.error("%s left %s while serving: %s", self.path, previous, reason)
+                self.left_gpu = reason
+                if self.gpu.on_fallback is not None:
+                    self.gpu.on_fallback(reason)
+                if self.gpu.require:
+                    self.gpu_lost = refusal(
+                        f"{previous} failed while serving; this model refuses the CPU", reason
+                    )
+                else:
+                    self.session.set_providers([CPU_PROVIDER])
+                    self.provider_failure = reason
+                    logger.warning("%s now runs on %s", self.path, self.active_provider)
+        if self.gpu_lost is not None:
+            raise RuntimeError(self.gpu_lost)
 
     def warmup(self, batch_sizes: Iterable[int], cancel: threading.Event | None = None) -> float:
         """Run each batch size once so allocations and kernel choices happen before traffic; seconds.
@@ -145,8 +196,7 @@ def check_gpu(model: OnnxModel, require_gpu: bool) -> None:
     """Refuse to serve on CPU when a GPU was required, quoting why ONNX Runtime fell back."""
     if require_gpu and not model.on_gpu:
         raise StartupError(
-            f"CONVSERVE_REQUIRE_GPU=true but ONNX Runtime is running on {model.active_provider}; "
-            f"ONNX Runtime said: {model.provider_failure}"
+            refusal(f"ONNX Runtime is running on {model.active_provider}", model.provider_failure)
         )
 
 
@@ -154,19 +204,18 @@ def warmup_sizes(model: OnnxModel, max_batch_size: int) -> tuple[int, ...]:
     """The batch sizes worth running before traffic on the active provider.
 
     On a GPU the CUDA provider picks kernels (cuDNN algorithms) per input shape, so every size the
-    batcher can form is run once. On the CPU nothing depends on the batch size beyond the memory
-    arena, so the smallest and the largest batch are enough: the largest grows the arena to its
-    peak once, the smallest covers the single-image path. Measured on EfficientNet-Lite0 here
-    (2 cores): sizes 1 and 32 warm in 1.4 s against 17.8 s for 1..32, and a batch size that was not
-    warmed (7) runs no slower the first time than the second. A graph with a fixed batch runs one
-    shape whatever the batch (`OnnxModel.run` pads), so one size warms it.
+    batcher can form is run once: `OnnxModel.batch_sizes`, O(log max) of them. On the CPU nothing
+    depends on the batch size beyond the memory arena, so the smallest and the largest batch are
+    enough: the largest grows the arena to its peak once, the smallest covers the single-image path.
+    Measured on EfficientNet-Lite0 here (2 cores): sizes 1 and 32 warm in 1.4 s against 17.8 s for
+    1..32, and a batch size that was not warmed (7) runs no slower the first time than the second. A
+    graph with a fixed batch runs one shape whatever the batch (`OnnxModel.run` pads), so one size
+    warms it.
     """
     largest = model.batch_limit(max_batch_size)
     if model.fixed_batch_size is not None:
         return (largest,)
-    if model.on_gpu:
-        return tuple(range(1, largest + 1))
-    return tuple(sorted({1, largest}))
+    return model.batch_sizes(max_batch_size) or tuple(sorted({1, largest}))
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
@@ -193,16 +242,19 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
+def load_model(
+    path: Path, providers: list[str], intra_op_threads: int = 0, gpu: GpuOptions | None = None
+) -> OnnxModel:
     """Create the session (preferring `providers` in order), check the graph against the metadata.
 
-    A GPU provider the probe could not create is left out of the request, so ORT does not log the
-    same failure again at every load; `provider_failure` keeps the probe's reason for REQUIRE_GPU.
+    A GPU provider the probe could not create or run is left out of the request, so ORT does not log
+    the same failure again at every load; `provider_failure` keeps the probe's reason for REQUIRE_GPU.
     Call it from a worker thread: that thread, and the session's own threads, run at compute priority.
     """
     yield_to_the_event_loop()
+    gpu = gpu or GpuOptions()
     options = session_options(intra_op_threads)
-    requested = [(name, provider_options(name)) for name in providers]
+    requested = [(name, provider_options(name, gpu.device_id)) for name in providers]
     probe = probe_providers(path, requested)
     usable = [(name, opts) for name, opts in requested if name in probe.active] or requested[-1:]
     try:
@@ -222,7 +274,9 @@ def load_model(path: Path, providers: list[str], intra_op_threads: int = 0) -> O
             "on stderr says why"
         )
         logger.warning("%s runs on %s instead of %s: %s", path, active, providers[0], failure)
-    return OnnxModel(session, metadata, path, input_name, output_name, failure, fixed_batch_size)
+    if active in GPU_PROVIDERS:
+        session.disable_fallback()  # a provider failure while serving reaches OnnxModel.run
+    return OnnxModel(session, metadata, path, input_name, output_name, failure, fixed_batch_size, gpu)
 
 
 def _check_signature(

@@ -61,9 +61,10 @@ def test_schema_validation_rejects_a_misspelled_service_key(compose: dict[str, A
         validate_against_compose_spec(broken, tmp_path, "broken")
 
 
-def test_service_reserves_all_nvidia_gpus(compose: dict[str, Any]) -> None:
+def test_service_reserves_one_nvidia_gpu_which_it_serves_as_device_0(compose: dict[str, Any]) -> None:
     devices = compose["services"]["service"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "device_ids": ["${GPU_DEVICE:-0}"], "capabilities": ["gpu"]}]
+    assert compose["services"]["service"]["environment"]["CONVSERVE_GPU_DEVICE_ID"] == "0"
 
 
 def test_service_is_built_from_the_repository_dockerfile_and_publishes_port_8000(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httptools
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail
 from prometheus_client import multiprocess
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -152,3 +153,9 @@ def test_prometheus_live_gauge_files_carry_the_pid_metrics_reads_and_mark_proces
     assert not live & {path.name for path in tmp_path.iterdir()}, (
         "prometheus_client.multiprocess.mark_process_dead no longer removes a worker's live gauge files"
     )
+
+
+def test_onnxruntime_still_names_a_provider_failure_during_a_run_as_runtime_catches_it() -> None:
+    # service/models/runtime.py catches EPFail from a GPU session's run (its own fallback is disabled)
+    # to log, count and decide; were the class gone, the runtime module would not even import.
+    assert issubclass(EPFail, Exception) and EPFail is not Fail

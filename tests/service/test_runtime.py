@@ -1,9 +1,11 @@
-"""ONNX Runtime loading: active provider, metadata checks, and REQUIRE_GPU with ORT's own reason."""
+"""ONNX Runtime loading: active provider, metadata checks, and REQUIRE_GPU with ORT's own reason, read
+from its native log and its wrapper's stdout in the provider probe, whose test inference really runs."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ import pytest
 
 from modelcontract import METADATA_KEY, MODEL_FILENAME
 from service.errors import StartupError
+from service.models.gpu import GpuOptions
 from service.models.providers import failure_reason, run_probe
 from service.models.runtime import OnnxModel, check_gpu, load_model, provider_options
+from service.settings import Settings
 from tests.tinymodel import TINY_LABELS
 
 
@@ -132,3 +136,61 @@ def test_file_that_is_not_onnx_refuses_to_load(tmp_path: Path) -> None:
     path.write_bytes(b"definitely not a protobuf")
     with pytest.raises(StartupError, match="ONNX Runtime cannot load"):
         load_model(path, ["CPUExecutionProvider"])
+
+
+def test_provider_that_raised_while_created_is_explained_from_orts_stdout(tiny_model_path: Path) -> None:
+    """ORT's Python wrapper prints an "EP Error" to stdout when creating a provider raised, then
+    retries on the CPU: here the CUDA entry's options are not a dict, which it refuses before loading
+    any CUDA library, so this path runs with or without a GPU."""
+    requested = json.dumps([["CUDAExecutionProvider", "not-a-dict"], ["CPUExecutionProvider", {}]])
+    probe = run_probe(tiny_model_path, requested)
+    assert probe.active == ("CPUExecutionProvider",) and probe.conclusive
+    assert probe.failure is not None
+    assert "'providers' values must be either strings or (string, dict) tuples" in probe.failure
+
+
+def test_reason_includes_the_wrappers_stdout_lines() -> None:
+    stdout = (
+        "*************** EP Error ***************\n"
+        "EP Error CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version "
+        "when using ['CUDAExecutionProvider', 'CPUExecutionProvider']\n"
+        "Falling back to ['CPUExecutionProvider'] and retrying.\n"
+        "****************************************\n"
+    )
+    assert failure_reason(stdout) == (
+        "CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version when using "
+        "['CUDAExecutionProvider', 'CPUExecutionProvider']"
+    )
+
+
+def failing_graph(path: Path) -> Path:
+    """A graph that loads on any provider but fails when run: it reshapes 3x32x32 values to 7."""
+    image = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 3, 32, 32])
+    out = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [1], [7])
+    node = onnx.helper.make_node("Reshape", ["image", "shape"], ["logits"])
+    graph = onnx.helper.make_graph([node], "fails-when-run", [image], [out], initializer=[shape])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_probe_runs_one_image_and_a_failed_run_is_not_the_gpus_verdict(tmp_path: Path) -> None:
+    """The probe's test inference really runs: a graph that fails when run is reported with ORT's
+    error, and, since it failed on the CPU too, it says nothing about the GPU (not cached)."""
+    probe = run_probe(failing_graph(tmp_path / MODEL_FILENAME), _cuda_request())
+    assert not probe.conclusive
+    assert probe.failure is not None and "a test inference failed on CPUExecutionProvider" in probe.failure
+    assert "Reshape" in probe.failure or "reshape" in probe.failure
+
+
+def test_gpu_device_id_setting_reaches_onnx_runtime(
+    tiny_model_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """CONVSERVE_GPU_DEVICE_ID is passed to ORT's CUDA provider: without a GPU, ORT names it in its reason."""
+    settings = make_settings(providers=["cuda", "cpu"], gpu_device_id=5)
+    model = load_model(tiny_model_path, settings.providers, gpu=GpuOptions.from_settings(settings))
+    if model.on_gpu:
+        pytest.skip("a GPU is active here; ONNX Runtime logs no provider failure")
+    assert model.provider_failure is not None and "device_id=5" in model.provider_failure

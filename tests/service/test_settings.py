@@ -61,8 +61,9 @@ ISSUE_VARIABLES = [
     "GRPC_MAX_MESSAGE_BYTES",
     "LOG_LEVEL",
     "LOG_FORMAT",
-    # many models per box
+    # many models per box; the CUDA device
     "MEMORY_BUDGET_MB",
+    "GPU_DEVICE_ID",
 ]
 
 

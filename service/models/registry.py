@@ -108,8 +108,8 @@ class ModelRegistry:
         self._policy = settings.policy
         self._served: dict[str, dict[int, LoadedModel]] = {}
         self._waiting: dict[str, frozenset[int]] = {}
-        """Versions requests load on demand (LOADABLE, EVICTED, or LOADING for requests), by model: kept
-        with `_status` by `_set_status`."""
+        """Versions requests load on demand (LOADABLE, EVICTED, or on their way from or to one), by
+        model: kept with `_status` by `_set_status`."""
         self._status: dict[Key, VersionStatus] = {}
         self._failed: dict[Key, tuple[float, int]] = {}
         """File signature (mtime, size) of versions that failed to load: retried when it changes."""
@@ -447,13 +447,22 @@ class ModelRegistry:
         )
 
     def _set_status(
-        self, key: Key, state: VersionState, reason: str = "", provider: str = "", export: bool = True
+        self,
+        key: Key,
+        state: VersionState,
+        reason: str = "",
+        *,
+        provider: str = "",
+        export: bool = True,
+        on_demand: bool = False,
     ) -> None:
-        """The one place a version's state changes: the index, the on-demand set and the metric follow."""
+        """The one place a version's state changes: the index, the on-demand set and the metric follow.
+
+        Requests reach a version to load on demand (LOADABLE, EVICTED) and, with `on_demand`, one in
+        between (being loaded from there, or being evicted): they wait for it to load."""
         name, version = key
         self._status[key] = VersionStatus(name, version, state, reason)
-        # Requests reach a version to load on demand, and one an on-demand load is loading right now.
-        reachable = state in ON_DEMAND or (state == VersionState.LOADING and key in self._pending)
+        reachable = on_demand or state in ON_DEMAND
         waiting = self._waiting.get(name, frozenset())
         self._waiting[name] = waiting | {version} if reachable else waiting - {version}
         if export and state != VersionState.LOADING:  # a version's series appears once it is loaded
@@ -462,7 +471,8 @@ class ModelRegistry:
     async def _load(self, location: ModelLocation, warm: bool = True) -> None:
         name, version = key = (location.name, location.version)
         path = location.path(self._settings.model_repository)
-        self._set_status(key, VersionState.LOADING)
+        # Requests that could load it on demand keep reaching it: they wait for this load.
+        self._set_status(key, VersionState.LOADING, on_demand=version in self._waiting.get(name, frozenset()))
         started = time.perf_counter()
         fallbacks = self._metrics.gpu_fallbacks.labels(model=name)  # a session that leaves its GPU
         try:
@@ -548,7 +558,11 @@ class ModelRegistry:
         remaining = {v: m for v, m in self._served[name].items() if v != version}
         self._served = {**self._served, name: remaining}  # new requests no longer reach it
         provider = loaded.model.active_provider
-        self._set_status(key, VersionState.UNLOADING, reason, provider)
+        # A request for a version being evicted waits to load it again (its lease cannot delay this
+        # unload: victims are idle, and the check below runs before anything awaits).
+        self._set_status(
+            key, VersionState.UNLOADING, reason, provider=provider, on_demand=final == VersionState.EVICTED
+        )
         drain_s = self._settings.request_timeout_s + self._settings.body_timeout_s
         if key in self._leases:
             released = self._released[key] = asyncio.Event()

@@ -34,7 +34,17 @@ log = logging.getLogger("benchmarks")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path("benchmarks/results/latest.json")
-ALL_SERVERS = ("ceiling", "service", "unbatched", "instances", "protocols", "memory", "naive", "int8")
+ALL_SERVERS = (
+    "ceiling",
+    "service",
+    "unbatched",
+    "instances",
+    "protocols",
+    "memory",
+    "budget",
+    "naive",
+    "int8",
+)
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -62,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} to measure; instances = the service "
         "with one single-threaded batch per core; protocols = the service answering /predict, V2 REST "
         "and V2 gRPC (JPEG bytes and FP32 tensors) at concurrency 1 and 32; memory = its RSS serving 1, "
-        "8 and 32 copies of the model; int8 = the service serving "
+        "8 and 32 copies of the model; budget = 50 copies under CONVSERVE_MEMORY_BUDGET_MB (2048 and "
+        "384 MiB) with a Zipf mix of 32 clients; int8 = the service serving "
         "an INT8 variant (quantized from a temporary copy of the model) and its in-process rows "
         "(default: all)",
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.docblock import block_between, replace_block
+from benchmarks.performance.model_budget import budget_table
 from benchmarks.performance.model_memory import memory_table
 from benchmarks.performance.protocols import protocol_table
 from benchmarks.performance.targets import HEADLINE_CONCURRENCY, find_level
@@ -201,6 +202,7 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
             *memory_lines,
             "",
         ]
+    lines += _budget_lines(results.get("model_budget"))
     rate_lines = _rate_table(results)
     if rate_lines:
         lines += [
@@ -220,6 +222,33 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
         lines += [f"![throughput and latency]({plot})", ""]
     lines.append(f"Full results: `{results['output']}`.")
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(budget: Mapping[str, Any] | None) -> list[str]:
+    table = budget_table(budget)
+    if not budget or not table:
+        return []
+    return [
+        f"Many models under a memory budget: {budget['models']} copies of the model in one process "
+        f"(default settings plus `CONVSERVE_MEMORY_BUDGET_MB`, one start per budget), "
+        f"{budget['concurrency']} clients, each request to a model drawn from Zipf "
+        f"(s = {budget['zipf_exponent']}) over the copies, {budget['budgets'][0].get('window_s', '–')} s "
+        "measured after a warm-up; *waited* = the request waited for its model to load on demand "
+        "(`Server-Timing: load`), *load wait* = how long it waited, as the service reports it "
+        "(how to read it: [Many models per process](#many-models-per-process))"
+        + _measured_apart(budget)
+        + ":",
+        "",
+        *table,
+        "",
+    ]
+
+
+def _measured_apart(budget: Mapping[str, Any]) -> str:
+    """Where the scenario was run on its own and merged into the results: when, and with what command."""
+    if not budget.get("command"):
+        return ""
+    return f"; measured {str(budget.get('created', '?'))[:10]} in a run of its own, `{budget['command']}`"
 
 
 def _figures_table(results: Mapping[str, Any]) -> list[str]:

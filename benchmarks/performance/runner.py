@@ -1,6 +1,6 @@
 """One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, one
 batch per core (`instances`), the naive server and the service serving INT8, in that order; then
-the results.
+the service serving copies of the model (`memory`, `budget`); then the results.
 
 Servers run one at a time so they never compete with each other for the two cores; the load
 generator runs in this process throughout, so every server pays the same client overhead. The
@@ -29,7 +29,7 @@ from benchmarks.common.processes import (
     ServerStartError,
     rss_mb,
 )
-from benchmarks.performance import model_memory
+from benchmarks.performance import model_budget, model_memory
 from benchmarks.performance.in_process import in_worker_thread, run_in_process
 from benchmarks.performance.int8 import (
     Int8Unavailable,
@@ -147,6 +147,12 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
             if "memory" in config.servers
             else None
         )
+        # Then one start per memory budget, serving many copies under a skewed mix of requests.
+        budget = (
+            model_budget.measure(config, model, photos, plan.budget, log_dir)
+            if "budget" in config.servers
+            else None
+        )
     finally:
         shutil.rmtree(int8_repository, ignore_errors=True)
     if int8 is not None:
@@ -187,6 +193,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
             },
             "int8": int8,
             "model_memory": memory,
+            "model_budget": budget,
             "corpus": describe_corpus(photos),
             "servers": {bench.server_name: bench.description for bench in benches},
             "profile": profile,

@@ -274,3 +274,29 @@ def test_an_explicit_load_makes_room_and_an_unload_frees_it(repository: Path) ->
         assert round(accounted_mib(live)) == BALLAST_MB  # m3 alone
         # An unloaded model is not loaded again on demand: explicit control decides.
         assert predict(live, "m0").status_code == 503
+
+
+def test_versions_of_one_model_are_budgeted_and_loaded_on_demand_each_on_its_own(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    ballast_model(root, "pets", BALLAST_MB, seed=1)
+    second = root / "pets" / "2"
+    second.mkdir()
+    (second / "model.onnx").write_bytes(
+        ballast_model(tmp_path / "other", "pets", BALLAST_MB, seed=2).read_bytes()
+    )
+    ballast_model(root, "zoo", BALLAST_MB, seed=3)
+    settings = tiny_settings(root, memory_budget_mb=BUDGET_MB, version_policy="all", instances=2)
+    with live_server(settings) as live:
+        assert readyz(live)["models"] == {"pets": [1, 2]} and readyz(live)["loadable"] == {"zoo": [1]}
+        assert predict(live, "zoo").status_code == 200  # evicts pets 1, the least recently used
+        assert readyz(live)["models"] == {"pets": [2], "zoo": [1]}
+        response = httpx.post(
+            f"{live.url}/predict",
+            params={"model": "pets", "version": 1},
+            content=npy_batch(),
+            headers={"content-type": "application/x-npy"},
+            timeout=60,
+        )
+        assert response.status_code == 200 and response.json()["model"] == {"name": "pets", "version": 1}
+        assert "server-timing" in response.headers
+        assert accounted_mib(live) <= BUDGET_MB

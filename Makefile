@@ -13,7 +13,7 @@ RUNTIME_BASE ?= ubuntu:24.04
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export BUILD_BASE RUNTIME_BASE TORCH_INDEX_URL
 
-.PHONY: help serve test lint typecheck pytest image-test compose-test gpu-check bench bench-quick model tools lock docs proto clean
+.PHONY: help serve test lint typecheck pytest image-test compose-test gpu-check bench bench-quick peers model tools lock docs proto clean
 
 help:
 	@echo "make serve  - set up the venv, build the default ImageNet model if $(MODEL_REPOSITORY)/ is empty, start the service"
@@ -22,6 +22,7 @@ help:
 	@echo "make compose-test - run docker-compose.yml + docker-compose.cpu.yml and test the stack (needs Docker)"
 	@echo "make gpu-check - prove the CUDA path on this host's GPU in ~5 min (without one: a dry run on the CPU)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
+	@echo "make peers  - build .venv/peers/bentoml, the BentoML peer's own venv (make bench does it)"
 	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
 	@echo "make proto  - regenerate the gRPC message classes from service/protocols/v2proto/*.proto"
 	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
@@ -91,10 +92,15 @@ compose-test: $(VENV)/.stamp-lock
 gpu-check: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks.gpucheck
 
-bench: $(VENV)/.stamp-lock model
+# The BentoML peer's own venv (.venv/peers/bentoml, from benchmarks/peers/bentoml-requirements.txt):
+# BentoML's pins would fight the project's lock. The module rebuilds it only when the pins changed.
+peers: $(VENV)/.stamp-lock
+	$(BIN)/python -m benchmarks.peers.peer_venv
+
+bench: $(VENV)/.stamp-lock model peers
 	$(BIN)/python -m benchmarks
 
-bench-quick: $(VENV)/.stamp-lock model
+bench-quick: $(VENV)/.stamp-lock model peers
 	$(BIN)/python -m benchmarks --quick
 
 # Hostile files and clients, 2x overload, slow clients and SIGTERM under load against a real server (~5 min).

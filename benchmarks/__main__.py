@@ -43,6 +43,7 @@ ALL_SERVERS = (
     "memory",
     "budget",
     "naive",
+    "bento",
     "int8",
 )
 
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "with one single-threaded batch per core; protocols = the service answering /predict, V2 REST "
         "and V2 gRPC (JPEG bytes and FP32 tensors) at concurrency 1 and 32; memory = its RSS serving 1, "
         "8 and 32 copies of the model; budget = 50 copies under CONVSERVE_MEMORY_BUDGET_MB (2048 and "
-        "384 MiB) with a Zipf mix of 32 clients; int8 = the service serving "
+        "384 MiB) with a Zipf mix of 32 clients; bento = a BentoML service with adaptive batching "
+        "serving the same ONNX file (its venv .venv/peers/bentoml is built first if missing: `make "
+        "peers`); int8 = the service serving "
         "an INT8 variant (quantized from a temporary copy of the model) and its in-process rows "
         "(default: all)",
     )

@@ -2,8 +2,9 @@
 
 The durations are chosen so `--quick` stays under 7 minutes and the full run under 25 on a 2-core
 machine (both include ~1 minute of INT8 quantization), with the expected throughputs of the default
-model (~50–100 img/s for the service, ~20 for the naive server). Every phase is also bounded in
-requests, so a fast machine does not run longer.
+model (~50–100 img/s for the service, ~20 for the naive server; the BentoML peer adds ~1 minute,
+more the first time its venv is built). Every phase is also bounded in requests, so a fast machine
+does not run longer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class BenchPlan:
     service_levels: Window
     """Timing of the service's concurrency levels (the headline figures)."""
     baseline_levels: Window
-    """Timing of the batching-off and naive servers' concurrency levels."""
+    """Timing of the concurrency levels of the other servers (batching off, the naive and BentoML peers)."""
     rate_fractions: tuple[float, ...]
     """Open-loop offered loads as fractions of the service's measured throughput at concurrency 32."""
     rate_timing: Window

@@ -19,6 +19,7 @@ _COLOURS = {
     "unbatched": "tab:orange",
     "instances": "tab:purple",
     "naive": "tab:red",
+    "bento": "tab:brown",
     "int8": "tab:green",
 }
 

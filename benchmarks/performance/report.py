@@ -8,7 +8,7 @@ The JSON is the source of truth; the Markdown is generated from it alone, so
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,19 @@ PERFORMANCE_DOC = Path("docs/performance.md")
 DOC_START = "<!-- generated: performance -->"
 DOC_END = "<!-- end generated: performance -->"
 
-SERVERS = ("service", "unbatched", "instances", "naive", "int8")
+SERVERS = ("service", "unbatched", "instances", "naive", "bento", "int8")
+"""The servers of the tables and the plot, in order (benchmarks/performance/plot.py has a colour for each)."""
+PEERS = ("bento", "naive")
+"""Servers a user would pick instead of convserve: the headline ratios are the service's against them."""
+PEER_RATIO_LEVELS = (1, HEADLINE_CONCURRENCY)
+"""The lone request and the headline load."""
 SERVER_TITLES = {
     "ceiling": "Ceiling: in-process decode + preprocess + ONNX Runtime, decode overlapped",
     "service": "convserve (dynamic batching)",
     "unbatched": "convserve, batching off (`MAX_BATCH_SIZE=1`)",
     "instances": "convserve, one single-threaded batch per core (`INSTANCES`=cores, `INTRA_OP_THREADS=1`)",
     "naive": "Hand-written FastAPI + PyTorch eager, one forward per request",
+    "bento": "BentoML 1.4 with adaptive batching, same ONNX file and preprocessing",
     "int8": "convserve serving the INT8 variant (dynamic batching)",
 }
 SHORT_TITLES = {
@@ -37,6 +43,7 @@ SHORT_TITLES = {
     "unbatched": "batching off",
     "instances": "batch per core",
     "naive": "naive",
+    "bento": "BentoML",
     "int8": "INT8",
 }
 
@@ -79,6 +86,52 @@ def _summary_table(results: Mapping[str, Any]) -> list[str]:
             f"{_fmt(row.get('mean_batch_size'), 2)} | {_fmt(row.get('server_cpu_percent'), 0)} |"
         )
     return lines
+
+
+def peer_ratios(levels: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """convserve / each peer measured in the run, at concurrency 1 and 32: img/s (above 1 = convserve
+    serves more) and p50, p99 (below 1 = convserve answers sooner). Keyed `service/bento@c32`."""
+    ratios: dict[str, dict[str, float | None]] = {}
+    for peer in PEERS:
+        for concurrency in PEER_RATIO_LEVELS:
+            ours = find_level(levels, "service", "concurrency", concurrency)
+            theirs = find_level(levels, peer, "concurrency", concurrency)
+            if ours is None or theirs is None:
+                continue
+            ratios[f"service/{peer}@c{concurrency}"] = {
+                key: _ratio(ours.get(key), theirs.get(key)) for key in ("img_per_s", "p50_ms", "p99_ms")
+            }
+    return ratios
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(float(numerator) / float(denominator), 3)
+
+
+def _peer_table(results: Mapping[str, Any]) -> list[str]:
+    """The headline: convserve against the servers a user would pick instead, same run, same photos.
+
+    Only for runs that measured the BentoML peer, the reference of the headline: results from before it
+    existed render as they always did."""
+    ratios = peer_ratios(results["levels"])
+    if not any(key.startswith("service/bento@") for key in ratios):
+        return []
+    lines = [
+        "convserve against the servers a user would pick instead (same run, same photos; img/s above "
+        "1 and latency below 1 favour convserve):",
+        "",
+        "| convserve / | concurrency | img/s | p50 | p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for key, ratio in ratios.items():
+        peer, concurrency = key.removeprefix("service/").split("@c")
+        lines.append(
+            f"| {SHORT_TITLES[peer]} | {concurrency} | {_fmt(ratio['img_per_s'], 2)} | "
+            f"{_fmt(ratio['p50_ms'], 2)} | {_fmt(ratio['p99_ms'], 2)} |"
+        )
+    return [*lines, ""]
 
 
 def _concurrency_table(results: Mapping[str, Any]) -> list[str]:
@@ -170,6 +223,7 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
         "",
         *_summary_table(results),
         "",
+        *_peer_table(results),
         *_concurrency_table(results),
         "",
         "In process: single image (decode + preprocess + batch-1 run) p50 "

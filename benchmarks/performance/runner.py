@@ -1,6 +1,6 @@
 """One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, one
-batch per core (`instances`), the naive server and the service serving INT8, in that order; then
-the service serving copies of the model (`memory`, `budget`); then the results.
+batch per core (`instances`), the naive server, the BentoML peer and the service serving INT8, in
+that order; then the service serving copies of the model (`memory`, `budget`); then the results.
 
 Servers run one at a time so they never compete with each other for the two cores; the load
 generator runs in this process throughout, so every server pays the same client overhead. The
@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.corpus import Photo, build_corpus, describe_corpus
+from benchmarks.common.loadgen import Window, closed_loop
 from benchmarks.common.machine import describe_machine, other_processes_cpu
 from benchmarks.common.processes import (
     ServerProcess,
     ServerStartError,
     rss_mb,
 )
+from benchmarks.peers import peer_venv
 from benchmarks.performance import model_budget, model_memory
 from benchmarks.performance.in_process import in_worker_thread, run_in_process
 from benchmarks.performance.int8 import (
@@ -38,10 +41,12 @@ from benchmarks.performance.int8 import (
 from benchmarks.performance.plan import BenchPlan
 from benchmarks.performance.profiling import py_spy_path
 from benchmarks.performance.protocols import bench_protocols
+from benchmarks.performance.report import peer_ratios
 from benchmarks.performance.server_bench import ServerBench
 from benchmarks.performance.subjects import (
     RunConfig,
     ServedModel,
+    bento_process,
     int8_model,
     naive_process,
     prepare_int8,
@@ -96,6 +101,42 @@ async def _bench_baseline(
         if rates:
             await bench.rates(rates, plan.rate_timing)
         return bench
+
+
+BENTO_WARMUP_REQUESTS = 16
+"""Sequential requests sent to the BentoML peer before its levels: its dispatcher learns a batch's cost
+from its first ~11 requests, holding two of them for a second or two to do so. That is start-up, like
+the service's own warm-up before it reports ready, so it stays out of the measured levels."""
+
+
+async def _bench_bento(server: ServerProcess, photos: Sequence[Photo], plan: BenchPlan) -> ServerBench:
+    with server:
+        warmup = await closed_loop(
+            f"{server.url}/predict", photos, 1, Window(duration_s=60.0, max_requests=BENTO_WARMUP_REQUESTS)
+        )
+        if warmup.result().errors:
+            log.warning("bento: warm-up errors %s (see %s)", warmup.result().error_kinds, server.log_path)
+        bench = ServerBench("bento", server, photos)
+        await bench.concurrency_levels(plan.concurrency_levels, plan.baseline_levels)
+        return bench
+
+
+def _measure_bento(
+    model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path, not_measured: dict[str, str]
+) -> ServerBench | None:
+    """The BentoML peer's levels, its venv built first if missing; None (and why) when it cannot run."""
+    try:
+        peer_venv.ensure()
+    except (OSError, subprocess.CalledProcessError) as error:
+        not_measured["bento"] = f"could not build its venv ({error}); run `make peers` to see why"
+        log.error("bento: %s", not_measured["bento"])
+        return None
+    try:
+        return asyncio.run(_bench_bento(bento_process(model, log_dir, peer_venv.DEFAULT_VENV), photos, plan))
+    except ServerStartError as error:
+        not_measured["bento"] = f"the BentoML peer did not start: {str(error)[-300:]}"
+        log.error("bento: %s", not_measured["bento"])
+        return None
 
 
 async def _bench_int8(
@@ -176,6 +217,7 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         **cpu_per_image(profile),
         **int8_figures(levels, int8),
         **ceiling_check(levels, in_process),
+        "peer_ratios": peer_ratios(levels),
     }
     results["targets"] = check_targets(results)
     results.update(
@@ -250,6 +292,10 @@ def _measure(
         benches.append(asyncio.run(bench_protocols(config, model, photos, plan.baseline_levels, log_dir)))
     if "naive" in config.servers:
         benches.append(asyncio.run(_bench_baseline("naive", naive_process(model, log_dir), photos, plan, [])))
+    if "bento" in config.servers:
+        bento = _measure_bento(model, photos, plan, log_dir, not_measured)
+        if bento is not None:
+            benches.append(bento)
     if variant is not None:
         try:
             benches.append(

@@ -2,7 +2,8 @@
 
 `RunConfig` is what the command line asked for; `ServedModel` the model version it resolved to;
 the `*_process` functions build the server processes (the service in each configuration the run
-compares, and the naive peer), each on a free loopback port with its log in the run's log folder.
+compares, the naive peer, the BentoML peer), each on a free loopback port with its log in the run's
+log folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common.processes import LOOPBACK, ServerProcess, free_port, python_module_command
-from benchmarks.peers import naive_server
+from benchmarks.peers import naive_server, peer_venv
 from benchmarks.performance.int8 import Int8Variant, given_variant, quantize_copy
 from service.models.repository import ModelLocation, scan
 from training.modelfile import read_metadata
@@ -135,6 +136,21 @@ def naive_process(model: ServedModel, log_dir: Path) -> ServerProcess:
         port=port,
         log_path=log_dir / "naive.log",
         ready_path="/health",
+    )
+
+
+def bento_process(model: ServedModel, log_dir: Path, venv: Path) -> ServerProcess:
+    """The BentoML peer (`benchmarks.peers.bento_service`) from its own venv, serving the same ONNX file."""
+    port = free_port()
+    return ServerProcess(
+        name="bento",
+        command=peer_venv.serve_command(venv, LOOPBACK, port),
+        env=peer_venv.serve_env(model.path, log_dir / "bentoml-home"),
+        port=port,
+        log_path=log_dir / "bento.log",
+        ready_path="/readyz",
+        # `bentoml serve` resolves the service's module path from its working directory.
+        cwd=peer_venv.REPO_ROOT,
     )
 
 

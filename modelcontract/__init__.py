@@ -2,18 +2,27 @@
 
 - `layout`: the repository on disk, `<root>/<name>/<version>/model.onnx`, and how versions are
   numbered and published;
-- `graph`: the ONNX graph's input and output names, and `softmax`, how logits become probabilities;
+- `graph`: the ONNX graph's input and output names, `softmax`, how logits become probabilities, and
+  `class_activation_maps`, how a feature map and the head's weights show where a class was seen;
 - `transform`: the evaluation transform, described (`EvalSpec`) and implemented (`EvalTransform`);
 - `metadata`: `ModelMetadata`, what a model file says about itself, with its JSON form and checks.
 Only numpy and Pillow are needed. The names below are the package's public API.
 """
 
-from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, softmax
+from modelcontract.graph import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    ONNX_OPSET,
+    OUTPUT_NAME,
+    class_activation_maps,
+    softmax,
+)
 from modelcontract.layout import MODEL_FILENAME, complete_versions, publish_version, version_numbers
 from modelcontract.metadata import METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata
 from modelcontract.transform import INTERPOLATIONS, EvalSpec, EvalTransform
 
 __all__ = [
+    "FEATURES_NAME",
     "INPUT_NAME",
     "INTERPOLATIONS",
     "METADATA_KEY",
@@ -25,6 +34,7 @@ __all__ = [
     "EvalTransform",
     "MetadataError",
     "ModelMetadata",
+    "class_activation_maps",
     "complete_versions",
     "publish_version",
     "softmax",

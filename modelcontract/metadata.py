@@ -10,6 +10,10 @@ the field predates it and is version 1) and refuses newer ones, so a layout chan
 time instead of being half-understood. Raise it when a field changes meaning or becomes required, or
 when a new field changes what the model's outputs or inputs mean (an older reader would serve them
 wrongly instead of refusing). Version 2 added `output_kind`; version 1 files are logits models.
+Version 3 added `explain_output` and `explain_weights`: a second graph output, the last feature map,
+and the initializer holding the head's weights, from which class activation maps are made. Files of
+older versions have neither; an older reader would refuse the graph's second output anyway, but with a
+message about the graph instead of one about its version.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from modelcontract.transform import EvalSpec
 
 METADATA_KEY = "convserve"
 """The one `metadata_props` key of an ONNX file that holds the metadata JSON."""
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the metadata layout this code writes and the newest it reads."""
 LOGITS = "logits"
 """`output_kind` of a model whose output rows are unnormalized scores: serving applies softmax."""
@@ -37,6 +41,8 @@ PROBABILITIES = "probabilities"
 OUTPUT_KINDS = (LOGITS, PROBABILITIES)
 _OUTPUT_KIND_SINCE = 2
 """The schema version that introduced `output_kind`: older files hold logits models."""
+_EXPLAIN_OUTPUT_SINCE = 3
+"""The schema version that introduced `explain_output`: older files have no class activation maps."""
 
 # The JSON keys, each written and read only here.
 _SCHEMA_VERSION = "schema_version"
@@ -56,12 +62,14 @@ _INPUT_NAME = "input_name"
 _OUTPUT_NAME = "output_name"
 _OPSET = "opset"
 _OUTPUT_KIND = "output_kind"
+_EXPLAIN_OUTPUT = "explain_output"
+_EXPLAIN_WEIGHTS = "explain_weights"
 _REQUIRED = (_LABELS, _INPUT_SHAPE, _MEAN, _STD, _RESIZE_SIZE, _INTERPOLATION)
 CONTRACT_FIELDS = frozenset(
     {
         _SCHEMA_VERSION, _LABELS, _NUM_CLASSES, _INPUT_SHAPE, _RESIZE_SIZE, _INTERPOLATION, _MEAN, _STD,
         _BACKBONE, _PRECISION, _VAL_ACCURACY, _PARITY, _CREATED, _INPUT_NAME, _OUTPUT_NAME, _OPSET,
-        _OUTPUT_KIND,
+        _OUTPUT_KIND, _EXPLAIN_OUTPUT, _EXPLAIN_WEIGHTS,
     }
 )  # fmt: skip
 """The keys `ModelMetadata` owns; anything else in the JSON is kept in `extra`."""
@@ -94,6 +102,12 @@ class ModelMetadata:
     opset: int = ONNX_OPSET
     output_kind: str = LOGITS
     """What the output rows are: `logits` (softmax gives the scores) or `probabilities` (they are)."""
+    explain_output: str | None = None
+    """Name of the graph output holding the last feature map, float32 [N, C, h, w], or None when the
+    model cannot explain its answers."""
+    explain_weights: str | None = None
+    """Name of the graph initializer holding the head's weights, float32 [num_classes, C]; set exactly
+    when `explain_output` is. Class activation maps are `graph.class_activation_maps` of the two."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON fields (quantization details, weights origin, ...), kept and written back as they are."""
     schema_version: int = SCHEMA_VERSION
@@ -115,9 +129,30 @@ class ModelMetadata:
                 f"{_OUTPUT_KIND!r} {self.output_kind!r} needs schema version {_OUTPUT_KIND_SINCE} or later, "
                 f"got {self.schema_version}"
             )
+        if (self.explain_output is None) != (self.explain_weights is None):
+            raise ValueError(
+                f"{_EXPLAIN_OUTPUT!r} and {_EXPLAIN_WEIGHTS!r} go together: set both or neither, got "
+                f"{self.explain_output!r} and {self.explain_weights!r}"
+            )
+        if self.explain_output is not None:
+            if self.schema_version < _EXPLAIN_OUTPUT_SINCE:
+                raise ValueError(
+                    f"{_EXPLAIN_OUTPUT!r} needs schema version {_EXPLAIN_OUTPUT_SINCE} or later, "
+                    f"got {self.schema_version}"
+                )
+            if self.explain_output in ("", self.output_name, self.input_name):
+                raise ValueError(
+                    f"{_EXPLAIN_OUTPUT!r} must name a graph output other than the input and "
+                    f"{self.output_name!r}, got {self.explain_output!r}"
+                )
         clashes = sorted(CONTRACT_FIELDS & set(self.extra))
         if clashes:
             raise ValueError(f"extra metadata may not override contract fields {clashes}")
+
+    @property
+    def explainable(self) -> bool:
+        """Whether the model carries what class activation maps are made from."""
+        return self.explain_output is not None
 
     @property
     def num_classes(self) -> int:
@@ -177,6 +212,8 @@ class ModelMetadata:
             _OUTPUT_NAME: self.output_name,
             _OPSET: self.opset,
             _OUTPUT_KIND: self.output_kind,
+            _EXPLAIN_OUTPUT: self.explain_output,
+            _EXPLAIN_WEIGHTS: self.explain_weights,
             **self.extra,
         }
 
@@ -254,6 +291,8 @@ def _from_dict(raw: dict[str, Any]) -> ModelMetadata:
         output_name=_string(raw, _OUTPUT_NAME, OUTPUT_NAME),
         opset=_positive_int(raw, _OPSET, ONNX_OPSET),
         output_kind=_string(raw, _OUTPUT_KIND, LOGITS),
+        explain_output=_optional_string(raw, _EXPLAIN_OUTPUT),
+        explain_weights=_optional_string(raw, _EXPLAIN_WEIGHTS),
         extra={key: value for key, value in raw.items() if key not in CONTRACT_FIELDS},
         schema_version=version,
     )
@@ -271,6 +310,13 @@ def _string(raw: dict[str, Any], key: str, default: str | None) -> str:
     value = raw.get(key, default)
     if not isinstance(value, str):
         raise ValueError(f"{key!r} must be a string, got {value!r}")
+    return value
+
+
+def _optional_string(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string or null, got {value!r}")
     return value
 
 

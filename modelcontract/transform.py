@@ -67,6 +67,24 @@ class EvalSpec:
         if min(self.std) <= 0:
             raise ValueError(f"'std' must be positive, got {list(self.std)}")
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1): the region of a `width` x `height` image that the model's input shows.
+
+        The center crop of the resized image, mapped back through the resize's scale on each axis,
+        in the image's own pixels. Where the resized image is smaller than the crop (zero padding),
+        the box reaches past the image's edges.
+        """
+        resized = resized_size(width, height, self.resize_size)
+        top, left = crop_offsets(resized, self.input_size)
+        scale_x, scale_y = width / resized[0], height / resized[1]
+        crop_height, crop_width = self.input_size
+        return (
+            left * scale_x,
+            top * scale_y,
+            (left + crop_width) * scale_x,
+            (top + crop_height) * scale_y,
+        )
+
     @classmethod
     def from_crop_pct(
         cls,

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from service import __version__
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
-from service.protocols import health, metrics, predict, repository, v2
+from service.protocols import explain, health, metrics, predict, repository, v2
 from service.protocols.docs import install_docs
 from service.protocols.error_handlers import install_error_handlers
 from service.settings import Settings
@@ -17,6 +17,16 @@ from service.state import ServiceState
 from service.transport.access import AccessMiddleware, Credentials
 from service.transport.body_budget import BodyBudget
 from service.transport.middleware import RequestContextMiddleware
+
+ROUTERS = (
+    predict.router,
+    explain.router,
+    health.router,
+    v2.router,
+    repository.router,
+    metrics.router,
+)
+"""Every router of the service's own routes (FastAPI adds the docs routes)."""
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -65,7 +75,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         budget=budget,
         error_delay_s=settings.client_error_delay_s,
     )
-    for router in (predict.router, health.router, v2.router, repository.router, metrics.router):
+    for router in ROUTERS:
         app.include_router(router)
     install_docs(app)
     return app

@@ -4,6 +4,11 @@
 a symbolic batch axis, runs the ONNX checker, proves PyTorch and ONNX Runtime agree on real images,
 embeds the contract's `ModelMetadata` and only then moves `model.onnx` into place, so the service never
 sees a half-written or unverified file.
+
+A `Classifier` whose head pools a feature map (every backbone but LeNet-5) is exported with a second
+output, that feature map (`training.feature_output`), declared in the metadata with the initializer
+holding the head's weights, and checked like the logits: the class activation maps ONNX Runtime's
+features and the file's weights make must match PyTorch's.
 """
 
 from __future__ import annotations
@@ -23,14 +28,23 @@ import torch
 from torch import nn
 
 from modelcontract import (
+    FEATURES_NAME,
     INPUT_NAME,
     MODEL_FILENAME,
     ONNX_OPSET,
     OUTPUT_NAME,
     EvalSpec,
     ModelMetadata,
+    class_activation_maps,
     softmax,
     version_numbers,
+)
+from training.classifier import Classifier
+from training.feature_output import (
+    WithFeatures,
+    explainable,
+    find_weights_initializer,
+    head_weights,
 )
 from training.modelfile import set_metadata
 
@@ -38,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 """Largest allowed absolute difference between PyTorch and ONNX Runtime softmax probabilities."""
+MAPS_TOLERANCE = 1e-3
+"""Largest allowed difference between PyTorch's and ONNX Runtime's class activation maps, relative to
+the largest absolute value of PyTorch's (maps are shown normalized, so their scale is what matters)."""
 
 
 class ExportParityError(RuntimeError):
@@ -73,7 +90,7 @@ def _validate_arguments(labels: Sequence[str], parity_inputs: torch.Tensor, spec
         )
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
     # Dynamo exporter (the default since torch 2.9); external_data=False keeps the weights inside the
     # single file the contract promises, and an example batch >= 2 keeps the batch axis symbolic.
     torch.onnx.export(
@@ -81,7 +98,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=output_names,
         opset_version=ONNX_OPSET,
         dynamo=True,
         external_data=False,
@@ -90,13 +107,13 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     )
 
 
-def _check_graph(proto: onnx.ModelProto, num_classes: int, spec: EvalSpec) -> None:
+def _check_graph(proto: onnx.ModelProto, num_classes: int, spec: EvalSpec, output_names: list[str]) -> None:
     onnx.checker.check_model(proto, full_check=True)
     inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in proto.graph.output] != [OUTPUT_NAME]:
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in proto.graph.output] != output_names:
         raise ExportParityError(
             f"exported graph has inputs {[i.name for i in inputs]} and outputs "
-            f"{[o.name for o in proto.graph.output]}; expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+            f"{[o.name for o in proto.graph.output]}; expected [{INPUT_NAME!r}] and {output_names}"
         )
     input_dims = inputs[0].type.tensor_type.shape.dim
     output_dims = proto.graph.output[0].type.tensor_type.shape.dim
@@ -122,9 +139,25 @@ def _parity(reference: np.ndarray, candidate: np.ndarray, what: str) -> float:
     return diff
 
 
-def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+def _run_onnx(path: Path, images: np.ndarray, output_names: list[str]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: images})[0])
+    return [np.asarray(output) for output in session.run(output_names, {INPUT_NAME: images})]
+
+
+def _maps_parity(reference: np.ndarray, features: np.ndarray, weights: np.ndarray, what: str) -> float:
+    """Relative difference of every class's activation maps between PyTorch's (`reference`) and those
+    `class_activation_maps` makes of ONNX Runtime's feature map and the head's weights (the file's
+    initializer `explain_weights`, found equal to them); raises beyond `MAPS_TOLERANCE`."""
+    classes = np.arange(len(weights))
+    candidate = np.stack([class_activation_maps(row, weights, classes) for row in features])
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    diff = float(np.abs(reference - candidate).max()) / scale
+    if not diff <= MAPS_TOLERANCE:
+        raise ExportParityError(
+            f"{what}: ONNX Runtime's class activation maps differ from PyTorch's by {diff:.3g} of their "
+            f"largest value (tolerance {MAPS_TOLERANCE:g}); the model was not exported"
+        )
+    return diff
 
 
 def build_metadata(
@@ -135,14 +168,18 @@ def build_metadata(
     val_accuracy: float | None,
     parity_max_abs_diff: float,
     extra_metadata: Mapping[str, Any] | None,
+    explain_weights: str | None = None,
 ) -> ModelMetadata:
-    """The metadata of a freshly exported FP32 model, stamped with the current UTC time."""
+    """The metadata of a freshly exported FP32 model, stamped with the current UTC time; with
+    `explain_weights` (the head's weights initializer) it declares the feature-map output too."""
     return ModelMetadata(
         labels=tuple(labels),
         eval_spec=eval_spec,
         backbone=backbone,
         val_accuracy=val_accuracy,
         parity_max_abs_diff=parity_max_abs_diff,
+        explain_output=None if explain_weights is None else FEATURES_NAME,
+        explain_weights=explain_weights,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         extra=extra_metadata or {},
     )
@@ -166,6 +203,8 @@ def export_onnx(
     `parity_inputs` are real preprocessed images ([N >= 2, 3, H, W], N = the export example batch):
     ONNX Runtime must reproduce PyTorch's softmax within `PARITY_TOLERANCE` with the same top-1, on
     the whole batch and on a batch of one, or `ExportParityError` is raised and nothing is written.
+    A `Classifier` whose head pools a feature map gets the feature-map output too, whose class
+    activation maps must match PyTorch's within `MAPS_TOLERANCE` on the same batches.
     """
     _validate_arguments(labels, parity_inputs, eval_spec)
     target = version_dir / MODEL_FILENAME
@@ -177,6 +216,7 @@ def export_onnx(
         reference = model(images).numpy()
     if reference.shape != (len(images), len(labels)):
         raise ValueError(f"model outputs {list(reference.shape)} but there are {len(labels)} labels")
+    maps = _reference_maps(model, images) if explainable(model, images) else None
 
     version_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -185,6 +225,7 @@ def export_onnx(
             version_dir,
             images,
             reference,
+            maps,
             labels=labels,
             eval_spec=eval_spec,
             backbone=backbone,
@@ -206,11 +247,21 @@ def export_onnx(
     return metadata
 
 
+def _reference_maps(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """PyTorch's class activation maps [N, classes, h, w] of every class, for the parity check."""
+    with torch.no_grad():
+        classifier = _as_classifier(model)
+        features = classifier.base(images)
+        weights = classifier.head.linear.weight
+        return torch.einsum("kc,nchw->nkhw", weights, features).numpy()
+
+
 def _export_verified(
     model: nn.Module,
     version_dir: Path,
     images: torch.Tensor,
     reference: np.ndarray,
+    maps: np.ndarray | None,
     *,
     labels: Sequence[str],
     eval_spec: EvalSpec,
@@ -222,10 +273,17 @@ def _export_verified(
     with tempfile.TemporaryDirectory(prefix=".export-", dir=version_dir) as staging_name:
         staging = Path(staging_name)
         raw_path, final_path = staging / "raw.onnx", staging / MODEL_FILENAME
-        _torch_export(model, images, raw_path)
+        names = [OUTPUT_NAME] if maps is None else [OUTPUT_NAME, FEATURES_NAME]
+        exported = model if maps is None else WithFeatures(_as_classifier(model)).eval()
+        _torch_export(exported, images, raw_path, names)
         proto = onnx.load(str(raw_path))
-        _check_graph(proto, len(labels), eval_spec)
-        diff = _parity(reference, _run_onnx(raw_path, images.numpy()), f"batch of {len(images)}")
+        _check_graph(proto, len(labels), eval_spec, names)
+        outputs = _run_onnx(raw_path, images.numpy(), names)
+        diff = _parity(reference, outputs[0], f"batch of {len(images)}")
+        weights_name = None
+        if maps is not None:
+            weights_name = _weights_name(proto, model)
+            _maps_parity(maps, outputs[1], head_weights(_as_classifier(model)), f"batch of {len(images)}")
         metadata = build_metadata(
             labels=labels,
             eval_spec=eval_spec,
@@ -233,10 +291,31 @@ def _export_verified(
             val_accuracy=val_accuracy,
             parity_max_abs_diff=diff,
             extra_metadata=extra_metadata,
+            explain_weights=weights_name,
         )
         set_metadata(proto, metadata)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(final_path), save_as_external_data=False)
-        _parity(reference[:1], _run_onnx(final_path, images[:1].numpy()), "batch of 1")
+        outputs = _run_onnx(final_path, images[:1].numpy(), names)
+        _parity(reference[:1], outputs[0], "batch of 1")
+        if maps is not None and weights_name is not None:
+            _maps_parity(maps[:1], outputs[1], head_weights(_as_classifier(model)), "batch of 1")
         os.replace(final_path, version_dir / MODEL_FILENAME)
     return metadata
+
+
+def _weights_name(proto: onnx.ModelProto, model: nn.Module) -> str:
+    """The initializer holding the head's weights, which the service reads to make the maps."""
+    name = find_weights_initializer(proto, head_weights(_as_classifier(model)))
+    if name is None:
+        raise ExportParityError(
+            "the exported graph holds no initializer equal to the head's weights [classes, C], which the "
+            "class activation maps need; the exporter transformed them, so the model was not exported"
+        )
+    return name
+
+
+def _as_classifier(model: nn.Module) -> Classifier:
+    if not isinstance(model, Classifier):  # explainable() only says yes to a Classifier
+        raise TypeError(f"expected a Classifier, got {type(model).__name__}")
+    return model

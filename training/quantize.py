@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from modelcontract import MODEL_FILENAME, ModelMetadata, publish_version
 from training.calibration import CheckImages, check_images
+from training.feature_output import drop_features_output
 from training.int8_comparison import compare, throughput
 from training.modelfile import read_metadata, set_metadata
 from training.qdq import quantize_file
@@ -107,7 +108,16 @@ def int8_metadata(
         "quantized_from": {"version": settings.model.name, "val_accuracy": metadata.val_accuracy},
     }
     accuracy = comparison["int8_accuracy"] / 100.0 if "int8_accuracy" in comparison else metadata.val_accuracy
-    return dataclasses.replace(metadata, precision="int8", val_accuracy=accuracy, extra=extra)
+    # The INT8 graph keeps the head's weights only quantized, so it offers no class activation maps
+    # (`quantize_model` drops the feature-map output too).
+    return dataclasses.replace(
+        metadata,
+        precision="int8",
+        val_accuracy=accuracy,
+        extra=extra,
+        explain_output=None,
+        explain_weights=None,
+    )
 
 
 def quantize_model(settings: QuantizeSettings) -> tuple[Path, dict[str, Any]]:
@@ -160,6 +170,7 @@ def quantize_model(settings: QuantizeSettings) -> tuple[Path, dict[str, Any]]:
             },
         }
         proto = onnx.load(str(target))
+        drop_features_output(proto)
         set_metadata(proto, int8_metadata(metadata, settings, images, comparison))
         onnx.save_model(proto, str(target), save_as_external_data=False)
         sizes["int8"] = target.stat().st_size

@@ -16,6 +16,10 @@ Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape)
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
 padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
 
+A request may ask for the model's feature maps too (`Reservation.submit_explained`): a batch holding
+at least one such request is run as `infer(batch, explain=True) -> (outputs, features)`, and only
+those requests receive the features, so a batch of plain requests runs exactly as before.
+
 This module knows nothing about HTTP or ONNX Runtime: it calls `infer(batch) -> outputs`.
 """
 
@@ -47,7 +51,10 @@ from service.priority import yield_to_the_event_loop
 
 logger = logging.getLogger(__name__)
 
-InferFn = Callable[[np.ndarray], np.ndarray]
+BatchOutputs = np.ndarray | tuple[np.ndarray, np.ndarray]
+InferFn = Callable[..., BatchOutputs]
+"""`infer(batch)` -> outputs [N, ...]; `infer(batch, explain=True)` -> (outputs, features), both [N, ...].
+The second form is only called for batches holding a request that asked for features."""
 
 
 @dataclass(eq=False)
@@ -55,11 +62,13 @@ class _Request:
     inputs: np.ndarray
     deadline: float
     enqueued_at: float
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[tuple[np.ndarray, ...]]
+    explain: bool = False
+    """Whether the request wants the features too: its result is then (outputs, features)."""
     taken: int = 0
     """Rows already handed to a batch; the rest are still queued."""
     completed: int = 0
-    outputs: np.ndarray | None = field(default=None, repr=False)
+    outputs: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -92,14 +101,26 @@ class Reservation:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
-        """Outputs for `inputs` (exactly `size` rows) in order; `deadline` is a `time.monotonic()` time."""
+    def _check(self, inputs: np.ndarray) -> None:
         if not self._held:
             raise RuntimeError("this reservation was already used or released")
         if len(inputs) != self.size:
             raise ValueError(f"reserved {self.size} rows but submitted {len(inputs)}")
+
+    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
+        """Outputs for `inputs` (exactly `size` rows) in order; `deadline` is a `time.monotonic()` time."""
+        self._check(inputs)
+        return (await self._submit(inputs, deadline, explain=False))[0]
+
+    async def submit_explained(self, inputs: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+        """`submit`, and the model's feature maps for the same rows: (outputs, features)."""
+        self._check(inputs)
+        outputs, features = await self._submit(inputs, deadline, explain=True)
+        return outputs, features
+
+    async def _submit(self, inputs: np.ndarray, deadline: float, explain: bool) -> tuple[np.ndarray, ...]:
         self._held = False  # the rows move into the queue, which already counts them
-        return await self._batcher._enqueue(inputs, deadline)
+        return await self._batcher._enqueue(inputs, deadline, explain)
 
     def release(self) -> None:
         if self._held:
@@ -213,10 +234,12 @@ class DynamicBatcher:
         self._set_queued(self._queued - size)
         self._wakeup.set()  # a draining collector may be waiting for the last reservations
 
-    async def _enqueue(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
-        """Queue rows whose room is already counted in `_queued`; wait for their outputs."""
+    async def _enqueue(
+        self, inputs: np.ndarray, deadline: float, explain: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Queue rows whose room is already counted in `_queued`; wait for their outputs (and features)."""
         now = time.monotonic()
-        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future())
+        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future(), explain)
         if self._task is None or self._task.done():
             self._unreserve(request.size)
             raise ServiceUnavailableError("the server shut down before this request was queued; retry it")
@@ -366,35 +389,44 @@ class DynamicBatcher:
         else:
             self._deliver(segments, outputs)
 
-    def _infer_batch(self, segments: list[_Segment]) -> np.ndarray:
-        """Runs on the inference thread: stack the rows, run the model once."""
-        parts = [s.request.inputs[s.start : s.stop] for s in segments]
-        batch = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=np.float32)
+    def _infer_batch(self, segments: list[_Segment]) -> tuple[np.ndarray, ...]:
+        """Runs on the inference thread: stack the rows, run the model once (with the features if any
+        request in the batch asked for them)."""
+        rows = [s.request.inputs[s.start : s.stop] for s in segments]
+        batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows), dtype=np.float32)
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
+        explain = any(segment.request.explain for segment in segments)
+        padded = batch if self._batch_sizes is None else _pad(batch, self._batch_sizes)
         start = time.perf_counter()
-        if self._batch_sizes is None:
-            outputs = self._infer(batch)
-        else:
-            outputs = self._infer(_pad(batch, self._batch_sizes))[: len(batch)]
+        result = self._infer(padded, explain=True) if explain else self._infer(padded)
         self._last_batch_s = time.perf_counter() - start
         if self._metrics is not None:
             self._metrics.inference_duration.observe(self._last_batch_s)
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {len(batch)}")
-        return outputs
+        parts: tuple[np.ndarray, ...] = result if isinstance(result, tuple) else (result,)
+        if padded is not batch:
+            parts = tuple(part[: len(batch)] for part in parts)
+        if any(len(part) != len(batch) for part in parts):
+            raise RuntimeError(
+                f"the model returned {[len(p) for p in parts]} rows for a batch of {len(batch)}"
+            )
+        return parts
 
-    def _deliver(self, segments: list[_Segment], outputs: np.ndarray) -> None:
+    def _deliver(self, segments: list[_Segment], parts: tuple[np.ndarray, ...]) -> None:
         offset = 0
         for segment in segments:
             request, rows = segment.request, segment.stop - segment.start
             if not request.future.done():
+                wanted = parts if request.explain else parts[:1]
                 if rows == request.size:
-                    request.future.set_result(outputs[offset : offset + rows])
+                    request.future.set_result(tuple(part[offset : offset + rows] for part in wanted))
                 else:
                     if request.outputs is None:
-                        request.outputs = np.empty((request.size, *outputs.shape[1:]), outputs.dtype)
-                    request.outputs[segment.start : segment.stop] = outputs[offset : offset + rows]
+                        request.outputs = tuple(
+                            np.empty((request.size, *part.shape[1:]), part.dtype) for part in wanted
+                        )
+                    for assembled, part in zip(request.outputs, wanted, strict=True):
+                        assembled[segment.start : segment.stop] = part[offset : offset + rows]
                     request.completed += rows
                     if request.completed == request.size:
                         request.future.set_result(request.outputs)

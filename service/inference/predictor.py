@@ -16,6 +16,11 @@ logits; everything in between is decided here, once:
 
 Every check on client input happens before anything reaches the batcher, so one client's bad request
 can never break a batch shared with others.
+
+`explain` takes the same path with images, and asks the batcher for the model's feature maps too: the
+request shares its batch with plain predictions (the batch then fetches the feature maps, which the
+graph computes anyway), and the class activation maps of the classes asked for are made here from
+the rows of this request alone.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from modelcontract import ModelMetadata
 from service.errors import DeadlineExceededError, InvalidInputError
@@ -39,6 +45,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Payload = TypeVar("Payload")
 Parsed = TypeVar("Parsed")
 
@@ -59,6 +66,25 @@ class Inputs:
     tensor: np.ndarray | None = None
     timeout_s: float | None = None
     """The client's own time limit, when its protocol carries one; the server's limit still applies."""
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """One image's class activation map for one class, and what is needed to place it on the image."""
+
+    image: int
+    """The image's position in the request."""
+    index: int
+    label: str
+    score: float
+    cam: np.ndarray = field(repr=False)
+    """The raw map [h, w] over the model's crop (the feature map's resolution), unnormalized."""
+    size: tuple[int, int]
+    """(width, height) of the image as sent, upright: the pixels the crop box is given in."""
+
+
+ClassMapsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(one image's feature map [C, h, w], class indices [k]) -> class activation maps [k, h, w]."""
 
 
 @dataclass(frozen=True)
@@ -153,9 +179,60 @@ class Predictor:
         _, probabilities, parsed = await self._infer(request)
         return self.ranked(probabilities, top_k), parsed
 
-    async def _infer(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, np.ndarray, Parsed]:
-        """The model's outputs and their class probabilities (computed once: the metrics and the ranking
-        both read them)."""
+    async def explain(
+        self,
+        request: InferenceRequest[Any, Parsed],
+        class_maps: ClassMapsFn,
+        classes: Sequence[int] | None = None,
+    ) -> tuple[list[ClassMap], Parsed]:
+        """The class activation maps of each image for `classes` (None: its top-1), image by image, in
+        the order of `classes`; `class_maps` is the model's (`OnnxModel.class_maps`). Images only."""
+        wanted = None if classes is None else np.asarray(self.check_classes(classes), dtype=np.int64)
+        inputs, parsed, deadline = await self._receive(request)
+        if inputs.tensor is not None or not inputs.images:
+            raise InvalidInputError("explanations need the images themselves, as multipart/form-data files")
+        with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
+            tensor, sizes = await self._decode_all(inputs.images, deadline)
+            logits, features = await reservation.submit_explained(tensor, deadline)
+        probabilities = self.metadata.scores(logits)
+        self._record(probabilities)
+        labels = self.metadata.labels
+
+        def make_maps() -> list[ClassMap]:  # up to 16 classes x the queue's images: off the loop
+            maps: list[ClassMap] = []
+            for image, (row, size) in enumerate(zip(probabilities, sizes, strict=True)):
+                indices = np.asarray([int(row.argmax())]) if wanted is None else wanted
+                cams = class_maps(features[image], indices)
+                maps.extend(
+                    ClassMap(image, int(i), labels[i], float(row[i]), cam, size)
+                    for i, cam in zip(indices, cams, strict=True)
+                )
+            return maps
+
+        return await self.offload(make_maps), parsed
+
+    async def photo(self, image: NamedImage, arrived_at: float) -> Image.Image:
+        """The image decoded upright as RGB within the request's deadline and the decode bounds (a large
+        JPEG at reduced size), on the decode threads: for an answer drawn over it."""
+        deadline = self.deadline(arrived_at)
+        return await self.offload(lambda: self._preprocessor.decode(image.data, image.name, deadline))
+
+    async def offload(self, work: Callable[[], T]) -> T:
+        """Run CPU-bound `work` for a request's answer (rendering, say) on the decode threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_executor, work)
+
+    def check_classes(self, classes: Sequence[int]) -> list[int]:
+        """The class indices, each checked against the class count; `InvalidInputError` saying why not."""
+        bad = [c for c in classes if not 0 <= c < self.metadata.num_classes]
+        if not classes or bad:
+            raise InvalidInputError(
+                f"class indices must be between 0 and {self.metadata.num_classes - 1} (the class count "
+                f"less one), got {list(classes)}"
+            )
+        return list(classes)
+
+    async def _receive(self, request: InferenceRequest[Any, Parsed]) -> tuple[Inputs, Parsed, float]:
+        """Admission, the payload and its parse, and the request's deadline."""
         self.batcher.check_room(1)  # overloaded: refuse before reading the body
         payload = await request.receive()
         if request.parse_on_loop:
@@ -163,7 +240,12 @@ class Predictor:
         else:  # tens of MB of JSON or gzip: never on the event loop
             loop = asyncio.get_running_loop()
             inputs, parsed = await loop.run_in_executor(self._decode_executor, request.parse, payload)
-        deadline = self.deadline(request.arrived_at, inputs.timeout_s)
+        return inputs, parsed, self.deadline(request.arrived_at, inputs.timeout_s)
+
+    async def _infer(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, np.ndarray, Parsed]:
+        """The model's outputs and their class probabilities (computed once: the metrics and the ranking
+        both read them)."""
+        inputs, parsed, deadline = await self._receive(request)
         if inputs.tensor is not None:
             logits = await self.batcher.submit(self.check_tensor(inputs.tensor), deadline)
         else:
@@ -206,6 +288,12 @@ class Predictor:
         Each image is written straight into its row of the request's tensor. The first failure
         cancels the images not yet started, so a bad or late request stops costing decode time at once.
         """
+        return (await self._decode_all(images, deadline))[0]
+
+    async def _decode_all(
+        self, images: Sequence[NamedImage], deadline: float
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """`preprocess`, and each image's upright (width, height) as sent."""
         loop = asyncio.get_running_loop()
         tensor = np.empty((len(images), *self.metadata.input_shape), dtype=np.float32)
         jobs = [
@@ -213,14 +301,14 @@ class Predictor:
             for image, row in zip(images, tensor, strict=True)
         ]
         try:
-            await asyncio.gather(*jobs)
+            sizes = await asyncio.gather(*jobs)
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
-        return tensor
+        return tensor, list(sizes)
 
-    def _preprocess_one(self, image: NamedImage, deadline: float, row: np.ndarray) -> None:
+    def _preprocess_one(self, image: NamedImage, deadline: float, row: np.ndarray) -> tuple[int, int]:
         if time.monotonic() >= deadline:  # waited in the decode queue past the deadline: not worth decoding
             raise DeadlineExceededError(
                 f"the request waited {self._timeout_s:g} s for decoding (CONVSERVE_REQUEST_TIMEOUT_S); "
@@ -228,8 +316,9 @@ class Predictor:
             )
         start = time.perf_counter()
         # The deadline also holds inside the decode: it stops at the first read of the file after it.
-        self._preprocessor(image.data, image.name, out=row, deadline=deadline)
+        size = self._preprocessor.transform_into(image.data, image.name, row, deadline)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
+        return size
 
     def ranked(self, probabilities: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
         """The top-k of each row, best first, as `{"label", "index", "score"}`."""

@@ -144,6 +144,15 @@ class ImagePreprocessor:
         image, source_size = self._decode(data, name, deadline)
         return self.transform(image, out, source_size=source_size)
 
+    def transform_into(
+        self, data: bytes, name: str, out: np.ndarray, deadline: float = math.inf
+    ) -> tuple[int, int]:
+        """`self(data, name, out, deadline)`, returning the image's upright (width, height) as sent
+        (a JPEG decoded at reduced size still reports its full size)."""
+        image, source_size = self._decode(data, name, deadline)
+        self.transform(image, out, source_size=source_size)
+        return source_size or image.size
+
     def decode(self, data: bytes, name: str = "image", deadline: float = math.inf) -> Image.Image:
         """Bytes -> upright 8-bit RGB PIL image; `InvalidInputError` naming `name` if it cannot be."""
         return self._decode(data, name, deadline)[0]

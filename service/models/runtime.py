@@ -7,6 +7,11 @@ batch axis is a fixed number (an imported model exported for batch 1, say) is se
 largest batch it takes (`batch_limit`) and pads a smaller batch to its size. On a GPU it also says
 which batch sizes to form (`batch_sizes`, see `service.models.gpu`), and it notices a session that
 leaves the GPU while serving instead of letting ORT switch it to the CPU unseen.
+
+A model whose metadata declares an `explain_output` returns its last feature map beside the outputs
+when a run asks for it (`run(batch, explain=True)`), and keeps the head's weights, read from the
+file's initializer at load, to turn a feature map into class activation maps (`class_maps`). A run
+that does not ask fetches only the outputs: the graph is the same, so it costs what it did.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
-from modelcontract import MetadataError, ModelMetadata
-from service.errors import StartupError
+from modelcontract import MetadataError, ModelMetadata, class_activation_maps
+from service.errors import InvalidInputError, StartupError
 from service.models.gpu import GpuOptions, gpu_batch_sizes, refusal
 from service.models.providers import probe_providers
 from service.priority import yield_to_the_event_loop
@@ -109,6 +116,8 @@ class OnnxModel:
     """Why this model refuses every batch (its GPU failed while serving, under REQUIRE_GPU), or None."""
     left_gpu: str | None = None
     """ONNX Runtime's reason when the session failed on the GPU while serving, or None."""
+    explain_weights: np.ndarray | None = field(default=None, repr=False)
+    """The head's weights [num_classes, C] when the graph outputs its feature map, else None."""
     _fallback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -133,8 +142,34 @@ class OnnxModel:
             return None
         return gpu_batch_sizes(self.batch_limit(max_batch_size))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop."""
+    @property
+    def explainable(self) -> bool:
+        return self.explain_weights is not None
+
+    def check_explainable(self) -> None:
+        """`InvalidInputError` (4xx) saying why, when this model cannot make class activation maps."""
+        if self.explain_weights is None:
+            raise InvalidInputError(
+                f"model file {self.path.name} ({self.metadata.backbone}) has no feature-map output, so it "
+                "cannot explain its answers; re-export it with `python -m training export` (models "
+                "imported with `convserve import`, and LeNet-5, have none), or use /predict"
+            )
+
+    def class_maps(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """The class activation maps [len(classes), h, w] of one image's feature map [C, h, w]."""
+        self.check_explainable()
+        assert self.explain_weights is not None
+        return class_activation_maps(features, self.explain_weights, classes)
+
+    @overload
+    def run(self, batch: np.ndarray, explain: Literal[False] = False) -> np.ndarray: ...
+    @overload
+    def run(self, batch: np.ndarray, explain: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+    def run(self, batch: np.ndarray, explain: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop.
+
+        `explain=True` also fetches the last feature map: (outputs, features [N, C', h, w]).
+        """
         rows = len(batch)
         fixed = self.fixed_batch_size
         if fixed is not None and rows != fixed:
@@ -146,12 +181,19 @@ class OnnxModel:
             batch = padded
         if self.gpu_lost is not None:
             raise RuntimeError(self.gpu_lost)
+        names = [self.output_name]
+        if explain:
+            self.check_explainable()
+            names.append(str(self.metadata.explain_output))
         try:
-            (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
+            fetched = self.session.run(names, {self.input_name: batch})
         except EPFail as exc:  # only a GPU session raises it: ORT's own fallback is off (load_model)
             self.leave_gpu(f"{type(exc).__name__}: {exc}")
-            (outputs,) = self.session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(outputs)[:rows]
+            fetched = self.session.run(names, {self.input_name: batch})
+        outputs = np.asarray(fetched[0])[:rows]
+        if explain:
+            return outputs, np.asarray(fetched[1])[:rows]
+        return outputs
 
     def leave_gpu(self, reason: str) -> None:
         """The GPU failed while serving: log and count it, then refuse (REQUIRE_GPU) or carry on on the CPU.
@@ -276,7 +318,41 @@ def load_model(
         logger.warning("%s runs on %s instead of %s: %s", path, active, providers[0], failure)
     if active in GPU_PROVIDERS:
         session.disable_fallback()  # a provider failure while serving reaches OnnxModel.run
-    return OnnxModel(session, metadata, path, input_name, output_name, failure, fixed_batch_size, gpu)
+    weights = _explain_weights(path, metadata, session) if metadata.explainable else None
+    return OnnxModel(
+        session,
+        metadata,
+        path,
+        input_name,
+        output_name,
+        failure,
+        fixed_batch_size,
+        gpu,
+        explain_weights=weights,
+    )
+
+
+def _explain_weights(path: Path, metadata: ModelMetadata, session: ort.InferenceSession) -> np.ndarray:
+    """The head's weights [num_classes, C] the metadata names, checked against the feature map's channels.
+
+    ONNX Runtime does not hand out initializers, so the file is read again with `onnx` (at load, once).
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    found = [init for init in proto.graph.initializer if init.name == metadata.explain_weights]
+    weights = np.asarray(numpy_helper.to_array(found[0]), dtype=np.float32) if found else None
+    features = next(o for o in session.get_outputs() if o.name == metadata.explain_output)
+    channels = features.shape[1] if len(features.shape) == 4 else None
+    if (
+        weights is None
+        or weights.shape[0] != metadata.num_classes
+        or (isinstance(channels, int) and weights.shape[1:] != (channels,))
+    ):
+        shape = None if weights is None else list(weights.shape)
+        raise StartupError(
+            f"{path}: the metadata's explain_weights {metadata.explain_weights!r} must be an initializer of "
+            f"shape [{metadata.num_classes}, {channels}] (classes x feature channels), got {shape}"
+        )
+    return weights
 
 
 def _check_signature(
@@ -284,6 +360,14 @@ def _check_signature(
 ) -> tuple[str, str, int | None]:
     """The input and output names, and the fixed batch size (None: a symbolic batch axis)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    explained = [o for o in outputs if o.name == metadata.explain_output]
+    if metadata.explain_output is not None:
+        if len(outputs) != 2 or len(explained) != 1 or len(explained[0].shape) != 4:
+            raise StartupError(
+                f"{path} has outputs {[o.name for o in outputs]}; its metadata promises a logits output and "
+                f"a rank-4 feature map {metadata.explain_output!r}"
+            )
+        outputs = [o for o in outputs if o.name != metadata.explain_output]
     if len(inputs) != 1 or len(outputs) != 1:
         raise StartupError(
             f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; expected one image input and one "

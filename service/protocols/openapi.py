@@ -36,6 +36,31 @@ class PredictResponse(BaseModel):
     predictions: list[list[Prediction]]
 
 
+class Explanation(BaseModel):
+    """One image's class activation map for one class, and where on the image it lies."""
+
+    image: int = Field(ge=0, description="Position of the image in the request.")
+    class_: Prediction = Field(alias="class", description="The class explained, with its score.")
+    heatmap: list[list[float]] = Field(
+        description="Rows x cols of values in [0, 1] (1: the strongest evidence) over the model's "
+        "center crop, at most 56 a side."
+    )
+    box: list[float] = Field(
+        min_length=4,
+        max_length=4,
+        description="[x0, y0, x1, y1]: the region of the image as sent, in its pixels, that the heatmap "
+        "covers (the center crop mapped back through the resize).",
+    )
+
+
+class ExplainResponse(BaseModel):
+    """Which model and version answered, and the explanations: image by image, and for each image
+    its top-1 class, or each class asked for with `class=`, in the order asked."""
+
+    model: ModelRef
+    explanations: list[Explanation]
+
+
 _MEANINGS = {
     400: "Malformed request: unparseable body, missing parts, bad parameters.",
     404: "No such model or version is served.",
@@ -91,6 +116,19 @@ PREDICT_BODY: dict[str, Any] = {
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
         },
     }
+}
+
+EXPLAIN_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as multipart files (any field name, one or more; one with format=png).",
+        "content": {"multipart/form-data": PREDICT_BODY["requestBody"]["content"]["multipart/form-data"]},
+    }
+}
+PNG_RESPONSE: dict[str, Any] = {
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "With format=png: the image, its size as sent (large JPEGs: their reduced decode "
+    "size), with the heat map of the class blended over the crop box.",
 }
 
 _V2_TENSOR = {

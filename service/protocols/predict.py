@@ -13,6 +13,7 @@ bytes of the float32 tensor it makes the server compute (R x C x H x W x 4) + 64
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -88,25 +89,42 @@ async def predict(
     return JSONResponse(body)
 
 
+def media_type_of(request: Request) -> str:
+    """The request's Content-Type without its parameters, lower case ("" when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def multipart_images(
+    request: Request, state: ServiceState, check_rows: Callable[[int], None]
+) -> InferenceRequest[Any, list[NamedImage]]:
+    """How the predictor receives images sent as multipart/form-data: every image endpoint's one way.
+
+    At most CONVSERVE_MAX_QUEUE_SIZE files within the body limits; `check_rows(count)` refuses a
+    request by its image count (its answer's budget) before any image is decoded. The files come back
+    as what was parsed, for an answer that shows them.
+    """
+
+    async def receive_images() -> list[NamedImage]:
+        files = await read_images(request, state.body_limits, state.settings.max_queue_size)
+        return [NamedImage(name, data) for name, data in files]
+
+    def images(files: list[NamedImage]) -> tuple[Inputs, list[NamedImage]]:
+        check_rows(len(files))
+        return Inputs(images=files), files
+
+    # The multipart reader splits the files while they arrive: nothing is left to parse off the loop.
+    return InferenceRequest(request.state.arrived_at, receive_images, images, parse_on_loop=True)
+
+
 def _inference_request(
     request: Request, state: ServiceState, metadata: ModelMetadata, top_k: int
-) -> InferenceRequest[Any, None]:
+) -> InferenceRequest[Any, Any]:
     """How the predictor receives and parses this request's body, by its Content-Type."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = media_type_of(request)
     arrived_at: float = request.state.arrived_at
     max_rows = state.settings.max_queue_size
     if media_type == "multipart/form-data":
-
-        async def receive_images() -> list[NamedImage]:
-            files = await read_images(request, state.body_limits, max_rows)
-            return [NamedImage(name, data) for name, data in files]
-
-        def images(files: list[NamedImage]) -> tuple[Inputs, None]:
-            _check_response_budget(len(files), top_k, metadata)
-            return Inputs(images=files), None
-
-        # The multipart reader splits the files while they arrive: nothing is left to parse off the loop.
-        return InferenceRequest(arrived_at, receive_images, images, parse_on_loop=True)
+        return multipart_images(request, state, lambda rows: _check_response_budget(rows, top_k, metadata))
     if media_type in TENSOR_TYPES:
         limit = state.settings.max_upload_bytes
 

@@ -75,15 +75,19 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def int8_run(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], int]:
-    """One run of the ceiling and the INT8 variant; the results and the caller's priority after it."""
+def int8_run(
+    repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """One run of the ceiling and the INT8 variant; the results, and the caller's priority before and
+    after it."""
     output = tmp_path_factory.mktemp("results") / "latest.json"
+    before = _priority()
     results = run(_config(repository, ("ceiling", "int8")), _plan(), output)
-    return results, _priority()
+    return results, (before, _priority())
 
 
 def test_int8_variant_is_quantized_in_a_copy_and_the_users_repository_is_untouched(
-    repository: Path, int8_run: tuple[dict[str, Any], int]
+    repository: Path, int8_run: tuple[dict[str, Any], tuple[int, int]]
 ) -> None:
     results, _ = int8_run
     assert complete_versions(repository / "tiny") == [1]
@@ -99,7 +103,7 @@ def test_int8_variant_is_quantized_in_a_copy_and_the_users_repository_is_untouch
 
 
 def test_int8_service_is_measured_at_its_levels_and_compared_in_process(
-    int8_run: tuple[dict[str, Any], int],
+    int8_run: tuple[dict[str, Any], tuple[int, int]],
 ) -> None:
     results, _ = int8_run
     rows = [row for row in results["levels"] if row["server"] == "int8"]
@@ -118,14 +122,16 @@ def test_int8_service_is_measured_at_its_levels_and_compared_in_process(
 
 
 def test_in_process_measurement_leaves_the_load_generators_priority_alone(
-    int8_run: tuple[dict[str, Any], int],
+    int8_run: tuple[dict[str, Any], tuple[int, int]],
 ) -> None:
     # The service's load_model lowers its calling thread to nice 10; the ceiling runs in its own thread.
-    _, priority_after = int8_run
-    assert priority_after == _priority() < 10
+    # (A test run earlier in this process that loaded a model on the main thread may have lowered it
+    # already: then the run must still leave it as it found it.)
+    _, (before, after) = int8_run
+    assert after == before == _priority()
 
 
-def test_markdown_shows_the_int8_rows(int8_run: tuple[dict[str, Any], int]) -> None:
+def test_markdown_shows_the_int8_rows(int8_run: tuple[dict[str, Any], tuple[int, int]]) -> None:
     results, _ = int8_run
     markdown = render_markdown(results)
     assert "| convserve serving the INT8 variant (dynamic batching) |" in markdown

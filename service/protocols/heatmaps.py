@@ -1,0 +1,94 @@
+"""Class activation maps made presentable: normalized grids for JSON, and a heat overlay as a PNG.
+
+A raw map covers the model's center crop at the feature map's resolution (7x7 for EfficientNet-Lite0
+at 224 px). For JSON it is upsampled to at most `MAX_GRID_SIDE` cells a side, keeping the crop's
+aspect: the full 224x224 would be ~400 KB of numbers per map, and a client overlaying it on a photo
+resamples it anyway. For the PNG it is upsampled to the crop box's size in the image's own pixels
+and blended over the photo, so nothing of the map's detail is lost there.
+
+Cost: a grid is at most 56x56 floats; a PNG is one image of at most CONVSERVE_MAX_DECODED_PIXELS
+(the preprocessor's decode bound), encoded once. Both run on the decode threads.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+MAX_GRID_SIDE = 56
+"""Largest number of heatmap cells along either side in a JSON answer."""
+GRID_DECIMALS = 4
+"""Decimals kept per heatmap value in JSON (1e-4 is far below what a colour map shows)."""
+OVERLAY_OPACITY = 0.5
+"""How much of the colour map shows over the photo inside the crop box (0: none, 1: only the map)."""
+# A "jet"-like ramp: dark blue (cold, no evidence) through cyan, yellow, to dark red (hot).
+_STOPS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+_COLOURS = np.array(
+    [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float64
+)
+
+
+def normalized(cam: np.ndarray) -> np.ndarray:
+    """The map scaled to [0, 1] (its minimum at 0, its maximum at 1); a flat map is all zeros."""
+    cam = np.asarray(cam, dtype=np.float32)
+    low, high = float(cam.min()), float(cam.max())
+    if not high > low:
+        return np.zeros_like(cam)
+    return (cam - low) / (high - low)
+
+
+def grid_size(crop: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a JSON heatmap for a crop of (height, width): the crop, at most `MAX_GRID_SIDE`."""
+    height, width = crop
+    scale = min(1.0, MAX_GRID_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resampled(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map bilinearly resampled to `size` (rows, cols), then normalized to [0, 1].
+
+    Normalized after resampling, so the grid's own hottest cell is 1: upsampled cells fall between
+    the feature map's positions, and none of them would otherwise reach the map's maximum.
+    """
+    rows, cols = size
+    raw = np.asarray(cam, dtype=np.float32)
+    image = Image.fromarray(raw).resize((cols, rows), Image.Resampling.BILINEAR)
+    return normalized(np.asarray(image, dtype=np.float32))
+
+
+def heatmap_grid(cam: np.ndarray, crop: tuple[int, int]) -> list[list[float]]:
+    """The JSON heatmap of one map: rows x cols of values in [0, 1], at `grid_size(crop)`."""
+    grid = np.round(resampled(cam, grid_size(crop)), GRID_DECIMALS)
+    return [[float(value) for value in row] for row in grid]
+
+
+def coloured(values: np.ndarray) -> np.ndarray:
+    """An RGB uint8 image [h, w, 3] of values in [0, 1] through the heat colour ramp."""
+    flat = values.ravel()
+    channels = [np.interp(flat, _STOPS, _COLOURS[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).reshape(*values.shape, 3).round().astype(np.uint8)
+
+
+def overlay_png(photo: Image.Image, cam: np.ndarray, box: tuple[float, float, float, float]) -> bytes:
+    """The photo with the map blended over its crop box, as PNG bytes of the photo's size.
+
+    `box` is (x0, y0, x1, y1) in the photo's pixels; the part of it outside the photo (a crop that
+    needed padding) is dropped, and the photo outside the box is left as it is.
+    """
+    x0, y0, x1, y1 = box
+    width, height = photo.size
+    box_w, box_h = max(1, round(x1 - x0)), max(1, round(y1 - y0))
+    heat = coloured(resampled(cam, (box_h, box_w))).astype(np.float32)
+    pixels = np.asarray(photo.convert("RGB"), dtype=np.float32).copy()
+    left, top = round(x0), round(y0)
+    # The overlap of the box with the photo, in photo and in heat-map coordinates.
+    px0, py0 = max(0, left), max(0, top)
+    px1, py1 = min(width, left + box_w), min(height, top + box_h)
+    if px1 > px0 and py1 > py0:
+        region = heat[py0 - top : py1 - top, px0 - left : px1 - left]
+        pixels[py0:py1, px0:px1] = (1 - OVERLAY_OPACITY) * pixels[py0:py1, px0:px1] + OVERLAY_OPACITY * region
+    out = io.BytesIO()
+    Image.fromarray(pixels.round().astype(np.uint8)).save(out, format="PNG", compress_level=3)
+    return out.getvalue()

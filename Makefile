@@ -55,7 +55,7 @@ serve: model
 	CONVSERVE_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m service
 
 # Static tools the tests use that are not Python packages (promtool from Debian's prometheus; kubectl,
-# which renders the kustomize manifests offline).
+# which renders the kustomize manifests offline; chromium, the browser tests/ui drives with Playwright).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
@@ -63,6 +63,9 @@ tools:
 	@command -v kubectl >/dev/null 2>&1 || { \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl >/dev/null) \
 		|| echo "NOTE: could not install kubectl; the Kubernetes manifest tests will be skipped"; }
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+		|| echo "NOTE: could not install chromium; the upload page's browser tests will be skipped"; }
 
 lint: $(VENV)/.stamp-lock
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from service import __version__
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
-from service.protocols import explain, health, metrics, predict, repository, v2
+from service.protocols import explain, health, metrics, predict, repository, ui, v2
 from service.protocols.docs import install_docs
 from service.protocols.error_handlers import install_error_handlers
 from service.settings import Settings
@@ -25,6 +25,7 @@ ROUTERS = (
     v2.router,
     repository.router,
     metrics.router,
+    ui.router,
 )
 """Every router of the service's own routes (FastAPI adds the docs routes)."""
 

@@ -45,9 +45,11 @@ class Role(StrEnum):
 _OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
     | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    | {"/", "/ui"}
 )
-# The docs pages' scripts, styles and icon (service.protocols.docs.STATIC_PREFIX).
-_OPEN_PREFIXES = ("/docs/static/",)
+# The docs pages' scripts, styles and icon (service.protocols.docs.STATIC_PREFIX), and the upload
+# page's (service.protocols.ui.STATIC_PREFIX): the page's own calls carry the token the person pastes.
+_OPEN_PREFIXES = ("/docs/static/", "/ui/static/")
 _MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 _ADMIN_PREFIXES = ("/v2/repository/",)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

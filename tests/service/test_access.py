@@ -26,6 +26,7 @@ import trustme
 from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
+from service.app import ROUTERS
 from service.errors import StartupError
 from service.settings import Settings
 from service.transport.access import Credentials, Role, role_of
@@ -194,6 +195,9 @@ def test_every_route_of_the_app_has_a_deliberate_role(explicit: LiveServer) -> N
         "/docs/oauth2-redirect",
         "/redoc",
         "/openapi.json",
+        "/",
+        "/ui",
+        "/ui/static/{name}",
     }
     assert {path for path in _paths(explicit) if path.startswith("/v2/repository")} == {
         path for path in _paths(explicit) if role_of(path) is Role.ADMIN
@@ -201,9 +205,11 @@ def test_every_route_of_the_app_has_a_deliberate_role(explicit: LiveServer) -> N
 
 
 def _paths(live: LiveServer) -> set[str]:
-    """Every route: the documented ones and FastAPI's own docs routes."""
+    """Every route: the documented ones, the service's routers' (the upload page is not documented)
+    and FastAPI's own docs routes."""
     documented = set(live.app.openapi()["paths"])
-    return documented | {str(getattr(route, "path", "")) for route in live.app.routes} - {""}
+    routed = {str(getattr(route, "path", "")) for router in ROUTERS for route in router.routes}
+    return documented | routed | {str(getattr(route, "path", "")) for route in live.app.routes} - {""}
 
 
 # ---- names are names ------------------------------------------------------------------------------

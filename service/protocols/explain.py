@@ -36,7 +36,7 @@ from service.inference.predictor import ClassMap
 from service.protocols import heatmaps
 from service.protocols.openapi import EXPLAIN_BODY, INFERENCE_ERRORS, PNG_RESPONSE, ExplainResponse, errors
 from service.protocols.predict import media_type_of, multipart_images
-from service.protocols.v2codec import RESPONSE_SLACK_BYTES, escaped_label_bytes
+from service.protocols.v2codec import check_answer_bound, escaped_label_bytes
 from service.state import model_lease, service_state
 from service.textsafety import printable
 
@@ -86,13 +86,13 @@ def _check_rows(rows: int, classes: int, png: bool, metadata: ModelMetadata) -> 
             f"format=png draws one map over one image; this request has {rows} images and {classes} "
             "classes: send one image and at most one class, or ask for JSON"
         )
-    bound = answer_bound(rows, classes, metadata)
-    tensor_bytes = rows * math.prod(metadata.input_shape) * 4
-    if bound > tensor_bytes + RESPONSE_SLACK_BYTES:
-        raise InvalidInputError(
-            f"{classes} classes for {rows} images could take {bound} bytes, more than the request's "
-            f"{tensor_bytes} tensor bytes + {RESPONSE_SLACK_BYTES}; ask for fewer classes or images"
-        )
+    check_answer_bound(
+        answer_bound(rows, classes, metadata),
+        rows,
+        math.prod(metadata.input_shape),
+        asked=f"{classes} classes for {rows} images",
+        fix="ask for fewer classes or images",
+    )
 
 
 @router.post(

@@ -20,10 +20,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from modelcontract import ModelMetadata
-from service.errors import InvalidInputError, UnsupportedMediaTypeError
+from service.errors import UnsupportedMediaTypeError
 from service.inference.predictor import InferenceRequest, Inputs, NamedImage
 from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
-from service.protocols.v2codec import RESPONSE_SLACK_BYTES, escaped_label_bytes
+from service.protocols.v2codec import check_answer_bound, escaped_label_bytes
 from service.state import ServiceState, model_lease, service_state
 from service.textsafety import printable
 from service.transport.request_body import (
@@ -48,13 +48,13 @@ def response_bound(rows: int, top_k: int, labels: tuple[str, ...]) -> int:
 
 
 def _check_response_budget(rows: int, top_k: int, metadata: ModelMetadata) -> None:
-    bound = response_bound(rows, top_k, metadata.labels)
-    tensor_bytes = rows * math.prod(metadata.input_shape) * 4
-    if bound > tensor_bytes + RESPONSE_SLACK_BYTES:
-        raise InvalidInputError(
-            f"top_k={top_k} for {rows} rows could take {bound} bytes, more than the request's "
-            f"{tensor_bytes} tensor bytes + {RESPONSE_SLACK_BYTES}; ask for a smaller top_k"
-        )
+    check_answer_bound(
+        response_bound(rows, top_k, metadata.labels),
+        rows,
+        math.prod(metadata.input_shape),
+        asked=f"top_k={top_k} for {rows} rows",
+        fix="ask for a smaller top_k",
+    )
 
 
 @router.post(

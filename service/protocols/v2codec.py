@@ -482,14 +482,24 @@ def _check_response_budget(request: InferRequest, spec: TensorSpec) -> None:
     tensor = request.inputs.tensor
     if tensor is not None and tensor.shape[1:] != spec.input_shape:
         return  # not a tensor this model takes: the predictor refuses it, saying why
-    computed = request.rows * spec.row_values * 4  # an image becomes one row of the model's tensor
-    allowed = computed + RESPONSE_SLACK_BYTES
-    bound = response_bound(request, spec)
-    if bound > allowed:
+    check_answer_bound(
+        response_bound(request, spec),
+        request.rows,  # an image becomes one row of the model's tensor
+        spec.row_values,
+        asked="the requested outputs",
+        fix="ask for binary_data output or a smaller classification",
+    )
+
+
+def check_answer_bound(bound: int, rows: int, row_values: int, *, asked: str, fix: str) -> None:
+    """422 (before inference) when an answer of up to `bound` bytes would pass what its request may get
+    back: the tensor bytes it makes the server compute (`rows` x `row_values` float32) +
+    `RESPONSE_SLACK_BYTES`. Every route that answers per row applies this one rule."""
+    computed = rows * row_values * 4
+    if bound > computed + RESPONSE_SLACK_BYTES:
         raise InvalidInputError(
-            f"the requested outputs could take {bound} bytes, more than the {allowed} this request may "
-            f"get back (its tensor's {computed} bytes + {RESPONSE_SLACK_BYTES}); ask for binary_data "
-            "output or a smaller classification"
+            f"{asked} could take {bound} bytes, more than the request's {computed} tensor bytes + "
+            f"{RESPONSE_SLACK_BYTES}; {fix}"
         )
 
 

@@ -57,6 +57,14 @@ class Asset:
     digest: str
     """The first 16 hex digits of the body's SHA-256: the `?v=` of its URL and its ETag."""
 
+    def response(self, request: Request) -> Response:
+        """The asset, cached as immutable (its URL names its digest), or 304 when the client has it."""
+        etag = f'"{self.digest}"'
+        headers = {"cache-control": _CACHE_CONTROL, "etag": etag, "x-content-type-options": "nosniff"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(self.body, media_type=self.media_type, headers=headers)
+
 
 @functools.cache
 def assets() -> dict[str, Asset]:
@@ -119,11 +127,7 @@ async def static_asset(request: Request) -> Response:
         raise HTTPException(
             404, f"no docs asset {brief(name)}; the docs pages at /docs and /redoc name theirs"
         )
-    etag = f'"{asset.digest}"'
-    headers = {"cache-control": _CACHE_CONTROL, "etag": etag, "x-content-type-options": "nosniff"}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    return Response(asset.body, media_type=asset.media_type, headers=headers)
+    return asset.response(request)
 
 
 def install_docs(app: FastAPI) -> None:

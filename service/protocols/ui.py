@@ -34,7 +34,6 @@ STATIC_PREFIX = "/ui/static"
 STATIC_DIR = Path(__file__).with_name("static") / "ui"
 PAGE_FILE = "index.html"
 _MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-_CACHE_CONTROL = "public, max-age=31536000, immutable"
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'none'",
@@ -106,8 +105,4 @@ async def static_file(request: Request, name: str) -> Response:
     asset = assets().get(name)
     if asset is None:
         raise HTTPException(404, f"no page file {brief(name)}; the page at {PAGE_PATH} names its files")
-    etag = f'"{asset.digest}"'
-    headers = {"cache-control": _CACHE_CONTROL, "etag": etag, "x-content-type-options": "nosniff"}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    return Response(asset.body, media_type=asset.media_type, headers=headers)
+    return asset.response(request)

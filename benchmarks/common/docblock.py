@@ -8,6 +8,7 @@ belongs to whoever writes the document.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class MissingMarkersError(ValueError):
@@ -38,3 +39,12 @@ def replace_block(document: Path, body: str, start: str, end: str) -> bool:
         return False
     document.write_text(updated)
     return True
+
+
+def cell(value: Any, digits: int = 1) -> str:
+    """A table cell of a generated block: `value` with `digits` decimals if a float, "–" if missing."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

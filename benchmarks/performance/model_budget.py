@@ -33,7 +33,8 @@ from typing import Any
 import aiohttp
 
 from benchmarks.common.corpus import Photo
-from benchmarks.common.loadgen import DEFAULT_REQUEST_TIMEOUT_S, client_session, error_kind
+from benchmarks.common.docblock import cell
+from benchmarks.common.loadgen import DEFAULT_REQUEST_TIMEOUT_S, Outcome, client_session, error_kind
 from benchmarks.common.processes import (
     ServerProcess,
     ServerStartError,
@@ -69,16 +70,12 @@ class BudgetPlan:
 
 
 @dataclass(frozen=True)
-class BudgetRequest:
-    """One request of the mix: which model, when it was sent and answered, and how."""
+class BudgetRequest(Outcome):
+    """One request of the mix: the load generator's outcome, which model it asked for, and the
+    on-demand load it waited for."""
 
-    model: str
-    sent: float
-    finished: float
-    status: int | None
-    """HTTP status; None when no answer was read (`error` says why)."""
-    error: str | None
-    load_ms: float | None
+    model: str = ""
+    load_ms: float | None = None
     """The on-demand load this request waited for (its `Server-Timing`); None for a hit."""
 
     @property
@@ -88,17 +85,6 @@ class BudgetRequest:
     @property
     def waited(self) -> bool:
         return self.load_ms is not None
-
-    @property
-    def latency_s(self) -> float:
-        return self.finished - self.sent
-
-    @property
-    def error_label(self) -> str | None:
-        """None for a 200, else `http_503`, `ServerDisconnectedError`, ... (as the load generator's)."""
-        if self.error is not None:
-            return self.error
-        return None if self.status == 200 else f"http_{self.status}"
 
 
 def zipf_cumulative(count: int, exponent: float = ZIPF_EXPONENT) -> list[float]:
@@ -169,7 +155,7 @@ async def zipf_mix(
             model = names[zipf_index(draws.random(), cumulative)]
             photo = photos[(index + turn) % len(photos)]
             status, error, load_ms = await post_to_model(session, url, model, photo)
-            requests.append(BudgetRequest(model, sent, time.perf_counter(), status, error, load_ms))
+            requests.append(BudgetRequest(sent, time.perf_counter(), status, error, model, load_ms))
 
     async with client_session(concurrency, request_timeout_s) as session:
         await asyncio.gather(*(client(session, index) for index in range(concurrency)))
@@ -371,14 +357,6 @@ def _log_entry(entry: Mapping[str, Any]) -> None:
     )
 
 
-def _fmt(value: Any, digits: int = 0) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def budget_table(budget: Mapping[str, Any] | None) -> list[str]:
     """Markdown: one row per budget (hits vs waits, evictions, peak RSS against the budget)."""
     if not budget or not budget.get("budgets"):
@@ -396,11 +374,11 @@ def budget_table(budget: Mapping[str, Any] | None) -> list[str]:
         hit_rate = None if entry["hit_rate"] is None else 100.0 * entry["hit_rate"]
         lines.append(
             f"| {entry['budget_mb']} | {entry['loaded_at_end']} of {budget['models']} | "
-            f"{entry['requests']} | {entry['failed']} | {_fmt(hit_rate, 1)} | "
-            f"{_fmt(entry['hit_p50_ms'])} / {_fmt(entry['hit_p99_ms'])} | "
-            f"{_fmt(entry['waited_p50_ms'])} / {_fmt(entry['waited_p99_ms'])} | "
-            f"{_fmt(entry['load_wait_p50_ms'])} / {_fmt(entry['load_wait_p99_ms'])} | "
-            f"{_fmt(entry['evictions_per_min'], 1)} | {_fmt(entry['on_demand_loads'])} | "
-            f"{_fmt(entry['used_mb'])} | {_fmt(entry['rss_peak_mb'])} | {_fmt(entry['img_per_s'], 1)} |"
+            f"{entry['requests']} | {entry['failed']} | {cell(hit_rate, 1)} | "
+            f"{cell(entry['hit_p50_ms'], 0)} / {cell(entry['hit_p99_ms'], 0)} | "
+            f"{cell(entry['waited_p50_ms'], 0)} / {cell(entry['waited_p99_ms'], 0)} | "
+            f"{cell(entry['load_wait_p50_ms'], 0)} / {cell(entry['load_wait_p99_ms'], 0)} | "
+            f"{cell(entry['evictions_per_min'], 1)} | {cell(entry['on_demand_loads'], 0)} | "
+            f"{cell(entry['used_mb'], 0)} | {cell(entry['rss_peak_mb'], 0)} | {cell(entry['img_per_s'], 1)} |"
         )
     return lines

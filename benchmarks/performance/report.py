@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common.docblock import block_between, replace_block
+from benchmarks.common.docblock import block_between, cell, replace_block
 from benchmarks.performance.model_budget import budget_table
 from benchmarks.performance.model_memory import memory_table
 from benchmarks.performance.protocols import protocol_table
@@ -48,14 +48,6 @@ SHORT_TITLES = {
 }
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _met(target: Mapping[str, Any]) -> str:
     if target.get("invalid"):
         return "**INVALID** (ceiling below a server)"
@@ -69,21 +61,21 @@ def _summary_table(results: Mapping[str, Any]) -> list[str]:
         "mean batch | server CPU % |",
         "|---|---|---|---|---|---|---|---|",
         f"| {SERVER_TITLES['ceiling']} (batch {results['in_process'].get('best_batch_size', '–')}) | "
-        f"{_fmt(results.get('ceiling_img_per_s'))} | – | – | – | – | – | – |",
+        f"{cell(results.get('ceiling_img_per_s'))} | – | – | – | – | – | – |",
     ]
     if results.get("int8_ceiling_img_per_s") is not None:
         lines.append(
             "| Ceiling with the INT8 variant (same batch, ONNX Runtime and decode threads) | "
-            f"{_fmt(results['int8_ceiling_img_per_s'])} | – | – | – | – | – | – |"
+            f"{cell(results['int8_ceiling_img_per_s'])} | – | – | – | – | – | – |"
         )
     for server in SERVERS:
         row = find_level(levels, server, "concurrency", HEADLINE_CONCURRENCY)
         if row is None:
             continue
         lines.append(
-            f"| {SERVER_TITLES[server]} | {_fmt(row['img_per_s'])} | {_fmt(row['p50_ms'])} | "
-            f"{_fmt(row['p95_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | "
-            f"{_fmt(row.get('mean_batch_size'), 2)} | {_fmt(row.get('server_cpu_percent'), 0)} |"
+            f"| {SERVER_TITLES[server]} | {cell(row['img_per_s'])} | {cell(row['p50_ms'])} | "
+            f"{cell(row['p95_ms'])} | {cell(row['p99_ms'])} | {row['errors']} | "
+            f"{cell(row.get('mean_batch_size'), 2)} | {cell(row.get('server_cpu_percent'), 0)} |"
         )
     return lines
 
@@ -128,8 +120,8 @@ def _peer_table(results: Mapping[str, Any]) -> list[str]:
     for key, ratio in ratios.items():
         peer, concurrency = key.removeprefix("service/").split("@c")
         lines.append(
-            f"| {SHORT_TITLES[peer]} | {concurrency} | {_fmt(ratio['img_per_s'], 2)} | "
-            f"{_fmt(ratio['p50_ms'], 2)} | {_fmt(ratio['p99_ms'], 2)} |"
+            f"| {SHORT_TITLES[peer]} | {concurrency} | {cell(ratio['img_per_s'], 2)} | "
+            f"{cell(ratio['p50_ms'], 2)} | {cell(ratio['p99_ms'], 2)} |"
         )
     return [*lines, ""]
 
@@ -150,7 +142,7 @@ def _concurrency_table(results: Mapping[str, Any]) -> list[str]:
         cells = []
         for server in servers:
             row = find_level(levels, server, "concurrency", concurrency)
-            cells.append("–" if row is None else f"{_fmt(row['img_per_s'])} ({_fmt(row['p99_ms'], 0)})")
+            cells.append("–" if row is None else f"{cell(row['img_per_s'])} ({cell(row['p99_ms'], 0)})")
         lines.append(f"| {concurrency} | " + " | ".join(cells) + " |")
     return lines
 
@@ -165,9 +157,9 @@ def _rate_table(results: Mapping[str, Any]) -> list[str]:
     ]
     for row in sorted(rows, key=lambda r: (SERVERS.index(r["server"]), r["level"])):
         lines.append(
-            f"| {row['server']} | {_fmt(float(row['level']))} | {_fmt(row['img_per_s'])} | "
-            f"{_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | "
-            f"{_fmt(row.get('mean_batch_size'), 2)} |"
+            f"| {row['server']} | {cell(float(row['level']))} | {cell(row['img_per_s'])} | "
+            f"{cell(row['p50_ms'])} | {cell(row['p99_ms'])} | {row['errors']} | "
+            f"{cell(row.get('mean_batch_size'), 2)} |"
         )
     return lines
 
@@ -176,7 +168,7 @@ def _targets_table(results: Mapping[str, Any]) -> list[str]:
     lines = ["| Target | threshold | measured | met |", "|---|---|---|---|"]
     for target in results["targets"]:
         lines.append(
-            f"| {target['target']} | {_fmt(target['threshold'], 2)} | {_fmt(target['measured'], 3)} | "
+            f"| {target['target']} | {cell(target['threshold'], 2)} | {cell(target['measured'], 3)} | "
             f"{_met(target)} |"
         )
     return lines
@@ -196,8 +188,8 @@ def _ceiling_lines(results: Mapping[str, Any]) -> list[str]:
     if spread and spread.get("windows"):
         lines += [
             f"Ceiling: the best of every in-process pipeline window ({spread['windows']} of its "
-            f"configuration: {_fmt(spread['min_img_per_s'])}–{_fmt(spread['max_img_per_s'])} img/s, "
-            f"spread {_fmt(100 * spread['relative_spread'], 0)} %).",
+            f"configuration: {cell(spread['min_img_per_s'])}–{cell(spread['max_img_per_s'])} img/s, "
+            f"spread {cell(100 * spread['relative_spread'], 0)} %).",
             "",
         ]
     return lines
@@ -227,9 +219,9 @@ def render_markdown(results: Mapping[str, Any], plot_link: str | None = None) ->
         *_concurrency_table(results),
         "",
         "In process: single image (decode + preprocess + batch-1 run) p50 "
-        f"{_fmt(in_process.get('single_image_p50_ms'))} ms, "
-        f"p99 {_fmt(in_process.get('single_image_p99_ms'))} ms; "
-        f"ONNX Runtime alone {_fmt(in_process.get('ort_only_best_img_per_s'))} img/s. "
+        f"{cell(in_process.get('single_image_p50_ms'))} ms, "
+        f"p99 {cell(in_process.get('single_image_p99_ms'))} ms; "
+        f"ONNX Runtime alone {cell(in_process.get('ort_only_best_img_per_s'))} img/s. "
         f"Service RSS: {_rss_sentence(results)}.",
         "",
         f"CPU per image and the INT8 variant (concurrency {HEADLINE_CONCURRENCY}; the key of each figure "
@@ -320,7 +312,7 @@ def _figures_table(results: Mapping[str, Any]) -> list[str]:
     int8_config = (
         f"batch {in_process.get('batch_size', '–')}, intra-op threads "
         f"{'as the service' if threads == 0 else threads}; FP32 at the same: "
-        f"{_fmt(in_process.get('fp32_ort_alone_img_per_s'))} img/s"
+        f"{cell(in_process.get('fp32_ort_alone_img_per_s'))} img/s"
     )
     rows: list[tuple[str, str, int]] = [
         ("ONNX Runtime alone in process, FP32, best batch and threads, img/s", "ort_alone_img_per_s", 1),
@@ -342,7 +334,7 @@ def _figures_table(results: Mapping[str, Any]) -> list[str]:
         rows.append(("FP32 − INT8 top-1 accuracy, points", "int8_accuracy_drop", 2))
     lines = ["| Figure | key | value |", "|---|---|---|"]
     for label, key, digits in rows:
-        lines.append(f"| {label} | `{key}` | {_fmt(results.get(key), digits)} |")
+        lines.append(f"| {label} | `{key}` | {cell(results.get(key), digits)} |")
     return lines
 
 
@@ -358,7 +350,7 @@ def _profile_lines(results: Mapping[str, Any]) -> list[str]:
         "|---|---|---|",
     ]
     for name, bucket in profile["buckets"].items():
-        lines.append(f"| {name} | {_fmt(bucket['cpu_ms_per_image'])} | {_fmt(bucket['share'] * 100, 0)} % |")
+        lines.append(f"| {name} | {cell(bucket['cpu_ms_per_image'])} | {cell(bucket['share'] * 100, 0)} % |")
     return [*lines, ""]
 
 

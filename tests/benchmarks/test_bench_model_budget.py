@@ -76,7 +76,7 @@ def test_summary_splits_hits_from_waits_inside_the_window_only() -> None:
         sent: float, latency: float, status: int | None = 200, load_ms: float | None = None
     ) -> BudgetRequest:
         error = None if status is not None else "ServerDisconnectedError"
-        return BudgetRequest("m00", sent, sent + latency, status, error, load_ms)
+        return BudgetRequest(sent, sent + latency, status, error, "m00", load_ms)
 
     requests = [
         request(0.5, 0.1, status=503),  # warm-up: counted apart

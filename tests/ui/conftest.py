@@ -1,4 +1,4 @@
-"""Fixtures for the page tests: the tiny model's repository, and a headless Chromium for the session."""
+"""Fixtures for the page tests: the tiny model's repository, and a headless Chromium per module."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def server(model_repository: Path) -> Iterator[LiveServer]:
         yield live
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    # Per module, not per session: Playwright's sync API keeps an event loop running on this thread
+    # while it is open, so tests collected after it that call asyncio.run would fail.
     executable = find_chromium()
     if executable is None:  # the browser modules skip before they ask for this
         pytest.fail(NO_CHROMIUM)

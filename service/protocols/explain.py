@@ -13,7 +13,8 @@ image per class asked for, image-major (image 0 class A, image 0 class B, image 
 `heatmap` is rows x cols of values in [0, 1] over the model's center crop, at most 56 a side
 (`service.protocols.heatmaps`); `box` is the region of the image as sent, in its pixels, that the
 crop (and so the heatmap) covers, from the resize and crop in the model's metadata. `?format=png`
-answers one image as `image/png` instead: the photo with the map blended over its box.
+answers one image as `image/png` instead: the photo, scaled down to at most four times the crop's
+pixels (`heatmaps.fitted`), with the map blended over its box.
 
 Cost of an answer, bounded before anything is decoded: at most `MAX_CLASSES` classes; for R images
 and k classes, R x k x (cells x 8 + 320 + the longest escaped label) bytes must fit the bytes of the
@@ -170,4 +171,11 @@ def _overlay(photo: Image.Image, item: ClassMap, metadata: ModelMetadata) -> byt
     # A large JPEG is decoded at reduced size: the box, in the pixels as sent, is scaled to the photo.
     scale_x, scale_y = photo.size[0] / item.size[0], photo.size[1] / item.size[1]
     x0, y0, x1, y1 = _box(item, metadata)
-    return heatmaps.overlay_png(photo, item.cam, (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y))
+    box = (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
+    return heatmaps.overlay_png(photo, item.cam, box, overlay_pixels(metadata))
+
+
+def overlay_pixels(metadata: ModelMetadata) -> int:
+    """Most pixels of a PNG overlay for this model (`heatmaps.OVERLAY_PIXELS_PER_CROP_PIXEL`)."""
+    height, width = metadata.eval_spec.input_size
+    return heatmaps.OVERLAY_PIXELS_PER_CROP_PIXEL * height * width

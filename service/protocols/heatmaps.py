@@ -3,11 +3,16 @@
 A raw map covers the model's center crop at the feature map's resolution (7x7 for EfficientNet-Lite0
 at 224 px). For JSON it is upsampled to at most `MAX_GRID_SIDE` cells a side, keeping the crop's
 aspect: the full 224x224 would be ~400 KB of numbers per map, and a client overlaying it on a photo
-resamples it anyway. For the PNG it is upsampled to the crop box's size in the image's own pixels
-and blended over the photo, so nothing of the map's detail is lost there.
+resamples it anyway. For the PNG the photo is first scaled down to at most `OVERLAY_PIXELS_PER_CROP_PIXEL`
+times the model crop's pixels (548x365 for a 3:2 photo and a 224 px crop), then the map is upsampled
+to the crop box's size there and blended over it.
 
-Cost: a grid is at most 56x56 floats; a PNG is one image of at most CONVSERVE_MAX_DECODED_PIXELS
-(the preprocessor's decode bound), encoded once. Both run on the decode threads.
+Cost: a grid is at most 56x56 floats. The PNG's bound is what keeps a small upload from buying a
+large answer and seconds of CPU: at the decode bound (4 MP) a noisy 261 KB JPEG became an 11.9 MB
+PNG for 1.3 CPU-s. At four pixels per crop pixel its raw RGB is exactly the request's float32 tensor
+bytes (3 x 4 bytes per crop pixel), so even an incompressible PNG stays within the answer rule every
+route follows (`service.protocols.v2codec.check_answer_bound`), for ~0.05 CPU-s. Both run on the
+decode threads.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ MAX_GRID_SIDE = 56
 """Largest number of heatmap cells along either side in a JSON answer."""
 GRID_DECIMALS = 4
 """Decimals kept per heatmap value in JSON (1e-4 is far below what a colour map shows)."""
+OVERLAY_PIXELS_PER_CROP_PIXEL = 4
+"""Most pixels of a PNG overlay per pixel of the model's crop (see the module docstring)."""
 OVERLAY_OPACITY = 0.5
 """How much of the colour map shows over the photo inside the crop box (0: none, 1: only the map)."""
 # A "jet"-like ramp: dark blue (cold, no evidence) through cyan, yellow, to dark red (hot).
@@ -71,17 +78,31 @@ def coloured(values: np.ndarray) -> np.ndarray:
     return np.stack(channels, axis=-1).reshape(*values.shape, 3).round().astype(np.uint8)
 
 
-def overlay_png(photo: Image.Image, cam: np.ndarray, box: tuple[float, float, float, float]) -> bytes:
-    """The photo with the map blended over its crop box, as PNG bytes of the photo's size.
+def fitted(photo: Image.Image, max_pixels: int) -> tuple[Image.Image, float]:
+    """`photo` as the overlay draws on it (RGB, scaled down to at most `max_pixels`), and the scale."""
+    width, height = photo.size
+    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
+    if scale < 1.0:
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        return photo.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), scale
+    return photo.convert("RGB"), 1.0
+
+
+def overlay_png(
+    photo: Image.Image, cam: np.ndarray, box: tuple[float, float, float, float], max_pixels: int
+) -> bytes:
+    """The photo, scaled down to at most `max_pixels` (`fitted`), with the map blended over its crop
+    box, as PNG bytes.
 
     `box` is (x0, y0, x1, y1) in the photo's pixels; the part of it outside the photo (a crop that
     needed padding) is dropped, and the photo outside the box is left as it is.
     """
-    x0, y0, x1, y1 = box
+    photo, scale = fitted(photo, max_pixels)
+    x0, y0, x1, y1 = (value * scale for value in box)
     width, height = photo.size
     box_w, box_h = max(1, round(x1 - x0)), max(1, round(y1 - y0))
     heat = coloured(resampled(cam, (box_h, box_w))).astype(np.float32)
-    pixels = np.asarray(photo.convert("RGB"), dtype=np.float32).copy()
+    pixels = np.asarray(photo, dtype=np.float32).copy()
     left, top = round(x0), round(y0)
     # The overlap of the box with the photo, in photo and in heat-map coordinates.
     px0, py0 = max(0, left), max(0, top)

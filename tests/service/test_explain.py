@@ -27,6 +27,8 @@ from service.app import create_app
 from service.inference.batching import DynamicBatcher
 from service.models.runtime import OnnxModel, load_model
 from service.protocols import heatmaps
+from service.protocols.explain import overlay_pixels
+from service.protocols.v2codec import RESPONSE_SLACK_BYTES
 from service.transport.access import Role, role_of
 from tests.explainmodel import EXPLAIN_MODEL_NAME, FEATURE_SIZE, export_explainable
 from tests.liveserver import live_server, wait_ready
@@ -124,15 +126,20 @@ def test_explain_heatmap_is_the_class_activation_map_of_the_models_own_outputs(
     assert np.asarray(answer["explanations"][0]["heatmap"]) == pytest.approx(expected, abs=1e-3)
 
 
-def test_explain_png_is_the_photo_at_its_size_with_the_map_over_the_box(client: TestClient) -> None:
+def test_explain_png_is_the_photo_scaled_to_its_bound_with_the_map_over_the_box(
+    client: TestClient, seeing: OnnxModel
+) -> None:
     cat = photo("chelsea")
     answer = client.post(f"{EXPLAIN}?format=png", files=[png_file("chelsea")])
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "image/png"
     overlay = Image.open(io.BytesIO(answer.content))
-    assert overlay.format == "PNG" and overlay.size == cat.size
-    pixels, original = np.asarray(overlay.convert("RGB"), dtype=int), np.asarray(cat, dtype=int)
-    x0, y0, x1, y1 = (round(v) for v in expected_box(cat.width, cat.height))
+    # At most four pixels per crop pixel: the cat (451x300) is scaled down for the 32x32 model.
+    drawn_on, scale = heatmaps.fitted(cat, overlay_pixels(seeing.metadata))
+    assert overlay.format == "PNG" and overlay.size == drawn_on.size
+    assert overlay.width * overlay.height <= 4 * 32 * 32 and scale < 1
+    pixels, original = np.asarray(overlay.convert("RGB"), dtype=int), np.asarray(drawn_on, dtype=int)
+    x0, y0, x1, y1 = (round(v * scale) for v in expected_box(cat.width, cat.height))
     assert (pixels[:, : x0 - 1] == original[:, : x0 - 1]).all()  # outside the box: the photo as sent
     assert (pixels[y0:y1, x0:x1] != original[y0:y1, x0:x1]).any()  # inside: the heat map over it
     several = client.post(f"{EXPLAIN}?format=png", files=[png_file("chelsea", "a"), png_file("coffee", "b")])
@@ -218,3 +225,17 @@ def test_a_batch_of_plain_requests_does_not_fetch_the_feature_map(seeing: OnnxMo
 
     asyncio.run(scenario())
     assert runs == [False]
+
+
+def test_a_png_overlay_of_a_large_noisy_photo_stays_within_the_requests_tensor_bytes(
+    client: TestClient, seeing: OnnxModel
+) -> None:
+    # The worst case for PNG: incompressible pixels at the decode bound's scale, sent as a small JPEG.
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    upload = encode(noise, "JPEG", quality=5)
+    answer = client.post(f"{EXPLAIN}?format=png", files=[("image", ("noise.jpg", upload, "image/jpeg"))])
+    assert answer.status_code == 200, answer.text
+    tensor_bytes = 3 * 32 * 32 * 4
+    assert len(answer.content) <= tensor_bytes + RESPONSE_SLACK_BYTES
+    overlay = Image.open(io.BytesIO(answer.content))
+    assert overlay.width * overlay.height <= 4 * 32 * 32

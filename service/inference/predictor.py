@@ -42,6 +42,7 @@ from service.inference.batching import DynamicBatcher, InferFn
 from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
 from service.settings import Settings
+from service.textsafety import printable
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class Predictor:
         if not classes or bad:
             raise InvalidInputError(
                 f"class indices must be between 0 and {self.metadata.num_classes - 1} (the class count "
-                f"less one), got {list(classes)}"
+                f"less one), got {printable(str(bad or list(classes)), 80)}"
             )
         return list(classes)
 

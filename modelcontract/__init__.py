@@ -2,19 +2,22 @@
 
 - `layout`: the repository on disk, `<root>/<name>/<version>/model.onnx`, and how versions are
   numbered and published;
-- `graph`: the ONNX graph's input and output names, `softmax`, how logits become probabilities, and
-  `class_activation_maps`, how a feature map and the head's weights show where a class was seen;
+- `graph`: the ONNX graph's input and output names, `softmax`, how logits become probabilities,
+  `class_activation_maps`, how a feature map and the head's weights show where a class was seen, and
+  `l2_normalize`, how embeddings get unit length;
 - `transform`: the evaluation transform, described (`EvalSpec`) and implemented (`EvalTransform`);
 - `metadata`: `ModelMetadata`, what a model file says about itself, with its JSON form and checks.
 Only numpy and Pillow are needed. The names below are the package's public API.
 """
 
 from modelcontract.graph import (
+    EMBEDDING_NAME,
     FEATURES_NAME,
     INPUT_NAME,
     ONNX_OPSET,
     OUTPUT_NAME,
     class_activation_maps,
+    l2_normalize,
     softmax,
 )
 from modelcontract.layout import MODEL_FILENAME, complete_versions, publish_version, version_numbers
@@ -22,6 +25,7 @@ from modelcontract.metadata import METADATA_KEY, SCHEMA_VERSION, MetadataError, 
 from modelcontract.transform import INTERPOLATIONS, EvalSpec, EvalTransform
 
 __all__ = [
+    "EMBEDDING_NAME",
     "FEATURES_NAME",
     "INPUT_NAME",
     "INTERPOLATIONS",
@@ -36,6 +40,7 @@ __all__ = [
     "ModelMetadata",
     "class_activation_maps",
     "complete_versions",
+    "l2_normalize",
     "publish_version",
     "softmax",
     "version_numbers",

@@ -1,5 +1,6 @@
-"""The ONNX graph's interface: one float32 image input, a logits output (and optionally class activation
-maps), how logits are read and how class activation maps are made."""
+"""The ONNX graph's interface: one float32 image input, a logits output (and optionally the feature map
+class activation maps are made of, and an image embedding), how logits are read, how class activation
+maps are made and how embeddings are normalized."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ OUTPUT_NAME = "logits"
 FEATURES_NAME = "features"
 """Name training gives the optional second output: the last feature map, float32 [batch, C, h, w],
 the one the head averages and weighs (metadata `explain_output` declares it)."""
+EMBEDDING_NAME = "embedding"
+"""Name training gives the image-embedding output: float32 [batch, C], the pooled features the head's
+linear layer reads (metadata `embedding_output` declares it, with its size and whether it is normalized)."""
 ONNX_OPSET = 18
 """Opset training exports with."""
 
@@ -33,3 +37,16 @@ def class_activation_maps(features: np.ndarray, weights: np.ndarray, classes: np
     channels, height, width = features.shape
     flat = features.reshape(channels, height * width)
     return np.asarray(weights[classes] @ flat).reshape(len(classes), height, width)
+
+
+L2_EPSILON = 1e-12
+"""Smallest norm `l2_normalize` divides by, PyTorch's `F.normalize` default: a zero row stays zero."""
+
+
+def l2_normalize(rows: np.ndarray) -> np.ndarray:
+    """Rows [N, D] scaled to unit Euclidean length, in float32: the form cosine search needs, where
+    the dot product of two rows is their cosine similarity. Each row is divided by max(norm,
+    `L2_EPSILON`), as training's in-graph normalization does, so the two agree."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return np.asarray(rows / np.maximum(norms, L2_EPSILON), dtype=np.float32)

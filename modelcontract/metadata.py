@@ -14,6 +14,12 @@ Version 3 added `explain_output` and `explain_weights`: a second graph output, t
 and the initializer holding the head's weights, from which class activation maps are made. Files of
 older versions have neither; an older reader would refuse the graph's second output anyway, but with a
 message about the graph instead of one about its version.
+Version 4 added `embedding_output`, `embedding_size` and `embedding_normalized`: a graph output holding
+each image's embedding (for training's exports, the pooled features the head's linear layer reads), its
+width, and whether its rows already have unit length. Files of older versions have none (the three
+read as None) and are served as before. This code always writes the current version, embedding or not:
+one writer path, and a reader older than a file refuses it by its version with the way out, the same
+message whatever the file holds.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, softmax
+from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, l2_normalize, softmax
 from modelcontract.transform import EvalSpec
 
 METADATA_KEY = "convserve"
 """The one `metadata_props` key of an ONNX file that holds the metadata JSON."""
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the metadata layout this code writes and the newest it reads."""
 LOGITS = "logits"
 """`output_kind` of a model whose output rows are unnormalized scores: serving applies softmax."""
@@ -43,6 +49,8 @@ _OUTPUT_KIND_SINCE = 2
 """The schema version that introduced `output_kind`: older files hold logits models."""
 _EXPLAIN_OUTPUT_SINCE = 3
 """The schema version that introduced `explain_output`: older files have no class activation maps."""
+_EMBEDDING_SINCE = 4
+"""The schema version that introduced `embedding_output`: older files have no embedding."""
 
 # The JSON keys, each written and read only here.
 _SCHEMA_VERSION = "schema_version"
@@ -64,12 +72,16 @@ _OPSET = "opset"
 _OUTPUT_KIND = "output_kind"
 _EXPLAIN_OUTPUT = "explain_output"
 _EXPLAIN_WEIGHTS = "explain_weights"
+_EMBEDDING_OUTPUT = "embedding_output"
+_EMBEDDING_SIZE = "embedding_size"
+_EMBEDDING_NORMALIZED = "embedding_normalized"
 _REQUIRED = (_LABELS, _INPUT_SHAPE, _MEAN, _STD, _RESIZE_SIZE, _INTERPOLATION)
 CONTRACT_FIELDS = frozenset(
     {
         _SCHEMA_VERSION, _LABELS, _NUM_CLASSES, _INPUT_SHAPE, _RESIZE_SIZE, _INTERPOLATION, _MEAN, _STD,
         _BACKBONE, _PRECISION, _VAL_ACCURACY, _PARITY, _CREATED, _INPUT_NAME, _OUTPUT_NAME, _OPSET,
-        _OUTPUT_KIND, _EXPLAIN_OUTPUT, _EXPLAIN_WEIGHTS,
+        _OUTPUT_KIND, _EXPLAIN_OUTPUT, _EXPLAIN_WEIGHTS, _EMBEDDING_OUTPUT, _EMBEDDING_SIZE,
+        _EMBEDDING_NORMALIZED,
     }
 )  # fmt: skip
 """The keys `ModelMetadata` owns; anything else in the JSON is kept in `extra`."""
@@ -108,6 +120,14 @@ class ModelMetadata:
     explain_weights: str | None = None
     """Name of the graph initializer holding the head's weights, float32 [num_classes, C]; set exactly
     when `explain_output` is. Class activation maps are `graph.class_activation_maps` of the two."""
+    embedding_output: str | None = None
+    """Name of the graph output holding each image's embedding, float32 [N, `embedding_size`], or None
+    when the model declares none. The three embedding fields are set together or not at all."""
+    embedding_size: int | None = None
+    """Width of one embedding row (for training's exports, the channels the head pools)."""
+    embedding_normalized: bool | None = None
+    """Whether the graph already scales every embedding row to unit L2 length (`graph.l2_normalize`);
+    `unit_embeddings` gives unit rows either way."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON fields (quantization details, weights origin, ...), kept and written back as they are."""
     schema_version: int = SCHEMA_VERSION
@@ -145,9 +165,39 @@ class ModelMetadata:
                     f"{_EXPLAIN_OUTPUT!r} must name a graph output other than the input and "
                     f"{self.output_name!r}, got {self.explain_output!r}"
                 )
+        self._check_embedding()
         clashes = sorted(CONTRACT_FIELDS & set(self.extra))
         if clashes:
             raise ValueError(f"extra metadata may not override contract fields {clashes}")
+
+    def _check_embedding(self) -> None:
+        output, size, normalized = self.embedding_output, self.embedding_size, self.embedding_normalized
+        if output is None and size is None and normalized is None:
+            return
+        if output is None or size is None or normalized is None:
+            raise ValueError(
+                f"{_EMBEDDING_OUTPUT!r}, {_EMBEDDING_SIZE!r} and {_EMBEDDING_NORMALIZED!r} go together: "
+                f"set all three or none, got {output!r}, {size!r} and {normalized!r}"
+            )
+        if self.schema_version < _EMBEDDING_SINCE:
+            raise ValueError(
+                f"{_EMBEDDING_OUTPUT!r} needs schema version {_EMBEDDING_SINCE} or later, "
+                f"got {self.schema_version}"
+            )
+        taken = [name for name in (self.input_name, self.output_name, self.explain_output) if name]
+        if output in ("", *taken):
+            raise ValueError(
+                f"{_EMBEDDING_OUTPUT!r} must name a graph output of its own, none of {taken}, got {output!r}"
+            )
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"{_EMBEDDING_SIZE!r} must be a positive integer, got {size!r}")
+        if not isinstance(normalized, bool):
+            raise ValueError(f"{_EMBEDDING_NORMALIZED!r} must be true or false, got {normalized!r}")
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the graph has an embedding output declared here."""
+        return self.embedding_output is not None
 
     @property
     def explainable(self) -> bool:
@@ -191,6 +241,14 @@ class ModelMetadata:
             return np.asarray(outputs, dtype=np.float64)
         return softmax(outputs)
 
+    def unit_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """The embedding output's rows [N, embedding_size] at unit L2 length, float32, so that a dot
+        product is a cosine similarity: the rows themselves when the graph normalizes them, else
+        `graph.l2_normalize` of them. The one place that decides whether rows still need scaling."""
+        if self.embedding_normalized:
+            return np.asarray(rows, dtype=np.float32)
+        return l2_normalize(rows)
+
     def to_json(self) -> dict[str, Any]:
         """The metadata as the JSON object stored in the file (contract fields first, then `extra`)."""
         spec = self.eval_spec
@@ -214,6 +272,9 @@ class ModelMetadata:
             _OUTPUT_KIND: self.output_kind,
             _EXPLAIN_OUTPUT: self.explain_output,
             _EXPLAIN_WEIGHTS: self.explain_weights,
+            _EMBEDDING_OUTPUT: self.embedding_output,
+            _EMBEDDING_SIZE: self.embedding_size,
+            _EMBEDDING_NORMALIZED: self.embedding_normalized,
             **self.extra,
         }
 
@@ -293,6 +354,9 @@ def _from_dict(raw: dict[str, Any]) -> ModelMetadata:
         output_kind=_string(raw, _OUTPUT_KIND, LOGITS),
         explain_output=_optional_string(raw, _EXPLAIN_OUTPUT),
         explain_weights=_optional_string(raw, _EXPLAIN_WEIGHTS),
+        embedding_output=_optional_string(raw, _EMBEDDING_OUTPUT),
+        embedding_size=_optional_positive_int(raw, _EMBEDDING_SIZE),
+        embedding_normalized=_optional_bool(raw, _EMBEDDING_NORMALIZED),
         extra={key: value for key, value in raw.items() if key not in CONTRACT_FIELDS},
         schema_version=version,
     )
@@ -334,6 +398,20 @@ def _positive_int(raw: dict[str, Any], key: str, default: int) -> int:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _optional_positive_int(raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"{key!r} must be a positive integer or null, got {value!r}")
+    return value
+
+
+def _optional_bool(raw: dict[str, Any], key: str) -> bool | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{key!r} must be true, false or null, got {value!r}")
+    return value
 
 
 def _triple(raw: dict[str, Any], key: str) -> tuple[float, float, float]:

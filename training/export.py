@@ -9,6 +9,11 @@ A `Classifier` whose head pools a feature map (every backbone but LeNet-5) is ex
 output, that feature map (`training.feature_output`), declared in the metadata with the initializer
 holding the head's weights, and checked like the logits: the class activation maps ONNX Runtime's
 features and the file's weights make must match PyTorch's.
+
+Every `Classifier` (every backbone) also gets an `embedding` output [N, C]: the pooled features its
+head's linear layer reads, scaled to unit L2 length in the graph (`training.feature_output`), declared
+in the metadata with its size and `embedding_normalized`, and checked like the logits: ONNX Runtime's
+rows must match PyTorch's within `EMBEDDING_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 from modelcontract import (
+    EMBEDDING_NAME,
     FEATURES_NAME,
     INPUT_NAME,
     MODEL_FILENAME,
@@ -41,10 +48,13 @@ from modelcontract import (
 )
 from training.classifier import Classifier
 from training.feature_output import (
-    WithFeatures,
+    EMBEDDING_NORMALIZED,
+    ExportedOutputs,
+    embeddable,
     explainable,
     find_weights_initializer,
     head_weights,
+    reference_embedding,
 )
 from training.modelfile import set_metadata
 
@@ -55,6 +65,9 @@ PARITY_TOLERANCE = 1e-4
 MAPS_TOLERANCE = 1e-3
 """Largest allowed difference between PyTorch's and ONNX Runtime's class activation maps, relative to
 the largest absolute value of PyTorch's (maps are shown normalized, so their scale is what matters)."""
+EMBEDDING_TOLERANCE = 1e-3
+"""Largest allowed difference between PyTorch's and ONNX Runtime's embeddings, relative to the largest
+absolute value of PyTorch's (search compares directions, so their scale is what matters)."""
 
 
 class ExportParityError(RuntimeError):
@@ -127,6 +140,18 @@ def _check_graph(proto: onnx.ModelProto, num_classes: int, spec: EvalSpec, outpu
         )
 
 
+def _check_embedding_output(proto: onnx.ModelProto, size: int) -> None:
+    """The embedding output is [batch, size] with the batch axis symbolic, as the metadata will say."""
+    output = next(o for o in proto.graph.output if o.name == EMBEDDING_NAME)
+    dims = output.type.tensor_type.shape.dim
+    if len(dims) != 2 or not dims[0].dim_param or dims[1].dim_value != size:
+        shape = [d.dim_param or d.dim_value for d in dims]
+        raise ExportParityError(
+            f"exported graph's {EMBEDDING_NAME!r} output has shape {shape}; expected [batch, {size}] "
+            "with a symbolic batch axis"
+        )
+
+
 def _parity(reference: np.ndarray, candidate: np.ndarray, what: str) -> float:
     """Max abs softmax difference; raises `ExportParityError` beyond tolerance or on a top-1 change."""
     diff = float(np.abs(softmax(reference) - softmax(candidate)).max())
@@ -160,6 +185,59 @@ def _maps_parity(reference: np.ndarray, features: np.ndarray, weights: np.ndarra
     return diff
 
 
+def _embedding_parity(reference: np.ndarray, candidate: np.ndarray, what: str) -> float:
+    """Relative difference between PyTorch's embeddings (`reference`) and ONNX Runtime's; raises
+    beyond `EMBEDDING_TOLERANCE`."""
+    if candidate.shape != reference.shape:
+        raise ExportParityError(
+            f"{what}: ONNX Runtime's embedding has shape {list(candidate.shape)}, PyTorch's "
+            f"{list(reference.shape)}; the model was not exported"
+        )
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    diff = float(np.abs(reference - candidate).max()) / scale
+    if not diff <= EMBEDDING_TOLERANCE:
+        raise ExportParityError(
+            f"{what}: ONNX Runtime's embedding differs from PyTorch's by {diff:.3g} of its largest value "
+            f"(tolerance {EMBEDDING_TOLERANCE:g}); the model was not exported"
+        )
+    return diff
+
+
+@dataclass(frozen=True)
+class _References:
+    """PyTorch's answers on the parity images; each output the graph has is checked against one."""
+
+    logits: np.ndarray
+    maps: np.ndarray | None
+    """Every class's activation maps [N, classes, h, w]; None when the model has no feature map."""
+    embedding: np.ndarray | None
+    """The embedding [N, C]; None when the model is not a `Classifier` with the shared head."""
+
+    @property
+    def output_names(self) -> list[str]:
+        if self.embedding is None:
+            return [OUTPUT_NAME]
+        return ExportedOutputs.output_names(features=self.maps is not None)
+
+    def exported(self, model: nn.Module) -> nn.Module:
+        """The module to export: `model` itself, or the wrapper that returns every output."""
+        if self.embedding is None:
+            return model
+        return ExportedOutputs(_as_classifier(model), features=self.maps is not None).eval()
+
+    def check(self, outputs: list[np.ndarray], weights: np.ndarray | None, rows: int) -> float:
+        """Check ONNX Runtime's `outputs` for the first `rows` images against PyTorch's; return the
+        logits' max abs softmax difference, or raise `ExportParityError`."""
+        what = f"batch of {rows}"
+        fetched = dict(zip(self.output_names, outputs, strict=True))
+        diff = _parity(self.logits[:rows], fetched[OUTPUT_NAME], what)
+        if self.maps is not None and weights is not None:
+            _maps_parity(self.maps[:rows], fetched[FEATURES_NAME], weights, what)
+        if self.embedding is not None:
+            _embedding_parity(self.embedding[:rows], fetched[EMBEDDING_NAME], what)
+        return diff
+
+
 def build_metadata(
     *,
     labels: Sequence[str],
@@ -169,9 +247,12 @@ def build_metadata(
     parity_max_abs_diff: float,
     extra_metadata: Mapping[str, Any] | None,
     explain_weights: str | None = None,
+    embedding_size: int | None = None,
 ) -> ModelMetadata:
     """The metadata of a freshly exported FP32 model, stamped with the current UTC time; with
-    `explain_weights` (the head's weights initializer) it declares the feature-map output too."""
+    `explain_weights` (the head's weights initializer) it declares the feature-map output too, with
+    `embedding_size` the embedding output (normalized as `EMBEDDING_NORMALIZED` says)."""
+    embeds = embedding_size is not None
     return ModelMetadata(
         labels=tuple(labels),
         eval_spec=eval_spec,
@@ -180,6 +261,9 @@ def build_metadata(
         parity_max_abs_diff=parity_max_abs_diff,
         explain_output=None if explain_weights is None else FEATURES_NAME,
         explain_weights=explain_weights,
+        embedding_output=EMBEDDING_NAME if embeds else None,
+        embedding_size=embedding_size,
+        embedding_normalized=EMBEDDING_NORMALIZED if embeds else None,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         extra=extra_metadata or {},
     )
@@ -204,7 +288,8 @@ def export_onnx(
     ONNX Runtime must reproduce PyTorch's softmax within `PARITY_TOLERANCE` with the same top-1, on
     the whole batch and on a batch of one, or `ExportParityError` is raised and nothing is written.
     A `Classifier` whose head pools a feature map gets the feature-map output too, whose class
-    activation maps must match PyTorch's within `MAPS_TOLERANCE` on the same batches.
+    activation maps must match PyTorch's within `MAPS_TOLERANCE` on the same batches; every
+    `Classifier` gets the embedding output, within `EMBEDDING_TOLERANCE` of PyTorch's.
     """
     _validate_arguments(labels, parity_inputs, eval_spec)
     target = version_dir / MODEL_FILENAME
@@ -216,7 +301,15 @@ def export_onnx(
         reference = model(images).numpy()
     if reference.shape != (len(images), len(labels)):
         raise ValueError(f"model outputs {list(reference.shape)} but there are {len(labels)} labels")
-    maps = _reference_maps(model, images) if explainable(model, images) else None
+    references = _References(
+        logits=reference,
+        maps=_reference_maps(model, images) if explainable(model, images) else None,
+        embedding=(
+            reference_embedding(_as_classifier(model), images, EMBEDDING_NORMALIZED)
+            if embeddable(model)
+            else None
+        ),
+    )
 
     version_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -224,8 +317,7 @@ def export_onnx(
             model,
             version_dir,
             images,
-            reference,
-            maps,
+            references,
             labels=labels,
             eval_spec=eval_spec,
             backbone=backbone,
@@ -260,8 +352,7 @@ def _export_verified(
     model: nn.Module,
     version_dir: Path,
     images: torch.Tensor,
-    reference: np.ndarray,
-    maps: np.ndarray | None,
+    references: _References,
     *,
     labels: Sequence[str],
     eval_spec: EvalSpec,
@@ -273,17 +364,17 @@ def _export_verified(
     with tempfile.TemporaryDirectory(prefix=".export-", dir=version_dir) as staging_name:
         staging = Path(staging_name)
         raw_path, final_path = staging / "raw.onnx", staging / MODEL_FILENAME
-        names = [OUTPUT_NAME] if maps is None else [OUTPUT_NAME, FEATURES_NAME]
-        exported = model if maps is None else WithFeatures(_as_classifier(model)).eval()
-        _torch_export(exported, images, raw_path, names)
+        names = references.output_names
+        _torch_export(references.exported(model), images, raw_path, names)
         proto = onnx.load(str(raw_path))
         _check_graph(proto, len(labels), eval_spec, names)
-        outputs = _run_onnx(raw_path, images.numpy(), names)
-        diff = _parity(reference, outputs[0], f"batch of {len(images)}")
-        weights_name = None
-        if maps is not None:
-            weights_name = _weights_name(proto, model)
-            _maps_parity(maps, outputs[1], head_weights(_as_classifier(model)), f"batch of {len(images)}")
+        embedding_size = None if references.embedding is None else int(references.embedding.shape[1])
+        if embedding_size is not None:
+            _check_embedding_output(proto, embedding_size)
+        weights_name, weights = None, None
+        if references.maps is not None:
+            weights_name, weights = _weights_name(proto, model), head_weights(_as_classifier(model))
+        diff = references.check(_run_onnx(raw_path, images.numpy(), names), weights, len(images))
         metadata = build_metadata(
             labels=labels,
             eval_spec=eval_spec,
@@ -292,14 +383,12 @@ def _export_verified(
             parity_max_abs_diff=diff,
             extra_metadata=extra_metadata,
             explain_weights=weights_name,
+            embedding_size=embedding_size,
         )
         set_metadata(proto, metadata)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(final_path), save_as_external_data=False)
-        outputs = _run_onnx(final_path, images[:1].numpy(), names)
-        _parity(reference[:1], outputs[0], "batch of 1")
-        if maps is not None and weights_name is not None:
-            _maps_parity(maps[:1], outputs[1], head_weights(_as_classifier(model)), "batch of 1")
+        references.check(_run_onnx(final_path, images[:1].numpy(), names), weights, 1)
         os.replace(final_path, version_dir / MODEL_FILENAME)
     return metadata
 
@@ -316,6 +405,6 @@ def _weights_name(proto: onnx.ModelProto, model: nn.Module) -> str:
 
 
 def _as_classifier(model: nn.Module) -> Classifier:
-    if not isinstance(model, Classifier):  # explainable() only says yes to a Classifier
+    if not isinstance(model, Classifier):  # explainable() and embeddable() only say yes to one
         raise TypeError(f"expected a Classifier, got {type(model).__name__}")
     return model

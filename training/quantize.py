@@ -7,6 +7,13 @@ metadata (`training.calibration`), compares FP32 and INT8 on held-out images
 the drop stays within the limit. Everything is written into a hidden staging directory first and moved
 into place with one rename (`modelcontract.publish_version`), so a refused or failed run leaves nothing.
 The report (`quantize.json`) adds the sizes and, unless skipped, FP32 vs INT8 images/s on this CPU.
+
+The feature-map output is dropped (the head's weights exist only quantized). The embedding output is
+kept when the INT8 graph still gives it as declared: [N, embedding_size], finite, at unit length when
+the metadata says so (the quantizer leaves the final division in float, so it does; `embedding_check`
+proves it per file and drops the output, metadata included, if not). INT8 embeddings are what the INT8
+head reads, a space of their own like every version's; the report gives their cosine similarity to
+FP32's for information, not as a gate: the logits gate already bounds the damage.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
-from modelcontract import MODEL_FILENAME, ModelMetadata, publish_version
+from modelcontract import INPUT_NAME, MODEL_FILENAME, ModelMetadata, l2_normalize, publish_version
 from training.calibration import CheckImages, check_images
-from training.feature_output import drop_features_output
+from training.feature_output import drop_features_output, drop_output
 from training.int8_comparison import compare, throughput
 from training.modelfile import read_metadata, set_metadata
 from training.qdq import quantize_file
@@ -34,6 +42,10 @@ from training.qdq import quantize_file
 logger = logging.getLogger(__name__)
 
 REPORT_FILENAME = "quantize.json"
+EMBEDDING_CHECK_IMAGES = 64
+"""Evaluation images the INT8 embedding is checked on (the first ones; the check is not a benchmark)."""
+UNIT_NORM_TOLERANCE = 1e-3
+"""Largest allowed |L2 norm - 1| of an INT8 embedding row the metadata declares normalized."""
 
 
 class QuantizationRefused(ValueError):
@@ -120,6 +132,46 @@ def int8_metadata(
     )
 
 
+def _embeddings(session: ort.InferenceSession, name: str, images: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run([name], {INPUT_NAME: images})[0])
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def embedding_check(fp32: Path, int8: Path, metadata: ModelMetadata, images: np.ndarray) -> dict[str, Any]:
+    """Whether the INT8 file's embedding output is still what `metadata` declares, on up to
+    `EMBEDDING_CHECK_IMAGES` of `images`: {"kept": True, cosine similarity to FP32's} or
+    {"kept": False, "reason": ...}."""
+    name, size = str(metadata.embedding_output), metadata.embedding_size
+    sample = np.ascontiguousarray(images[:EMBEDDING_CHECK_IMAGES], dtype=np.float32)
+    session = _session(int8)
+    if name not in {output.name for output in session.get_outputs()}:
+        return {"kept": False, "reason": f"the INT8 graph has no output {name!r}"}
+    rows = _embeddings(session, name, sample)
+    if rows.shape != (len(sample), size) or not np.isfinite(rows).all():
+        return {"kept": False, "reason": f"INT8 {name!r} rows are {list(rows.shape)} or not finite"}
+    worst = float(np.abs(np.linalg.norm(rows.astype(np.float64), axis=1) - 1.0).max())
+    if metadata.embedding_normalized and worst > UNIT_NORM_TOLERANCE:
+        return {"kept": False, "reason": f"INT8 {name!r} rows are up to {worst:.3g} off unit length"}
+    reference = _embeddings(_session(fp32), name, sample)
+    cosine = (l2_normalize(rows) * l2_normalize(reference)).sum(axis=1)
+    return {
+        "kept": True,
+        "images": len(sample),
+        "mean_cosine_to_fp32": round(float(cosine.mean()), 4),
+        "min_cosine_to_fp32": round(float(cosine.min()), 4),
+    }
+
+
+def _without_embedding(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetadata:
+    drop_output(proto, str(metadata.embedding_output))
+    return dataclasses.replace(
+        metadata, embedding_output=None, embedding_size=None, embedding_normalized=None
+    )
+
+
 def quantize_model(settings: QuantizeSettings) -> tuple[Path, dict[str, Any]]:
     """Quantize `settings.model`, check it, publish it as the next version; return it and the report."""
     version_dir = settings.model
@@ -171,7 +223,13 @@ def quantize_model(settings: QuantizeSettings) -> tuple[Path, dict[str, Any]]:
         }
         proto = onnx.load(str(target))
         drop_features_output(proto)
-        set_metadata(proto, int8_metadata(metadata, settings, images, comparison))
+        published_metadata = int8_metadata(metadata, settings, images, comparison)
+        if metadata.has_embedding:
+            report["embedding"] = embedding_check(source, target, metadata, images.evaluation)
+            if not report["embedding"]["kept"]:
+                logger.warning("INT8 offers no embedding: %s", report["embedding"]["reason"])
+                published_metadata = _without_embedding(proto, published_metadata)
+        set_metadata(proto, published_metadata)
         onnx.save_model(proto, str(target), save_as_external_data=False)
         sizes["int8"] = target.stat().st_size
         (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -360,14 +360,22 @@ def _check_signature(
 ) -> tuple[str, str, int | None]:
     """The input and output names, and the fixed batch size (None: a symbolic batch axis)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    explained = [o for o in outputs if o.name == metadata.explain_output]
-    if metadata.explain_output is not None:
-        if len(outputs) != 2 or len(explained) != 1 or len(explained[0].shape) != 4:
+    # The outputs the metadata declares besides the logits, each with the rank it promises.
+    declared = {
+        name: (rank, what)
+        for name, rank, what in (
+            (metadata.explain_output, 4, "feature map"),
+            (metadata.embedding_output, 2, "embedding"),
+        )
+        if name is not None
+    }
+    found = {o.name: len(o.shape) for o in outputs}
+    for name, (rank, what) in declared.items():
+        if found.get(name) != rank:
             raise StartupError(
-                f"{path} has outputs {[o.name for o in outputs]}; its metadata promises a logits output and "
-                f"a rank-4 feature map {metadata.explain_output!r}"
+                f"{path} has outputs {sorted(found)}; its metadata promises a rank-{rank} {what} {name!r}"
             )
-        outputs = [o for o in outputs if o.name != metadata.explain_output]
+    outputs = [o for o in outputs if o.name not in declared]
     if len(inputs) != 1 or len(outputs) != 1:
         raise StartupError(
             f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; expected one image input and one "

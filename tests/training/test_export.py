@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from modelcontract import (
+    EMBEDDING_NAME,
     INPUT_NAME,
     MODEL_FILENAME,
     ONNX_OPSET,
@@ -73,10 +74,10 @@ def test_exported_file_is_single_checked_onnx_with_symbolic_batch(exported: Any)
     assert all(init.data_location == onnx.TensorProto.DEFAULT for init in proto.graph.initializer)
     assert {op.domain: op.version for op in proto.opset_import}[""] == ONNX_OPSET
     session = _session(version_dir)
-    (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
+    (model_input,), (model_output, embedding) = session.get_inputs(), session.get_outputs()
     assert (model_input.name, model_input.type) == (INPUT_NAME, "tensor(float)")
     assert isinstance(model_input.shape[0], str) and model_input.shape[1:] == [3, 32, 32]
-    assert model_output.name == OUTPUT_NAME
+    assert (model_output.name, embedding.name) == (OUTPUT_NAME, EMBEDDING_NAME)
     assert isinstance(model_output.shape[0], str) and model_output.shape[1] == len(TINY_LABELS)
 
 

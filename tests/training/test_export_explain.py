@@ -1,5 +1,6 @@
 """The export's feature-map output: present for every head that pools a feature map, checked like the
-logits, declared in the metadata; absent (and old files still served) otherwise."""
+logits, declared in the metadata; absent (and old files still served) otherwise. (The embedding output
+every classifier gets beside it is tests/training/test_export_embedding.py's subject.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 from modelcontract import (
+    EMBEDDING_NAME,
     FEATURES_NAME,
     INPUT_NAME,
     OUTPUT_NAME,
+    SCHEMA_VERSION,
     MetadataError,
     ModelMetadata,
     class_activation_maps,
@@ -30,6 +33,7 @@ from tests.explainmodel import (
 )
 from tests.tinymodel import TINY_LABELS, export_tiny
 from training.export import ExportParityError, _maps_parity
+from training.feature_output import drop_output
 from training.modelfile import read_metadata, set_metadata
 
 
@@ -40,12 +44,12 @@ def explainable_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_pooled_feature_map_is_exported_beside_the_logits_and_declared(explainable_path: Path) -> None:
     proto = onnx.load(str(explainable_path))
-    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME, FEATURES_NAME]
+    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME, FEATURES_NAME, EMBEDDING_NAME]
     dims = proto.graph.output[1].type.tensor_type.shape.dim
     assert dims[0].dim_param  # the batch axis stays symbolic for the second output too
     assert [d.dim_value for d in dims[1:]] == [FEATURE_CHANNELS, FEATURE_SIZE, FEATURE_SIZE]
     metadata = read_metadata(explainable_path)
-    assert metadata.schema_version == 3
+    assert metadata.schema_version == SCHEMA_VERSION
     assert metadata.explain_output == FEATURES_NAME
     assert metadata.explain_weights in {init.name for init in proto.graph.initializer}
 
@@ -85,7 +89,7 @@ def test_the_maps_parity_check_refuses_a_graph_that_disagrees() -> None:
 
 def test_lenet_has_no_feature_map_and_is_exported_as_before(tmp_path: Path) -> None:
     path = export_tiny(tmp_path / "1", TINY_LABELS)
-    assert [o.name for o in onnx.load(str(path)).graph.output] == [OUTPUT_NAME]
+    assert [o.name for o in onnx.load(str(path)).graph.output] == [OUTPUT_NAME, EMBEDDING_NAME]
     metadata = read_metadata(path)
     assert metadata.explain_output is None and metadata.explain_weights is None
     assert not load_model(path, ["CPUExecutionProvider"], intra_op_threads=1).explainable
@@ -95,8 +99,15 @@ def test_a_version_2_file_without_the_declaration_still_loads(tmp_path: Path, ex
     """A model exported before version 3 (one output, no explain fields) is served as before."""
     path = export_tiny(tmp_path / "1", TINY_LABELS)
     proto = onnx.load(str(path))
+    drop_output(proto, EMBEDDING_NAME)  # what the exporter wrote then: the logits only
     raw = json.loads(read_metadata(path).to_props()["convserve"])
-    for key in ("explain_output", "explain_weights"):
+    for key in (
+        "explain_output",
+        "explain_weights",
+        "embedding_output",
+        "embedding_size",
+        "embedding_normalized",
+    ):
         del raw[key]
     raw["schema_version"] = 2
     onnx.helper.set_model_props(proto, {"convserve": json.dumps(raw)})
@@ -149,6 +160,6 @@ def test_an_int8_copy_drops_the_feature_map_and_still_serves(tmp_path: Path) -> 
     argv = ["quantize", "--model", str(model_dir / "1"), "--calibration", str(data)]
     assert main([*argv, "--calibration-images", "12", "--throughput-seconds", "0"]) == 0
     int8 = model_dir / "2" / "model.onnx"
-    assert [o.name for o in onnx.load(str(int8)).graph.output] == [OUTPUT_NAME]
+    assert [o.name for o in onnx.load(str(int8)).graph.output] == [OUTPUT_NAME, EMBEDDING_NAME]
     served = load_model(int8, ["CPUExecutionProvider"], intra_op_threads=1)
     assert served.metadata.precision == "int8" and not served.explainable

@@ -6,18 +6,20 @@ in the same batches as predictions (`Predictor.explain`). The answer, image by i
 
     {"model": {"name", "version"},
      "explanations": [{"image": i, "class": {"label", "index", "score"},
-                       "heatmap": [[...]], "box": [x0, y0, x1, y1]}, ...]}
+                       "heatmap": [[...]], "box": [x0, y0, x1, y1], "peak": [x, y]}, ...]}
 
 one entry per image for its top-1 class, or, with `?class=A&class=B` (or `?class=A,B`), one entry per
 image per class asked for, image-major (image 0 class A, image 0 class B, image 1 class A, ...).
 `heatmap` is rows x cols of values in [0, 1] over the model's center crop, at most 56 a side
 (`service.protocols.heatmaps`); `box` is the region of the image as sent, in its pixels, that the
-crop (and so the heatmap) covers, from the resize and crop in the model's metadata. `?format=png`
+crop (and so the heatmap) covers, from the resize and crop in the model's metadata; `peak` is the
+point of the image, in the same pixels, where the map is highest (`heatmaps.peak`: between cells, not
+at one cell's corner). `?format=png`
 answers one image as `image/png` instead: the photo, scaled down to at most four times the crop's
 pixels (`heatmaps.fitted`), with the map blended over its box.
 
 Cost of an answer, bounded before anything is decoded: at most `MAX_CLASSES` classes; for R images
-and k classes, R x k x (cells x 8 + 320 + the longest escaped label) bytes must fit the bytes of the
+and k classes, R x k x (cells x 8 + 384 + the longest escaped label) bytes must fit the bytes of the
 float32 tensor the request makes the server compute plus 64 KiB (the `/predict` rule), else 422.
 """
 
@@ -44,7 +46,7 @@ from service.textsafety import printable
 router = APIRouter(tags=["explain"])
 MAX_CLASSES = 16
 """Most classes one request may ask to explain."""
-_ENTRY_BYTES = 320  # {"image":,"class":{"label":"","index":,"score":},"heatmap":[],"box":[4 floats]}
+_ENTRY_BYTES = 384  # {"image":,"class":{"label":"","index":,"score":},"heatmap":[],"box":[4],"peak":[2]}
 _CELL_BYTES = 8  # "0.1234," at GRID_DECIMALS decimals
 
 
@@ -164,6 +166,7 @@ def _entry(item: ClassMap, metadata: ModelMetadata) -> dict[str, Any]:
         "class": {"label": item.label, "index": item.index, "score": item.score},
         "heatmap": heatmaps.heatmap_grid(item.cam, metadata.eval_spec.input_size),
         "box": [round(value, 2) for value in _box(item, metadata)],
+        "peak": [round(value, 2) for value in heatmaps.peak(item.cam, _box(item, metadata))],
     }
 
 

@@ -51,6 +51,12 @@ class Explanation(BaseModel):
         description="[x0, y0, x1, y1]: the region of the image as sent, in its pixels, that the heatmap "
         "covers (the center crop mapped back through the resize).",
     )
+    peak: list[float] = Field(
+        min_length=2,
+        max_length=2,
+        description="[x, y]: where on the image as sent, in its pixels, the map is highest (placed between "
+        "the map's cells).",
+    )
 
 
 class ExplainResponse(BaseModel):

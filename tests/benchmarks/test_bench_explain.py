@@ -1,5 +1,6 @@
-"""The explain benchmark's pieces on real small inputs: its composites, and the graph variants it
-compares (the in-graph maps must be the maps the service makes, or the comparison means nothing)."""
+"""The explain benchmark's pieces on real small inputs: its composites, how it scores a map's peak,
+and the graph variants it compares (the in-graph maps must be the maps the service makes, or the
+comparison means nothing)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from benchmarks.performance.explain import (
     COMPOSITES,
     MARGIN,
     OBJECTS,
+    TOLERANCE,
+    _peaks,
     composites,
     graph_cost,
     in_graph_maps,
@@ -45,6 +48,23 @@ def test_composites_are_seeded_and_the_photo_lies_where_the_crop_sees() -> None:
     assert np.array_equal(np.asarray(again[1].image), np.asarray(made[1].image))
 
 
+def test_the_hottest_cell_is_scored_at_its_centre_on_every_edge_of_the_map() -> None:
+    # A map hottest in its top-left cell, and the same map turned half round: the two cells' centres
+    # are mirror images about the crop box's centre (an argmax over the upsampled map put the first
+    # at the crop's very corner, half a cell off, and the second at its cell's centre).
+    crop_box = (40.0, 40.0, 600.0, 600.0)  # 80 pixels a cell
+    rows, cols = np.mgrid[0:7, 0:7]
+    cam = -(rows + cols).astype(np.float32)
+    corner = _peaks(cam, crop_box, (45, 45, 130, 130))
+    assert corner["cell"] == [80.0, 80.0] and corner["cell_hit"] and corner["hit"]
+    opposite = _peaks(cam[::-1, ::-1], crop_box, (45, 45, 130, 130))
+    assert opposite["cell"] == [560.0, 560.0] and not opposite["cell_hit"] and not opposite["hit"]
+    # Just outside the pasted box: a miss, within the tolerance.
+    near = _peaks(cam, crop_box, (81, 81, 200, 200))
+    assert not near["hit"] and near["hit_within_tolerance"]
+    assert not _peaks(cam, crop_box, (80 + TOLERANCE + 1, 0, 200, 200))["hit_within_tolerance"]
+
+
 def test_in_graph_maps_are_the_maps_the_service_makes(explainable: Path, tmp_path: Path) -> None:
     in_graph_maps(explainable, tmp_path / "maps.onnx")
     session = ort.InferenceSession(str(tmp_path / "maps.onnx"), providers=["CPUExecutionProvider"])
@@ -66,9 +86,12 @@ def test_the_stripped_model_is_the_same_model_without_the_output(explainable: Pa
         lambda: load_model(tmp_path / "plain" / "model.onnx", ["CPUExecutionProvider"], intra_op_threads=1)
     )
     assert not plain.explainable
-    assert [o.name for o in plain.session.get_outputs()] == [OUTPUT_NAME]
-    images = parity_photos().numpy()
     full = in_worker_thread(lambda: load_model(explainable, ["CPUExecutionProvider"], intra_op_threads=1))
+    # Every output but the feature map stays (an export may carry others, such as an embedding).
+    outputs = [o.name for o in full.session.get_outputs()]
+    assert OUTPUT_NAME in outputs and FEATURES_NAME in outputs
+    assert [o.name for o in plain.session.get_outputs()] == [n for n in outputs if n != FEATURES_NAME]
+    images = parity_photos().numpy()
     np.testing.assert_array_equal(plain.run(images), full.run(images))
 
 
@@ -81,7 +104,8 @@ def test_graph_cost_measures_every_variant_and_renders(explainable: Path, tmp_pa
     assert all(rate > 0 for rates in cost.values() for rate in rates.values())
     game = {
         "model": "tiny", "crop": [32, 32], "feature_map": [8, 8], "hits": 1, "trials": 2, "fraction": 0.5,
-        "hits_within_tolerance": 2, "top1_hits": 0, "top1_fraction": 0.0, "top1_is_target": 0,
+        "hits_within_tolerance": 2, "cell_hits": 1, "top1_hits": 0, "top1_fraction": 0.0,
+        "top1_is_target": 0, "check": {"seeds": [1], "trials": 4, "hits": 3, "cell_hits": 2, "top1_hits": 1},
     }  # fmt: skip
     window = {"img_per_s": 1.0, "p99_ms": 2.0, "rounds": [{}]}
     text = render(
@@ -98,5 +122,8 @@ def test_graph_cost_measures_every_variant_and_renders(explainable: Path, tmp_pa
             },
         }
     )
-    assert "| tiny | 32x32 | 8x8 | 1 / 2 (50%) | 2 / 2 | 0 / 2 (0%) | 0 / 2 |" in text
+    assert (
+        "| tiny | 32x32 | 8x8 | 1 / 2 (50%) | 2 / 2 | 1 / 2 (50%) | 0 / 2 (0%) | 0 / 2 | 75% / 50% / 25% |"
+        in text
+    )
     assert "all class maps in the graph" in text

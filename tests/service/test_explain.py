@@ -95,6 +95,11 @@ def test_explain_answers_a_heatmap_over_the_crop_and_its_box_in_the_photo(client
     x0, y0, x1, y1 = entry["box"]
     assert 0 <= x0 < x1 <= cat.width and 0 <= y0 < y1 <= cat.height
     assert (x1 - x0) == pytest.approx(y1 - y0, rel=0.05)
+    # The peak is a point of the box, where the heatmap is hot (within half a cell of its hottest cell).
+    px, py = entry["peak"]
+    assert x0 <= px <= x1 and y0 <= py <= y1
+    rows, cols = grid.shape
+    assert grid[int((py - y0) / (y1 - y0) * rows), int((px - x0) / (x1 - x0) * cols)] >= 0.5
 
 
 def test_explain_classes_asked_for_come_image_major_in_the_order_asked(client: TestClient) -> None:

@@ -136,10 +136,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=512, ge=1)
     """Open client connections per worker, a count; requests on connections beyond it get 503."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """Threads ONNX Runtime uses inside one operator, a count (0 = ONNX Runtime's default, one per core)."""
-    instances: int = Field(default=1, ge=1)
-    """Batches of one model version computed at once, a count (Triton's instance count); on a CPU,
-    N instances with INTRA_OP_THREADS=cores/N avoid the per-operator thread barrier."""
+    """Threads ONNX Runtime uses inside one batch's operators, a count (0 = automatic: one with automatic
+    INSTANCES, else ONNX Runtime's default of one per core)."""
+    cpus: int = Field(default=0, ge=0)
+    """Cores the service may use, a count (0 = detect: the CPU affinity, capped by a cgroup CPU limit); set
+    it where neither shows the share, such as a Kubernetes CPU request without a limit."""
+    instances: int = Field(default=0, ge=0)
+    """Batches of one model version computed at once, a count (Triton's instance count); 0 = automatic: on
+    a CPU one single-threaded batch per core, and a lone request's batch on every core; on a GPU one."""
     workers: int = Field(default=1, ge=1)
     """Uvicorn worker processes, a count; each loads its own model copy, and `/metrics` reports them all."""
     client_error_delay_s: float = Field(default=0.05, ge=0.0, le=5.0)

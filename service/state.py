@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -15,14 +14,10 @@ from fastapi import Depends, Request
 from service.metrics import Metrics
 from service.models import repository
 from service.models.registry import LoadedModel, ModelRegistry
+from service.models.threads import ThreadPlan
 from service.priority import yield_to_the_event_loop
 from service.settings import Settings
 from service.transport.request_body import BodyLimits
-
-
-def decode_threads() -> int:
-    """Image decoding threads: one per core, at most 4 (ORT's own threads need cores too)."""
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -31,17 +26,21 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics
-    decode_executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(
-            decode_threads(), thread_name_prefix="convserve-decode", initializer=yield_to_the_event_loop
-        )
-    )
+    threads: ThreadPlan = field(init=False)
+    """How the CPU is shared: decode threads here, batches and ONNX Runtime threads in the registry."""
+    decode_executor: ThreadPoolExecutor = field(init=False)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the HTTP protocol when a graceful shutdown begins (see `service.transport.protocol`)."""
     registry: ModelRegistry = field(init=False)
 
     def __post_init__(self) -> None:
-        self.registry = ModelRegistry(self.settings, self.metrics, self.decode_executor)
+        self.threads = ThreadPlan.from_settings(self.settings)
+        self.decode_executor = ThreadPoolExecutor(
+            self.threads.decode_threads,
+            thread_name_prefix="convserve-decode",
+            initializer=yield_to_the_event_loop,
+        )
+        self.registry = ModelRegistry(self.settings, self.metrics, self.decode_executor, self.threads)
 
     @property
     def body_limits(self) -> BodyLimits:

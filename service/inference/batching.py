@@ -12,6 +12,11 @@ decoded, being decoded, or waiting here — and never the batch being computed. 
 deadline passes before any of its rows were taken is dropped before compute (504), and a failed
 batch fails every request in it (500) while the next batch runs normally.
 
+With `lone_batches`, a batch that has nothing else in sight — no batch computing, no other image
+admitted (a lone request) — and too few rows to share among the instances runs as
+`infer(batch, alone=True)`, taking every instance: the model may then compute it on every core
+(`service.models.threads` says why that is not how batches run under load).
+
 Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape), a batch is padded
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
 padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
@@ -54,7 +59,8 @@ logger = logging.getLogger(__name__)
 BatchOutputs = np.ndarray | tuple[np.ndarray, np.ndarray]
 InferFn = Callable[..., BatchOutputs]
 """`infer(batch)` -> outputs [N, ...]; `infer(batch, explain=True)` -> (outputs, features), both [N, ...].
-The second form is only called for batches holding a request that asked for features."""
+The second form is only called for batches holding a request that asked for features. With
+`lone_batches`, a batch computed alone is also passed `alone=True`."""
 
 
 @dataclass(eq=False)
@@ -157,6 +163,7 @@ class DynamicBatcher:
         instances: int = 1,
         metrics: ModelMetrics | None = None,
         batch_sizes: tuple[int, ...] | None = None,
+        lone_batches: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0 or instances < 1:
             raise ValueError(
@@ -183,6 +190,9 @@ class DynamicBatcher:
         self._instances = instances
         self._running: dict[asyncio.Task[None], list[_Segment]] = {}
         """Batches being computed, at most `instances` at once, and the rows in each."""
+        self._lone_batches = lone_batches
+        self._alone: asyncio.Task[None] | None = None
+        """The batch computing alone, which takes every instance; None when there is none."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
@@ -306,7 +316,7 @@ class DynamicBatcher:
 
     async def _collect(self) -> None:
         while True:
-            if len(self._running) >= self._instances:  # every instance is busy: wait for one
+            if len(self._running) >= self._instances or self._alone is not None:  # wait for an instance
                 await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if not self._queue:
@@ -319,23 +329,38 @@ class DynamicBatcher:
                 continue
             try:
                 await self._wait_for_batch()
+                if self._is_alone():
+                    self._start(self._take_batch(self._max_batch), alone=True)
+                    continue
                 share = self._share()
                 while self._queue and len(self._running) < self._instances:
-                    segments = self._take_batch(share)
-                    if segments:
-                        self._start(segments)
+                    self._start(self._take_batch(share))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop batching for everyone
                 logger.exception("batch collector error; continuing")
 
-    def _start(self, segments: list[_Segment]) -> None:
-        task = asyncio.create_task(self._run(segments))
+    def _is_alone(self) -> bool:
+        """Whether what waits is a batch with nothing else in sight, too small to share among instances:
+        no batch computing, and every image admitted is queued (none is still being decoded)."""
+        if not self._lone_batches or self._running or not self._queue:
+            return False
+        waiting = sum(request.untaken for request in self._queue)
+        return waiting == self._queued and waiting < self._instances
+
+    def _start(self, segments: list[_Segment], alone: bool = False) -> None:
+        if not segments:
+            return
+        task = asyncio.create_task(self._run(segments, alone))
         self._running[task] = segments
+        if alone:
+            self._alone = task
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._running[task]
+        if task is self._alone:
+            self._alone = None
         self._wakeup.set()
 
     async def _wait_for_batch(self) -> None:
@@ -380,26 +405,28 @@ class DynamicBatcher:
             self._set_queued(self._queued - rows)
         return segments
 
-    async def _run(self, segments: list[_Segment]) -> None:
+    async def _run(self, segments: list[_Segment], alone: bool) -> None:
         try:
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._infer_batch, segments)
+            outputs = await loop.run_in_executor(self._executor, self._infer_batch, segments, alone)
         except Exception as exc:
             self._fail_batch(segments, exc)
         else:
             self._deliver(segments, outputs)
 
-    def _infer_batch(self, segments: list[_Segment]) -> tuple[np.ndarray, ...]:
+    def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, ...]:
         """Runs on the inference thread: stack the rows, run the model once (with the features if any
-        request in the batch asked for them)."""
+        request in the batch asked for them; on every core when `alone`)."""
         rows = [s.request.inputs[s.start : s.stop] for s in segments]
         batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows), dtype=np.float32)
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
-        explain = any(segment.request.explain for segment in segments)
+        options = {"explain": True} if any(segment.request.explain for segment in segments) else {}
+        if alone:
+            options["alone"] = True
         padded = batch if self._batch_sizes is None else _pad(batch, self._batch_sizes)
         start = time.perf_counter()
-        result = self._infer(padded, explain=True) if explain else self._infer(padded)
+        result = self._infer(padded, **options)
         self._last_batch_s = time.perf_counter() - start
         if self._metrics is not None:
             self._metrics.inference_duration.observe(self._last_batch_s)

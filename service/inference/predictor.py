@@ -133,20 +133,24 @@ class Predictor:
         *,
         max_batch_size: int | None = None,
         batch_sizes: tuple[int, ...] | None = None,
+        instances: int = 1,
+        lone_batches: bool = False,
     ) -> Predictor:
         """The predictor of a loaded, warmed-up model (`infer` runs one batch), its batcher running.
 
         `max_batch_size` caps the batches below CONVSERVE_MAX_BATCH_SIZE for a model whose graph takes
         fewer rows (a fixed batch axis); None = the setting. `batch_sizes` are the only sizes to form
-        (a model on a GPU: batches are padded to the next one); None = any size."""
+        (a model on a GPU: batches are padded to the next one); None = any size. `instances` batches
+        are computed at once; with `lone_batches`, `infer` takes `alone=True` (see `DynamicBatcher`)."""
         batcher = DynamicBatcher(
             infer,
             batch_sizes=batch_sizes,
             max_batch_size=settings.max_batch_size if max_batch_size is None else max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_s,
             max_queue_size=settings.max_queue_size,
-            instances=settings.instances,
+            instances=instances,
             metrics=metrics,
+            lone_batches=lone_batches,
         )
         await batcher.start()
         preprocessor = ImagePreprocessor.from_metadata(

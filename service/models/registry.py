@@ -47,6 +47,7 @@ from service.models.gpu import GpuOptions
 from service.models.memory import MIB, Key, MemoryBudget, measured
 from service.models.repository import ModelLocation, check_model_name
 from service.models.runtime import OnnxModel, check_gpu, load_model, return_freed_memory, warmup_sizes
+from service.models.threads import ThreadPlan
 from service.settings import Settings
 from service.textsafety import printable
 
@@ -101,7 +102,9 @@ class LoadedModel:
 class ModelRegistry:
     """The served versions of every model, and the loads, swaps, evictions and unloads that change them."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, decode_executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, decode_executor: ThreadPoolExecutor, threads: ThreadPlan
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._decode_executor = decode_executor
@@ -123,6 +126,8 @@ class ModelRegistry:
         self._pending: dict[Key, asyncio.Task[None]] = {}
         """On-demand loads in progress: every request for the version awaits the same one."""
         self._budget = MemoryBudget(settings.memory_budget_bytes)
+        self._threads = threads
+        logger.info("on the CPU: %s", threads.describe())
         self._changes = asyncio.Lock()  # one reconciliation at a time
         self.required: set[str] = set()
         """Models that must have a servable version for the service to be ready: the start-up set, less
@@ -484,8 +489,9 @@ class ModelRegistry:
                     load_model,
                     path,
                     self._settings.providers,
-                    self._settings.intra_op_threads,
+                    self._threads.intra_op_threads,
                     GpuOptions.from_settings(self._settings, lambda _reason: fallbacks.inc()),
+                    self._threads.lone_threads,
                 ),
                 path,
             )
@@ -515,6 +521,8 @@ class ModelRegistry:
             self._decode_executor,
             max_batch_size=model.batch_limit(self._settings.max_batch_size),
             batch_sizes=model.batch_sizes(self._settings.max_batch_size),
+            instances=self._threads.instances_on(model.on_gpu),
+            lone_batches=model.lone_session is not None,
         )
         loaded = LoadedModel(location, model, predictor, time.perf_counter() - started, warmup, cost)
         self._served = {**self._served, name: {**self._served.get(name, {}), version: loaded}}

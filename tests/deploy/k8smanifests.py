@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,8 +67,21 @@ def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> d
         config_maps = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
         assert config_maps, f"envFrom names ConfigMap {name}, which the rendering does not contain"
         env.update(config_maps[0]["data"])
-    env.update({item["name"]: item["value"] for item in container.get("env", [])})
+    env.update({item["name"]: _env_value(item, container) for item in container.get("env", [])})
     return env
+
+
+def _env_value(item: dict[str, Any], container: dict[str, Any]) -> str:
+    """An `env` entry's value as the kubelet sets it: literal, or a resource of the container (the
+    downward API rounds a CPU quantity up to a whole number of its divisor)."""
+    if "value" in item:
+        return str(item["value"])
+    field = item["valueFrom"]["resourceFieldRef"]
+    kind, resource = field["resource"].split(".")
+    assert resource == "cpu", f"only CPU resources are rendered here, got {field['resource']}"
+    quantity = str(container["resources"][kind][resource])
+    cores = int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return str(math.ceil(cores / float(field.get("divisor", "1"))))
 
 
 def adapter_rules() -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from k8smanifests import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.models.threads import ThreadPlan
 from service.settings import Settings
 from tests.liveserver import LiveServer
 
@@ -223,6 +224,24 @@ def test_settings_in_the_config_map_are_accepted_by_the_service(
         assert settings.workers == 1, "one worker per pod: scale with replicas"
 
 
+def test_cpu_pods_size_their_batches_by_the_cpu_they_request(
+    overlay: list[dict[str, Any]], inference_service: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a CPU limit the container sees every core of its node: the service must be told the
+    # request, or it would run one batch per node core.
+    containers = [main_container(pod_spec(overlay)), inference_service["spec"]["predictor"]["containers"][0]]
+    for container in containers:
+        env = container_env(container, overlay)
+        if env.get("CONVSERVE_PROVIDERS", "").startswith("cuda"):
+            continue  # a GPU computes one batch at a time whatever the cores
+        requested = container["resources"]["requests"]["cpu"]
+        assert env["CONVSERVE_CPUS"] == str(requested), container["name"]
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        plan = ThreadPlan.from_settings(Settings())
+        assert (plan.instances, plan.lone_threads) == (int(requested), int(requested))
+
+
 def test_termination_grace_covers_the_pause_and_the_drain(overlay: list[dict[str, Any]]) -> None:
     spec = pod_spec(overlay)
     container = main_container(spec)
@@ -313,7 +332,7 @@ def test_grpc_inference_service_routes_the_grpc_port_and_probes_readiness_inside
     assert custom_resource_errors(grpc_inference_service) == []
     container = grpc_inference_service["spec"]["predictor"]["containers"][0]
     assert container["name"] == "kserve-container"
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = container_env(container, [])
     (port,) = container["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == int(env["CONVSERVE_GRPC_PORT"])
     assert int(env["CONVSERVE_PORT"]) != port["containerPort"]
@@ -325,7 +344,7 @@ def test_grpc_inference_service_routes_the_grpc_port_and_probes_readiness_inside
 def test_inference_service_runs_the_image_as_kserve_expects(inference_service: dict[str, Any]) -> None:
     container = inference_service["spec"]["predictor"]["containers"][0]
     assert container["name"] == "kserve-container"
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = container_env(container, [])
     (port,) = container["ports"]
     assert port["containerPort"] == int(env["CONVSERVE_PORT"])
     for probe in ("readinessProbe", "livenessProbe"):

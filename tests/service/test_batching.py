@@ -52,7 +52,13 @@ def run(coroutine_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def make(
-    infer: InferFn, *, max_batch: int = 4, delay_s: float = 0.002, queue: int = 16, instances: int = 1
+    infer: InferFn,
+    *,
+    max_batch: int = 4,
+    delay_s: float = 0.002,
+    queue: int = 16,
+    instances: int = 1,
+    lone_batches: bool = False,
 ) -> DynamicBatcher:
     metrics = Metrics(CollectorRegistry(), max_batch)
     batcher = DynamicBatcher(
@@ -62,6 +68,7 @@ def make(
         max_queue_size=queue,
         instances=instances,
         metrics=metrics.for_model(LABELS["model"], int(LABELS["version"])),
+        lone_batches=lone_batches,
     )
     _METRICS[id(batcher)] = metrics
     return batcher
@@ -352,3 +359,59 @@ def test_a_freed_instance_leaves_a_share_of_the_waiting_rows_to_the_busy_one(tin
     np.testing.assert_allclose(first, tiny_model.run(rows(1, seed=1)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(second, tiny_model.run(rows(8, seed=2)), rtol=1e-5, atol=1e-5)
     assert sizes[:2] == [1, 4] and sum(sizes) == 9, sizes
+
+
+def test_a_lone_batch_runs_alone_and_company_runs_one_batch_per_instance(tiny_model: OnnxModel) -> None:
+    # (rows, alone) of every batch: a lone one-row request runs alone; one whose neighbour is still
+    # being decoded (its room reserved), or with as many rows as instances, is shared out per instance.
+    calls: list[tuple[int, bool]] = []
+
+    def infer(batch: np.ndarray, explain: bool = False, alone: bool = False) -> Any:
+        calls.append((len(batch), alone))
+        return tiny_model.run(batch, explain, alone)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> None:
+        await batcher.start()
+        await batcher.submit(rows(1, seed=1), later())
+        with batcher.reserve(1):  # another request's image, still decoding
+            await batcher.submit(rows(1, seed=2), later())
+        await batcher.submit(rows(2, seed=3), later())
+        await batcher.close(5)
+
+    run(scenario)
+    assert calls == [(1, True), (1, False), (1, False), (1, False)]
+
+
+def test_a_batch_computing_alone_holds_every_instance_until_it_ends(tiny_model: OnnxModel) -> None:
+    inside, release = threading.Event(), threading.Event()
+    calls: list[bool] = []
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        calls.append(alone)
+        if alone:
+            inside.set()
+            release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> int:
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
+        await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+        second = asyncio.create_task(batcher.submit(rows(1, seed=2), later()))
+        for _ in range(20):  # the collector runs at every turn of the loop; a free instance would take it
+            await asyncio.sleep(0)
+        still_queued = batcher.queued_images
+        release.set()
+        await asyncio.gather(first, second)
+        await batcher.close(5)
+        return still_queued
+
+    try:
+        assert run(scenario) == 1
+    finally:
+        release.set()
+    assert calls == [True, True]  # the second, alone again once the first ended

@@ -39,6 +39,7 @@ ISSUE_VARIABLES = [
     # FastAPI's native OpenTelemetry (off: its per-request check cost CPU); model instances
     "OPENTELEMETRY",
     "INSTANCES",
+    "CPUS",
     # who may call what, and what one request head may cost
     "CLIENT_ERROR_DELAY_S",
     "MAX_HEADER_BYTES",

@@ -79,7 +79,8 @@ class ServiceUnavailableError(ServiceError):
 
 
 class InsufficientStorageError(ServiceError):
-    """The model version needs more memory than CONVSERVE_MEMORY_BUDGET_MB allows all versions together."""
+    """No room: a model version needs more memory than CONVSERVE_MEMORY_BUDGET_MB allows all versions
+    together, or a gallery is at its entry or byte limit."""
 
     status_code = 507
 

@@ -218,7 +218,7 @@ def check_parity(report: Report, served: Served) -> None:
         for n in PARITY_PHOTOS
     ]
     batch = np.stack([transform(photo) for photo in photos])
-    (expected,) = cpu.run(None, {cpu.get_inputs()[0].name: batch})
+    expected = cpu.run([metadata.output_name], {cpu.get_inputs()[0].name: batch})[0]
     name, version = served.model_file.parent.parent.name, served.model_file.parent.name
     client = triton.InferenceServerClient(served.url.removeprefix("http://"))
     try:

@@ -28,6 +28,14 @@ TARGET_DECODE_MS = 4.0
 TARGET_HTTP_MS = 1.5
 TARGET_INT8_FP32 = 1.3
 TARGET_INT8_NAIVE = 4.0
+# Against the BentoML peer (convserve / BentoML), and against one single-threaded batch per core set
+# explicitly: the default must be as fast alone as the leanest server and as fast under load as the
+# per-core configuration, without either's cost at the other end.
+TARGET_PEER_C1_IMG = 1.1
+TARGET_PEER_C1_P50 = 0.9
+TARGET_PEER_C32_IMG = 1.4
+TARGET_PEER_C32_P99 = 1.0
+TARGET_SERVICE_PER_CORE = 1.0
 
 
 def find_level(
@@ -263,5 +271,52 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             f"INT8 service ≥ {TARGET_INT8_NAIVE:.0f} × naive (c={c})",
             results.get("ratio_int8_naive"),
             TARGET_INT8_NAIVE,
+        ),
+        *_peer_targets(results),
+    ]
+
+
+def _peer_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The service against the BentoML peer at 1 and 32 clients, and against one batch per core."""
+    ratios = results.get("peer_ratios") or {}
+    alone, loaded = ratios.get("service/bento@c1", {}), ratios.get("service/bento@c32", {})
+    c = HEADLINE_CONCURRENCY
+    service = find_level(results.get("levels", []), "service", "concurrency", c)
+    per_core = find_level(results.get("levels", []), "instances", "concurrency", c)
+    per_core_ratio = (
+        round(service["img_per_s"] / per_core["img_per_s"], 3)
+        if service and per_core and per_core["img_per_s"]
+        else None
+    )
+    return [
+        _at_least(
+            "peer_c1_img_per_s",
+            f"img/s ≥ {TARGET_PEER_C1_IMG} × BentoML (c=1)",
+            alone.get("img_per_s"),
+            TARGET_PEER_C1_IMG,
+        ),
+        _at_most(
+            "peer_c1_p50_ms",
+            f"p50 ≤ {TARGET_PEER_C1_P50} × BentoML's (c=1)",
+            alone.get("p50_ms"),
+            TARGET_PEER_C1_P50,
+        ),
+        _at_least(
+            "peer_c32_img_per_s",
+            f"img/s ≥ {TARGET_PEER_C32_IMG} × BentoML (c={c})",
+            loaded.get("img_per_s"),
+            TARGET_PEER_C32_IMG,
+        ),
+        _at_most(
+            "peer_c32_p99_ms",
+            f"p99 ≤ {TARGET_PEER_C32_P99} × BentoML's (c={c})",
+            loaded.get("p99_ms"),
+            TARGET_PEER_C32_P99,
+        ),
+        _at_least(
+            "ratio_service_per_core",
+            f"img/s ≥ {TARGET_SERVICE_PER_CORE} × one batch per core set explicitly (c={c})",
+            per_core_ratio,
+            TARGET_SERVICE_PER_CORE,
         ),
     ]

@@ -21,6 +21,7 @@ from PIL import Image
 from benchmarks.peers import peer_venv
 from benchmarks.peers.onnx_classifier import DRAFT_MARGIN, TOP_K, OnnxClassifier, answer, ranked
 from benchmarks.performance.report import SERVERS, peer_ratios, render_markdown
+from benchmarks.performance.targets import check_targets
 from service.inference import preprocessing
 from service.inference.preprocessing import ImagePreprocessor
 from tests.photos import jpeg, large_jpeg, photo
@@ -195,6 +196,24 @@ def test_peer_ratios_are_the_service_over_each_peer_at_1_and_32_clients() -> Non
         "service/naive@c1",
         "service/naive@c32",
     }
+
+
+def test_the_peer_targets_read_the_ratios_and_the_per_core_row() -> None:
+    levels = [*LEVELS, _row("instances", 32, 125.0, 240.0, 390.0)]
+    targets = {t["key"]: t for t in check_targets({"peer_ratios": peer_ratios(levels), "levels": levels})}
+    met = {key: targets[key]["met"] for key in targets if key.startswith(("peer_", "ratio_service_per_core"))}
+    # c=1: 0.9x the img/s and 1.1x the p50 (both missed); c=32: 1.5x and half the p99 (met);
+    # 120 / 125 of the per-core row (missed).
+    assert met == {
+        "peer_c1_img_per_s": False,
+        "peer_c1_p50_ms": False,
+        "peer_c32_img_per_s": True,
+        "peer_c32_p99_ms": True,
+        "ratio_service_per_core": False,
+    }
+    assert targets["ratio_service_per_core"]["measured"] == 0.96
+    unmeasured = {t["key"]: t["met"] for t in check_targets({"peer_ratios": {}, "levels": []})}
+    assert {unmeasured[key] for key in met} == {None}
 
 
 def _results(levels: list[dict[str, Any]]) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def point(model: OnnxModel, composite: Composite) -> dict[str, Any]:
     peak is on the pasted photo."""
     preprocess = ImagePreprocessor.from_metadata(model.metadata)
     row = preprocess.transform(composite.image)
-    logits, features = model.run(row[None], explain=True)
+    logits, extra = model.run(row[None], {FEATURES_NAME})
+    features = extra[FEATURES_NAME]
     candidates = TARGETS[composite.subject]
     target = max(candidates, key=lambda c: float(logits[0, c]))
     top1 = int(logits[0].argmax())
@@ -190,7 +191,7 @@ def pointing_game(model: OnnxModel, name: str) -> dict[str, Any]:
     return {
         "model": name,
         "crop": list(spec.input_size),
-        "feature_map": list(model.run(probe, explain=True)[1].shape[2:]),
+        "feature_map": list(model.run(probe, {FEATURES_NAME})[1][FEATURES_NAME].shape[2:]),
         "hits": hits,
         "trials": len(trials),
         "fraction": round(hits / len(trials), 3),

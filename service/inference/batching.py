@@ -21,9 +21,10 @@ Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape)
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
 padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
 
-A request may ask for the model's feature maps too (`Reservation.submit_explained`): a batch holding
-at least one such request is run as `infer(batch, explain=True) -> (outputs, features)`, and only
-those requests receive the features, so a batch of plain requests runs exactly as before.
+A request may ask for some of the model's other named outputs too (`Reservation.submit_with`: its
+feature maps, its embedding): a batch fetches the union of what its requests asked for, as
+`infer(batch, extra=names) -> (outputs, {name: rows})`, and each request receives exactly the outputs
+it asked for. A batch in which nobody asked runs as `infer(batch)`, so plain batches cost what they did.
 
 This module knows nothing about HTTP or ONNX Runtime: it calls `infer(batch) -> outputs`.
 """
@@ -36,7 +37,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -56,11 +57,13 @@ from service.priority import yield_to_the_event_loop
 
 logger = logging.getLogger(__name__)
 
-BatchOutputs = np.ndarray | tuple[np.ndarray, np.ndarray]
+Extras = Mapping[str, np.ndarray]
+"""Named outputs besides the main one, each [N, ...] in the order of the rows."""
+BatchOutputs = np.ndarray | tuple[np.ndarray, Extras]
 InferFn = Callable[..., BatchOutputs]
-"""`infer(batch)` -> outputs [N, ...]; `infer(batch, explain=True)` -> (outputs, features), both [N, ...].
-The second form is only called for batches holding a request that asked for features. With
-`lone_batches`, a batch computed alone is also passed `alone=True`."""
+"""`infer(batch)` -> outputs [N, ...]; `infer(batch, extra=names)` -> (outputs, {name: rows [N, ...]}) for
+each of `names` (a non-empty frozenset), only called for batches holding a request that asked for
+them. With `lone_batches`, a batch computed alone is also passed `alone=True`."""
 
 
 @dataclass(eq=False)
@@ -68,13 +71,14 @@ class _Request:
     inputs: np.ndarray
     deadline: float
     enqueued_at: float
-    future: asyncio.Future[tuple[np.ndarray, ...]]
-    explain: bool = False
-    """Whether the request wants the features too: its result is then (outputs, features)."""
+    future: asyncio.Future[tuple[np.ndarray, dict[str, np.ndarray]]]
+    extra: frozenset[str] = frozenset()
+    """The named outputs the request wants besides the main one."""
     taken: int = 0
     """Rows already handed to a batch; the rest are still queued."""
     completed: int = 0
-    outputs: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    assembled: tuple[np.ndarray, dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    """The outputs of a request split over several batches, filled in as its batches finish."""
 
     @property
     def size(self) -> int:
@@ -107,26 +111,21 @@ class Reservation:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def _check(self, inputs: np.ndarray) -> None:
+    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
+        """Outputs for `inputs` (exactly `size` rows) in order; `deadline` is a `time.monotonic()` time."""
+        return (await self.submit_with(inputs, deadline, frozenset()))[0]
+
+    async def submit_with(
+        self, inputs: np.ndarray, deadline: float, extra: frozenset[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`submit`, and the named outputs `extra` for the same rows: (outputs, {name: rows}). The
+        names must be ones the model has: a name it lacks fails the whole batch, so check them first."""
         if not self._held:
             raise RuntimeError("this reservation was already used or released")
         if len(inputs) != self.size:
             raise ValueError(f"reserved {self.size} rows but submitted {len(inputs)}")
-
-    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
-        """Outputs for `inputs` (exactly `size` rows) in order; `deadline` is a `time.monotonic()` time."""
-        self._check(inputs)
-        return (await self._submit(inputs, deadline, explain=False))[0]
-
-    async def submit_explained(self, inputs: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        """`submit`, and the model's feature maps for the same rows: (outputs, features)."""
-        self._check(inputs)
-        outputs, features = await self._submit(inputs, deadline, explain=True)
-        return outputs, features
-
-    async def _submit(self, inputs: np.ndarray, deadline: float, explain: bool) -> tuple[np.ndarray, ...]:
         self._held = False  # the rows move into the queue, which already counts them
-        return await self._batcher._enqueue(inputs, deadline, explain)
+        return await self._batcher._enqueue(inputs, deadline, extra)
 
     def release(self) -> None:
         if self._held:
@@ -142,6 +141,11 @@ def _pad(batch: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
     padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
     padded[: len(batch)] = batch
     return padded
+
+
+def _rows_like(part: np.ndarray, rows: int) -> np.ndarray:
+    """An empty array of `rows` rows shaped and typed as `part`'s."""
+    return np.empty((rows, *part.shape[1:]), part.dtype)
 
 
 def _fail(request: _Request, error: ServiceError) -> None:
@@ -245,11 +249,11 @@ class DynamicBatcher:
         self._wakeup.set()  # a draining collector may be waiting for the last reservations
 
     async def _enqueue(
-        self, inputs: np.ndarray, deadline: float, explain: bool = False
-    ) -> tuple[np.ndarray, ...]:
-        """Queue rows whose room is already counted in `_queued`; wait for their outputs (and features)."""
+        self, inputs: np.ndarray, deadline: float, extra: frozenset[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Queue rows whose room is already counted in `_queued`; wait for their outputs."""
         now = time.monotonic()
-        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future(), explain)
+        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future(), extra)
         if self._task is None or self._task.done():
             self._unreserve(request.size)
             raise ServiceUnavailableError("the server shut down before this request was queued; retry it")
@@ -408,20 +412,21 @@ class DynamicBatcher:
     async def _run(self, segments: list[_Segment], alone: bool) -> None:
         try:
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._infer_batch, segments, alone)
+            outputs, extras = await loop.run_in_executor(self._executor, self._infer_batch, segments, alone)
         except Exception as exc:
             self._fail_batch(segments, exc)
         else:
-            self._deliver(segments, outputs)
+            self._deliver(segments, outputs, extras)
 
-    def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, ...]:
-        """Runs on the inference thread: stack the rows, run the model once (with the features if any
-        request in the batch asked for them; on every core when `alone`)."""
+    def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, Extras]:
+        """Runs on the inference thread: stack the rows, run the model once (fetching the named outputs
+        any request in the batch asked for; on every core when `alone`)."""
         rows = [s.request.inputs[s.start : s.stop] for s in segments]
         batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows), dtype=np.float32)
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
-        options = {"explain": True} if any(segment.request.explain for segment in segments) else {}
+        extra = frozenset().union(*(segment.request.extra for segment in segments))
+        options: dict[str, object] = {"extra": extra} if extra else {}
         if alone:
             options["alone"] = True
         padded = batch if self._batch_sizes is None else _pad(batch, self._batch_sizes)
@@ -430,33 +435,37 @@ class DynamicBatcher:
         self._last_batch_s = time.perf_counter() - start
         if self._metrics is not None:
             self._metrics.inference_duration.observe(self._last_batch_s)
-        parts: tuple[np.ndarray, ...] = result if isinstance(result, tuple) else (result,)
-        if padded is not batch:
-            parts = tuple(part[: len(batch)] for part in parts)
-        if any(len(part) != len(batch) for part in parts):
-            raise RuntimeError(
-                f"the model returned {[len(p) for p in parts]} rows for a batch of {len(batch)}"
-            )
-        return parts
+        outputs, fetched = result if extra else (result, {})
+        assert isinstance(outputs, np.ndarray)
+        extras = {name: fetched[name] for name in extra}  # only what was asked for
+        if any(len(part) != len(padded) for part in (outputs, *extras.values())):
+            counts = [len(outputs), *(len(part) for part in extras.values())]
+            raise RuntimeError(f"the model returned {counts} rows for a batch of {len(padded)}")
+        rows_formed = len(batch)  # padding rows dropped
+        return outputs[:rows_formed], {name: part[:rows_formed] for name, part in extras.items()}
 
-    def _deliver(self, segments: list[_Segment], parts: tuple[np.ndarray, ...]) -> None:
+    def _deliver(self, segments: list[_Segment], outputs: np.ndarray, extras: Extras) -> None:
         offset = 0
         for segment in segments:
             request, rows = segment.request, segment.stop - segment.start
             if not request.future.done():
-                wanted = parts if request.explain else parts[:1]
+                mine = slice(offset, offset + rows)
+                own = (outputs[mine], {name: extras[name][mine] for name in request.extra})
                 if rows == request.size:
-                    request.future.set_result(tuple(part[offset : offset + rows] for part in wanted))
+                    request.future.set_result(own)
                 else:
-                    if request.outputs is None:
-                        request.outputs = tuple(
-                            np.empty((request.size, *part.shape[1:]), part.dtype) for part in wanted
+                    if request.assembled is None:
+                        request.assembled = (
+                            _rows_like(own[0], request.size),
+                            {name: _rows_like(part, request.size) for name, part in own[1].items()},
                         )
-                    for assembled, part in zip(request.outputs, wanted, strict=True):
-                        assembled[segment.start : segment.stop] = part[offset : offset + rows]
+                    place = slice(segment.start, segment.stop)
+                    request.assembled[0][place] = own[0]
+                    for name, part in own[1].items():
+                        request.assembled[1][name][place] = part
                     request.completed += rows
                     if request.completed == request.size:
-                        request.future.set_result(request.outputs)
+                        request.future.set_result(request.assembled)
             offset += rows
 
     def _fail_batch(self, segments: list[_Segment], exc: Exception) -> None:

@@ -17,10 +17,13 @@ logits; everything in between is decided here, once:
 Every check on client input happens before anything reaches the batcher, so one client's bad request
 can never break a batch shared with others.
 
-`explain` takes the same path with images, and asks the batcher for the model's feature maps too: the
-request shares its batch with plain predictions (the batch then fetches the feature maps, which the
-graph computes anyway), and the class activation maps of the classes asked for are made here from
-the rows of this request alone.
+A request may want some of the model's other named outputs besides the logits (`Inputs.outputs`, see
+`service.models.runtime.extra_outputs`): they are checked against the model before the batcher sees
+them, and the request shares its batch with plain predictions, the batch fetching the union of what
+its requests asked for. The embedding comes back at unit length (`ModelMetadata.unit_embeddings`)
+whichever way it was asked for: `classify(..., embeddings=True)` for `/predict`, by name for V2, and
+`embed_images` for encoded images. `explain` takes the same path with images and the feature maps;
+the class activation maps of the classes asked for are made here from the rows of this request alone.
 """
 
 from __future__ import annotations
@@ -28,19 +31,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from modelcontract import ModelMetadata
+from modelcontract import EMBEDDING_NAME, FEATURES_NAME, ModelMetadata
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.inference.batching import DynamicBatcher, InferFn
 from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
+from service.models.runtime import check_outputs
 from service.settings import Settings
 from service.textsafety import printable
 
@@ -67,6 +71,18 @@ class Inputs:
     tensor: np.ndarray | None = None
     timeout_s: float | None = None
     """The client's own time limit, when its protocol carries one; the server's limit still applies."""
+    outputs: frozenset[str] = frozenset()
+    """Named outputs of the model the request wants besides the logits (its embedding, say)."""
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What the model computed for one request's rows, in their order."""
+
+    logits: np.ndarray
+    """[N, num_classes]: the model's main output."""
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """The named outputs the request asked for, each [N, ...]; the embedding at unit length."""
 
 
 @dataclass(frozen=True)
@@ -171,18 +187,32 @@ class Predictor:
 
     # ---- the request path -------------------------------------------------------------------------
 
-    async def run(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, Parsed]:
-        """The logits of one request, in the order of its rows, and what its protocol parsed."""
-        logits, _, parsed = await self._infer(request)
-        return logits, parsed
+    async def run(self, request: InferenceRequest[Any, Parsed]) -> tuple[ModelOutputs, Parsed]:
+        """The outputs of one request (the logits, and the named outputs its `Inputs` ask for), in the
+        order of its rows, and what its protocol parsed."""
+        outputs, _, parsed = await self._infer(request)
+        return outputs, parsed
 
     async def classify(
-        self, request: InferenceRequest[Any, Parsed], top_k: int
-    ) -> tuple[list[list[dict[str, Any]]], Parsed]:
-        """The top-k classes of every row, best first; `top_k` is checked before anything is read."""
+        self, request: InferenceRequest[Any, Parsed], top_k: int, embeddings: bool = False
+    ) -> tuple[list[list[dict[str, Any]]], np.ndarray | None, Parsed]:
+        """The top-k classes of every row, best first, and with `embeddings` the rows' unit-length
+        embeddings [N, D] (else None); both are checked before anything is read."""
         self.check_top_k(top_k)
-        _, probabilities, parsed = await self._infer(request)
-        return self.ranked(probabilities, top_k), parsed
+        name = self.embedding_output() if embeddings else None
+        outputs, probabilities, parsed = await self._infer(request, frozenset({name} if name else ()))
+        unit = None if name is None else outputs.extra[name]
+        return self.ranked(probabilities, top_k), unit, parsed
+
+    async def embed_images(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
+        """The unit-length embeddings [N, D] float32 of encoded images, in their order: admitted before
+        decoding, decoded and batched as predictions are; `deadline` is a `time.monotonic()` time.
+        `InvalidInputError` (422) when the model has no embedding or there is no image."""
+        name = self.embedding_output()
+        if not images:
+            raise InvalidInputError("no image to embed; send at least one encoded image")
+        outputs = await self._compute(Inputs(images=images, outputs=frozenset({name})), deadline)
+        return np.asarray(outputs.extra[name])
 
     async def explain(
         self,
@@ -193,12 +223,15 @@ class Predictor:
         """The class activation maps of each image for `classes` (None: its top-1), image by image, in
         the order of `classes`; `class_maps` is the model's (`OnnxModel.class_maps`). Images only."""
         wanted = None if classes is None else np.asarray(self.check_classes(classes), dtype=np.int64)
+        features_name = self.metadata.explain_output or FEATURES_NAME
+        self.check_outputs({features_name})
         inputs, parsed, deadline = await self._receive(request)
         if inputs.tensor is not None or not inputs.images:
             raise InvalidInputError("explanations need the images themselves, as multipart/form-data files")
         with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
             tensor, sizes = await self._decode_all(inputs.images, deadline)
-            logits, features = await reservation.submit_explained(tensor, deadline)
+            logits, extra = await reservation.submit_with(tensor, deadline, frozenset({features_name}))
+        features = extra[features_name]
         probabilities = self.metadata.scores(logits)
         self._record(probabilities)
         labels = self.metadata.labels
@@ -226,6 +259,19 @@ class Predictor:
         """Run CPU-bound `work` for a request's answer (rendering, say) on the decode threads."""
         return await asyncio.get_running_loop().run_in_executor(self._decode_executor, work)
 
+    def check_outputs(self, names: Iterable[str]) -> frozenset[str]:
+        """The named outputs, each one this model has; `InvalidInputError` (422) saying how to get one.
+        Checked before a request reaches the batcher: a name the model lacks would fail its whole batch."""
+        wanted = frozenset(names)
+        check_outputs(self.metadata, wanted, "this model version")
+        return wanted
+
+    def embedding_output(self) -> str:
+        """The name of the model's embedding output; `InvalidInputError` (422) when it has none."""
+        name = self.metadata.embedding_output or EMBEDDING_NAME
+        self.check_outputs({name})
+        return name
+
     def check_classes(self, classes: Sequence[int]) -> list[int]:
         """The class indices, each checked against the class count; `InvalidInputError` saying why not."""
         bad = [c for c in classes if not 0 <= c < self.metadata.num_classes]
@@ -247,19 +293,32 @@ class Predictor:
             inputs, parsed = await loop.run_in_executor(self._decode_executor, request.parse, payload)
         return inputs, parsed, self.deadline(request.arrived_at, inputs.timeout_s)
 
-    async def _infer(self, request: InferenceRequest[Any, Parsed]) -> tuple[np.ndarray, np.ndarray, Parsed]:
-        """The model's outputs and their class probabilities (computed once: the metrics and the ranking
-        both read them)."""
+    async def _infer(
+        self, request: InferenceRequest[Any, Parsed], extra: frozenset[str] = frozenset()
+    ) -> tuple[ModelOutputs, np.ndarray, Parsed]:
+        """The model's outputs (with `extra` and the outputs the request's `Inputs` name) and their class
+        probabilities (computed once: the metrics and the ranking both read them)."""
         inputs, parsed, deadline = await self._receive(request)
+        outputs = await self._compute(replace(inputs, outputs=inputs.outputs | extra), deadline)
+        probabilities = self.metadata.scores(outputs.logits)
+        self._record(probabilities)
+        return outputs, probabilities, parsed
+
+    async def _compute(self, inputs: Inputs, deadline: float) -> ModelOutputs:
+        """Check, admit, decode and batch one request's inputs; its outputs in the order of its rows."""
+        extra = self.check_outputs(inputs.outputs)
         if inputs.tensor is not None:
-            logits = await self.batcher.submit(self.check_tensor(inputs.tensor), deadline)
+            tensor = self.check_tensor(inputs.tensor)
+            with self.batcher.reserve(len(tensor)) as reservation:
+                logits, fetched = await reservation.submit_with(tensor, deadline, extra)
         else:
             with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
                 tensor = await self.preprocess(inputs.images, deadline)
-                logits = await reservation.submit(tensor, deadline)
-        probabilities = self.metadata.scores(logits)
-        self._record(probabilities)
-        return logits, probabilities, parsed
+                logits, fetched = await reservation.submit_with(tensor, deadline, extra)
+        embedding = self.metadata.embedding_output
+        if embedding in fetched:  # the one place an embedding is scaled to unit length, for every protocol
+            fetched[embedding] = self.metadata.unit_embeddings(fetched[embedding])
+        return ModelOutputs(logits, fetched)
 
     # ---- the steps ----------------------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ largest batch it takes (`batch_limit`) and pads a smaller batch to its size. On 
 which batch sizes to form (`batch_sizes`, see `service.models.gpu`), and it notices a session that
 leaves the GPU while serving instead of letting ORT switch it to the CPU unseen.
 
-A model whose metadata declares an `explain_output` returns its last feature map beside the outputs
-when a run asks for it (`run(batch, explain=True)`), and keeps the head's weights, read from the
-file's initializer at load, to turn a feature map into class activation maps (`class_maps`). A run
-that does not ask fetches only the outputs: the graph is the same, so it costs what it did.
+Besides the logits, a model may have the named outputs its metadata declares (`extra_outputs`): its
+last feature map (`explain_output`) and its image embedding (`embedding_output`). A run fetches those
+it is asked for (`run(batch, extra={...})`), which the graph computes on its way to the logits anyway;
+a run that asks for none fetches only the logits, as it always did. An explainable model also
+keeps the head's weights, read from the file's initializer at load, to turn a feature map into class
+activation maps (`class_maps`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import numpy as np
 import onnx
@@ -159,7 +161,7 @@ class OnnxModel:
         """`InvalidInputError` (4xx) saying why, when this model cannot make class activation maps."""
         if self.explain_weights is None:
             raise InvalidInputError(
-                f"model file {self.path.name} ({self.metadata.backbone}) has no feature-map output, so it "
+                f"model {self.label} ({self.metadata.backbone}) has no feature-map output, so it "
                 "cannot explain its answers; re-export it with `python -m training export` (models "
                 "imported with `convserve import`, and LeNet-5, have none), or use /predict"
             )
@@ -170,20 +172,28 @@ class OnnxModel:
         assert self.explain_weights is not None
         return class_activation_maps(features, self.explain_weights, classes)
 
+    @property
+    def label(self) -> str:
+        """The model and version this file is served as (its repository directories), for messages."""
+        return f"{self.path.parent.parent.name!r} version {self.path.parent.name}"
+
     @overload
-    def run(self, batch: np.ndarray, explain: Literal[False] = False, alone: bool = False) -> np.ndarray: ...
+    def run(self, batch: np.ndarray, extra: None = None, alone: bool = False) -> np.ndarray: ...
     @overload
     def run(
-        self, batch: np.ndarray, explain: Literal[True], alone: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+        self, batch: np.ndarray, extra: Collection[str], alone: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
     def run(
-        self, batch: np.ndarray, explain: bool = False, alone: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        self, batch: np.ndarray, extra: Collection[str] | None = None, alone: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop.
 
-        `explain=True` also fetches the last feature map: (outputs, features [N, C', h, w]).
+        `extra` names outputs of `extra_outputs` to fetch too: (outputs, {name: rows [N, ...]});
+        `InvalidInputError` (before any work) for a name this model lacks.
         `alone=True`: nothing else is computing, so the batch may take every core (`lone_session`).
         """
+        wanted = [] if extra is None else sorted(extra)
+        check_outputs(self.metadata, wanted, f"model {self.label}")
         rows = len(batch)
         fixed = self.fixed_batch_size
         if fixed is not None and rows != fixed:
@@ -195,10 +205,7 @@ class OnnxModel:
             batch = padded
         if self.gpu_lost is not None:
             raise RuntimeError(self.gpu_lost)
-        names = [self.output_name]
-        if explain:
-            self.check_explainable()
-            names.append(str(self.metadata.explain_output))
+        names = [self.output_name, *wanted]
         session = self.lone_session if alone and self.lone_session is not None else self.session
         try:
             fetched = session.run(names, {self.input_name: batch})
@@ -206,9 +213,11 @@ class OnnxModel:
             self.leave_gpu(f"{type(exc).__name__}: {exc}")
             fetched = self.session.run(names, {self.input_name: batch})
         outputs = np.asarray(fetched[0])[:rows]
-        if explain:
-            return outputs, np.asarray(fetched[1])[:rows]
-        return outputs
+        if extra is None:
+            return outputs
+        return outputs, {
+            name: np.asarray(part)[:rows] for name, part in zip(wanted, fetched[1:], strict=True)
+        }
 
     def leave_gpu(self, reason: str) -> None:
         """The GPU failed while serving: log and count it, then refuse (REQUIRE_GPU) or carry on on the CPU.
@@ -250,6 +259,27 @@ class OnnxModel:
                 break
             self.run(np.zeros((size, channels, height, width), dtype=np.float32), alone=alone)
         return time.perf_counter() - start
+
+
+def extra_outputs(metadata: ModelMetadata) -> dict[str, tuple[int, str]]:
+    """The named outputs `metadata` declares besides the logits, each with its rank and what it holds;
+    `load_model` checks the graph has them, so a loaded model can fetch every one."""
+    declared = ((metadata.explain_output, 4, "feature map"), (metadata.embedding_output, 2, "embedding"))
+    return {name: (rank, what) for name, rank, what in declared if name is not None}
+
+
+def check_outputs(metadata: ModelMetadata, names: Iterable[str], model: str) -> None:
+    """`InvalidInputError` (422) naming `model` ("model 'x' version 1") and the way out, when it lacks
+    one of `names`."""
+    have = extra_outputs(metadata)
+    missing = sorted(set(names) - set(have))
+    if missing:
+        others = f"besides the logits it has {sorted(have)}" if have else "it has only the logits"
+        raise InvalidInputError(
+            f"model {model} ({metadata.backbone}) has no {' or '.join(map(repr, missing))} output "
+            f"({others}); re-export it with `python -m training export` to get one (models imported with "
+            "`convserve import` have none, and LeNet-5 has no feature map)"
+        )
 
 
 def check_gpu(model: OnnxModel, require_gpu: bool) -> None:
@@ -387,15 +417,7 @@ def _check_signature(
 ) -> tuple[str, str, int | None]:
     """The input and output names, and the fixed batch size (None: a symbolic batch axis)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    # The outputs the metadata declares besides the logits, each with the rank it promises.
-    declared = {
-        name: (rank, what)
-        for name, rank, what in (
-            (metadata.explain_output, 4, "feature map"),
-            (metadata.embedding_output, 2, "embedding"),
-        )
-        if name is not None
-    }
+    declared = extra_outputs(metadata)  # besides the logits, each with the rank it promises
     found = {o.name: len(o.shape) for o in outputs}
     for name, (rank, what) in declared.items():
         if found.get(name) != rank:

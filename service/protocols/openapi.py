@@ -30,10 +30,17 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """Which model and version answered, and the top-k classes of each image, in upload order."""
+    """Which model and version answered, and the top-k classes of each image, in upload order; with
+    `embedding=true`, each image's embedding too."""
 
     model: ModelRef
     predictions: list[list[Prediction]]
+    embeddings: list[list[float]] | None = Field(
+        default=None,
+        description="Only with `embedding=true`: one row per image (or tensor row), in the same order, "
+        "of the model's `embedding_size` floats at unit length, so the dot product of two rows is their "
+        "cosine similarity.",
+    )
 
 
 class Explanation(BaseModel):

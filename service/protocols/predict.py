@@ -4,10 +4,16 @@ Cost of a request, in what it sends: multipart images are read and admitted by c
 (CONVSERVE_MAX_QUEUE_SIZE) before any decoding; tensor bodies (optionally gzip/deflate, decoded off
 the event loop within CONVSERVE_MAX_UPLOAD_BYTES) are parsed as `service.transport.request_body` describes.
 
+With `?embedding=true` the answer also holds `"embeddings"`: one row of D floats per image (or tensor
+row), in the same order, each of unit length (`ModelMetadata.unit_embeddings`), so that the dot
+product of two rows is their cosine similarity. A model without an embedding output answers 422,
+before the body is read.
+
 Response budget: for R rows and `top_k` = k (at most the class count) the answer is at most
-`response_bound(R, k, labels)` = 256 + R x (2 + k x (64 + digits of K + the longest escaped label))
-bytes, plus the model's name. A request is refused (422, before inference) if that exceeds the
-bytes of the float32 tensor it makes the server compute (R x C x H x W x 4) + 64 KiB.
+`response_bound(R, k, labels, D)` = 256 + R x (2 + k x (64 + digits of K + the longest escaped label))
+bytes, plus R x (2 + D x 24) with embeddings (24: the most bytes JSON writes for one float32 value
+and its comma), plus the model's name. A request is refused (422, before inference) if that exceeds
+the bytes of the float32 tensor it makes the server compute (R x C x H x W x 4) + 64 KiB.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from modelcontract import ModelMetadata
 from service.errors import UnsupportedMediaTypeError
 from service.inference.predictor import InferenceRequest, Inputs, NamedImage
 from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
-from service.protocols.v2codec import check_answer_bound, escaped_label_bytes
+from service.protocols.v2codec import FLOAT_JSON_BYTES, check_answer_bound, escaped_label_bytes
 from service.state import ServiceState, model_lease, service_state
 from service.textsafety import printable
 from service.transport.request_body import (
@@ -41,19 +47,24 @@ TENSOR_TYPES = ("application/json", "application/x-npy")
 _PREDICTION_BYTES = 64  # {"label":"","index":,"score":-1.2345678901234567e-05}, and a comma
 
 
-def response_bound(rows: int, top_k: int, labels: tuple[str, ...]) -> int:
-    """Most bytes of a `/predict` answer for `rows` rows and `top_k` classes each, the model name aside."""
+def response_bound(rows: int, top_k: int, labels: tuple[str, ...], embedding_size: int = 0) -> int:
+    """Most bytes of a `/predict` answer for `rows` rows and `top_k` classes each, with an embedding of
+    `embedding_size` floats per row (0: none asked for), the model name aside."""
     per_prediction = _PREDICTION_BYTES + len(str(len(labels))) + escaped_label_bytes(labels)
-    return 256 + rows * (2 + top_k * per_prediction)
+    per_embedding = 2 + embedding_size * FLOAT_JSON_BYTES if embedding_size else 0
+    return 256 + rows * (2 + top_k * per_prediction + per_embedding)
 
 
-def _check_response_budget(rows: int, top_k: int, metadata: ModelMetadata) -> None:
+def check_response_budget(rows: int, top_k: int, embedding_size: int, metadata: ModelMetadata) -> None:
+    """422 (before inference) when the answer for `rows` rows could pass what the request may get back
+    (`check_answer_bound`); `embedding_size` 0 when no embedding is asked for."""
+    asked = f"top_k={top_k}" + (" and embedding=true" if embedding_size else "")
     check_answer_bound(
-        response_bound(rows, top_k, metadata.labels),
+        response_bound(rows, top_k, metadata.labels, embedding_size),
         rows,
         math.prod(metadata.input_shape),
-        asked=f"top_k={top_k} for {rows} rows",
-        fix="ask for a smaller top_k",
+        asked=f"{asked} for {rows} rows",
+        fix="ask for a smaller top_k" + (" or leave out the embeddings" if embedding_size else ""),
     )
 
 
@@ -73,19 +84,31 @@ async def predict(
     version: Annotated[
         int | None, Query(ge=1, description="Version to use (default: the newest ready one).")
     ] = None,
+    embedding: Annotated[
+        bool,
+        Query(
+            description="Also answer each image's embedding (`embeddings`: unit-length rows, so a dot "
+            "product is a cosine similarity); 422 for a model without one."
+        ),
+    ] = False,
 ) -> JSONResponse:
     """Top-k labels for each image (or tensor row), in the order they were sent, and which model
-    version computed them (`?model=NAME&version=V`, default: the default model's newest version)."""
+    version computed them (`?model=NAME&version=V`, default: the default model's newest version);
+    with `?embedding=true`, each row's embedding too."""
     async with model_lease(request, model, version) as loaded:
         predictor = loaded.predictor
         metadata = predictor.metadata
         top_k = min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k
-        inference = _inference_request(request, service_state(request), metadata, top_k)
-        predictions, _ = await predictor.classify(inference, top_k)
+        width = (metadata.embedding_size or 0) if embedding else 0
+        inference = _inference_request(request, service_state(request), metadata, top_k, width)
+        # A model without an embedding is refused (422) before the body is read.
+        predictions, embeddings, _ = await predictor.classify(inference, top_k, embeddings=embedding)
     body: dict[str, Any] = {
         "model": {"name": loaded.name, "version": loaded.version},
         "predictions": predictions,
     }
+    if embeddings is not None:
+        body["embeddings"] = embeddings.tolist()
     return JSONResponse(body)
 
 
@@ -117,14 +140,18 @@ def multipart_images(
 
 
 def _inference_request(
-    request: Request, state: ServiceState, metadata: ModelMetadata, top_k: int
+    request: Request, state: ServiceState, metadata: ModelMetadata, top_k: int, embedding_size: int
 ) -> InferenceRequest[Any, Any]:
     """How the predictor receives and parses this request's body, by its Content-Type."""
     media_type = media_type_of(request)
     arrived_at: float = request.state.arrived_at
     max_rows = state.settings.max_queue_size
+
+    def check_rows(rows: int) -> None:
+        check_response_budget(rows, top_k, embedding_size, metadata)
+
     if media_type == "multipart/form-data":
-        return multipart_images(request, state, lambda rows: _check_response_budget(rows, top_k, metadata))
+        return multipart_images(request, state, check_rows)
     if media_type in TENSOR_TYPES:
         limit = state.settings.max_upload_bytes
 
@@ -140,7 +167,7 @@ def _inference_request(
             else:
                 array = parse_json_tensor(decoded, row_shape=metadata.input_shape, max_rows=max_rows)
             if array.ndim == 4 and array.shape[1:] == metadata.input_shape:
-                _check_response_budget(array.shape[0], top_k, metadata)  # else the predictor says why not
+                check_rows(array.shape[0])  # else the predictor says why not
             return Inputs(tensor=array), None
 
         return InferenceRequest(arrived_at, receive_body, tensor)

@@ -89,13 +89,13 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             parsed = parse_infer_request(decode_content(body, coding, limit), header_length, spec)
             return parsed.inputs, parsed
 
-        logits, parsed = await loaded.predictor.run(
+        computed, parsed = await loaded.predictor.run(
             InferenceRequest(request.state.arrived_at, receive, parse)
         )
     content, headers = encode_infer_response(
         model_name=loaded.name,
         model_version=str(loaded.version),
         request=parsed,
-        outputs=output_tensors(parsed, logits, spec.labels),
+        outputs=output_tensors(parsed, computed, spec.labels),
     )
     return Response(content, headers=headers)

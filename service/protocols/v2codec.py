@@ -11,9 +11,13 @@ predictor admits by count, then decodes and preprocesses exactly as `/predict` d
 A REST body is a JSON header optionally followed by raw little-endian tensors; the header's length comes
 in `Inference-Header-Content-Length` (0 = the whole body is the single input, batch 1). Inputs with
 `parameters.binary_data_size` take their bytes from after the header, in order. Outputs are binary
-when asked (`binary_data` per output, `binary_data_output` per request), else JSON `data`. An output
-may ask for Triton's `classification: k` (BYTES tensor of "value:index:label" strings, top k).
-Pure functions: no HTTP, no model.
+when asked (`binary_data` per output, `binary_data_output` per request), else JSON `data`. The class
+scores output may ask for Triton's `classification: k` (BYTES tensor of "value:index:label" strings,
+top k). A model with an embedding has a second output, `embedding` (FP32 [N, D], unit-length rows),
+answered only when a request names it in `outputs`: without `outputs` a request gets the class scores
+alone. The V2 protocol says "all outputs" then, but this keeps every existing client's answer (and
+its size) exactly as it was, and the embedding is listed in the model's metadata for clients that
+want it. Pure functions: no HTTP, no model.
 
 Request cost model (B body bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BYTES):
 - Binary data is a view of the body (0 copies). JSON `data` is read by `service.transport.tensorjson` only
@@ -26,10 +30,10 @@ Request cost model (B body bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BY
 
 Response budget: each output name at most once (400 for a repeat) and a classification of at most
 the class count K, so for R rows the answer is at most `response_bound(...)` = 256 + the escaped id +
-per output 192 + R x K x (4 binary | 24 JSON) bytes, or R x min(k, K) x (56 + digits of K + the
-longest escaped label) for a classification, plus the model's name and version. A request is
-refused (422, before inference) if that exceeds the tensor bytes it makes the server compute
-(R x C x H x W x 4, an image being one row) +
+per output 192 + R x W x (4 binary | 24 JSON) bytes (W: the output's width, K classes or D embedding
+values), or R x min(k, K) x (56 + digits of K + the longest escaped label) for a classification, plus
+the model's name and version. A request is refused (422, before inference) if that exceeds the tensor
+bytes it makes the server compute (R x C x H x W x 4, an image being one row) +
 `RESPONSE_SLACK_BYTES`, so no request makes the server write much more than it sent; for models
 with thousands of classes and tiny inputs that means asking for binary output or fewer classes.
 """
@@ -44,13 +48,14 @@ import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
+from modelcontract import EMBEDDING_NAME
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
-from service.inference.predictor import Inputs, NamedImage
+from service.inference.predictor import Inputs, ModelOutputs, NamedImage
 from service.textsafety import brief
 from service.transport.jsonparse import BoundedJson, loads_bounded
 from service.transport.tensorjson import nested_numbers
@@ -70,7 +75,8 @@ RESPONSE_SLACK_BYTES = 64 * 1024
 # Upper bounds, in bytes, of the parts of an encoded response (see `response_bound`).
 _ENVELOPE_BYTES = 256  # {"model_name":"","model_version":"","outputs":[],"id":""}
 _ENTRY_BYTES = 192  # one output without its name and values: datatype, shape, binary_data_size
-_FLOAT_JSON_BYTES = 24  # json.dumps of a float32 value as a double ("-1.1754943508222875e-38") and ","
+FLOAT_JSON_BYTES = 24
+"""Most bytes JSON writes for one float32 value (as a double: "-1.1754943508222875e-38") and its comma."""
 _CLASS_VALUE_BYTES = 48  # f"{value:f}" of a float32: up to 39 digits, a sign, a point and 6 decimals
 
 
@@ -120,10 +126,21 @@ class TensorSpec:
     """One per class, in output order."""
     max_rows: int
     """Most rows (tensor rows or images) one request may carry (CONVSERVE_MAX_QUEUE_SIZE)."""
+    extra_outputs: tuple[tuple[str, int], ...] = ()
+    """The FP32 outputs [N, width] a request may ask for by name besides the class scores, as
+    (name, width): the embedding, when the model has one."""
 
     @property
     def row_values(self) -> int:
         return math.prod(self.input_shape)
+
+    def output_width(self, name: str) -> int:
+        """Values per row of output `name`: the class count for the class scores."""
+        return dict(self.extra_outputs).get(name, len(self.labels))
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name, *(name for name, _ in self.extra_outputs)]
 
 
 @dataclass(frozen=True)
@@ -239,16 +256,25 @@ def requested_output(
     spec: TensorSpec,
     earlier: Sequence[RequestedOutput],
 ) -> RequestedOutput:
-    """One entry of the request's `outputs`: the model's output, at most once, optionally classified."""
-    if name != spec.output_name:
-        raise BadRequestError(f"unknown output {brief(name)}; this model has one output {spec.output_name!r}")
-    if earlier:  # only one name exists: a second entry repeats it, and would repeat the answer
-        raise BadRequestError(f"output {spec.output_name!r} is requested twice; ask for each output once")
+    """One entry of the request's `outputs`: one of the model's outputs, at most once; the class scores
+    optionally classified."""
+    names = spec.output_names
+    if name not in names:
+        hint = ""
+        if name == EMBEDDING_NAME:
+            hint = "; models exported by `python -m training export` have an embedding: re-export this one"
+        raise BadRequestError(f"unknown output {brief(name)}; this model has outputs {names}{hint}")
+    if any(output.name == name for output in earlier):  # a repeat would repeat the answer
+        raise BadRequestError(f"output {name!r} is requested twice; ask for each output once")
     class_count = parameters.get("classification", 0)
     if not _is_whole(class_count) or class_count < 0:
         raise BadRequestError(f"classification must be a non-negative integer, got {brief(class_count)}")
+    if class_count and name != spec.output_name:
+        raise BadRequestError(
+            f"classification ranks classes, so it applies to {spec.output_name!r} only, not to {name!r}"
+        )
     binary = _flag(parameters, "binary_data", binary_default)
-    return RequestedOutput(spec.output_name, binary, int(min(class_count, 2**31)))
+    return RequestedOutput(name, binary, int(min(class_count, 2**31)))
 
 
 def client_timeout_s(timeout: Any) -> float | None:
@@ -285,10 +311,12 @@ def finish_request(
     binary_default: bool,
     spec: TensorSpec,
 ) -> InferRequest:
-    """The request, its outputs defaulted to the model's one output; refused if its answer could be
-    much larger than what it makes the server compute (see the module docstring)."""
+    """The request, its outputs defaulted to the class scores; refused if its answer could be much
+    larger than what it makes the server compute (see the module docstring). Its inputs name the
+    outputs the model must fetch besides the class scores."""
     chosen = tuple(outputs) or (RequestedOutput(spec.output_name, binary_default),)
-    request = InferRequest(id=request_id, inputs=inputs, outputs=chosen)
+    extra = frozenset(output.name for output in chosen if output.name != spec.output_name)
+    request = InferRequest(id=request_id, inputs=replace(inputs, outputs=extra), outputs=chosen)
     _check_response_budget(request, spec)
     return request
 
@@ -474,7 +502,7 @@ def response_bound(request: InferRequest, spec: TensorSpec) -> int:
             per_value = 4 + _CLASS_VALUE_BYTES + 2 + len(str(classes)) + escaped_label_bytes(spec.labels)
             total += rows * min(output.class_count, classes) * per_value
         else:
-            total += rows * classes * (4 if output.binary else _FLOAT_JSON_BYTES)
+            total += rows * spec.output_width(output.name) * (4 if output.binary else FLOAT_JSON_BYTES)
     return total
 
 
@@ -520,19 +548,23 @@ def serialize_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def output_tensors(request: InferRequest, logits: np.ndarray, labels: tuple[str, ...]) -> list[OutputTensor]:
-    """The outputs `request` asked for, computed from the model's logits."""
+def output_tensors(
+    request: InferRequest, outputs: ModelOutputs, labels: tuple[str, ...]
+) -> list[OutputTensor]:
+    """The outputs `request` asked for, from what the model computed: the class scores (or their
+    classification) and the named outputs by name."""
     tensors = []
     for output in request.outputs:
         if output.class_count:
-            strings = classification_strings(logits, output.class_count, labels)
+            strings = classification_strings(outputs.logits, output.class_count, labels)
             flat = [s for row in strings for s in row]
             shape = [len(strings), len(strings[0])]
             tensors.append(
                 OutputTensor(output.name, "BYTES", shape, serialize_bytes([s.encode() for s in flat]), flat)
             )
         else:
-            values = np.ascontiguousarray(logits, dtype="<f4")
+            rows = outputs.extra[output.name] if output.name in request.inputs.outputs else outputs.logits
+            values = np.ascontiguousarray(rows, dtype="<f4")
             data = values.ravel().tolist()
             tensors.append(OutputTensor(output.name, "FP32", list(values.shape), values.tobytes(), data))
     return tensors

@@ -122,8 +122,10 @@ class InferenceServicer:
                 def parse(message: pb.ModelInferRequest) -> tuple[Inputs, InferRequest]:
                     return infer_request(message, spec, deadline_s)
 
-                logits, parsed = await loaded.predictor.run(InferenceRequest(call.arrived_at, receive, parse))
-            outputs = output_tensors(parsed, logits, spec.labels)
+                computed, parsed = await loaded.predictor.run(
+                    InferenceRequest(call.arrived_at, receive, parse)
+                )
+            outputs = output_tensors(parsed, computed, spec.labels)
             return infer_response(loaded.name, str(loaded.version), parsed, outputs)
 
         return await self._run("ModelInfer", Role.INFERENCE, context, infer)

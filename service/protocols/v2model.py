@@ -2,7 +2,8 @@
 
 Plain dicts and dataclasses, the same for every transport: REST returns the dicts as JSON, gRPC
 copies them into its messages. Every model takes two inputs, its own FP32 tensor and
-`IMAGE_INPUT` (encoded image files), and has one FP32 output of class scores.
+`IMAGE_INPUT` (encoded image files), and has an FP32 output of class scores; a model with an embedding
+also has its FP32 `embedding` output [N, D] (unit-length rows), answered when a request names it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,21 @@ def tensor_spec(state: ServiceState, loaded: LoadedModel) -> TensorSpec:
         output_name=loaded.model.output_name,
         labels=meta.labels,
         max_rows=state.settings.max_queue_size,
+        extra_outputs=_embedding(loaded),
     )
+
+
+def _embedding(loaded: LoadedModel) -> tuple[tuple[str, int], ...]:
+    """The embedding output as (name, width), when the model has one."""
+    meta = loaded.model.metadata
+    if meta.embedding_output is None or meta.embedding_size is None:
+        return ()
+    return ((meta.embedding_output, meta.embedding_size),)
+
+
+def _outputs(loaded: LoadedModel) -> list[tuple[str, int]]:
+    """Every output a request may ask for, as (name, values per row): the class scores first."""
+    return [(loaded.model.output_name, loaded.model.metadata.num_classes), *_embedding(loaded)]
 
 
 def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
@@ -46,7 +61,9 @@ def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any
             {"name": loaded.model.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]},
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
         ],
-        "outputs": [{"name": loaded.model.output_name, "datatype": "FP32", "shape": [-1, meta.num_classes]}],
+        "outputs": [
+            {"name": name, "datatype": "FP32", "shape": [-1, width]} for name, width in _outputs(loaded)
+        ],
         "parameters": {
             "version": loaded.version,
             "execution_provider": loaded.model.active_provider,
@@ -74,6 +91,8 @@ def config_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
             {"name": loaded.model.input_name, "data_type": "TYPE_FP32", "dims": list(meta.input_shape)},
             {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]},
         ],
-        "output": [{"name": loaded.model.output_name, "data_type": "TYPE_FP32", "dims": [meta.num_classes]}],
+        "output": [
+            {"name": name, "data_type": "TYPE_FP32", "dims": [width]} for name, width in _outputs(loaded)
+        ],
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
     }

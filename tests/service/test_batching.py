@@ -366,9 +366,9 @@ def test_a_lone_batch_runs_alone_and_company_runs_one_batch_per_instance(tiny_mo
     # being decoded (its room reserved), or with as many rows as instances, is shared out per instance.
     calls: list[tuple[int, bool]] = []
 
-    def infer(batch: np.ndarray, explain: bool = False, alone: bool = False) -> Any:
+    def infer(batch: np.ndarray, alone: bool = False) -> Any:
         calls.append((len(batch), alone))
-        return tiny_model.run(batch, explain, alone)
+        return tiny_model.run(batch, alone=alone)
 
     batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from modelcontract import class_activation_maps
+from modelcontract import FEATURES_NAME, class_activation_maps
 from service.app import create_app
 from service.inference.batching import DynamicBatcher
 from service.models.runtime import OnnxModel, load_model
@@ -123,7 +123,8 @@ def test_explain_heatmap_is_the_class_activation_map_of_the_models_own_outputs(
     from service.inference.preprocessing import ImagePreprocessor  # noqa: PLC0415
 
     row = ImagePreprocessor.from_metadata(seeing.metadata)(encode(photo("coffee"), "PNG"))
-    _, features = seeing.run(row[None], explain=True)
+    _, extra = seeing.run(row[None], {FEATURES_NAME})
+    features = extra[FEATURES_NAME]
     assert features.shape[2:] == (FEATURE_SIZE, FEATURE_SIZE)
     assert seeing.explain_weights is not None
     cam = class_activation_maps(features[0], seeing.explain_weights, np.array([1]))[0]
@@ -183,11 +184,11 @@ def test_explain_needs_the_inference_token(repository: Path) -> None:
 def test_explain_and_predict_rows_share_one_batch_and_each_gets_its_own_answer(seeing: OnnxModel) -> None:
     """Two requests of two rows each fill a batch of four at once (the delay is far away): one run
     with the feature map, the plain request receiving only its outputs."""
-    runs: list[tuple[int, bool]] = []
+    runs: list[tuple[int, frozenset[str]]] = []
 
-    def infer(batch: np.ndarray, explain: bool = False) -> Any:
-        runs.append((len(batch), explain))
-        return seeing.run(batch, explain=True) if explain else seeing.run(batch)
+    def infer(batch: np.ndarray, extra: frozenset[str] = frozenset()) -> Any:
+        runs.append((len(batch), extra))
+        return seeing.run(batch, extra) if extra else seeing.run(batch)
 
     rng = np.random.default_rng(0)
     plain_rows, explain_rows = (rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(2))
@@ -199,26 +200,28 @@ def test_explain_and_predict_rows_share_one_batch_and_each_gets_its_own_answer(s
         try:
             with batcher.reserve(2) as plain, batcher.reserve(2) as explained:
                 return await asyncio.gather(
-                    plain.submit(plain_rows, deadline), explained.submit_explained(explain_rows, deadline)
+                    plain.submit(plain_rows, deadline),
+                    explained.submit_with(explain_rows, deadline, frozenset({FEATURES_NAME})),
                 )
         finally:
             await batcher.close(timeout_s=5)
 
-    plain_out, (explained_out, features) = asyncio.run(scenario())
-    assert runs == [(4, True)]
+    plain_out, (explained_out, extra) = asyncio.run(scenario())
+    assert runs == [(4, frozenset({FEATURES_NAME}))]
     assert isinstance(plain_out, np.ndarray)
     np.testing.assert_allclose(plain_out, seeing.run(plain_rows), rtol=1e-5, atol=1e-5)
-    reference_out, reference_features = seeing.run(explain_rows, explain=True)
+    reference_out, reference = seeing.run(explain_rows, {FEATURES_NAME})
+    assert set(extra) == {FEATURES_NAME}
     np.testing.assert_allclose(explained_out, reference_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(features, reference_features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(extra[FEATURES_NAME], reference[FEATURES_NAME], rtol=1e-5, atol=1e-5)
 
 
 def test_a_batch_of_plain_requests_does_not_fetch_the_feature_map(seeing: OnnxModel) -> None:
-    runs: list[bool] = []
+    runs: list[frozenset[str]] = []
 
-    def infer(batch: np.ndarray, explain: bool = False) -> Any:
-        runs.append(explain)
-        return seeing.run(batch, explain=True) if explain else seeing.run(batch)
+    def infer(batch: np.ndarray, extra: frozenset[str] = frozenset()) -> Any:
+        runs.append(extra)
+        return seeing.run(batch, extra) if extra else seeing.run(batch)
 
     async def scenario() -> None:
         batcher = DynamicBatcher(infer, max_batch_size=2, max_queue_delay_s=60.0, max_queue_size=4)
@@ -229,7 +232,7 @@ def test_a_batch_of_plain_requests_does_not_fetch_the_feature_map(seeing: OnnxMo
             await batcher.close(timeout_s=5)
 
     asyncio.run(scenario())
-    assert runs == [False]
+    assert runs == [frozenset()]
 
 
 def test_a_png_overlay_of_a_large_noisy_photo_stays_within_the_requests_tensor_bytes(

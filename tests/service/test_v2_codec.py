@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError, ServiceError
-from service.inference.predictor import Inputs
+from service.inference.predictor import Inputs, ModelOutputs
 from service.protocols.v2codec import (
     InferRequest,
     RequestedOutput,
@@ -130,7 +130,7 @@ def test_json_response_carries_flat_data() -> None:
         model_name="tiny",
         model_version="1",
         request=(parsed := request(RequestedOutput("logits", False))),
-        outputs=output_tensors(parsed, LOGITS, LABELS),
+        outputs=output_tensors(parsed, ModelOutputs(LOGITS), LABELS),
     )
     assert headers == {"Content-Type": "application/json"}
     response = json.loads(body)
@@ -151,7 +151,7 @@ def test_binary_response_appends_raw_tensors_after_the_header() -> None:
         model_name="tiny",
         model_version="1",
         request=(parsed := request(*outputs)),
-        outputs=output_tensors(parsed, LOGITS, LABELS),
+        outputs=output_tensors(parsed, ModelOutputs(LOGITS), LABELS),
     )
     length = int(headers["Inference-Header-Content-Length"])
     header = json.loads(body[:length])
@@ -225,7 +225,7 @@ def test_response_bound_covers_every_encoding_of_extreme_logits(request_id: str 
             model_name="tiny",
             model_version="1",
             request=parsed,
-            outputs=output_tensors(parsed, EXTREME_LOGITS, LABELS),
+            outputs=output_tensors(parsed, ModelOutputs(EXTREME_LOGITS), LABELS),
         )
         assert len(body) <= response_bound(parsed, SPEC) + len("tiny1"), output
 

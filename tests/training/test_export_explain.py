@@ -68,7 +68,8 @@ def test_maps_from_the_file_match_pytorch(explainable_path: Path) -> None:
         expected.mean(axis=(2, 3)) + model.head.linear.bias.detach().numpy(), logits, rtol=1e-4, atol=1e-5
     )
     served = load_model(explainable_path, ["CPUExecutionProvider"], intra_op_threads=1)
-    outputs, onnx_features = served.run(images.numpy(), explain=True)
+    outputs, extra = served.run(images.numpy(), {FEATURES_NAME})
+    onnx_features = extra[FEATURES_NAME]
     classes = np.arange(len(TINY_LABELS))
     assert served.explain_weights is not None
     maps = np.stack([class_activation_maps(row, served.explain_weights, classes) for row in onnx_features])

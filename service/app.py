@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from service import __version__
 from service.lifecycle import lifespan_for
 from service.metrics import Metrics
-from service.protocols import explain, health, metrics, predict, repository, ui, v2
+from service.protocols import explain, gallery, health, metrics, predict, repository, ui, v2
 from service.protocols.docs import install_docs
 from service.protocols.error_handlers import install_error_handlers
 from service.settings import Settings
@@ -26,6 +26,7 @@ ROUTERS = (
     repository.router,
     metrics.router,
     ui.router,
+    gallery.router,
 )
 """Every router of the service's own routes (FastAPI adds the docs routes)."""
 
@@ -57,7 +58,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=[
                 "authorization",
                 "content-type",

@@ -142,6 +142,7 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
             logger.error("cannot start: %s", exc)
             raise
         controller = asyncio.create_task(control(state, names), name="convserve-model-control")
+        state.galleries.start()
         try:
             # uvicorn hands the lifespan state to every connection's protocol (service.transport.protocol).
             yield {LIMITS_STATE_KEY: connection_limits(state)}
@@ -151,6 +152,7 @@ def lifespan_for(state: ServiceState) -> Callable[[FastAPI], AbstractAsyncContex
                 await controller
             if grpc_api is not None:  # admitted RPCs finish before their model versions close
                 await grpc_api.stop()
+            await state.galleries.stop()  # its background embedding holds leases on model versions
             # Requests have finished by now (uvicorn waits for them first); each version then drains
             # its batcher, bounded by REQUEST_TIMEOUT_S.
             await state.registry.close()

@@ -214,6 +214,37 @@ class Metrics:
             buckets=_CONFIDENCE_BUCKETS,
             registry=registry,
         )
+        # Galleries live in a directory every worker shares, so each worker reads the same sizes: the
+        # most recent reading is the gallery's, not a sum of the workers'.
+        self.gallery_entries = Gauge(
+            "convserve_gallery_entries",
+            "Examples in a model's gallery (all workers and replicas sharing CONVSERVE_GALLERY_DIR).",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.gallery_pending = Gauge(
+            "convserve_gallery_pending",
+            "Examples of a model's gallery not yet embedded by a served version (re-embedding in "
+            "progress after a new version; 0 once that version's gallery is complete).",
+            model,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.gallery_query_duration = Histogram(
+            "convserve_gallery_query_seconds",
+            "Time to search a model's gallery for one request's images and vote on their labels "
+            "(embedding the images not included).",
+            ["model"],
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.gallery_changes = Counter(
+            "convserve_gallery_changes_total",
+            "Gallery examples added (change=add) and removed (change=remove) through this server.",
+            ["model", "change"],
+            registry=registry,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)  # export zeros so rate() works from the first scrape
         self._info_labels: dict[tuple[str, int], tuple[str, str, str, str]] = {}
@@ -240,6 +271,10 @@ class Metrics:
             _retire(self.model_info, previous)
         _retire(self.queue_depth, (name, str(version)))
         _retire(self.model_memory, (name, str(version)))
+
+    def forget_gallery_version(self, model: str, version: int) -> None:
+        """Retire `convserve_gallery_pending` of a version a gallery no longer answers with."""
+        _retire(self.gallery_pending, (model, str(version)))
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this registry, or every worker's values in multiprocess mode."""

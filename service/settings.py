@@ -171,8 +171,8 @@ class Settings(BaseSettings):
     """A header that may carry the token instead of `Authorization: Bearer` (Triton's style, e.g.
     `admin-key`); unset = Authorization only."""
     unsafe_unauthenticated_admin: bool = False
-    """Allow MODEL_CONTROL=explicit without ADMIN_TOKEN: anyone who reaches the port can load and unload
-    models (true/false). Only for a port nobody else can reach."""
+    """Allow MODEL_CONTROL=explicit, and gallery writes, without ADMIN_TOKEN: anyone who reaches the port
+    can load and unload models and change galleries (true/false). Only for a port nobody else can reach."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Browser origins allowed to call the API cross-site (CORS and the cross-origin check),
     comma-separated, e.g. `https://app.example.com`; empty = none."""
@@ -182,6 +182,22 @@ class Settings(BaseSettings):
     """PEM private key of TLS_CERTFILE."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    gallery_dir: Path | None = None
+    """Directory holding every model's gallery of labelled examples (`<dir>/<model>/`); it must outlive
+    the container (a persistent volume), and every worker and replica serving the same galleries mounts
+    the same one. Unset = galleries off (their routes answer 404)."""
+    gallery_max_entries: int = Field(default=50_000, ge=1, le=10_000_000)
+    """Most examples one model's gallery holds, a count; an add past it gets 507. Search is exact, so a
+    query's cost grows with it: ~1 ms at 10^4 entries, ~17 ms at 10^5 on 2 cores."""
+    gallery_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    """Most bytes one model's gallery holds: its example images plus the embeddings of every model
+    version it keeps, in bytes; an add past it gets 507 (each worker holds the embeddings in memory)."""
+    gallery_k: int = Field(default=5, ge=1, le=100)
+    """Nearest examples that vote on a gallery answer's labels, a count."""
+    gallery_writes: bool = True
+    """Whether clients may add and remove gallery examples (true/false): they need ADMIN_TOKEN (without
+    one, writes get 403 unless UNSAFE_UNAUTHENTICATED_ADMIN=true); false = read-only here (403), e.g. on
+    replicas that only answer queries."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe log records written to stderr: DEBUG, INFO, WARNING or ERROR."""
     log_format: Literal["text", "json"] = "text"

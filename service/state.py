@@ -1,4 +1,5 @@
-"""What the app holds at run time: settings, metrics, the model registry and the shared decode threads."""
+"""What the app holds at run time: settings, metrics, the model registry, the galleries and the shared
+decode threads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.galleries.manager import GalleryManager
 from service.metrics import Metrics
 from service.models import repository
 from service.models.registry import LoadedModel, ModelRegistry
@@ -32,6 +34,8 @@ class ServiceState:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the HTTP protocol when a graceful shutdown begins (see `service.transport.protocol`)."""
     registry: ModelRegistry = field(init=False)
+    galleries: GalleryManager = field(init=False)
+    """Every model's gallery (off unless CONVSERVE_GALLERY_DIR is set)."""
 
     def __post_init__(self) -> None:
         self.threads = ThreadPlan.from_settings(self.settings)
@@ -41,6 +45,7 @@ class ServiceState:
             initializer=yield_to_the_event_loop,
         )
         self.registry = ModelRegistry(self.settings, self.metrics, self.decode_executor, self.threads)
+        self.galleries = GalleryManager(self.settings, self.registry, self.metrics)
 
     @property
     def body_limits(self) -> BodyLimits:

@@ -3,6 +3,7 @@
 Layout of `<root>/<model>/`:
 
     lock              an empty file; writers hold `fcntl.flock` on it
+    embedder.lock     an empty file; the one process embedding entries for a version holds it
     journal           the append-only journal: every change ever made, as checksummed records
     images/<sha256>   each example image, content-addressed (the sha256 of its bytes)
 
@@ -67,6 +68,7 @@ from service.galleries.search import GalleryMatrix, normalize_rows
 MAX_LABEL_CHARS = 128
 JOURNAL_NAME = "journal"
 LOCK_NAME = "lock"
+EMBEDDER_LOCK_NAME = "embedder.lock"
 IMAGES_DIR = "images"
 _TEMP_PREFIX = ".tmp-"
 
@@ -133,7 +135,7 @@ class GalleryStats:
 
 
 def check_label(label: object) -> str:
-    """`label` if the gallery accepts it: 1 to 128 printable characters, no surrounding whitespace."""
+    """`label` if the gallery accepts it: 1 to 128 printable characters, no surrounding whitespace, no `/`."""
     if not isinstance(label, str):
         raise GalleryLabelError(f"a label must be text, got {type(label).__name__}")
     if not 1 <= len(label) <= MAX_LABEL_CHARS:
@@ -144,6 +146,9 @@ def check_label(label: object) -> str:
         )
     if label != label.strip():
         raise GalleryLabelError("a label may not start or end with whitespace")
+    if "/" in label:
+        # A label is one path segment of the API (`DELETE /v1/models/{model}/gallery/{label}`).
+        raise GalleryLabelError("a label may not contain `/`; use another separator, e.g. `dog:husky`")
     return label
 
 
@@ -442,6 +447,26 @@ class GalleryStore:
                 max_entries=self.max_entries,
                 max_bytes=self.max_bytes,
             )
+
+    @contextmanager
+    def embedding_claim(self) -> Iterator[bool]:
+        """Whether this caller is the one that may embed pending entries now (never waits).
+
+        `set_embeddings` keeps a row computed twice only once, but computing it twice costs the model
+        time: the claim (`flock` on `embedder.lock`, held for the block) lets one process at a time,
+        of all the workers and replicas sharing the directory, read `missing` and store the result.
+        """
+        self._check_open()
+        fd = os.open(self.directory / EMBEDDER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # closing the descriptor releases the lock
+        finally:
+            os.close(fd)
 
     # Writing: under the lock, caught up, bounds checked, then one record appended.
 

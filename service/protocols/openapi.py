@@ -41,6 +41,17 @@ class PredictResponse(BaseModel):
         "of the model's `embedding_size` floats at unit length, so the dot product of two rows is their "
         "cosine similarity.",
     )
+    neighbours: list[list[dict[str, Any]]] | None = Field(
+        default=None,
+        description="Only with `mode=gallery`: per image, the gallery's nearest examples, nearest first "
+        '(`{"id", "label", "similarity"}`); `predictions` are then the gallery\'s labels by their vote.',
+    )
+    entries: int | None = Field(default=None, description="Only with `mode=gallery`: the examples searched.")
+    gallery: dict[str, Any] | None = Field(
+        default=None,
+        description='Only with `mode=both`: the gallery\'s answer, `{"version", "entries", "predictions", '
+        '"neighbours"}`, beside the classifier\'s `predictions`.',
+    )
 
 
 class Explanation(BaseModel):

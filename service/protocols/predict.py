@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from modelcontract import ModelMetadata
 from service.errors import UnsupportedMediaTypeError
+from service.galleries.store import MAX_LABEL_CHARS
 from service.inference.predictor import InferenceRequest, Inputs, NamedImage
 from service.protocols.openapi import INFERENCE_ERRORS, PREDICT_BODY, PredictResponse, errors
 from service.protocols.v2codec import FLOAT_JSON_BYTES, check_answer_bound, escaped_label_bytes
@@ -45,22 +46,37 @@ router = APIRouter(tags=["predict"])
 DEFAULT_TOP_K = 5
 TENSOR_TYPES = ("application/json", "application/x-npy")
 _PREDICTION_BYTES = 64  # {"label":"","index":,"score":-1.2345678901234567e-05}, and a comma
+_GALLERY_VOTE_BYTES = 96  # {"label":"","score":,"votes":,"similarity":} with two floats, and a comma
+_NEIGHBOUR_BYTES = 96  # {"id":"<16 chars>","label":"","similarity":}, and a comma
+Mode = Literal["classifier", "gallery", "both"]
 
 
-def response_bound(rows: int, top_k: int, labels: tuple[str, ...], embedding_size: int = 0) -> int:
+def response_bound(
+    rows: int, top_k: int, labels: tuple[str, ...], embedding_size: int = 0, gallery_k: int = 0
+) -> int:
     """Most bytes of a `/predict` answer for `rows` rows and `top_k` classes each, with an embedding of
-    `embedding_size` floats per row (0: none asked for), the model name aside."""
+    `embedding_size` floats per row (0: none asked for) and a gallery's answer from its `gallery_k`
+    nearest examples (0: none asked for), the model name aside."""
     per_prediction = _PREDICTION_BYTES + len(str(len(labels))) + escaped_label_bytes(labels)
     per_embedding = 2 + embedding_size * FLOAT_JSON_BYTES if embedding_size else 0
-    return 256 + rows * (2 + top_k * per_prediction + per_embedding)
+    # A gallery label is at most MAX_LABEL_CHARS printable characters, each at most 6 bytes escaped.
+    gallery_label = 6 * MAX_LABEL_CHARS
+    per_gallery = (
+        4 + top_k * (_GALLERY_VOTE_BYTES + gallery_label) + gallery_k * (_NEIGHBOUR_BYTES + gallery_label)
+        if gallery_k
+        else 0
+    )
+    return 256 + rows * (2 + top_k * per_prediction + per_embedding + per_gallery)
 
 
-def check_response_budget(rows: int, top_k: int, embedding_size: int, metadata: ModelMetadata) -> None:
+def check_response_budget(
+    rows: int, top_k: int, embedding_size: int, metadata: ModelMetadata, gallery_k: int = 0
+) -> None:
     """422 (before inference) when the answer for `rows` rows could pass what the request may get back
     (`check_answer_bound`); `embedding_size` 0 when no embedding is asked for."""
     asked = f"top_k={top_k}" + (" and embedding=true" if embedding_size else "")
     check_answer_bound(
-        response_bound(rows, top_k, metadata.labels, embedding_size),
+        response_bound(rows, top_k, metadata.labels, embedding_size, gallery_k),
         rows,
         math.prod(metadata.input_shape),
         asked=f"{asked} for {rows} rows",
@@ -75,6 +91,7 @@ def check_response_budget(rows: int, top_k: int, embedding_size: int, metadata: 
 )
 async def predict(
     request: Request,
+    *,
     top_k: Annotated[
         int | None, Query(description="Classes to return per image, best first (default 5, or all if fewer).")
     ] = None,
@@ -91,23 +108,46 @@ async def predict(
             "product is a cosine similarity); 422 for a model without one."
         ),
     ] = False,
+    mode: Annotated[
+        Mode,
+        Query(
+            description="`classifier`: the model's classes; `gallery`: the labels of the model's gallery by "
+            "a vote of the nearest examples (`score`: share of the votes), with those examples under "
+            "`neighbours`; `both`: the classes, and the gallery's answer under `gallery`."
+        ),
+    ] = "classifier",
 ) -> JSONResponse:
     """Top-k labels for each image (or tensor row), in the order they were sent, and which model
     version computed them (`?model=NAME&version=V`, default: the default model's newest version);
-    with `?embedding=true`, each row's embedding too."""
+    with `?embedding=true`, each row's embedding too; with `?mode=gallery` or `both`, the answer of the
+    model's gallery of labelled examples (docs/galleries.md)."""
+    state = service_state(request)
+    gallery_k = state.settings.gallery_k if mode != "classifier" else 0
+    if gallery_k:  # the version whose embeddings answer the gallery (never another version's rows)
+        version = await state.galleries.version_for(model, version)
     async with model_lease(request, model, version) as loaded:
         predictor = loaded.predictor
         metadata = predictor.metadata
         top_k = min(DEFAULT_TOP_K, metadata.num_classes) if top_k is None else top_k
         width = (metadata.embedding_size or 0) if embedding else 0
-        inference = _inference_request(request, service_state(request), metadata, top_k, width)
+        inference = _inference_request(
+            request, state, metadata, top_k, embedding_size=width, gallery_k=gallery_k
+        )
         # A model without an embedding is refused (422) before the body is read.
-        predictions, embeddings, _ = await predictor.classify(inference, top_k, embeddings=embedding)
-    body: dict[str, Any] = {
-        "model": {"name": loaded.name, "version": loaded.version},
-        "predictions": predictions,
-    }
-    if embeddings is not None:
+        predictions, embeddings, _ = await predictor.classify(
+            inference, top_k, embeddings=embedding or bool(gallery_k)
+        )
+    body: dict[str, Any] = {"model": {"name": loaded.name, "version": loaded.version}}
+    if gallery_k:
+        assert embeddings is not None
+        answer = await state.galleries.classify(loaded.name, loaded.version, embeddings, top_k)
+        if mode == "gallery":
+            body.update(predictions=answer.predictions, neighbours=answer.neighbours, entries=answer.entries)
+        else:
+            body.update(predictions=predictions, gallery=answer.body())
+    else:
+        body["predictions"] = predictions
+    if embedding and embeddings is not None:
         body["embeddings"] = embeddings.tolist()
     return JSONResponse(body)
 
@@ -140,7 +180,13 @@ def multipart_images(
 
 
 def _inference_request(
-    request: Request, state: ServiceState, metadata: ModelMetadata, top_k: int, embedding_size: int
+    request: Request,
+    state: ServiceState,
+    metadata: ModelMetadata,
+    top_k: int,
+    *,
+    embedding_size: int,
+    gallery_k: int = 0,
 ) -> InferenceRequest[Any, Any]:
     """How the predictor receives and parses this request's body, by its Content-Type."""
     media_type = media_type_of(request)
@@ -148,7 +194,7 @@ def _inference_request(
     max_rows = state.settings.max_queue_size
 
     def check_rows(rows: int) -> None:
-        check_response_budget(rows, top_k, embedding_size, metadata)
+        check_response_budget(rows, top_k, embedding_size, metadata, gallery_k)
 
     if media_type == "multipart/form-data":
         return multipart_images(request, state, check_rows)

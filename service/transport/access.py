@@ -1,10 +1,12 @@
 """Who may call what: a bearer token per role, and refusal of browser requests from other sites.
 
-Every path belongs to one role (`role_of`): probes and docs are open; `/metrics` is METRICS; the
-model repository (and every future write API) is ADMIN; everything else, inference and model
-metadata included, is INFERENCE. A role with a configured token demands it as `Authorization: Bearer
-<token>` (or in CONVSERVE_TOKEN_HEADER, Triton's header-key style): 401 with `WWW-Authenticate` when
-none is sent, 403 when a wrong one is. The admin token is accepted wherever a token is asked for.
+Every request belongs to one role (`role_of`, by path and method): probes and docs are open;
+`/metrics` is METRICS; the model repository, and the writes (POST, DELETE) of the gallery API
+`/v1/models/<name>/gallery...`, are ADMIN (a gallery's examples change every client's answers, like a
+model load); everything else, inference, model metadata and reading a gallery included, is INFERENCE.
+A role with a configured token demands it as `Authorization: Bearer <token>` (or in
+CONVSERVE_TOKEN_HEADER, Triton's header-key style): 401 with `WWW-Authenticate` when none is sent,
+403 when a wrong one is. The admin token is accepted wherever a token is asked for.
 Tokens are compared as SHA-256 digests with `hmac.compare_digest`, so neither their content nor their
 length shows in the time an answer takes; they are never logged or echoed.
 
@@ -52,16 +54,21 @@ _OPEN_PATHS = frozenset(
 _OPEN_PREFIXES = ("/docs/static/", "/ui/static/")
 _MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 _ADMIN_PREFIXES = ("/v2/repository/",)
+# Paths whose reads are inference and whose writes are admin (service.protocols.gallery).
+_ADMIN_WRITES = re.compile(r"^/v1/models/[^/]+/gallery(/.*)?$")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def role_of(path: str) -> Role:
-    """The role a path belongs to; unknown paths are INFERENCE, so a new route is never open by accident."""
+def role_of(path: str, method: str = "GET") -> Role:
+    """The role a request for `path` with `method` needs; unknown paths are INFERENCE, so a new route
+    is never open by accident."""
     if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES) or _MODEL_READY.match(path):
         return Role.OPEN
     if path == "/metrics":
         return Role.METRICS
     if path.startswith(_ADMIN_PREFIXES) or path == "/v2/repository":
+        return Role.ADMIN
+    if method.upper() not in _SAFE_METHODS and _ADMIN_WRITES.match(path):
         return Role.ADMIN
     return Role.INFERENCE
 
@@ -226,7 +233,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         refusal = check_origin(scope, self.allowed_origins) or check_token_of(
-            scope, role_of(scope["path"]), self.credentials
+            scope, role_of(scope["path"], scope["method"]), self.credentials
         )
         if refusal is None:
             await self.app(scope, receive, send)

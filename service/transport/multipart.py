@@ -1,5 +1,9 @@
 """multipart/form-data bodies -> the uploaded files' bytes, in memory, with parts counted as they come.
 
+Text fields (parts without a file name) are counted and dropped, unless the caller asks for them
+(`read_form(..., keep_fields=True)`, for a gallery's `label`): then each is kept as UTF-8 text, at
+most `MAX_FIELD_BYTES` each and `max_fields` of them, both checked while the part arrives.
+
 python-multipart's streaming parser is driven directly. Starlette's form parser, which this
 replaces on the upload path, puts every file into a SpooledTemporaryFile behind an UploadFile (a
 temporary file on disk past 1 MiB, written from a thread pool) only for the route to read it back;
@@ -16,9 +20,10 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import BadRequestError, PayloadTooLargeError
+from service.textsafety import printable
 
 MAX_FIELD_BYTES = 1 << 20
-"""Largest non-file field, bytes (fields are ignored, but must not grow without bound)."""
+"""Largest non-file field, bytes (fields are mostly ignored, but must not grow without bound)."""
 MAX_PART_HEADERS = 16
 """Header lines one part may carry, a count (clients send two or three)."""
 MAX_PART_HEADER_BYTES = 8192
@@ -35,6 +40,15 @@ class FilePart:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Form:
+    """A multipart body as parsed: its files in order, and its text fields if they were asked for."""
+
+    files: list[FilePart]
+    fields: dict[str, list[str]]
+    """Each text field's values, in order (empty unless `keep_fields`)."""
+
+
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
@@ -45,11 +59,13 @@ class _Part:
 
 
 class _Collector:
-    """python-multipart callbacks: files kept, other fields counted and dropped."""
+    """python-multipart callbacks: files kept, other fields counted and dropped (or kept)."""
 
-    def __init__(self, max_files: int, max_fields: int) -> None:
+    def __init__(self, max_files: int, max_fields: int, keep_fields: bool = False) -> None:
         self.files: list[FilePart] = []
+        self.fields: dict[str, list[str]] = {}
         self._max_files, self._max_fields = max_files, max_fields
+        self._keep_fields = keep_fields
         self._fields = 0
         self._part = _Part()
         self._header_name = bytearray()
@@ -100,7 +116,8 @@ class _Collector:
                     f"malformed multipart body: a non-file field is over {MAX_FIELD_BYTES} bytes; send "
                     "images as file fields"
                 )
-            return  # only files are used
+            if not self._keep_fields:
+                return  # only files are used
         part.chunks.append(data[start:end])
 
     def on_part_end(self) -> None:
@@ -108,6 +125,14 @@ class _Collector:
         if part.filename is not None:
             data = part.chunks[0] if len(part.chunks) == 1 else b"".join(part.chunks)
             self.files.append(FilePart(part.field, part.filename, data))
+        elif self._keep_fields:
+            try:
+                text = b"".join(part.chunks).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequestError(
+                    f"malformed multipart body: the text field {printable(part.field, 64)!r} is not UTF-8"
+                ) from None
+            self.fields.setdefault(part.field, []).append(text)
         self._part = _Part()
 
 
@@ -115,6 +140,20 @@ async def read_files(
     chunks: AsyncIterable[bytes], content_type: str, *, max_files: int, max_fields: int
 ) -> list[FilePart]:
     """Every file part of a multipart/form-data body, in order; 400 if malformed, 413 past `max_files`."""
+    form = await read_form(chunks, content_type, max_files=max_files, max_fields=max_fields)
+    return form.files
+
+
+async def read_form(
+    chunks: AsyncIterable[bytes],
+    content_type: str,
+    *,
+    max_files: int,
+    max_fields: int,
+    keep_fields: bool = False,
+) -> Form:
+    """The file parts of a multipart/form-data body, in order, and with `keep_fields` its text fields;
+    400 if malformed (a text field that is not UTF-8 too), 413 past `max_files`."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -122,7 +161,7 @@ async def read_files(
             "malformed multipart body: the Content-Type has no boundary; let the HTTP client build the "
             "multipart body (e.g. `curl -F image=@cat.jpg`)"
         )
-    collector = _Collector(max_files, max_fields)
+    collector = _Collector(max_files, max_fields, keep_fields)
     callbacks = {
         "on_part_begin": collector.on_part_begin,
         "on_header_field": collector.on_header_field,
@@ -144,4 +183,4 @@ async def read_files(
         parser.finalize()
     except FormParserError as exc:
         raise BadRequestError(f"malformed multipart body: {exc}") from None
-    return collector.files
+    return Form(collector.files, collector.fields)

@@ -51,7 +51,7 @@ from service.errors import (
 )
 from service.textsafety import printable
 from service.transport.jsonparse import loads_bounded
-from service.transport.multipart import read_files
+from service.transport.multipart import read_files, read_form
 from service.transport.tensorjson import nested_numbers
 
 _MAX_FORM_FIELDS = 64
@@ -224,6 +224,27 @@ async def read_images(request: Request, limits: BodyLimits, max_files: int) -> l
             "the multipart body holds no files; attach images as file fields, e.g. `curl -F image=@cat.jpg`"
         )
     return [(printable(part.filename or part.field), part.data) for part in files]
+
+
+async def read_images_with_fields(
+    request: Request, limits: BodyLimits, max_files: int
+) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
+    """`read_images`, plus the body's text fields (each value at most `multipart.MAX_FIELD_BYTES`,
+    at most 64 fields): for an upload that names what its images are, such as a gallery's label."""
+    content_coding(request.headers, images=True)
+    form = await read_form(
+        _limited_stream(request, limits),
+        request.headers.get("content-type", ""),
+        max_files=max_files,
+        max_fields=_MAX_FORM_FIELDS,
+        keep_fields=True,
+    )
+    if not form.files:
+        raise BadRequestError(
+            "the multipart body holds no files; attach images as file fields, e.g. `curl -F image=@cat.jpg`"
+        )
+    files = [(printable(part.filename or part.field), part.data) for part in form.files]
+    return files, form.fields
 
 
 def parse_json_tensor(body: bytes, row_shape: tuple[int, ...], max_rows: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.errors import BadRequestError, PayloadTooLargeError
-from service.transport.multipart import MAX_FIELD_BYTES, FilePart, read_files
+from service.transport.multipart import MAX_FIELD_BYTES, FilePart, read_files, read_form
 from tests.photos import jpeg
 
 BOUNDARY = "----convserve-test-boundary"
@@ -46,6 +46,27 @@ def test_files_come_back_whole_in_order_whatever_the_chunking(chunk_size: int) -
     data = body(("image", "cat.jpg", cat), ("note", None, b"ignored"), ("other", "", cup))
     files = read(data, chunk_size)
     assert files == [FilePart("image", "cat.jpg", cat), FilePart("other", "", cup)]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 20])
+def test_text_fields_are_kept_only_when_asked_for(chunk_size: int) -> None:
+    cat = jpeg("chelsea")
+    data = body(("label", None, "chat tigré".encode()), ("image", "cat.jpg", cat), ("label", None, b"2"))
+    bounds = {"max_files": 8, "max_fields": 4}
+    kept = asyncio.run(read_form(_chunks(data, chunk_size), CONTENT_TYPE, keep_fields=True, **bounds))
+    assert kept.files == [FilePart("image", "cat.jpg", cat)]
+    assert kept.fields == {"label": ["chat tigré", "2"]}
+    assert asyncio.run(read_form(_chunks(data, chunk_size), CONTENT_TYPE, **bounds)).fields == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [(b"\xff\xfe", "not UTF-8"), (b"x" * (MAX_FIELD_BYTES + 1), "non-file field is over")],
+)
+def test_kept_text_fields_are_bounded_and_utf8(field: bytes, message: str) -> None:
+    data = body(("label", None, field), ("image", "a.jpg", b"x"))
+    with pytest.raises(BadRequestError, match=message):
+        asyncio.run(read_form(_chunks(data, 4096), CONTENT_TYPE, max_files=8, max_fields=4, keep_fields=True))
 
 
 @pytest.mark.parametrize(

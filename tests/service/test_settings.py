@@ -40,6 +40,12 @@ ISSUE_VARIABLES = [
     "OPENTELEMETRY",
     "INSTANCES",
     "CPUS",
+    # galleries of labelled examples per model
+    "GALLERY_DIR",
+    "GALLERY_MAX_ENTRIES",
+    "GALLERY_MAX_BYTES",
+    "GALLERY_K",
+    "GALLERY_WRITES",
     # who may call what, and what one request head may cost
     "CLIENT_ERROR_DELAY_S",
     "MAX_HEADER_BYTES",

@@ -23,6 +23,7 @@ help:
 	@echo "make gpu-check - prove the CUDA path on this host's GPU in ~5 min (without one: a dry run on the CPU)"
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
 	@echo "make peers  - build .venv/peers/bentoml, the BentoML peer's own venv (make bench does it)"
+	@echo "make bench-fewshot - galleries of a few examples per class against raw pixels (~5 min)"
 	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
 	@echo "make proto  - regenerate the gRPC message classes from service/protocols/v2proto/*.proto"
 	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
@@ -111,12 +112,18 @@ bench-quick: $(VENV)/.stamp-lock model peers
 soak: $(VENV)/.stamp-lock model
 	$(BIN)/python -m benchmarks --robustness
 
+# Few-shot galleries against raw pixels (~5 min): benchmarks/results/fewshot.json and docs/galleries.md's block.
+.PHONY: bench-fewshot
+bench-fewshot: $(VENV)/.stamp-lock
+	$(BIN)/python -m benchmarks.fewshot
+
 # The generated parts of docs/: the configuration reference from the Settings class, and the figures
 # blocks from benchmarks/results/*.json (nothing is measured). tests/docs checks they are current.
 docs: $(VENV)/.stamp-lock
 	$(BIN)/python docs/generate.py
 	$(BIN)/python -m benchmarks --report-only --update-docs yes
 	$(BIN)/python -m benchmarks --robustness --report-only --update-docs yes
+	$(BIN)/python -m benchmarks.fewshot --report-only
 
 # The gRPC message classes beside their .proto (imported as service.protocols.v2proto.*); no service
 # classes: the server and client name Triton's service path themselves (service/protocols/v2proto).

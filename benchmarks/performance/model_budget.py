@@ -318,7 +318,9 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="convserve-bench-budget-") as scratch:
         root = Path(scratch)
         names = copy_models(model, plan.models, root)
-        copies = replace(model, repository=root, name=names[0], path=root / names[0] / "1" / model.path.name)
+        copies = replace(
+            model, repository=root, name=names[0], version=1, path=root / names[0] / "1" / model.path.name
+        )
         served = replace(config, service_env={**config.service_env, "CONVSERVE_MODELS": ",".join(names)})
         for budget_mb in plan.budgets_mb:
             server = budget_process(served, copies, log_dir, budget_mb)

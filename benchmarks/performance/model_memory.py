@@ -43,7 +43,9 @@ def measure(config: RunConfig, model: ServedModel, counts: Sequence[int], log_di
     with tempfile.TemporaryDirectory(prefix="convserve-bench-models-") as scratch:
         root = Path(scratch)
         names = copy_models(model, max(counts), root)
-        copies = replace(model, repository=root, name=names[0], path=root / names[0] / "1" / model.path.name)
+        copies = replace(
+            model, repository=root, name=names[0], version=1, path=root / names[0] / "1" / model.path.name
+        )
         for count in sorted(set(counts)):
             models = {"CONVSERVE_MODELS": ",".join(names[:count])}
             served = replace(config, service_env={**config.service_env, **models})

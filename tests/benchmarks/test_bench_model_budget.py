@@ -27,12 +27,15 @@ from benchmarks.performance.model_budget import (
 )
 from benchmarks.performance.subjects import resolve_model
 from tests.benchmarks.tinyrun import tiny_run_config
+from tests.tinymodel import MODEL_NAME
 
 
 def test_a_budget_that_holds_a_few_tiny_models_evicts_and_loads_on_demand_without_failing(
     tmp_path: Path,
 ) -> None:
     config = tiny_run_config(tmp_path, "budget")
+    # The model measured is at version 2: its copies are version 1 of each name, whatever its own.
+    (config.model_repository / MODEL_NAME / "1").rename(config.model_repository / MODEL_NAME / "2")
     # ~1 MiB per tiny version (its two sessions: the lone-request one too): 3 MiB holds a few of the six.
     plan = BudgetPlan(models=6, budgets_mb=(3,), warmup_s=1.0, duration_s=4.0, concurrency=8)
     budget = measure(config, resolve_model(config), build_corpus([0.05, 0.1]), plan, tmp_path / "logs")

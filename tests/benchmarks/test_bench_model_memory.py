@@ -8,10 +8,13 @@ from pathlib import Path
 from benchmarks.performance.model_memory import mb_per_extra_model, measure, memory_table
 from benchmarks.performance.subjects import resolve_model
 from tests.benchmarks.tinyrun import tiny_run_config
+from tests.tinymodel import MODEL_NAME
 
 
 def test_each_count_starts_a_service_serving_that_many_models(tmp_path: Path) -> None:
     config = tiny_run_config(tmp_path, "memory")
+    # The model measured is at version 2: its copies are version 1 of each name, whatever its own.
+    (config.model_repository / MODEL_NAME / "1").rename(config.model_repository / MODEL_NAME / "2")
     memory = measure(config, resolve_model(config), (1, 3), tmp_path / "logs")
     assert [row["models"] for row in memory["levels"]] == [1, 3]
     serving_three = (tmp_path / "logs" / "memory.log").read_text()

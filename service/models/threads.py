@@ -12,8 +12,9 @@ of the same file whose threads cover every core and spin between its operators. 
 the run returns (`session.force_spinning_stop`), so the next batches find the cores free. The second
 session costs the memory of the weights once more (EfficientNet-Lite0: 24 → 43 MB per loaded version,
 as the memory budget measures it; activations come from the arena every session shares), so with
-many models per box and a tight budget, INSTANCES=<cores> holds twice the versions. Explicit INSTANCES keeps exactly what it says, with no second
-session; a GPU computes one batch at a time on its own.
+many models per box and a tight budget, INSTANCES=<cores> holds twice the versions. Explicit
+INSTANCES keeps exactly what it says, with no second session; a GPU computes one batch at a time on
+its own.
 """
 
 from __future__ import annotations

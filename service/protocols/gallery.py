@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse
 
 from service.errors import InvalidInputError, UnsupportedMediaTypeError
 from service.galleries.manager import GalleryManager
+from service.galleries.store import MAX_LABEL_CHARS
 from service.inference.predictor import NamedImage
-from service.protocols.openapi import ErrorBody, errors
+from service.protocols.openapi import ErrorBody, errors, image_files
 from service.state import service_state
 from service.textsafety import printable
 from service.transport.request_body import read_images_with_fields
@@ -55,17 +56,13 @@ ADD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 1,
-                            "description": "JPEG, PNG, WebP, BMP or GIF files: the label's examples.",
-                        },
+                        "file": image_files("JPEG, PNG, WebP, BMP or GIF files: the label's examples."),
                         LABEL_FIELD: {
                             "type": "string",
                             "minLength": 1,
-                            "maxLength": 128,
-                            "description": "What the images show: 1 to 128 printable characters, no `/`.",
+                            "maxLength": MAX_LABEL_CHARS,
+                            "description": f"What the images show: 1 to {MAX_LABEL_CHARS} printable "
+                            "characters, no `/`.",
                         },
                     },
                     "required": ["file", LABEL_FIELD],

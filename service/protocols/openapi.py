@@ -110,6 +110,17 @@ _FLOAT_TENSOR = {
     "items": {},
 }
 
+
+def image_files(description: str) -> dict[str, Any]:
+    """The multipart `file` property of an image upload: one or more image files."""
+    return {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "minItems": 1,
+        "description": description,
+    }
+
+
 PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -119,14 +130,7 @@ PREDICT_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 1,
-                            "description": "JPEG, PNG, WebP, BMP or GIF files.",
-                        }
-                    },
+                    "properties": {"file": image_files("JPEG, PNG, WebP, BMP or GIF files.")},
                     "required": ["file"],
                 }
             },

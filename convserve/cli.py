@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convserve.client import (
     DEFAULT_GRPC_TARGET,
@@ -32,11 +33,15 @@ from convserve.importoptions import (
     CROP_FRACTION,
     DEFAULT_INTERPOLATION,
     DEFAULT_NORMALIZATION,
+    EMBEDDING_NORMALIZED_CHOICES,
     LAYOUTS,
     NORMALIZATIONS,
     OUTPUT_CHOICES,
 )
 from modelcontract import INTERPOLATIONS
+
+if TYPE_CHECKING:  # the importer loads onnx; the command's help must not
+    from convserve.importer import ImportedModel
 
 PROG = "convserve"
 USAGE_ERROR = 2
@@ -201,6 +206,22 @@ def _add_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--sample", type=Path, metavar="IMAGE",
         help="picture for the smoke inference (default: a generated test pattern)",
     )  # fmt: skip
+    graph.add_argument(
+        "--logits-output", metavar="NAME",
+        help="the graph output holding the class scores; required when the graph has several outputs "
+        "besides the embedding, which are then dropped (default: the only one)",
+    )  # fmt: skip
+    embedding = command.add_argument_group("embedding (for /predict?embedding=true and galleries)")
+    embedding.add_argument(
+        "--embedding-output", metavar="NAME",
+        help="a graph output or intermediate tensor to serve as each image's embedding: float32 [N, D], "
+        "or [N, D, 1, 1] as a global average pool makes it (then flattened) (default: no embedding)",
+    )  # fmt: skip
+    embedding.add_argument(
+        "--embedding-normalized", choices=EMBEDDING_NORMALIZED_CHOICES,
+        help="whether the graph already scales each embedding row to unit L2 length; auto = yes when "
+        "every smoke-run row does (default: auto)",
+    )  # fmt: skip
 
 
 def _add_predict(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -282,6 +303,9 @@ def import_command(options: argparse.Namespace) -> int:
             layout=options.layout,
             output=options.output,
             sample=options.sample,
+            logits_output=options.logits_output,
+            embedding_output=options.embedding_output,
+            embedding_normalized=options.embedding_normalized,
         )
     )
     metadata = imported.metadata
@@ -289,9 +313,20 @@ def import_command(options: argparse.Namespace) -> int:
     print(
         f"imported {options.model} as {options.name!r} version {imported.version}: {imported.path} "
         f"(input {list(metadata.input_shape)} from {imported.layout.upper()}, {metadata.num_classes} labels, "
-        f"{metadata.output_kind}, {batch})"
+        f"{metadata.output_kind}, {batch}{_embedding_summary(imported)})"
     )
     return 0
+
+
+def _embedding_summary(imported: ImportedModel) -> str:
+    """The summary line's words on the embedding (name, width, normalization); empty without one."""
+    metadata, embedding = imported.metadata, imported.embedding
+    if embedding is None or not metadata.has_embedding:
+        return ""
+    how = "normalized" if metadata.embedding_normalized else "not normalized"
+    if embedding.flattened:
+        how += f", flattened from {embedding.tensor!r}"
+    return f", embedding {metadata.embedding_output!r} of {metadata.embedding_size} ({how})"
 
 
 def predict(options: argparse.Namespace) -> int:

@@ -4,12 +4,14 @@ Torch-free: `onnx` reads and edits the graph, ONNX Runtime runs it once, numpy a
 Everything is checked in memory before anything is written: the graph's interface (`onnxgraph`), the
 labels (`labels`), the preprocessing (an `EvalSpec`), then one inference on a decoded picture through
 the service's own `ImagePreprocessor`, whose outputs must be finite, [N, labels] and, when declared,
-probabilities. Only then is the file, its metadata inside, published as the model's next version with
-one rename (`modelcontract.publish_version`), as training publishes its exports.
+probabilities; a named embedding must come out finite [N, D], of unit rows when declared normalized.
+Only then is the file, its metadata inside, published as the model's next version with one rename
+(`modelcontract.publish_version`), as training publishes its exports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import shutil
@@ -30,11 +32,13 @@ from convserve.importoptions import (
     CROP_FRACTION,
     DEFAULT_INTERPOLATION,
     DEFAULT_NORMALIZATION,
+    EMBEDDING_NORMALIZED_CHOICES,
     NORMALIZATIONS,
+    YES,
     Triple,
 )
 from convserve.labels import read_labels
-from convserve.onnxgraph import GraphInterface, conform, inspect_graph
+from convserve.onnxgraph import EmbeddingTensor, GraphInterface, conform, expose_embedding, inspect_graph
 from modelcontract import MODEL_FILENAME, EvalSpec, EvalTransform, ModelMetadata, publish_version
 from modelcontract.metadata import LOGITS, PROBABILITIES
 from service.errors import ServiceError
@@ -47,6 +51,8 @@ MAX_SERIALIZED_BYTES = 2**31 - 1
 """Protobuf cannot serialize a message past 2 GiB; such models keep their weights in external files."""
 PROBABILITY_TOLERANCE = 1e-3
 """How far from 1 a row's sum may be for the outputs to count as probabilities (float32 softmax)."""
+UNIT_TOLERANCE = 1e-3
+"""How far from 1 an embedding row's L2 norm may be for the rows to count as normalized."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -71,6 +77,12 @@ class ImportRequest:
     output: str = AUTO
     sample: Path | None = None
     """A picture for the smoke inference; None = a generated test pattern."""
+    logits_output: str | None = None
+    """The graph output holding the class scores; None = the only output (the embedding aside)."""
+    embedding_output: str | None = None
+    """A graph output or intermediate tensor to serve as the embedding; None = no embedding."""
+    embedding_normalized: str | None = None
+    """One of `EMBEDDING_NORMALIZED_CHOICES`, only with `embedding_output`; None = auto."""
 
 
 @dataclass(frozen=True)
@@ -85,26 +97,32 @@ class ImportedModel:
     """The graph's fixed batch size (the service never forms a larger batch), or None when dynamic."""
     layout: str
     """The layout the graph came with (an NHWC one now starts with a Transpose)."""
+    embedding: EmbeddingTensor | None = None
+    """Where the embedding comes from, when one was named."""
 
 
 def import_model(request: ImportRequest) -> ImportedModel:
     """Check, convert and publish `request.model` as the next version of `request.name`."""
     check_name(request.name)
+    normalized = embedding_choice(request.embedding_output, request.embedding_normalized)
     labels = read_labels(request.labels)
     mean, std = normalization(request.mean, request.std)
     source = str(request.model)
     model = _load(request.model)
-    interface = inspect_graph(model, request.layout, source)
+    interface = inspect_graph(model, request.layout, source, request.logits_output, request.embedding_output)
     classes = interface.output_dims[1]
     if isinstance(classes, int) and classes != len(labels):
         raise _class_mismatch(source, classes, request.labels, len(labels))
     size = input_size(interface, request.size, source)
     spec = eval_spec(size, request.resize, request.interpolation, mean, std)
     conform(model, interface, size)
+    embedding = None
+    if request.embedding_output is not None:
+        embedding = expose_embedding(model, request.embedding_output, interface, source)
     # A fixed batch runs as declared; a symbolic one with two rows, so a graph whose batch axis only
     # claims to be symbolic (a reshape to 1 inside) fails here rather than under traffic.
     batch = smoke_batch(spec, interface.batch or 2, request.sample)
-    outputs = run_once(_serialized(model, source), batch, interface, source)
+    outputs, rows = run_once(_serialized(model, source), batch, interface, source, embedding)
     if outputs.shape[1] != len(labels):
         raise _class_mismatch(source, outputs.shape[1], request.labels, len(labels))
     metadata = ModelMetadata(
@@ -119,10 +137,17 @@ def import_model(request: ImportRequest) -> ImportedModel:
             "imported": {"file": request.model.name, "layout": interface.layout, "producer": _producer(model)}
         },
     )
+    if embedding is not None and rows is not None:
+        metadata = dataclasses.replace(
+            metadata,
+            embedding_output=embedding.output,
+            embedding_size=rows.shape[1],
+            embedding_normalized=embedding_normalized(rows, normalized, source),
+        )
     properties = {entry.key: entry.value for entry in model.metadata_props}  # the file's own are kept
     onnx.helper.set_model_props(model, {**properties, **metadata.to_props()})
     path = publish(_serialized(model, source), request.repository, request.name)
-    return ImportedModel(path, int(path.parent.name), metadata, interface.batch, interface.layout)
+    return ImportedModel(path, int(path.parent.name), metadata, interface.batch, interface.layout, embedding)
 
 
 def check_name(name: str) -> None:
@@ -230,8 +255,11 @@ def pattern_image() -> bytes:
     return buffer.getvalue()
 
 
-def run_once(data: bytes, batch: np.ndarray, interface: GraphInterface, source: str) -> np.ndarray:
-    """The graph's outputs for `batch` on ONNX Runtime (CPU); `UsageError` if it cannot produce them."""
+def run_once(
+    data: bytes, batch: np.ndarray, interface: GraphInterface, source: str, embedding: EmbeddingTensor | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The graph's class scores for `batch` on ONNX Runtime (CPU), and its embedding rows when it has
+    one; `UsageError` if it cannot produce them."""
     options = ort.SessionOptions()
     options.log_severity_level = (
         3  # ORT's own warnings about the foreign graph would drown the one-line answer
@@ -241,7 +269,8 @@ def run_once(data: bytes, batch: np.ndarray, interface: GraphInterface, source: 
     except Exception as exc:  # ORT raises its own exception types for graphs it cannot load
         raise UsageError(f"ONNX Runtime cannot load {source}: {_one_line(exc)}") from None
     try:
-        (outputs,) = session.run([interface.output_name], {interface.input_name: batch})
+        names = [interface.output_name, *([embedding.output] if embedding is not None else [])]
+        outputs, *extra = session.run(names, {interface.input_name: batch})
     except Exception as exc:  # ditto for graphs that fail to run
         how = "a batch" if interface.batch is None else "its fixed batch"
         raise UsageError(
@@ -259,7 +288,56 @@ def run_once(data: bytes, batch: np.ndarray, interface: GraphInterface, source: 
             f"{source} produced NaN or infinite outputs for a real picture; the model is broken or expects "
             "other preprocessing (check --mean/--std and --layout)"
         )
-    return outputs.astype(np.float32, copy=False)
+    rows = embedding_rows(np.asarray(extra[0]), len(batch), embedding, source) if embedding else None
+    return outputs.astype(np.float32, copy=False), rows
+
+
+def embedding_rows(rows: np.ndarray, images: int, embedding: EmbeddingTensor, source: str) -> np.ndarray:
+    """`rows`, the embedding the smoke run fetched for `images` images, if it is finite float32 [N, D]."""
+    where = f"--embedding-output {embedding.tensor!r}"
+    if embedding.flattened:
+        where += " (flattened)"
+    size = embedding.size
+    expected = f"[{images}, {size if size is not None else 'D'}]"
+    if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[0] != images or rows.shape[1] < 1:
+        raise UsageError(
+            f"{source}: {where} answered {images} images with {rows.dtype} of shape {list(rows.shape)}; "
+            f"expected float32 {expected}, one row of features per image"
+        )
+    if size is not None and rows.shape[1] != size:
+        raise UsageError(
+            f"{source}: {where} declares {size} features per row but produced {rows.shape[1]}; the graph "
+            "contradicts itself, re-export it"
+        )
+    if not np.isfinite(rows).all():
+        raise UsageError(
+            f"{source}: {where} holds NaN or infinite values for a real picture; the model is broken or "
+            "expects other preprocessing (check --mean/--std and --layout)"
+        )
+    return rows
+
+
+def embedding_choice(output: str | None, normalized: str | None) -> str:
+    """The `--embedding-normalized` choice, checked against `--embedding-output`."""
+    if normalized is not None and output is None:
+        raise UsageError(f"--embedding-normalized {normalized} goes with --embedding-output NAME")
+    if normalized is not None and normalized not in EMBEDDING_NORMALIZED_CHOICES:
+        choices = ", ".join(EMBEDDING_NORMALIZED_CHOICES)
+        raise UsageError(f"--embedding-normalized {normalized!r}: expected one of {choices}")
+    return normalized or AUTO
+
+
+def embedding_normalized(rows: np.ndarray, requested: str, source: str) -> bool:
+    """Whether the graph's embedding rows have unit L2 length: as requested, or (auto) when every
+    smoke-run row is within `UNIT_TOLERANCE` of 1."""
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    unit = bool(np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE))
+    if requested == YES and not unit:
+        raise UsageError(
+            f"--embedding-normalized yes, but {source}'s embedding rows have L2 norms from {norms.min():.4g} "
+            f"to {norms.max():.4g}, not 1; use --embedding-normalized no (the service normalizes them)"
+        )
+    return unit if requested == AUTO else requested == YES
 
 
 def output_kind(outputs: np.ndarray, requested: str, source: str) -> str:

@@ -25,3 +25,8 @@ LAYOUTS = (AUTO, NCHW, NHWC)
 """`--layout`: where the colour channels are; auto = the axis of size 3."""
 OUTPUT_CHOICES = (AUTO, LOGITS, PROBABILITIES)
 """`--output`: what the output rows are; auto = probabilities when the smoke run's rows sum to 1."""
+YES = "yes"
+NO = "no"
+EMBEDDING_NORMALIZED_CHOICES = (AUTO, YES, NO)
+"""`--embedding-normalized`: whether the graph scales embedding rows to unit L2 length itself; auto = yes
+when every smoke-run row has unit length."""

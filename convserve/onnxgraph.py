@@ -3,7 +3,8 @@
 The service feeds one float32 tensor [N, 3, H, W] and reads one [N, classes] output. `inspect_graph`
 reads what a foreign graph declares and refuses what can never fit; `conform` edits it in memory:
 H and W fixed to the served size, and for an NHWC graph (Keras, tf2onnx) a Transpose in front, so the
-file takes NCHW like every other model in the repository.
+file takes NCHW like every other model in the repository. `expose_embedding` makes a tensor the user
+names (a graph output or any intermediate, such as the pooled features) the [N, D] embedding output.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class GraphInterface:
     output_dims: tuple[Dim, Dim]
     opset: int
     """The graph's opset for the default ONNX domain."""
+    dropped_outputs: tuple[str, ...] = ()
+    """Graph outputs that are neither the logits nor the embedding: `conform` removes them, since the
+    service serves a graph with no outputs but those its metadata names."""
 
     @property
     def batch(self) -> int | None:
@@ -67,8 +71,18 @@ def _shown(dims: tuple[Dim, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def inspect_graph(model: onnx.ModelProto, layout: str, source: str) -> GraphInterface:
-    """The interface of `model` if a classifier of images could be served from it; `UsageError` if not."""
+def inspect_graph(
+    model: onnx.ModelProto,
+    layout: str,
+    source: str,
+    logits_output: str | None = None,
+    embedding_output: str | None = None,
+) -> GraphInterface:
+    """The interface of `model` if a classifier of images could be served from it; `UsageError` if not.
+
+    `logits_output` names the class scores among several graph outputs; `embedding_output` names a
+    tensor to serve as the embedding, which may itself be one of them (`expose_embedding` checks it).
+    """
     graph = model.graph
     weights = {init.name for init in graph.initializer}
     inputs = [value for value in graph.input if value.name not in weights]  # old exporters list weights too
@@ -102,13 +116,7 @@ def inspect_graph(model: onnx.ModelProto, layout: str, source: str) -> GraphInte
         raise UsageError(
             f"{source}: input {image.name!r} has batch size {dims[0]}; expected a symbolic or positive one"
         )
-    if len(graph.output) != 1:
-        names = ", ".join(repr(value.name) for value in graph.output)
-        raise UsageError(
-            f"{source} has {len(graph.output)} outputs ({names}); convserve serves graphs with one output of "
-            "class scores [N, classes]: remove the others when exporting"
-        )
-    output = graph.output[0]
+    output = _logits_output(graph, logits_output, embedding_output, source)
     out_dims = _dims(output)
     if out_dims is not None and len(out_dims) != 2:
         raise UsageError(
@@ -123,6 +131,40 @@ def inspect_graph(model: onnx.ModelProto, layout: str, source: str) -> GraphInte
         output_name=output.name,
         output_dims=(out_dims[0], out_dims[1]) if out_dims is not None else (None, None),
         opset=opset,
+        dropped_outputs=tuple(
+            value.name for value in graph.output if value.name not in (output.name, embedding_output)
+        ),
+    )
+
+
+def _logits_output(
+    graph: onnx.GraphProto, wanted: str | None, embedding: str | None, source: str
+) -> onnx.ValueInfoProto:
+    """The graph output holding the class scores: `wanted`, else the only output besides the embedding."""
+    names = ", ".join(repr(value.name) for value in graph.output) or "none"
+    if wanted is not None:
+        chosen = next((value for value in graph.output if value.name == wanted), None)
+        if chosen is None:
+            raise UsageError(f"--logits-output {wanted!r}: {source} has no such output; its outputs: {names}")
+        if wanted == embedding:
+            raise UsageError(f"--logits-output and --embedding-output both name {wanted!r}; name two tensors")
+        return chosen
+    candidates = [value for value in graph.output if value.name != embedding]
+    if len(candidates) == 1:
+        return candidates[0]
+    if embedding is None:
+        raise UsageError(
+            f"{source} has {len(graph.output)} outputs ({names}); convserve serves graphs with one output of "
+            "class scores [N, classes]: remove the others when exporting"
+        )
+    if not candidates:
+        raise UsageError(
+            f"{source}'s only output {embedding!r} is the one --embedding-output names; the class scores "
+            "[N, classes] must be an output too"
+        )
+    raise UsageError(
+        f"{source} has {len(graph.output)} outputs ({names}); pass --logits-output NAME to say which holds "
+        "the class scores [N, classes] (the others, the embedding aside, are dropped)"
     )
 
 
@@ -166,6 +208,9 @@ def conform(model: onnx.ModelProto, interface: GraphInterface, size: tuple[int, 
             "Transpose", [interface.input_name], [inner], name=inner + "_transpose", perm=[0, 2, 3, 1]
         )
         graph.node.insert(0, transpose)
+    kept = [value for value in graph.output if value.name not in interface.dropped_outputs]
+    del graph.output[:]
+    graph.output.extend(kept)
     shape = image.type.tensor_type.shape
     del shape.dim[:]
     for dim in (batch, 3, *size):
@@ -174,6 +219,113 @@ def conform(model: onnx.ModelProto, interface: GraphInterface, size: tuple[int, 
             axis.dim_value = dim
         else:  # keep a symbolic batch symbolic, and give an undeclared one a name
             axis.dim_param = dim or "N"
+
+
+POOLED_OPS = ("GlobalAveragePool", "GlobalMaxPool", "Flatten", "ReduceMean", "Squeeze", "Reshape")
+"""Operators whose outputs are offered as candidates when `--embedding-output` names no tensor."""
+_FLAT_SUFFIX = "_flat"
+"""Suffix of the output a Flatten gives a [N, D, 1, 1] embedding tensor."""
+
+
+@dataclass(frozen=True)
+class EmbeddingTensor:
+    """Where a graph's embedding is served from."""
+
+    tensor: str
+    """The tensor `--embedding-output` named."""
+    output: str
+    """The graph output serving it: `tensor` itself, or a Flatten of it when it is [N, D, 1, 1]."""
+    size: int | None
+    """D when the graph fixes it, else None (the smoke run measures it)."""
+
+    @property
+    def flattened(self) -> bool:
+        return self.output != self.tensor
+
+
+def expose_embedding(
+    model: onnx.ModelProto, name: str, interface: GraphInterface, source: str
+) -> EmbeddingTensor:
+    """Make tensor `name` of the conformed `model` a graph output [N, D] (editing it in place), or
+    `UsageError` if it cannot be one (`_embedding_dims`)."""
+    graph = model.graph
+    dims = _embedding_dims(model, name, interface, source)
+    size = dims[1] if isinstance(dims[1], int) else None
+    served = name
+    if len(dims) == 4:  # the service reads rank-2 embeddings: flatten the pool's [N, D, 1, 1]
+        served = _unused_name(model, name + _FLAT_SUFFIX)
+        graph.node.append(helper.make_node("Flatten", [name], [served], name=served, axis=1))
+    declared = any(output.name == name and _dims(output) is not None for output in graph.output)
+    if served != name or not declared:  # the service reads the rank from the output's declaration
+        batch = _dims(next(value for value in graph.input if value.name == interface.input_name))
+        output = helper.make_tensor_value_info(served, TensorProto.FLOAT, [batch[0] if batch else "N", size])
+        kept = [value for value in graph.output if value.name != name]  # a rank-4 output is replaced
+        del graph.output[:]
+        graph.output.extend([*kept, output])
+    return EmbeddingTensor(name, served, size)
+
+
+def _embedding_dims(
+    model: onnx.ModelProto, name: str, interface: GraphInterface, source: str
+) -> tuple[Dim, ...]:
+    """The dims of tensor `name` if it can serve as the embedding: computed by a node from the image,
+    float32 [N, D] or [N, D, 1, 1], batched like the class scores; `UsageError` saying why not."""
+    where = f"--embedding-output {name!r}"
+    if name in (interface.input_name, interface.output_name):
+        what = "input" if name == interface.input_name else "class scores output"
+        raise UsageError(f"{where} is the graph's {what}; name the features the last layer reads instead")
+    if any(init.name == name for init in model.graph.initializer):
+        raise UsageError(
+            f"{where} is a weight of {source}, not computed from the image; name a tensor a node makes"
+        )
+    if not any(name in node.output for node in model.graph.node):
+        raise UsageError(f"{where}: {source} has no such tensor; {_candidates(model.graph)}")
+    value = _typed(model, name)
+    dims = _dims(value) if value is not None else None
+    if value is None or dims is None:
+        raise UsageError(
+            f"{where}: ONNX shape inference cannot tell the shape of this tensor; name one whose shape is "
+            "known, such as the global average pool's output or the Flatten after it"
+        )
+    element = value.type.tensor_type.elem_type
+    expected = "expected float32 features [N, D], or [N, D, 1, 1] as a global average pool makes them"
+    if element not in (TensorProto.UNDEFINED, TensorProto.FLOAT):
+        kind = helper.tensor_dtype_to_string(element).removeprefix("TensorProto.").lower()
+        raise UsageError(f"{where} is {kind} {_shown(dims)}; {expected}")
+    if len(dims) == 4 and dims[2:] != (1, 1):
+        found = "a feature map" if all(isinstance(d, int) for d in dims[2:]) else "of unknown spatial size"
+        raise UsageError(f"{where} is {found} {_shown(dims)}; {expected} (name the pool's output)")
+    if len(dims) not in (2, 4):
+        raise UsageError(f"{where} is of rank {len(dims)} {_shown(dims)}; {expected}")
+    logits_batch = interface.output_dims[0] if isinstance(interface.output_dims[0], int) else interface.batch
+    if isinstance(dims[0], int) and dims[0] != logits_batch:
+        raise UsageError(
+            f"{where} {_shown(dims)} has its batch axis fixed to {dims[0]} while the class scores' batch is "
+            f"{logits_batch or 'dynamic'}; expected one embedding row per image, batched like the scores"
+        )
+    return dims
+
+
+def _typed(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto | None:
+    """The type of tensor `name`: as the graph declares it, else as ONNX shape inference finds it."""
+    declared = next((value for value in model.graph.output if value.name == name), None)
+    if declared is not None and _dims(declared) is not None:
+        return declared
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises several types for graphs it cannot infer (custom domains, bad attrs)
+        return declared
+    values = (*inferred.graph.output, *inferred.graph.value_info)
+    return next((value for value in values if value.name == name), declared)
+
+
+def _candidates(graph: onnx.GraphProto) -> str:
+    """Tensors that look like pooled features, to name instead."""
+    found = [node.output[0] for node in graph.node if node.op_type in POOLED_OPS and node.output]
+    if not found:
+        return "name a graph output or a tensor a node of the main graph makes"
+    shown = ", ".join(repr(name) for name in found[-5:])
+    return f"tensors that look like pooled features: {shown}"
 
 
 def _unused_name(model: onnx.ModelProto, wanted: str) -> str:

@@ -2,7 +2,8 @@
 
 A 3x3 convolution (4 filters), ReLU, global average pooling and a dense layer, seeded, on float32
 images; options give the NHWC layout of Keras/tf2onnx, a fixed batch, a softmax at the end, and the
-broken interfaces `convserve import` must refuse.
+broken interfaces `convserve import` must refuse. Its head's tensors keep fixed names a user would pass
+to `--embedding-output`: `relu` (the feature map), `pooled` ([N, 4, 1, 1]) and `features` ([N, 4]).
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def with_input(model: onnx.ModelProto, element_type: int, dims: list[int | str])
     del changed.graph.input[:]
     changed.graph.input.append(helper.make_tensor_value_info(name, element_type, dims))
     return changed
+
+
+def with_nodes(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    outputs: dict[str, list[int | str | None]] | None = None,
+    weights: list[onnx.TensorProto] | None = None,
+) -> onnx.ModelProto:
+    """`model` with `nodes` appended (reading its tensors) and `outputs` (name -> float32 dims) added to
+    the graph's outputs, as an exporter that returns more than the class scores would."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.node.extend(nodes)
+    changed.graph.initializer.extend(weights or [])
+    for name, dims in (outputs or {}).items():
+        changed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    onnx.checker.check_model(changed)
+    return changed
+
+
+def with_unit_embedding(model: onnx.ModelProto, batch: int | str = "N") -> onnx.ModelProto:
+    """`model` with a second output `embedding`: `features` scaled to unit L2 length per row."""
+    normalize = helper.make_node("LpNormalization", ["features"], ["embedding"], axis=1, p=2)
+    return with_nodes(model, [normalize], {"embedding": [batch, FILTERS]})
 
 
 def with_second_input(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,7 +26,8 @@ OPTIONS = {
     "serve": ["--repository", "--host", "--port", "--grpc-port", "--workers", "docs/configuration.md"],
     "import": [
         "--name", "--labels", "--repository", "--mean", "--std", "--size", "--resize", "--interpolation",
-        "--layout", "--output", "--sample", "imagenet", "inception", "none",
+        "--layout", "--output", "--sample", "imagenet", "inception", "none", "--logits-output",
+        "--embedding-output", "--embedding-normalized",
     ],
     "predict": ["FILE", "--url", "--model", "--top-k", "--token", "--grpc", "http://localhost:8000"],
 }  # fmt: skip

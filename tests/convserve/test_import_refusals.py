@@ -19,13 +19,6 @@ from tests.convserve.graphs import classifier, save, with_input, with_second_inp
 from tests.photos import jpeg
 
 
-@pytest.fixture
-def labels(tmp_path: Path) -> Path:
-    path = tmp_path / "labels.txt"
-    path.write_text("cat\n\ndog\n  bird  \n")
-    return path
-
-
 def request(tmp_path: Path, model: onnx.ModelProto | Path, labels: Path, **options: object) -> ImportRequest:
     path = model if isinstance(model, Path) else save(model, tmp_path / "model.onnx")
     fields: dict[str, object] = {"name": "imported", "repository": tmp_path / "repo", **options}

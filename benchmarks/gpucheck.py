@@ -212,7 +212,7 @@ def check_parity(report: Report, served: Served) -> None:
     """Served logits for real photos against ONNX Runtime on the CPU running the same file."""
     cpu = ort.InferenceSession(str(served.model_file), providers=["CPUExecutionProvider"])
     metadata = ModelMetadata.from_props(cpu.get_modelmeta().custom_metadata_map, str(served.model_file))
-    transform = EvalTransform.from_spec(metadata.eval_spec)
+    transform = EvalTransform.from_spec(metadata.eval_spec, metadata.input_dtype)
     photos = [
         Image.fromarray(np.asarray(getattr(skimage_data, n)(), np.uint8)).convert("RGB")
         for n in PARITY_PHOTOS
@@ -223,7 +223,9 @@ def check_parity(report: Report, served: Served) -> None:
     client = triton.InferenceServerClient(served.url.removeprefix("http://"))
     try:
         model = client.get_model_metadata(name, version)
-        tensor = triton.InferInput(model["inputs"][0]["name"], list(batch.shape), "FP32")
+        tensor = triton.InferInput(
+            model["inputs"][0]["name"], list(batch.shape), model["inputs"][0]["datatype"]
+        )
         tensor.set_data_from_numpy(batch)
         answer = client.infer(name, [tensor], model_version=version)
         logits = answer.as_numpy(model["outputs"][0]["name"])

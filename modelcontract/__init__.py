@@ -22,11 +22,13 @@ from modelcontract.graph import (
 )
 from modelcontract.layout import MODEL_FILENAME, complete_versions, publish_version, version_numbers
 from modelcontract.metadata import METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata
-from modelcontract.transform import INTERPOLATIONS, EvalSpec, EvalTransform
+from modelcontract.transform import FLOAT32, INPUT_DTYPES, INTERPOLATIONS, UINT8, EvalSpec, EvalTransform
 
 __all__ = [
     "EMBEDDING_NAME",
     "FEATURES_NAME",
+    "FLOAT32",
+    "INPUT_DTYPES",
     "INPUT_NAME",
     "INTERPOLATIONS",
     "METADATA_KEY",
@@ -34,6 +36,7 @@ __all__ = [
     "ONNX_OPSET",
     "OUTPUT_NAME",
     "SCHEMA_VERSION",
+    "UINT8",
     "EvalSpec",
     "EvalTransform",
     "MetadataError",

@@ -20,6 +20,11 @@ width, and whether its rows already have unit length. Files of older versions ha
 read as None) and are served as before. This code always writes the current version, embedding or not:
 one writer path, and a reader older than a file refuses it by its version with the way out, the same
 message whatever the file holds.
+Version 5 added `input_dtype`: "float32" (the graph takes the normalized CHW rows the evaluation
+transform makes) or "uint8" (the graph takes the RGB pixels after the resize and crop, [N, 3, H, W],
+and normalizes them itself with `mean` and `std`). Files of older versions read as float32. An older
+reader would feed a uint8 graph float32 rows (ONNX Runtime refuses them at every request), so the
+field raises the version.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from modelcontract.graph import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, l2_normalize, softmax
-from modelcontract.transform import EvalSpec
+from modelcontract.transform import FLOAT32, INPUT_DTYPES, EvalSpec
 
 METADATA_KEY = "convserve"
 """The one `metadata_props` key of an ONNX file that holds the metadata JSON."""
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the metadata layout this code writes and the newest it reads."""
 LOGITS = "logits"
 """`output_kind` of a model whose output rows are unnormalized scores: serving applies softmax."""
@@ -51,6 +56,8 @@ _EXPLAIN_OUTPUT_SINCE = 3
 """The schema version that introduced `explain_output`: older files have no class activation maps."""
 _EMBEDDING_SINCE = 4
 """The schema version that introduced `embedding_output`: older files have no embedding."""
+_INPUT_DTYPE_SINCE = 5
+"""The schema version that introduced `input_dtype`: older files take float32."""
 
 # The JSON keys, each written and read only here.
 _SCHEMA_VERSION = "schema_version"
@@ -75,13 +82,14 @@ _EXPLAIN_WEIGHTS = "explain_weights"
 _EMBEDDING_OUTPUT = "embedding_output"
 _EMBEDDING_SIZE = "embedding_size"
 _EMBEDDING_NORMALIZED = "embedding_normalized"
+_INPUT_DTYPE = "input_dtype"
 _REQUIRED = (_LABELS, _INPUT_SHAPE, _MEAN, _STD, _RESIZE_SIZE, _INTERPOLATION)
 CONTRACT_FIELDS = frozenset(
     {
         _SCHEMA_VERSION, _LABELS, _NUM_CLASSES, _INPUT_SHAPE, _RESIZE_SIZE, _INTERPOLATION, _MEAN, _STD,
         _BACKBONE, _PRECISION, _VAL_ACCURACY, _PARITY, _CREATED, _INPUT_NAME, _OUTPUT_NAME, _OPSET,
         _OUTPUT_KIND, _EXPLAIN_OUTPUT, _EXPLAIN_WEIGHTS, _EMBEDDING_OUTPUT, _EMBEDDING_SIZE,
-        _EMBEDDING_NORMALIZED,
+        _EMBEDDING_NORMALIZED, _INPUT_DTYPE,
     }
 )  # fmt: skip
 """The keys `ModelMetadata` owns; anything else in the JSON is kept in `extra`."""
@@ -128,6 +136,9 @@ class ModelMetadata:
     embedding_normalized: bool | None = None
     """Whether the graph already scales every embedding row to unit L2 length (`graph.l2_normalize`);
     `unit_embeddings` gives unit rows either way."""
+    input_dtype: str = FLOAT32
+    """What the graph's input holds: `float32`, the normalized rows of the evaluation transform, or
+    `uint8`, the RGB pixels after its resize and crop (the graph normalizes them with `mean`/`std`)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON fields (quantization details, weights origin, ...), kept and written back as they are."""
     schema_version: int = SCHEMA_VERSION
@@ -166,6 +177,14 @@ class ModelMetadata:
                     f"{self.output_name!r}, got {self.explain_output!r}"
                 )
         self._check_embedding()
+        if self.input_dtype not in INPUT_DTYPES:
+            raise ValueError(f"{_INPUT_DTYPE!r} must be one of {INPUT_DTYPES}, got {self.input_dtype!r}")
+        if self.input_dtype != FLOAT32 and self.schema_version < _INPUT_DTYPE_SINCE:
+            # A reader of that version would feed the graph float32 rows instead of refusing the file.
+            raise ValueError(
+                f"{_INPUT_DTYPE!r} {self.input_dtype!r} needs schema version {_INPUT_DTYPE_SINCE} or later, "
+                f"got {self.schema_version}"
+            )
         clashes = sorted(CONTRACT_FIELDS & set(self.extra))
         if clashes:
             raise ValueError(f"extra metadata may not override contract fields {clashes}")
@@ -275,6 +294,7 @@ class ModelMetadata:
             _EMBEDDING_OUTPUT: self.embedding_output,
             _EMBEDDING_SIZE: self.embedding_size,
             _EMBEDDING_NORMALIZED: self.embedding_normalized,
+            _INPUT_DTYPE: self.input_dtype,
             **self.extra,
         }
 
@@ -357,6 +377,7 @@ def _from_dict(raw: dict[str, Any]) -> ModelMetadata:
         embedding_output=_optional_string(raw, _EMBEDDING_OUTPUT),
         embedding_size=_optional_positive_int(raw, _EMBEDDING_SIZE),
         embedding_normalized=_optional_bool(raw, _EMBEDDING_NORMALIZED),
+        input_dtype=_string(raw, _INPUT_DTYPE, FLOAT32),
         extra={key: value for key, value in raw.items() if key not in CONTRACT_FIELDS},
         schema_version=version,
     )

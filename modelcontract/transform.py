@@ -11,6 +11,9 @@ with two shortcuts that keep the result within rounding of that pipeline:
 - conversion and normalization are one table lookup per channel (`(v / 255 - mean) / std` computed
   in float32 for all 256 values), bit-identical to ToTensor + Normalize and ~6x cheaper.
 When the resized image is smaller than the crop, CenterCrop's zero padding is reproduced exactly.
+
+A model exported with uint8 input (`input_dtype` "uint8" in its metadata) normalizes inside its graph:
+for it the transform stops before the lookup and writes the cropped pixels as [3, H, W] uint8.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 training builds its torchvision transforms with `InterpolationMode(name)` and needs no map of its own."""
 _FILTERS = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 _RESAMPLE = dict(zip(INTERPOLATIONS, _FILTERS, strict=True))
+FLOAT32 = "float32"
+"""Input dtype of a graph that takes the normalized rows: the transform's lookup table makes them."""
+UINT8 = "uint8"
+"""Input dtype of a graph that takes the cropped RGB pixels and normalizes them itself."""
+INPUT_DTYPES = (FLOAT32, UINT8)
+"""What a model's input may hold (metadata `input_dtype`); also the numpy dtype names of its rows."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,8 @@ def crop_offsets(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """PIL RGB image -> normalized [3, H, W] float32 array, as the model's metadata describes it."""
+    """PIL RGB image -> the model's [3, H, W] input row, as the model's metadata describes it: normalized
+    float32, or (`input_dtype` "uint8") the cropped pixels, which the model's graph normalizes."""
 
     input_size: tuple[int, int]
     """(height, width) of the model input."""
@@ -128,16 +138,21 @@ class EvalTransform:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    input_dtype: str = FLOAT32
+    """The rows' dtype: one of `INPUT_DTYPES` (the model metadata's `input_dtype`)."""
     _table: np.ndarray = field(init=False, repr=False, compare=False)
 
     @classmethod
-    def from_spec(cls, spec: EvalSpec) -> EvalTransform:
-        """The transform `spec` describes; serving passes the `eval_spec` of the model's metadata."""
-        return cls(spec.input_size, spec.resize_size, spec.interpolation, spec.mean, spec.std)
+    def from_spec(cls, spec: EvalSpec, input_dtype: str = FLOAT32) -> EvalTransform:
+        """The transform `spec` describes; serving passes the `eval_spec` and `input_dtype` of the model's
+        metadata."""
+        return cls(spec.input_size, spec.resize_size, spec.interpolation, spec.mean, spec.std, input_dtype)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.input_dtype not in INPUT_DTYPES:
+            raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {self.input_dtype!r}")
         values = np.arange(256, dtype=np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, dtype=np.float32)[:, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None]
@@ -150,7 +165,8 @@ class EvalTransform:
         *,
         source_size: tuple[int, int] | None = None,
     ) -> np.ndarray:
-        """The model input for `image` (mode RGB), written into `out` ([3, H, W] float32) when given.
+        """The model input for `image` (mode RGB), written into `out` ([3, H, W] of `input_dtype`) when
+        given.
 
         `source_size` is the (width, height) of the picture `image` was decoded from at reduced size
         (a JPEG's DCT scaling divides both sides by a power of two and rounds up): the resize and crop
@@ -160,11 +176,27 @@ class EvalTransform:
             raise ValueError(f"EvalTransform needs an RGB image, got mode {image.mode!r}")
         height, width = self.input_size
         if out is None:
-            out = np.empty((3, height, width), dtype=np.float32)
+            out = np.empty((3, height, width), dtype=self.input_dtype)
+        elif out.dtype != self.input_dtype:
+            raise ValueError(f"this transform writes {self.input_dtype} rows, got an {out.dtype} array")
         pixels = self.crop(image, source_size)
+        if self.input_dtype == UINT8:  # the graph normalizes: HWC -> CHW is all that is left
+            np.copyto(out, pixels.transpose(2, 0, 1))
+            return out
         for channel in range(3):
             np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
         return out
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """[..., 3, H, W] uint8 pixels -> the float32 rows a float32 model takes: what a uint8 model's
+        graph computes from the same pixels (within rounding), by this transform's lookup table."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"expected uint8 pixels [..., 3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        rows = np.empty(pixels.shape, dtype=np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[..., channel, :, :], out=rows[..., channel, :, :])
+        return rows
 
     def crop(self, image: Image.Image, source_size: tuple[int, int] | None = None) -> np.ndarray:
         """The resized, center-cropped image as an HxWx3 uint8 array (before normalization)."""

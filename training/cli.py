@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from modelcontract import MODEL_FILENAME
+from modelcontract import FLOAT32, INPUT_DTYPES, MODEL_FILENAME
 from training.fit_arguments import add_fit_command
 
 logger = logging.getLogger("training")
@@ -39,6 +39,18 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         help="checkpoint.pt written by fit, e.g. models/digits/1/checkpoint.pt",
     )
     parser.add_argument("--out", type=Path, required=True, help="model directory, e.g. models/digits")
+    _add_input_dtype(parser)
+
+
+def _add_input_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-dtype",
+        choices=INPUT_DTYPES,
+        default=FLOAT32,
+        help="what the graph's input holds: float32, the normalized rows; or uint8, the RGB pixels after "
+        "resize and crop, normalized inside the graph (a quarter of the bytes to copy to a GPU, see "
+        "docs/gpu.md; no INT8 variant) (default: float32)",
+    )
 
 
 def _add_pretrained(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +63,7 @@ def _add_pretrained(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="model directory, e.g. models/efficientnet_lite0_imagenet"
     )
+    _add_input_dtype(parser)
 
 
 def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
@@ -144,14 +157,14 @@ def _run_fit(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from training.pipeline import export_checkpoint  # noqa: PLC0415 (torch, see _run_fit)
 
-    export_checkpoint(args.checkpoint, args.out)
+    export_checkpoint(args.checkpoint, args.out, args.input_dtype)
     return 0
 
 
 def _run_pretrained(args: argparse.Namespace) -> int:
     from training.imagenet import export_imagenet_model  # noqa: PLC0415 (torch, see _run_fit)
 
-    version_dir, metadata = export_imagenet_model(args.out)
+    version_dir, metadata = export_imagenet_model(args.out, args.input_dtype)
     logger.info(
         "wrote %s: %d classes, parity max abs softmax diff %.2g",
         version_dir / MODEL_FILENAME,

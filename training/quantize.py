@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from modelcontract import INPUT_NAME, MODEL_FILENAME, ModelMetadata, l2_normalize, publish_version
+from modelcontract import FLOAT32, INPUT_NAME, MODEL_FILENAME, ModelMetadata, l2_normalize, publish_version
 from training.calibration import CheckImages, check_images
 from training.feature_output import drop_features_output, drop_output
 from training.int8_comparison import compare, throughput
@@ -183,6 +183,14 @@ def quantize_model(settings: QuantizeSettings) -> tuple[Path, dict[str, Any]]:
     metadata = read_metadata(source)
     if metadata.precision != "fp32":
         raise ValueError(f"{source} is already {metadata.precision}; quantize the FP32 version it came from")
+    if metadata.input_dtype != FLOAT32:
+        # Calibration, the FP32/INT8 comparison and the throughput check all feed normalized float32
+        # rows; a uint8 graph would need each of them taught the pixels, for a combination (INT8 weights
+        # on a GPU-bound input) that serves no one yet.
+        raise ValueError(
+            f"{source} takes {metadata.input_dtype} input, which quantize does not handle; export the model "
+            "with --input-dtype float32 (the default) and quantize that version"
+        )
     started = time.perf_counter()
     images = check_images(
         version_dir, metadata.eval_spec, settings.calibration, settings.calibration_images, settings.seed

@@ -422,7 +422,8 @@ class DynamicBatcher:
         """Runs on the inference thread: stack the rows, run the model once (fetching the named outputs
         any request in the batch asked for; on every core when `alone`)."""
         rows = [s.request.inputs[s.start : s.stop] for s in segments]
-        batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows), dtype=np.float32)
+        # The rows' own dtype: float32, or uint8 pixels for a model that normalizes in its graph.
+        batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows))
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
         extra = frozenset().union(*(segment.request.extra for segment in segments))

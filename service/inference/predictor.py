@@ -100,6 +100,22 @@ class ClassMap:
     """(width, height) of the image as sent, upright: the pixels the crop box is given in."""
 
 
+def uint8_pixels(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` (numbers of any dtype) as uint8, when every one is a whole number in 0..255; else 422.
+
+    A uint8 model's pixels may arrive as numbers of another dtype (JSON has no integer width): they
+    are taken when they are pixel values, and refused naming the first that is not."""
+    if values.dtype == np.uint8:
+        return values
+    bad = (values < 0) | (values > 255) | (values != np.floor(values))
+    if bad.any():
+        first = values.ravel()[int(np.argmax(bad.ravel()))]
+        raise InvalidInputError(
+            f"{what} must hold UINT8 pixel values, whole numbers from 0 to 255; got {first.item()!r}"
+        )
+    return values.astype(np.uint8)
+
+
 ClassMapsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(one image's feature map [C, h, w], class indices [k]) -> class activation maps [k, h, w]."""
 
@@ -329,15 +345,22 @@ class Predictor:
             )
 
     def check_tensor(self, tensor: np.ndarray) -> np.ndarray:
-        """The tensor as float32 [N, C, H, W] if it fits the model; `InvalidInputError` saying why not."""
+        """The tensor as [N, C, H, W] of the model's input dtype (float32; or uint8 for a model that
+        normalizes in its graph, which takes numbers of any dtype that are whole and in 0..255) if it
+        fits the model; `InvalidInputError` saying why not."""
         expected = self.metadata.input_shape
         shape_text = f"[N, {expected[0]}, {expected[1]}, {expected[2]}]"
-        if tensor.dtype.kind != "f" or tensor.dtype.itemsize != 4:
+        pixels = self.metadata.input_dtype == "uint8"
+        if pixels and tensor.dtype.kind not in "fiu":
+            raise InvalidInputError(f"the tensor must be uint8 {shape_text}, got dtype {tensor.dtype}")
+        if not pixels and (tensor.dtype.kind != "f" or tensor.dtype.itemsize != 4):
             raise InvalidInputError(f"the tensor must be float32 {shape_text}, got dtype {tensor.dtype}")
         if tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] < 1:
             raise InvalidInputError(
                 f"expected a tensor of shape {shape_text} with N >= 1, got {list(tensor.shape)}"
             )
+        if pixels:  # JSON numbers arrive as floats: whole values 0..255 are pixels
+            return uint8_pixels(tensor, "the tensor")
         if not np.isfinite(tensor).all():
             raise InvalidInputError("the tensor contains NaN or Inf values; send finite numbers only")
         return tensor.astype(np.float32, copy=False)
@@ -347,7 +370,8 @@ class Predictor:
         return arrived_at + min(self._timeout_s, client_timeout_s or self._timeout_s)
 
     async def preprocess(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
-        """Decode and transform every image on the decode threads; [N, C, H, W] float32.
+        """Decode and transform every image on the decode threads; [N, C, H, W] of the model's input
+        dtype (float32, or uint8 pixels for a model that normalizes in its graph).
 
         Each image is written straight into its row of the request's tensor. The first failure
         cancels the images not yet started, so a bad or late request stops costing decode time at once.
@@ -359,7 +383,7 @@ class Predictor:
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """`preprocess`, and each image's upright (width, height) as sent."""
         loop = asyncio.get_running_loop()
-        tensor = np.empty((len(images), *self.metadata.input_shape), dtype=np.float32)
+        tensor = np.empty((len(images), *self.metadata.input_shape), dtype=self.metadata.input_dtype)
         jobs = [
             loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
             for image, row in zip(images, tensor, strict=True)

@@ -17,6 +17,8 @@ decode of an uploaded file, whose cost is bounded before it is paid, from the he
 - the request's deadline holds during the decode: Pillow reads the file through `_DeadlineFile`,
   which stops it at the first read after the deadline.
 Then EXIF orientation, and conversion of grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
+A model whose metadata says `input_dtype` "uint8" normalizes in its graph: its rows are the cropped
+pixels as uint8, written without the transform's lookup table.
 """
 
 from __future__ import annotations
@@ -131,12 +133,14 @@ class ImagePreprocessor:
         max_pixels: int = MAX_IMAGE_PIXELS,
         max_decoded_pixels: int = MAX_DECODED_PIXELS,
     ) -> ImagePreprocessor:
-        return cls(EvalTransform.from_spec(metadata.eval_spec), use_draft, max_pixels, max_decoded_pixels)
+        transform = EvalTransform.from_spec(metadata.eval_spec, metadata.input_dtype)
+        return cls(transform, use_draft, max_pixels, max_decoded_pixels)
 
     def __call__(
         self, data: bytes, name: str = "image", out: np.ndarray | None = None, deadline: float = math.inf
     ) -> np.ndarray:
-        """Decode and transform one image (into `out`, a [3, H, W] float32 row, when given).
+        """Decode and transform one image (into `out`, a [3, H, W] row of the transform's `input_dtype`:
+        float32, or uint8 for a model that normalizes in its graph, when given).
 
         Blocking: call it from a worker thread. `deadline` is a `clock()` time: decoding stops with
         `DeadlineExceededError` at the first read of the file after it.

@@ -45,10 +45,11 @@ session = ort.InferenceSession(sys.argv[1], providers=requested)
 session.disable_fallback()
 run_error = None
 image = session.get_inputs()[0]
-if image.type == "tensor(float)":
+dtypes = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}  # the input dtypes convserve serves
+if image.type in dtypes:
     shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in image.shape]
     try:
-        session.run(None, {image.name: np.zeros(shape, np.float32)})
+        session.run(None, {image.name: np.zeros(shape, dtypes[image.type])})
     except Exception as exc:
         run_error = f"{type(exc).__name__}: {exc}"
 print(json.dumps({"active": session.get_providers(), "run_error": run_error}))

@@ -2,7 +2,8 @@
 
 This module knows nothing about batching or HTTP: it loads a file, says which execution provider is
 really active (ORT falls back silently, so `service.models.providers` probes a GPU provider first,
-with one real inference, and the session is asked), and runs float32 NCHW batches. A graph whose
+with one real inference, and the session is asked), and runs NCHW batches of the dtype its metadata
+says (`input_dtype`: normalized float32 rows, or uint8 pixels the graph normalizes). A graph whose
 batch axis is a fixed number (an imported model exported for batch 1, say) is served too: it says the
 largest batch it takes (`batch_limit`) and pads a smaller batch to its size. On a GPU it also says
 which batch sizes to form (`batch_sizes`, see `service.models.gpu`), and it notices a session that
@@ -14,6 +15,10 @@ it is asked for (`run(batch, extra={...})`), which the graph computes on its way
 a run that asks for none fetches only the logits, as it always did. An explainable model also
 keeps the head's weights, read from the file's initializer at load, to turn a feature map into class
 activation maps (`class_maps`).
+
+On CUDA a batch goes through ONNX Runtime's IO binding (`_BoundInputs`): the input is copied into a
+device OrtValue kept per thread and batch shape, and the outputs are bound to the CPU. On the CPU,
+`session.run` is kept: it reads the numpy batch in place, so binding has nothing to save there.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
-from modelcontract import MetadataError, ModelMetadata, class_activation_maps
+from modelcontract import FLOAT32, UINT8, MetadataError, ModelMetadata, class_activation_maps
 from service.errors import InvalidInputError, StartupError
 from service.models.gpu import GpuOptions, gpu_batch_sizes, refusal
 from service.models.providers import probe_providers
@@ -43,6 +48,9 @@ from service.priority import yield_to_the_event_loop
 from service.settings import CPU_PROVIDER, CUDA_PROVIDER, GPU_PROVIDERS
 
 logger = logging.getLogger(__name__)
+
+_ORT_INPUT_TYPES = {FLOAT32: "tensor(float)", UINT8: "tensor(uint8)"}
+"""ONNX Runtime's name of the input element type each metadata `input_dtype` promises."""
 
 
 def provider_options(name: str, device_id: int = 0) -> dict[str, Any]:
@@ -129,7 +137,15 @@ class OnnxModel:
     lone_session: ort.InferenceSession | None = field(default=None, repr=False)
     """A second CPU session of the file, on every core with spinning threads, for a batch that runs
     alone (`run(batch, alone=True)`); None: every batch runs on `session`."""
+    bind_device: str | None = None
+    """ONNX Runtime device ("cuda", or "cpu" to test the path) batches are bound to (`_BoundInputs`),
+    or None to run them with `session.run`; `load_model` sets "cuda" for a session on CUDA."""
     _fallback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _bound: _BoundInputs | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.bind_device is not None:
+            self._bound = _BoundInputs(self.bind_device, self.gpu.device_id)
 
     @property
     def active_provider(self) -> str:
@@ -186,7 +202,8 @@ class OnnxModel:
     def run(
         self, batch: np.ndarray, extra: Collection[str] | None = None, alone: bool = False
     ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Outputs [N, num_classes] for a float32 batch [N, C, H, W]; blocking, call it off the event loop.
+        """Outputs [N, num_classes] for a batch [N, C, H, W] of the metadata's `input_dtype`; blocking,
+        call it off the event loop.
 
         `extra` names outputs of `extra_outputs` to fetch too: (outputs, {name: rows [N, ...]});
         `InvalidInputError` (before any work) for a name this model lacks.
@@ -208,7 +225,10 @@ class OnnxModel:
         names = [self.output_name, *wanted]
         session = self.lone_session if alone and self.lone_session is not None else self.session
         try:
-            fetched = session.run(names, {self.input_name: batch})
+            if self._bound is not None and session is self.session and self.left_gpu is None:
+                fetched = self._bound.run(session, self.input_name, batch, names)
+            else:
+                fetched = session.run(names, {self.input_name: batch})
         except EPFail as exc:  # only a GPU session raises it: ORT's own fallback is off (load_model)
             self.leave_gpu(f"{type(exc).__name__}: {exc}")
             fetched = self.session.run(names, {self.input_name: batch})
@@ -257,8 +277,59 @@ class OnnxModel:
         for size, alone in runs:
             if cancel is not None and cancel.is_set():
                 break
-            self.run(np.zeros((size, channels, height, width), dtype=np.float32), alone=alone)
+            self.run(np.zeros((size, channels, height, width), dtype=self.metadata.input_dtype), alone=alone)
         return time.perf_counter() - start
+
+
+class _BoundInputs:
+    """Runs a batch through `session.io_binding()`: the input copied into an OrtValue on `device`, kept
+    per thread and batch shape and refilled in place, and every output bound to CPU memory.
+
+    Why an OrtValue on the device and not pinned host memory: ONNX Runtime's Python `OrtDevice.make`
+    (onnxruntime 1.31) knows device types ("cpu", "cuda", ...) and always gives them their default
+    memory, so a 'cuda_pinned' OrtValue cannot be asked for by name; page-locked host memory is only
+    reachable through an execution-provider device's `memory_info(OrtDeviceMemoryType.HOST_ACCESSIBLE)`
+    (`OrtValue.ortvalue_from_shape_and_type(..., memory_info=...)`, the plugin-EP device API), which
+    this does not use until it is measured on a GPU. `OrtValue.update_inplace(batch)` copies the host
+    batch into the device OrtValue (one host->device copy, as `session.run` makes), and the binding
+    (`IOBinding.bind_ortvalue_input`) runs on it without a further copy or allocation; reusing the
+    OrtValue per shape spares a device allocation per batch. On a GPU the batcher forms only
+    O(log max) batch sizes (`gpu_batch_sizes`), so the buffers stay few. Per thread, because several
+    batches may run at once (`DynamicBatcher` instances) and each needs its own buffer while it runs.
+    """
+
+    def __init__(self, device: str, device_id: int) -> None:
+        self.device = device
+        self.device_id = device_id
+        self._local = threading.local()
+
+    def _buffer(self, batch: np.ndarray) -> ort.OrtValue:
+        buffers: dict[tuple[tuple[int, ...], str], ort.OrtValue] | None = getattr(
+            self._local, "by_shape", None
+        )
+        if buffers is None:
+            buffers = self._local.by_shape = {}
+        key = (batch.shape, batch.dtype.str)
+        value = buffers.get(key)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(batch.shape), batch.dtype.type, self.device, self.device_id
+            )
+            buffers[key] = value
+        return value
+
+    def run(
+        self, session: ort.InferenceSession, input_name: str, batch: np.ndarray, names: list[str]
+    ) -> list[np.ndarray]:
+        """`session.run(names, {input_name: batch})`, through the binding."""
+        value = self._buffer(batch)
+        value.update_inplace(np.ascontiguousarray(batch))
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(input_name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return [np.asarray(output) for output in binding.copy_outputs_to_cpu()]
 
 
 def extra_outputs(metadata: ModelMetadata) -> dict[str, tuple[int, str]]:
@@ -372,6 +443,7 @@ def load_model(
     if active in GPU_PROVIDERS:
         session.disable_fallback()  # a provider failure while serving reaches OnnxModel.run
     weights = _explain_weights(path, metadata, session) if metadata.explainable else None
+    bind_device = "cuda" if active == CUDA_PROVIDER else None
     lone = None
     if active == CPU_PROVIDER and lone_threads > 1:
         lone = ort.InferenceSession(str(path), session_options(lone_threads, spin=True), providers=[active])
@@ -386,6 +458,7 @@ def load_model(
         gpu,
         explain_weights=weights,
         lone_session=lone,
+        bind_device=bind_device,
     )
 
 
@@ -433,14 +506,23 @@ def _check_signature(
     dims = list(inputs[0].shape)
     expected = list(metadata.input_shape)
     fixed_batch = dims[0] if len(dims) == 4 and isinstance(dims[0], int) else None
-    if (
-        inputs[0].type != "tensor(float)"
-        or len(dims) != 4
-        or dims[1:] != expected
-        or (fixed_batch is not None and fixed_batch < 1)
-    ):
+    dtype = metadata.input_dtype
+    if inputs[0].type != _ORT_INPUT_TYPES[dtype]:
+        other = next(
+            (name for name, ort_type in _ORT_INPUT_TYPES.items() if ort_type == inputs[0].type), None
+        )
+        fix = (
+            f"the graph takes {other}: re-export it so its metadata says input_dtype {other!r}"
+            if other
+            else "the service serves float32 or uint8 inputs only"
+        )
         raise StartupError(
-            f"{path} input {inputs[0].name!r} is {inputs[0].type} {dims}; the metadata promises float32 "
+            f"{path} input {inputs[0].name!r} is {inputs[0].type}, but its metadata's input_dtype says "
+            f"{dtype} ({_ORT_INPUT_TYPES[dtype]}); {fix}"
+        )
+    if len(dims) != 4 or dims[1:] != expected or (fixed_batch is not None and fixed_batch < 1):
+        raise StartupError(
+            f"{path} input {inputs[0].name!r} is {inputs[0].type} {dims}; the metadata promises {dtype} "
             f"[batch, {expected[0]}, {expected[1]}, {expected[2]}] (batch axis: symbolic or a positive size)"
         )
     classes = outputs[0].shape[-1] if outputs[0].shape else None

@@ -1,10 +1,11 @@
 """KServe Open Inference Protocol (V2) requests and answers, for every transport.
 
-The pieces every transport calls (`check_input`, `fp32_tensor`, `split_bytes_elements`,
+The pieces every transport calls (`check_input`, `input_tensor`, `split_bytes_elements`,
 `image_elements`, `requested_output`, `client_timeout_s`, `finish_request`, `output_tensors`) decide
 what a request may ask and what its answer holds; REST (`parse_infer_request`,
 `encode_infer_response`, below) and gRPC (`service.protocols.v2grpc`) only move bytes in and out.
-A model takes either its own FP32 input or `IMAGE_INPUT`, encoded image files as BYTES (Triton's
+A model takes either its own tensor input (FP32; UINT8 pixels for a model exported with uint8 input,
+which normalizes them in its graph) or `IMAGE_INPUT`, encoded image files as BYTES (Triton's
 serialization: a 4-byte little-endian length before each element; base64 strings in JSON), which the
 predictor admits by count, then decodes and preprocesses exactly as `/predict` does.
 
@@ -24,7 +25,8 @@ Request cost model (B body bytes after decoding, at most CONVSERVE_MAX_UPLOAD_BY
   after the declared `shape` passed two checks: at most CONVSERVE_MAX_QUEUE_SIZE rows' worth of
   values (`TensorSpec.max_rows` x the model's row; 413 beyond), and `data` holds exactly that many
   (counted from its separators and brackets; flat, or nested exactly as `shape`; 422 otherwise).
-  Then it is parsed straight into float32: peak B + the tensor + a few MiB, time linear in B.
+  Then it is parsed straight into float32: peak B + the tensor + a few MiB, time linear in B (for a
+  UINT8 input, then checked to be whole numbers in 0..255 and narrowed to uint8).
 - The rest of the header is at most 64 KiB of JSON (`service.transport.jsonparse`), so `outputs` or
   `parameters` cannot be blown up into millions of objects; `id` is at most `MAX_ID_CHARS`.
 
@@ -33,7 +35,8 @@ the class count K, so for R rows the answer is at most `response_bound(...)` = 2
 per output 192 + R x W x (4 binary | 24 JSON) bytes (W: the output's width, K classes or D embedding
 values), or R x min(k, K) x (56 + digits of K + the longest escaped label) for a classification, plus
 the model's name and version. A request is refused (422, before inference) if that exceeds the tensor
-bytes it makes the server compute (R x C x H x W x 4, an image being one row) +
+bytes it makes the server compute (R x C x H x W x the input's item size: 4 for FP32, 1 for UINT8; an
+image being one row) +
 `RESPONSE_SLACK_BYTES`, so no request makes the server write much more than it sent; for models
 with thousands of classes and tiny inputs that means asking for binary output or fewer classes.
 """
@@ -55,7 +58,7 @@ import numpy as np
 
 from modelcontract import EMBEDDING_NAME
 from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
-from service.inference.predictor import Inputs, ModelOutputs, NamedImage
+from service.inference.predictor import Inputs, ModelOutputs, NamedImage, uint8_pixels
 from service.textsafety import brief
 from service.transport.jsonparse import BoundedJson, loads_bounded
 from service.transport.tensorjson import nested_numbers
@@ -78,6 +81,11 @@ _ENTRY_BYTES = 192  # one output without its name and values: datatype, shape, b
 FLOAT_JSON_BYTES = 24
 """Most bytes JSON writes for one float32 value (as a double: "-1.1754943508222875e-38") and its comma."""
 _CLASS_VALUE_BYTES = 48  # f"{value:f}" of a float32: up to 39 digits, a sign, a point and 6 decimals
+
+
+V2_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+"""The V2 datatype of a model's own input, by its metadata's `input_dtype`."""
+_NUMPY_TYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 
 
 def _is_int(value: Any) -> bool:
@@ -129,10 +137,17 @@ class TensorSpec:
     extra_outputs: tuple[tuple[str, int], ...] = ()
     """The FP32 outputs [N, width] a request may ask for by name besides the class scores, as
     (name, width): the embedding, when the model has one."""
+    input_datatype: str = "FP32"
+    """The V2 datatype of the model's own input: FP32, or UINT8 for a model that normalizes in its graph."""
 
     @property
     def row_values(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def input_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype (little-endian) the model's own input is read as."""
+        return _NUMPY_TYPES[self.input_datatype]
 
     def output_width(self, name: str) -> int:
         """Values per row of output `name`: the class count for the class scores."""
@@ -170,10 +185,10 @@ def check_input(name: Any, datatype: Any, shape: Any, spec: TensorSpec) -> Input
         kind = "image"
     else:
         raise BadRequestError(
-            f"unknown input {brief(name)}; this model takes {spec.input_name!r} (FP32 "
+            f"unknown input {brief(name)}; this model takes {spec.input_name!r} ({spec.input_datatype} "
             f"{_tensor_shape_text(spec)}) or {IMAGE_INPUT!r} (BYTES [N], one encoded image per element)"
         )
-    expected = "FP32" if kind == "tensor" else "BYTES"
+    expected = spec.input_datatype if kind == "tensor" else "BYTES"
     if datatype != expected:
         what = _tensor_shape_text(spec) if kind == "tensor" else "[N], one encoded image per element"
         raise InvalidInputError(f"input {name!r} must be {expected} {what}, got datatype {brief(datatype)}")
@@ -197,15 +212,16 @@ def check_input(name: Any, datatype: Any, shape: Any, spec: TensorSpec) -> Input
     return kind
 
 
-def fp32_tensor(raw: bytes | memoryview, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
-    """The tensor in `raw` (little-endian FP32, exactly prod(shape) values), without a copy."""
-    count = math.prod(shape)
-    if len(raw) != count * 4:
+def input_tensor(raw: bytes | memoryview, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
+    """The tensor in `raw` (exactly prod(shape) values of the model's input datatype: little-endian
+    FP32, or UINT8 bytes), without a copy."""
+    count, size = math.prod(shape), spec.input_dtype.itemsize
+    if len(raw) != count * size:
         raise InvalidInputError(
-            f"input {spec.input_name!r} of shape {list(shape)} needs 4 x {count} = {count * 4} bytes of FP32 "
-            f"data, got {len(raw)}"
+            f"input {spec.input_name!r} of shape {list(shape)} needs {size} x {count} = {count * size} bytes "
+            f"of {spec.input_datatype} data, got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype="<f4").reshape(tuple(shape))
+    return np.frombuffer(raw, dtype=spec.input_dtype).reshape(tuple(shape))
 
 
 def split_bytes_elements(raw: bytes | memoryview, count: int) -> list[memoryview]:
@@ -333,7 +349,8 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: TensorSpec
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequestError(
-            f'"inputs" must list exactly one tensor, {spec.input_name!r} (FP32) or {IMAGE_INPUT!r} (BYTES)'
+            f'"inputs" must list exactly one tensor, {spec.input_name!r} ({spec.input_datatype}) or '
+            f"{IMAGE_INPUT!r} (BYTES)"
         )
     entry = inputs[0]
     # Every cheap check before the tensor is read: a request that would be refused anyway (a repeated
@@ -358,12 +375,13 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: TensorSpec
 
 def _raw_request(body: bytes, spec: TensorSpec) -> InferRequest:
     shape = (1, *spec.input_shape)
-    if len(body) != math.prod(shape) * 4:
+    size = math.prod(shape) * spec.input_dtype.itemsize
+    if len(body) != size:
         raise InvalidInputError(
-            f"a raw binary request (header length 0) must be one FP32 tensor {list(shape)}, "
-            f"{math.prod(shape) * 4} bytes; got {len(body)} bytes"
+            f"a raw binary request (header length 0) must be one {spec.input_datatype} tensor {list(shape)}, "
+            f"{size} bytes; got {len(body)} bytes"
         )
-    tensor = np.frombuffer(body, dtype="<f4").reshape(shape)
+    tensor = np.frombuffer(body, dtype=spec.input_dtype).reshape(shape)
     return InferRequest(None, Inputs(tensor=tensor), (RequestedOutput(spec.output_name, binary=True),))
 
 
@@ -405,7 +423,7 @@ def _input_data(
             )
         raw = binary[: int(size)]
         if kind == "tensor":
-            return fp32_tensor(raw, shape, spec), int(size)
+            return input_tensor(raw, shape, spec), int(size)
         return image_elements(split_bytes_elements(raw, math.prod(shape)), shape), int(size)
     if "data" not in entry:
         raise BadRequestError(f'input {name!r} has neither "data" nor parameters.binary_data_size')
@@ -437,8 +455,8 @@ def _base64_elements(data: Any, shape: list[int]) -> list[bytes]:
 
 
 def _json_data(data: Any, shape: list[int], spec: TensorSpec) -> np.ndarray:
-    """JSON `data` as float32 of `shape`: the declared size is checked against the budget, then against
-    the values' count, before any value is parsed."""
+    """JSON `data` as the model's input dtype of `shape`: the declared size is checked against the budget,
+    then against the values' count, before any value is parsed (as float32, then narrowed for UINT8)."""
     count, row = math.prod(shape), spec.row_values
     if count > spec.max_rows * row:
         raise PayloadTooLargeError(
@@ -456,7 +474,8 @@ def _json_data(data: Any, shape: list[int], spec: TensorSpec) -> np.ndarray:
             f"{what} is nested as {list(numbers.shape)}, not as its shape {shape}; send it flat or "
             "nested exactly as the shape"
         )
-    return numbers.read().reshape(shape)
+    values = numbers.read().reshape(shape)
+    return uint8_pixels(values, what) if spec.input_datatype == "UINT8" else values
 
 
 def _requested_outputs(
@@ -516,14 +535,18 @@ def _check_response_budget(request: InferRequest, spec: TensorSpec) -> None:
         spec.row_values,
         asked="the requested outputs",
         fix="ask for binary_data output or a smaller classification",
+        item_size=spec.input_dtype.itemsize,
     )
 
 
-def check_answer_bound(bound: int, rows: int, row_values: int, *, asked: str, fix: str) -> None:
+def check_answer_bound(
+    bound: int, rows: int, row_values: int, *, asked: str, fix: str, item_size: int = 4
+) -> None:
     """422 (before inference) when an answer of up to `bound` bytes would pass what its request may get
-    back: the tensor bytes it makes the server compute (`rows` x `row_values` float32) +
-    `RESPONSE_SLACK_BYTES`. Every route that answers per row applies this one rule."""
-    computed = rows * row_values * 4
+    back: the tensor bytes it makes the server compute (`rows` x `row_values` values of `item_size`
+    bytes: 4 for float32, 1 for a uint8 input) + `RESPONSE_SLACK_BYTES`. Every route that answers per
+    row applies this one rule."""
+    computed = rows * row_values * item_size
     if bound > computed + RESPONSE_SLACK_BYTES:
         raise InvalidInputError(
             f"{asked} could take {bound} bytes, more than the request's {computed} tensor bytes + "

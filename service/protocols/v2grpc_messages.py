@@ -4,8 +4,9 @@
 Pure functions: no server, no model. Every decision about what a request may ask (input names,
 datatypes, shapes, sizes, outputs, the response budget) is the codec's; this module only finds the
 bytes in the message. An input's data comes either as `raw_input_contents` (one entry per input, in
-order: little-endian FP32, or length-prefixed BYTES elements) or as typed `contents`
-(`fp32_contents`, `bytes_contents`), never both. The whole message is at most
+order: little-endian FP32 (UINT8 bytes for a model with uint8 input), or length-prefixed BYTES
+elements) or as typed `contents` (`fp32_contents`, `uint_contents` for UINT8, `bytes_contents`), never
+both. The whole message is at most
 CONVSERVE_MAX_UPLOAD_BYTES (gRPC refuses larger ones before they reach the service), which bounds
 the values, parameters and elements it can hold.
 """
@@ -20,7 +21,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from service.errors import BadRequestError, InvalidInputError
-from service.inference.predictor import Inputs
+from service.inference.predictor import Inputs, uint8_pixels
 from service.protocols.v2codec import (
     IMAGE_INPUT,
     InferRequest,
@@ -30,8 +31,8 @@ from service.protocols.v2codec import (
     check_request_id,
     client_timeout_s,
     finish_request,
-    fp32_tensor,
     image_elements,
+    input_tensor,
     requested_output,
     split_bytes_elements,
 )
@@ -39,7 +40,7 @@ from service.protocols.v2proto import grpc_service_pb2 as pb
 from service.versionpolicy import VersionPolicy
 
 # Typed contents each input kind reads; any other typed field set is a client's mistake.
-_CONTENTS_FIELD = {"tensor": "fp32_contents", "image": "bytes_contents"}
+_CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 def parameter_values(parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,8 +63,8 @@ def infer_request(
     parameters = parameter_values(message.parameters)
     if len(message.inputs) != 1:
         raise BadRequestError(
-            f"{len(message.inputs)} inputs sent; send exactly one: {spec.input_name!r} (FP32) or "
-            f"{IMAGE_INPUT!r} (BYTES, encoded images)"
+            f"{len(message.inputs)} inputs sent; send exactly one: {spec.input_name!r} "
+            f"({spec.input_datatype}) or {IMAGE_INPUT!r} (BYTES, encoded images)"
         )
     outputs: list[Any] = []
     for entry in message.outputs:
@@ -74,13 +75,13 @@ def infer_request(
     kind = check_input(entry.name, entry.datatype, shape, spec)
     raw = _raw_contents(message, entry)
     if kind == "tensor":
-        tensor = fp32_tensor(raw, shape, spec) if raw is not None else _typed_fp32(entry, shape, spec)
+        tensor = input_tensor(raw, shape, spec) if raw is not None else _typed_tensor(entry, shape, spec)
         inputs = Inputs(tensor=tensor, timeout_s=min(timeouts, default=None))
     else:
         elements = (
             split_bytes_elements(raw, math.prod(shape))
             if raw is not None
-            else list(_typed(entry, "image").bytes_contents)
+            else list(_typed(entry, "BYTES").bytes_contents)
         )
         inputs = Inputs(images=image_elements(elements, shape), timeout_s=min(timeouts, default=None))
     request = finish_request(request_id, inputs, outputs, True, spec)
@@ -105,9 +106,9 @@ def _raw_contents(
     return message.raw_input_contents[0]
 
 
-def _typed(entry: pb.ModelInferRequest.InferInputTensor, kind: str) -> pb.InferTensorContents:
+def _typed(entry: pb.ModelInferRequest.InferInputTensor, datatype: str) -> pb.InferTensorContents:
     """The input's typed contents, holding only the field its datatype reads."""
-    wanted = _CONTENTS_FIELD[kind]
+    wanted = _CONTENTS_FIELD[datatype]
     if not entry.HasField("contents"):
         raise BadRequestError(
             f"input {entry.name!r} has no data; send it as raw_input_contents (one per input, in order) "
@@ -122,16 +123,22 @@ def _typed(entry: pb.ModelInferRequest.InferInputTensor, kind: str) -> pb.InferT
     return entry.contents
 
 
-def _typed_fp32(
+def _typed_tensor(
     entry: pb.ModelInferRequest.InferInputTensor, shape: list[int], spec: TensorSpec
 ) -> np.ndarray:
-    values = _typed(entry, "tensor").fp32_contents
+    """The model's own input from its typed contents: `fp32_contents`, or for UINT8 `uint_contents`
+    (protobuf has no 8-bit field: each pixel is a uint32, checked to be at most 255)."""
+    field_name = _CONTENTS_FIELD[spec.input_datatype]
+    values = getattr(_typed(entry, spec.input_datatype), field_name)
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidInputError(
-            f"input {entry.name!r} of shape {shape} needs {count} values in contents.fp32_contents, "
+            f"input {entry.name!r} of shape {shape} needs {count} values in contents.{field_name}, "
             f"got {len(values)}"
         )
+    if spec.input_datatype == "UINT8":
+        read = np.fromiter(values, dtype=np.uint32, count=count).reshape(shape)
+        return uint8_pixels(read, f"contents.{field_name} of {entry.name!r}")
     return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
 
 

@@ -1,7 +1,8 @@
 """What V2 says about a served model version: its metadata, its configuration and its tensor spec.
 
 Plain dicts and dataclasses, the same for every transport: REST returns the dicts as JSON, gRPC
-copies them into its messages. Every model takes two inputs, its own FP32 tensor and
+copies them into its messages. Every model takes two inputs, its own tensor (FP32, or UINT8 pixels for
+a model exported with uint8 input, which normalizes them in its graph) and
 `IMAGE_INPUT` (encoded image files), and has an FP32 output of class scores; a model with an embedding
 also has its FP32 `embedding` output [N, D] (unit-length rows), answered when a request names it.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 from service import __version__
 from service.models.registry import LoadedModel
-from service.protocols.v2codec import IMAGE_INPUT, TensorSpec
+from service.protocols.v2codec import IMAGE_INPUT, V2_DATATYPES, TensorSpec
 from service.state import ServiceState
 
 PLATFORM = "onnxruntime_onnx"
@@ -34,7 +35,13 @@ def tensor_spec(state: ServiceState, loaded: LoadedModel) -> TensorSpec:
         labels=meta.labels,
         max_rows=state.settings.max_queue_size,
         extra_outputs=_embedding(loaded),
+        input_datatype=_input_datatype(loaded),
     )
+
+
+def _input_datatype(loaded: LoadedModel) -> str:
+    """The V2 datatype of the model's own input (FP32 or UINT8), from its metadata."""
+    return V2_DATATYPES[loaded.model.metadata.input_dtype]
 
 
 def _embedding(loaded: LoadedModel) -> tuple[tuple[str, int], ...]:
@@ -58,7 +65,11 @@ def metadata_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any
         "versions": [str(v) for v in state.registry.versions(loaded.name)],
         "platform": PLATFORM,
         "inputs": [
-            {"name": loaded.model.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]},
+            {
+                "name": loaded.model.input_name,
+                "datatype": _input_datatype(loaded),
+                "shape": [-1, *meta.input_shape],
+            },
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
         ],
         "outputs": [
@@ -88,7 +99,11 @@ def config_document(state: ServiceState, loaded: LoadedModel) -> dict[str, Any]:
         "max_batch_size": loaded.model.batch_limit(settings.max_batch_size),
         "version_policy": str(settings.policy),
         "input": [
-            {"name": loaded.model.input_name, "data_type": "TYPE_FP32", "dims": list(meta.input_shape)},
+            {
+                "name": loaded.model.input_name,
+                "data_type": f"TYPE_{_input_datatype(loaded)}",
+                "dims": list(meta.input_shape),
+            },
             {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]},
         ],
         "output": [

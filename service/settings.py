@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import onnxruntime
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -32,6 +31,8 @@ def normalize_provider(name: str) -> str:
     """Map a short alias (`cuda`, `cpu`, ...) or an ONNX Runtime provider name to the ORT name."""
     cleaned = name.strip()
     canonical = PROVIDER_ALIASES.get(cleaned.lower(), cleaned)
+    import onnxruntime  # noqa: PLC0415  (only to check a name: `convserve --help` reads these settings)
+
     known = list(onnxruntime.get_all_providers())
     if canonical not in known:
         raise ValueError(

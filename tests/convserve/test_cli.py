@@ -210,3 +210,22 @@ def test_import_and_predict_never_load_torch_or_training(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("command", [[], ["import"], ["serve"], ["predict"]])
+def test_help_loads_neither_onnx_nor_onnx_runtime(command: list[str]) -> None:
+    # The help is read before any model exists; it must not pay for the libraries that act on one.
+    code = (
+        "import sys\n"
+        "from convserve.cli import main\n"
+        "try:\n"
+        f"    main({[*command, '--help']!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'torch'))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr

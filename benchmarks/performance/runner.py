@@ -70,15 +70,11 @@ async def _bench_service(
     config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
 ) -> tuple[ServerBench, dict[int, float]]:
     profile = config.profile and py_spy_path() is not None
+    rss = await _soak_service(config, model, photos, plan, log_dir)
+    # The levels start from a fresh server, as every other server's do: after the soak the service
+    # would meet its 1-client level 20,000 requests in, the peers theirs after a few warm-up requests.
     with service_process(config, model, log_dir, "service") as server:
         bench = ServerBench("service", server, photos)
-        # The leak check comes first and under one steady load (concurrency 32): later levels (64
-        # clients, open-loop bursts) hold more requests in flight, and the allocator keeps that
-        # high-water mark resident, which says nothing about growth per request.
-        rss: dict[int, float] = {}
-        for checkpoint in plan.rss_checkpoints:
-            count, value = await bench.soak_until(checkpoint, plan.rss_soak_concurrency, plan.rss_soak_max_s)
-            rss[count] = value
         await bench.concurrency_levels(plan.concurrency_levels, plan.service_levels)
         if profile:
             bench.profile_result = await bench.profile(
@@ -90,6 +86,24 @@ async def _bench_service(
             await bench.rates(rates, plan.rate_timing)
         bench.rss_after_all = {"requests": bench.requests_sent, "rss_mb": rss_mb(server.pid)}
         return bench, rss
+
+
+async def _soak_service(
+    config: RunConfig, model: ServedModel, photos: Sequence[Photo], plan: BenchPlan, log_dir: Path
+) -> dict[int, float]:
+    """The leak check: the service's RSS at each of `plan.rss_checkpoints` requests, on a server of its
+    own under one steady load (concurrency 32). Other levels (64 clients, open-loop bursts) hold more
+    requests in flight, and the allocator keeps that high-water mark resident, which says nothing
+    about growth per request."""
+    rss: dict[int, float] = {}
+    if not plan.rss_checkpoints:
+        return rss
+    with service_process(config, model, log_dir, "soak") as server:
+        bench = ServerBench("soak", server, photos)
+        for checkpoint in plan.rss_checkpoints:
+            count, value = await bench.soak_until(checkpoint, plan.rss_soak_concurrency, plan.rss_soak_max_s)
+            rss[count] = value
+    return rss
 
 
 async def _bench_baseline(

@@ -83,6 +83,7 @@ def resolve_model(config: RunConfig) -> ServedModel:
 # instead of one batch on every core.
 VARIANT_SETTINGS: dict[str, dict[str, str]] = {
     "service": {},
+    "soak": {},  # the service's leak check, on a server of its own
     "int8": {},
     "unbatched": {"CONVSERVE_MAX_BATCH_SIZE": "1"},
     "instances": {

@@ -10,12 +10,14 @@ get 503 with the progress and a Retry-After. Rows of two versions are never sear
 
 **Adds** are embedded before they are written, by the version that answers (or, in a gallery no
 version answers yet, the newest one served), so they keep that version complete and are searchable
-at once; other versions pick them up in the background.
+at once; other versions pick them up in the background. Their images are background rows of the
+model's batcher (`DynamicBatcher`): they yield to requests in small batches of their own, so a stream
+of adds costs `/predict` a bounded share of the CPU, and an add under load takes longer instead.
 
 **Re-embedding.** One background task per process walks the open galleries: for every served version
-the policy selects, it embeds up to `REEMBED_BATCH` pending images through the model's own batcher
-(decoded and batched like any request), one batch at a time, after the model's queue has emptied (or
-`REEMBED_WAIT_S` has passed, so that sustained traffic slows it without stopping it). Embeddings of
+the policy selects, it embeds up to `REEMBED_BATCH` pending images through the model's own batcher,
+as background rows like an add's, one step at a time (sustained traffic slows it without stopping
+it). Embeddings of
 versions the policy no longer selects are dropped. Several workers and replicas sharing the directory
 each run this task; `GalleryStore.embedding_claim` lets one at a time embed a gallery, so a row is
 computed once (and `set_embeddings` would keep it once anyway).
@@ -69,10 +71,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REEMBED_BATCH = 8
-"""Images one background embedding step computes: small, so requests queued behind it wait little."""
-REEMBED_WAIT_S = 1.0
-"""Longest a background step waits for the model's queue to empty before it queues its batch."""
-_IDLE_POLL_S = 0.01
+"""Images one background embedding step reads and embeds."""
 _GALLERY_THREADS = 2
 RETRY_AFTER_S = 5
 
@@ -233,7 +232,7 @@ class GalleryManager:
         async with self._registry.acquire(model, version) as loaded:
             self._check_embedding(loaded)
             deadline = loaded.predictor.deadline(arrived_at)
-            embeddings = await loaded.predictor.embed_images(images, deadline)
+            embeddings = await loaded.predictor.embed_images(images, deadline, background=True)
         ids = await self._run(lambda: store.add(label, [image.data for image in images], embeddings, version))
         self._metrics.gallery_changes.labels(model=model, change="add").inc(len(ids))
         await self._observe(model, store)
@@ -556,7 +555,6 @@ class GalleryManager:
                 batch = batch[:REEMBED_BATCH]
                 if not batch:
                     return False
-                await self._wait_for_idle(loaded)
                 try:
                     ids, rows = await self._embed(loaded, batch, failed)
                 except (ServiceUnavailableError, DeadlineExceededError) as exc:
@@ -577,7 +575,7 @@ class GalleryManager:
         predictor = loaded.predictor
         images = [NamedImage(entry_id, data) for entry_id, data in batch]
         try:
-            rows = await predictor.embed_images(images, predictor.deadline(time.monotonic()))
+            rows = await predictor.embed_images(images, predictor.deadline(time.monotonic()), background=True)
             return [entry_id for entry_id, _ in batch], rows
         except InvalidInputError as exc:
             if len(batch) == 1:
@@ -598,11 +596,3 @@ class GalleryManager:
             if one_ids:
                 parts.append(one_rows)
         return ids, np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
-
-    @staticmethod
-    async def _wait_for_idle(loaded: LoadedModel) -> None:
-        """Let requests go first: wait (at most REEMBED_WAIT_S) until the model's queue is empty."""
-        deadline = time.monotonic() + REEMBED_WAIT_S
-        # Polled: the batcher signals no "queue empty" event, and a 10 ms poll costs nothing beside a batch.
-        while loaded.predictor.batcher.queued_images and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(_IDLE_POLL_S)

@@ -21,6 +21,12 @@ Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape)
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
 padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
 
+Background requests (`submit_with(..., background=True)`: a gallery's examples being embedded) wait
+in a queue of their own and never delay a request for long: they form batches of their own, at most
+`BACKGROUND_BATCH` rows, one at a time, when an instance is free and no other request waits — or,
+when no such batch started for `BACKGROUND_MAX_WAIT_S`, at the next free instance even under load,
+so they progress at a bounded cost to everyone else. Such a batch never runs alone on every core.
+
 A request may ask for some of the model's other named outputs too (`Reservation.submit_with`: its
 feature maps, its embedding): a batch fetches the union of what its requests asked for, as
 `infer(batch, extra=names) -> (outputs, {name: rows})`, and each request receives exactly the outputs
@@ -57,6 +63,16 @@ from service.priority import yield_to_the_event_loop
 
 logger = logging.getLogger(__name__)
 
+BACKGROUND_BATCH = 4
+"""Most rows in a batch of background requests: what a request arriving just after it started waits
+for is one such batch, ~4 single-core inferences (EfficientNet-Lite0: ~65 ms)."""
+BACKGROUND_MAX_WAIT_S = 0.25
+"""After this long without a batch of them, background rows take the next free instance even while
+requests wait: under a load that never leaves an instance idle they still advance, four batches a
+second. Measured with 8 clients saturating 2 cores while 1,000 photos were added 10 per request: the
+clients' p99 rose 1.14x (1.03x with 1 s, 1.6x with no background queue at all), and the adds ran at
+12 images/s (5 with 1 s; 53 taking their turn with the requests)."""
+
 Extras = Mapping[str, np.ndarray]
 """Named outputs besides the main one, each [N, ...] in the order of the rows."""
 BatchOutputs = np.ndarray | tuple[np.ndarray, Extras]
@@ -74,6 +90,8 @@ class _Request:
     future: asyncio.Future[tuple[np.ndarray, dict[str, np.ndarray]]]
     extra: frozenset[str] = frozenset()
     """The named outputs the request wants besides the main one."""
+    background: bool = False
+    """Whether it waits in the background queue (`DynamicBatcher` says how that is served)."""
     taken: int = 0
     """Rows already handed to a batch; the rest are still queued."""
     completed: int = 0
@@ -116,16 +134,17 @@ class Reservation:
         return (await self.submit_with(inputs, deadline, frozenset()))[0]
 
     async def submit_with(
-        self, inputs: np.ndarray, deadline: float, extra: frozenset[str]
+        self, inputs: np.ndarray, deadline: float, extra: frozenset[str], background: bool = False
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`submit`, and the named outputs `extra` for the same rows: (outputs, {name: rows}). The
-        names must be ones the model has: a name it lacks fails the whole batch, so check them first."""
+        names must be ones the model has: a name it lacks fails the whole batch, so check them first.
+        `background`: the rows yield to every other request (see `DynamicBatcher`)."""
         if not self._held:
             raise RuntimeError("this reservation was already used or released")
         if len(inputs) != self.size:
             raise ValueError(f"reserved {self.size} rows but submitted {len(inputs)}")
         self._held = False  # the rows move into the queue, which already counts them
-        return await self._batcher._enqueue(inputs, deadline, extra)
+        return await self._batcher._enqueue(inputs, deadline, extra, background)
 
     def release(self) -> None:
         if self._held:
@@ -168,7 +187,9 @@ class DynamicBatcher:
         metrics: ModelMetrics | None = None,
         batch_sizes: tuple[int, ...] | None = None,
         lone_batches: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` is the time deadlines are given in (`time.monotonic`; a test may shift it)."""
         if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay_s < 0 or instances < 1:
             raise ValueError(
                 f"need max_batch_size >= 1, max_queue_size >= max_batch_size, a delay >= 0 and "
@@ -190,6 +211,8 @@ class DynamicBatcher:
         self._max_queue = max_queue_size
         self._metrics = metrics
         self._queue: deque[_Request] = deque()
+        self._background: deque[_Request] = deque()
+        """Background requests, served as the module docstring says."""
         self._queued = 0
         self._instances = instances
         self._running: dict[asyncio.Task[None], list[_Segment]] = {}
@@ -197,6 +220,12 @@ class DynamicBatcher:
         self._lone_batches = lone_batches
         self._alone: asyncio.Task[None] | None = None
         """The batch computing alone, which takes every instance; None when there is none."""
+        self._background_batch: asyncio.Task[None] | None = None
+        """The batch of background rows being computed; None when there is none."""
+        self._clock = clock
+        self._background_turn = -math.inf
+        """When background rows last started a batch (`clock`): their wait is counted from
+        there or from their arrival, whichever is later, so going first under load is one batch a turn."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
@@ -249,18 +278,19 @@ class DynamicBatcher:
         self._wakeup.set()  # a draining collector may be waiting for the last reservations
 
     async def _enqueue(
-        self, inputs: np.ndarray, deadline: float, extra: frozenset[str]
+        self, inputs: np.ndarray, deadline: float, extra: frozenset[str], background: bool
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Queue rows whose room is already counted in `_queued`; wait for their outputs."""
-        now = time.monotonic()
-        request = _Request(inputs, deadline, now, asyncio.get_running_loop().create_future(), extra)
+        now = self._clock()
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(inputs, deadline, now, future, extra, background)
         if self._task is None or self._task.done():
             self._unreserve(request.size)
             raise ServiceUnavailableError("the server shut down before this request was queued; retry it")
         if now >= deadline:
             self._unreserve(request.size)
             raise DeadlineExceededError("the request's deadline passed before it could be queued")
-        self._queue.append(request)
+        (self._background if background else self._queue).append(request)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout=deadline - now)
@@ -296,7 +326,8 @@ class DynamicBatcher:
         for task in self._running:
             task.cancel()
         in_flight = [segment for segments in self._running.values() for segment in segments]
-        stranded = {id(s.request): s.request for s in in_flight} | {id(r): r for r in self._queue}
+        queued = (*self._queue, *self._background)
+        stranded = {id(s.request): s.request for s in in_flight} | {id(r): r for r in queued}
         logger.error(
             "batcher did not drain within %.3g s; failing %d unfinished requests", timeout_s, len(stranded)
         )
@@ -315,7 +346,7 @@ class DynamicBatcher:
     def _drop(self, request: _Request) -> None:
         """Take a request's remaining rows out of the queue."""
         with suppress(ValueError):
-            self._queue.remove(request)
+            (self._background if request.background else self._queue).remove(request)
             self._set_queued(self._queued - request.untaken)
 
     async def _collect(self) -> None:
@@ -323,7 +354,7 @@ class DynamicBatcher:
             if len(self._running) >= self._instances or self._alone is not None:  # wait for an instance
                 await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            if not self._queue:
+            if not self._queue and not self._background:
                 if self._closing and self._queued == 0:  # admitted images still decoding come first
                     if self._running:  # and the batches being computed still deliver
                         await asyncio.wait(self._running)
@@ -332,13 +363,20 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             try:
-                await self._wait_for_batch()
-                if self._is_alone():
-                    self._start(self._take_batch(self._max_batch), alone=True)
-                    continue
-                share = self._share()
-                while self._queue and len(self._running) < self._instances:
-                    self._start(self._take_batch(share))
+                if self._background_due(starving_only=True):  # waited long enough to go first
+                    self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
+                if self._queue:
+                    await self._wait_for_batch()
+                    if self._is_alone():
+                        self._start(self._take_batch(self._max_batch), alone=True)
+                        continue
+                    share = self._share()
+                    while self._queue and len(self._running) < self._instances:
+                        self._start(self._take_batch(share))
+                if self._background_due(starving_only=False):
+                    self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
+                elif not self._queue and self._running:  # background rows wait for a batch to end
+                    await self._wait_for_change()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop batching for everyone
@@ -352,25 +390,53 @@ class DynamicBatcher:
         waiting = sum(request.untaken for request in self._queue)
         return waiting == self._queued and waiting < self._instances
 
-    def _start(self, segments: list[_Segment], alone: bool = False) -> None:
+    def _background_due(self, starving_only: bool) -> bool:
+        """Whether a batch of background rows may start now: an instance is free, none such batch is
+        computing, and no other request waits — or, `starving_only`, they have waited
+        `BACKGROUND_MAX_WAIT_S` for a batch (then one goes first, whatever waits)."""
+        if not self._background or self._background_batch is not None:
+            return False
+        if len(self._running) >= self._instances or self._alone is not None:
+            return False
+        waiting_since = max(self._background[0].enqueued_at, self._background_turn)
+        if self._clock() - waiting_since >= BACKGROUND_MAX_WAIT_S:
+            return True
+        return not starving_only and not self._queue
+
+    async def _wait_for_change(self) -> None:
+        """Until a request arrives or a batch ends: background rows that are not due wait for one of
+        those (a batch of them is computing, or every instance is)."""
+        self._wakeup.clear()
+        woken = asyncio.ensure_future(self._wakeup.wait())
+        try:
+            await asyncio.wait([woken, *self._running], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+
+    def _start(self, segments: list[_Segment], alone: bool = False, background: bool = False) -> None:
         if not segments:
             return
         task = asyncio.create_task(self._run(segments, alone))
         self._running[task] = segments
         if alone:
             self._alone = task
+        if background:
+            self._background_batch = task
+            self._background_turn = self._clock()
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._running[task]
         if task is self._alone:
             self._alone = None
+        if task is self._background_batch:
+            self._background_batch = None
         self._wakeup.set()
 
     async def _wait_for_batch(self) -> None:
         flush_at = self._queue[0].enqueued_at + self._max_delay
         while self._queue and self._queued < self._max_batch and not self._closing:
-            remaining = flush_at - time.monotonic()
+            remaining = flush_at - self._clock()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -389,11 +455,13 @@ class DynamicBatcher:
         waiting = sum(request.untaken for request in self._queue)
         return max(1, min(self._max_batch, math.ceil(waiting / self._instances)))
 
-    def _take_batch(self, space: int) -> list[_Segment]:
+    def _take_batch(self, space: int, queue: deque[_Request] | None = None) -> list[_Segment]:
+        """Up to `space` rows from the head of `queue` (default: the requests' queue)."""
+        queue = self._queue if queue is None else queue
         segments: list[_Segment] = []
-        now = time.monotonic()
-        while self._queue and space > 0:
-            request = self._queue[0]
+        now = self._clock()
+        while queue and space > 0:
+            request = queue[0]
             if request.taken == 0 and now >= request.deadline:
                 self._drop(request)
                 _fail(request, DeadlineExceededError("the request's deadline passed while it was queued"))
@@ -405,7 +473,7 @@ class DynamicBatcher:
             request.taken += rows
             space -= rows
             if request.untaken == 0:
-                self._queue.popleft()
+                queue.popleft()
             self._set_queued(self._queued - rows)
         return segments
 

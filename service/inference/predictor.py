@@ -220,14 +220,18 @@ class Predictor:
         unit = None if name is None else outputs.extra[name]
         return self.ranked(probabilities, top_k), unit, parsed
 
-    async def embed_images(self, images: Sequence[NamedImage], deadline: float) -> np.ndarray:
+    async def embed_images(
+        self, images: Sequence[NamedImage], deadline: float, background: bool = False
+    ) -> np.ndarray:
         """The unit-length embeddings [N, D] float32 of encoded images, in their order: admitted before
         decoding, decoded and batched as predictions are; `deadline` is a `time.monotonic()` time.
-        `InvalidInputError` (422) when the model has no embedding or there is no image."""
+        `background`: the work yields to requests (decoded one image at a time, batched as background
+        rows: `DynamicBatcher`). `InvalidInputError` (422) when the model has no embedding or no image."""
         name = self.embedding_output()
         if not images:
             raise InvalidInputError("no image to embed; send at least one encoded image")
-        outputs = await self._compute(Inputs(images=images, outputs=frozenset({name})), deadline)
+        inputs = Inputs(images=images, outputs=frozenset({name}))
+        outputs = await self._compute(inputs, deadline, background)
         return np.asarray(outputs.extra[name])
 
     async def explain(
@@ -320,8 +324,9 @@ class Predictor:
         self._record(probabilities)
         return outputs, probabilities, parsed
 
-    async def _compute(self, inputs: Inputs, deadline: float) -> ModelOutputs:
-        """Check, admit, decode and batch one request's inputs; its outputs in the order of its rows."""
+    async def _compute(self, inputs: Inputs, deadline: float, background: bool = False) -> ModelOutputs:
+        """Check, admit, decode and batch one request's inputs; its outputs in the order of its rows.
+        `background`: see `embed_images`."""
         extra = self.check_outputs(inputs.outputs)
         if inputs.tensor is not None:
             tensor = self.check_tensor(inputs.tensor)
@@ -329,8 +334,8 @@ class Predictor:
                 logits, fetched = await reservation.submit_with(tensor, deadline, extra)
         else:
             with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
-                tensor = await self.preprocess(inputs.images, deadline)
-                logits, fetched = await reservation.submit_with(tensor, deadline, extra)
+                tensor, _ = await self._decode_all(inputs.images, deadline, one_at_a_time=background)
+                logits, fetched = await reservation.submit_with(tensor, deadline, extra, background)
         embedding = self.metadata.embedding_output
         if embedding in fetched:  # the one place an embedding is scaled to unit length, for every protocol
             fetched[embedding] = self.metadata.unit_embeddings(fetched[embedding])
@@ -379,11 +384,18 @@ class Predictor:
         return (await self._decode_all(images, deadline))[0]
 
     async def _decode_all(
-        self, images: Sequence[NamedImage], deadline: float
+        self, images: Sequence[NamedImage], deadline: float, one_at_a_time: bool = False
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """`preprocess`, and each image's upright (width, height) as sent."""
+        """`preprocess`, and each image's upright (width, height) as sent. `one_at_a_time` holds one
+        decode thread at most, so the requests' images never queue behind this request's."""
         loop = asyncio.get_running_loop()
         tensor = np.empty((len(images), *self.metadata.input_shape), dtype=self.metadata.input_dtype)
+        if one_at_a_time:
+            sizes = [
+                await loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
+                for image, row in zip(images, tensor, strict=True)
+            ]
+            return tensor, sizes
         jobs = [
             loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
             for image, row in zip(images, tensor, strict=True)

@@ -19,6 +19,7 @@ from service.errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
+from service.inference import batching
 from service.inference.batching import DynamicBatcher, InferFn
 from service.metrics import Metrics
 from service.models.runtime import OnnxModel
@@ -415,3 +416,112 @@ def test_a_batch_computing_alone_holds_every_instance_until_it_ends(tiny_model: 
     finally:
         release.set()
     assert calls == [True, True]  # the second, alone again once the first ended
+
+
+def background(batcher: DynamicBatcher, inputs: np.ndarray) -> Coroutine[Any, Any, Any]:
+    """Submit `inputs` as a background request (a gallery's examples being embedded)."""
+    return batcher.reserve(len(inputs)).submit_with(inputs, later(), frozenset(), background=True)
+
+
+def held_first_call(tiny_model: OnnxModel) -> tuple[Callable[..., np.ndarray], list[tuple[int, bool]], Any]:
+    """An `infer` whose first batch waits inside the model until released; it records (rows, alone)."""
+    held, release = threading.Event(), threading.Event()
+    calls: list[tuple[int, bool]] = []
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        calls.append((len(batch), alone))
+        if not held.is_set():
+            held.set()
+            release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    return infer, calls, (held, release)
+
+
+@pytest.mark.parametrize(
+    ("starved_s", "expected"),
+    [
+        # Requests first; then the background rows, in batches of their own of at most 4 rows. (The
+        # clock goes back a minute: however slow this machine, the rows have not waited that long.)
+        (-60.0, [1, 3, 4, 4, 2]),
+        # Background rows that waited BACKGROUND_MAX_WAIT_S take the next free instance first, one
+        # batch, and their wait starts again: the request goes next, then the rest of the rows.
+        (batching.BACKGROUND_MAX_WAIT_S, [1, 4, 3, 4, 2]),
+    ],
+)
+def test_background_rows_yield_to_requests_in_small_batches_of_their_own(
+    tiny_model: OnnxModel, starved_s: float, expected: list[int]
+) -> None:
+    infer, calls, (held, release) = held_first_call(tiny_model)
+    shift = [0.0]  # the batcher's clock moves `starved_s` once both are queued
+    batcher = DynamicBatcher(
+        infer,
+        max_batch_size=8,
+        max_queue_delay_s=0.0,
+        max_queue_size=32,
+        clock=lambda: time.monotonic() + shift[0],
+    )
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
+        await asyncio.to_thread(held.wait, HANG_GUARD_S)
+        rows_in_background = asyncio.create_task(background(batcher, rows(10, seed=2)))
+        request = asyncio.create_task(batcher.submit(rows(3, seed=3), later()))
+        await wait_until_async(lambda: batcher.queued_images == 13, "both queued")
+        for _ in range(20):  # the collector runs at every turn of the loop: let it see them
+            await asyncio.sleep(0)
+        shift[0] = starved_s
+        release.set()
+        outputs = [await first, (await rows_in_background)[0], await request]
+        await batcher.close(5)
+        return outputs
+
+    try:
+        outputs = run(scenario)
+    finally:
+        release.set()
+    assert [size for size, _ in calls] == expected
+    for output, (count, seed) in zip(outputs, [(1, 1), (10, 2), (3, 3)], strict=True):
+        np.testing.assert_allclose(output, tiny_model.run(rows(count, seed=seed)), rtol=1e-5, atol=1e-5)
+
+
+def test_one_background_batch_at_a_time_and_never_alone_on_every_core(tiny_model: OnnxModel) -> None:
+    # Two free instances and eight background rows: one batch of 4 computes while the other instance
+    # stays free for requests; a lone request arriving meanwhile runs on it, not alone.
+    infer, calls, (held, release) = held_first_call(tiny_model)
+    batcher = make(infer, max_batch=8, delay_s=0.0, queue=32, instances=2, lone_batches=True)
+
+    async def scenario() -> tuple[int, int]:
+        await batcher.start()
+        rows_in_background = asyncio.create_task(background(batcher, rows(8, seed=1)))
+        await asyncio.to_thread(held.wait, HANG_GUARD_S)
+        for _ in range(20):  # a second background batch would start at any of these turns
+            await asyncio.sleep(0)
+        left_in_background = batcher.queued_images
+        await batcher.submit(rows(1, seed=2), later())  # the free instance serves it at once
+        release.set()
+        await rows_in_background
+        await batcher.close(5)
+        return left_in_background, len(calls)
+
+    try:
+        left, count = run(scenario)
+    finally:
+        release.set()
+    assert left == 4
+    assert calls == [(4, False), (1, False), (4, False)], calls
+    assert count == 3
+
+
+def test_shutdown_finishes_background_rows_already_accepted(tiny_model: OnnxModel) -> None:
+    batcher = make(tiny_model.run, max_batch=8, delay_s=0.0, queue=32)
+
+    async def scenario() -> np.ndarray:
+        await batcher.start()
+        pending = asyncio.create_task(background(batcher, rows(6, seed=4)))
+        await wait_until_async(lambda: batcher.queued_images == 6, "queued")
+        await batcher.close(5)
+        return (await pending)[0]
+
+    np.testing.assert_allclose(run(scenario), tiny_model.run(rows(6, seed=4)), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ help:
 	@echo "make bench  - run the benchmarks (make bench-quick for the short version)"
 	@echo "make peers  - build .venv/peers/bentoml, the BentoML peer's own venv (make bench does it)"
 	@echo "make bench-fewshot - galleries of a few examples per class against raw pixels (~5 min)"
+	@echo "make bench-galleries - galleries of 10^4 and 10^5 entries through a real server (~10 min)"
 	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
 	@echo "make proto  - regenerate the gRPC message classes from service/protocols/v2proto/*.proto"
 	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
@@ -117,6 +118,12 @@ soak: $(VENV)/.stamp-lock model
 bench-fewshot: $(VENV)/.stamp-lock
 	$(BIN)/python -m benchmarks.fewshot
 
+# Galleries of 10^4 and 10^5 entries through a real server (~10 min): query latency, memory per entry and
+# /predict under a stream of adds; benchmarks/results/gallery_scale.json and docs/galleries.md's block.
+.PHONY: bench-galleries
+bench-galleries: $(VENV)/.stamp-lock model
+	$(BIN)/python -m benchmarks.fewshot.scale
+
 # The generated parts of docs/: the configuration reference from the Settings class, and the figures
 # blocks from benchmarks/results/*.json (nothing is measured). tests/docs checks they are current.
 docs: $(VENV)/.stamp-lock
@@ -124,6 +131,7 @@ docs: $(VENV)/.stamp-lock
 	$(BIN)/python -m benchmarks --report-only --update-docs yes
 	$(BIN)/python -m benchmarks --robustness --report-only --update-docs yes
 	$(BIN)/python -m benchmarks.fewshot --report-only
+	$(BIN)/python -m benchmarks.fewshot.scale --report-only
 
 # The gRPC message classes beside their .proto (imported as service.protocols.v2proto.*); no service
 # classes: the server and client name Triton's service path themselves (service/protocols/v2proto).

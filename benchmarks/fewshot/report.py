@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.common.docblock import cell
 from benchmarks.fewshot import IMAGENET, IMAGENET_96
 
 COLUMNS = (
@@ -129,3 +130,76 @@ def _summary(photos: dict[str, Any], unseen: dict[str, Any], seen: dict[str, Any
 
 def _mean(row: dict[str, Any], key: str) -> str:
     return f"{row[key]['mean']:.2f}"
+
+
+def render_scale(results: dict[str, Any]) -> str:
+    """The block of `python -m benchmarks.fewshot.scale`: query latency and memory by gallery size, what
+    an empty gallery answers, and `/predict` while adds run."""
+    model, photo = results["model"], results["photo"]
+    machine = results["machine"]
+    lines = [
+        f"{model['name']} version {model['version']} (embedding D = {model['embedding_size']}) behind "
+        f"`python -m service`, on {machine['logical_cpus']} CPUs ({machine['cpu_model']}, load average "
+        f"{machine['load_average_1_5_15'][0]} at the start). Latency: {results['requests']} rounds at "
+        f"concurrency 1 of `/predict?mode=gallery` and plain `/predict` on the same {photo['megapixels']} MP "
+        "photo; *search* is the difference, what the gallery adds for a user; *server search* is the "
+        "mean of `convserve_gallery_query_seconds`.",
+        "",
+        "| entries | classifier p50 / p99 ms | gallery p50 / p99 ms | search p50 / p99 ms | server search "
+        "ms | first query ms | RSS MB | RSS bytes / entry |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in results["sizes"]:
+        classifier, gallery, search = size["classifier"], size["gallery"], size["difference_ms"]
+        lines.append(
+            f"| {size['entries']} | {_pair(classifier)} | {_pair(gallery)} | {_pair(search)} | "
+            f"{cell(size['server_search_mean_ms'])} | {cell(size['first_query_ms'], 0)} | "
+            f"{cell(size['rss_mb'], 0)} | {cell(size['memory']['rss_bytes_per_entry'], 0)} |"
+        )
+    empty = results["empty_gallery"]
+    lines += [
+        "",
+        f"An empty gallery answers {empty['status']}: \u201c{empty['error']}\u201d",
+        "",
+        *_memory(results),
+        "",
+        *_adds(results["adds"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(summary: dict[str, Any]) -> str:
+    return f"{cell(summary['p50_ms'])} / {cell(summary['p99_ms'])}"
+
+
+def _memory(results: dict[str, Any]) -> list[str]:
+    """Where an entry's bytes go, at the largest size measured."""
+    largest = max(results["sizes"], key=lambda size: size["entries"])
+    memory = largest["memory"]
+    return [
+        f"Memory at {largest['entries']} entries: the server's RSS after its first gallery query, minus that "
+        f"of a server whose gallery holds {results['baseline']['entries']} entries, is "
+        f"{cell(memory['rss_bytes_per_entry'], 0)} bytes an entry. Of those, the embedding row is "
+        f"{memory['embedding_bytes_per_entry']} (4 x D), the spare rows the store's buffer keeps for growth "
+        f"{cell(memory['spare_row_bytes_per_entry'], 0)}, and the store's ids, labels, entry records and "
+        f"indexes {cell(memory['store_other_bytes_per_entry'], 0)} (traced in the store opened on its own: "
+        f"{cell(memory['store_bytes_per_entry'], 0)} in all); the remaining "
+        f"{cell(memory['server_other_bytes_per_entry'], 0)} is what the server process holds beyond the "
+        "store's own objects (the allocator's free pages after the journal's replay, the first search's "
+        "buffers)."
+    ]
+
+
+def _adds(adds: dict[str, Any]) -> list[str]:
+    without, during = adds["without_adds"], adds["with_adds"]
+    verdict = "within" if adds["within_target"] else "not within"
+    present = "all there" if adds["all_present"] else "NOT all there"
+    return [
+        f"Adds under load: {adds['clients']} clients sending `/predict` back to back while one more added "
+        f"{adds['images']} photos (seeded crops, embedded for real) in requests of {adds['per_request']}, "
+        f"which took {cell(adds['window_s'])} s ({cell(adds['images_per_s'])} images/s). `/predict` "
+        f"p50 / p99 without adds {_pair(without)} ms ({without['requests']} requests in flight during a "
+        f"window as long, after them), while adding {_pair(during)} ms ({during['requests']} requests): "
+        f"p99 ratio {cell(adds['p99_ratio'], 2)}, {verdict} the {adds['target_p99_ratio']}x target. "
+        f"`GET …/gallery` afterwards counted {adds['added_entries_counted']} added entries: {present}."
+    ]

@@ -375,7 +375,7 @@ class DynamicBatcher:
                         self._start(self._take_batch(share))
                 if self._background_due(starving_only=False):
                     self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                elif not self._queue and self._running:  # background rows wait for a batch to end
+                elif self._background and not self._queue and self._running:  # wait for a batch to end
                     await self._wait_for_change()
             except asyncio.CancelledError:
                 raise

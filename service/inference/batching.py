@@ -23,9 +23,11 @@ padding rows' outputs are dropped. Without them (a CPU) a batch runs as formed.
 
 Background requests (`submit_with(..., background=True)`: a gallery's examples being embedded) wait
 in a queue of their own and never delay a request for long: they form batches of their own, at most
-`BACKGROUND_BATCH` rows, one at a time, when an instance is free and no other request waits — or,
-when no such batch started for `BACKGROUND_MAX_WAIT_S`, at the next free instance even under load,
-so they progress at a bounded cost to everyone else. Such a batch never runs alone on every core.
+`BACKGROUND_BATCH` rows, when an instance is free and no other request waits — one such batch at a
+time while requests are being computed, one per free instance while none is — or, when no such batch
+started for `BACKGROUND_MAX_WAIT_S`, one at the next free instance even under load, so they progress
+at a bounded cost to everyone else. A request that arrives meanwhile waits for one such batch at
+most. Such a batch never runs alone on every core.
 
 A request may ask for some of the model's other named outputs too (`Reservation.submit_with`: its
 feature maps, its embedding): a batch fetches the union of what its requests asked for, as
@@ -220,9 +222,9 @@ class DynamicBatcher:
         self._lone_batches = lone_batches
         self._alone: asyncio.Task[None] | None = None
         """The batch computing alone, which takes every instance; None when there is none."""
-        self._background_batch: asyncio.Task[None] | None = None
-        """The batch of background rows being computed; None when there is none."""
         self._clock = clock
+        self._background_batches: set[asyncio.Task[None]] = set()
+        """The batches of background rows being computed, a subset of `_running`."""
         self._background_turn = -math.inf
         """When background rows last started a batch (`clock`): their wait is counted from
         there or from their arrival, whichever is later, so going first under load is one batch a turn."""
@@ -373,9 +375,9 @@ class DynamicBatcher:
                     share = self._share()
                     while self._queue and len(self._running) < self._instances:
                         self._start(self._take_batch(share))
-                if self._background_due(starving_only=False):
+                if self._background_due(starving_only=False):  # then the next turn, for the next instance
                     self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                elif self._background and not self._queue and self._running:  # wait for a batch to end
+                elif self._background and not self._queue:  # not their turn: a batch of theirs computes
                     await self._wait_for_change()
             except asyncio.CancelledError:
                 raise
@@ -391,21 +393,20 @@ class DynamicBatcher:
         return waiting == self._queued and waiting < self._instances
 
     def _background_due(self, starving_only: bool) -> bool:
-        """Whether a batch of background rows may start now: an instance is free, none such batch is
-        computing, and no other request waits — or, `starving_only`, they have waited
-        `BACKGROUND_MAX_WAIT_S` for a batch (then one goes first, whatever waits)."""
-        if not self._background or self._background_batch is not None:
-            return False
-        if len(self._running) >= self._instances or self._alone is not None:
+        """Whether a batch of background rows may start now: an instance is free, no other request
+        waits, and no request is being computed unless no such batch is either — or, `starving_only`,
+        they have waited `BACKGROUND_MAX_WAIT_S` for a batch (then one goes first, whatever waits)."""
+        if not self._background or len(self._running) >= self._instances or self._alone is not None:
             return False
         waiting_since = max(self._background[0].enqueued_at, self._background_turn)
         if self._clock() - waiting_since >= BACKGROUND_MAX_WAIT_S:
             return True
-        return not starving_only and not self._queue
+        # Under load, several batches of them at once would hold every instance a request frees into.
+        idle = len(self._background_batches) == len(self._running)
+        return not starving_only and not self._queue and (idle or not self._background_batches)
 
     async def _wait_for_change(self) -> None:
-        """Until a request arrives or a batch ends: background rows that are not due wait for one of
-        those (a batch of them is computing, or every instance is)."""
+        """Until a request arrives or a batch ends (background rows wait for their turn)."""
         self._wakeup.clear()
         woken = asyncio.ensure_future(self._wakeup.wait())
         try:
@@ -421,7 +422,7 @@ class DynamicBatcher:
         if alone:
             self._alone = task
         if background:
-            self._background_batch = task
+            self._background_batches.add(task)
             self._background_turn = self._clock()
         task.add_done_callback(self._finished)
 
@@ -429,8 +430,7 @@ class DynamicBatcher:
         del self._running[task]
         if task is self._alone:
             self._alone = None
-        if task is self._background_batch:
-            self._background_batch = None
+        self._background_batches.discard(task)
         self._wakeup.set()
 
     async def _wait_for_batch(self) -> None:

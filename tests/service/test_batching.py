@@ -486,32 +486,27 @@ def test_background_rows_yield_to_requests_in_small_batches_of_their_own(
         np.testing.assert_allclose(output, tiny_model.run(rows(count, seed=seed)), rtol=1e-5, atol=1e-5)
 
 
-def test_one_background_batch_at_a_time_and_never_alone_on_every_core(tiny_model: OnnxModel) -> None:
-    # Two free instances and eight background rows: one batch of 4 computes while the other instance
-    # stays free for requests; a lone request arriving meanwhile runs on it, not alone.
+def test_background_rows_use_every_free_instance_but_never_alone_on_every_core(tiny_model: OnnxModel) -> None:
+    # Two idle instances and eight background rows: two batches of 4, one per instance, neither alone.
+    # The first is held inside the model; a request arriving then waits for the other batch only.
     infer, calls, (held, release) = held_first_call(tiny_model)
     batcher = make(infer, max_batch=8, delay_s=0.0, queue=32, instances=2, lone_batches=True)
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> None:
         await batcher.start()
         rows_in_background = asyncio.create_task(background(batcher, rows(8, seed=1)))
         await asyncio.to_thread(held.wait, HANG_GUARD_S)
-        for _ in range(20):  # a second background batch would start at any of these turns
-            await asyncio.sleep(0)
-        left_in_background = batcher.queued_images
-        await batcher.submit(rows(1, seed=2), later())  # the free instance serves it at once
+        await wait_until_async(lambda: len(calls) == 2, "the second batch of background rows")
+        await batcher.submit(rows(1, seed=2), later())  # answered while the first batch is still held
         release.set()
         await rows_in_background
         await batcher.close(5)
-        return left_in_background, len(calls)
 
     try:
-        left, count = run(scenario)
+        run(scenario)
     finally:
         release.set()
-    assert left == 4
-    assert calls == [(4, False), (1, False), (4, False)], calls
-    assert count == 3
+    assert calls == [(4, False), (4, False), (1, False)], calls
 
 
 def test_shutdown_finishes_background_rows_already_accepted(tiny_model: OnnxModel) -> None:
@@ -525,3 +520,39 @@ def test_shutdown_finishes_background_rows_already_accepted(tiny_model: OnnxMode
         return (await pending)[0]
 
     np.testing.assert_allclose(run(scenario), tiny_model.run(rows(6, seed=4)), rtol=1e-5, atol=1e-5)
+
+
+def test_while_requests_compute_one_background_batch_at_a_time(tiny_model: OnnxModel) -> None:
+    # Three instances: a request's batch and a background batch are both held inside the model. The
+    # third instance stays free for requests: the other 4 background rows wait for their turn.
+    holding, release = threading.Semaphore(0), threading.Event()
+    calls: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) <= 2:
+            holding.release()
+            release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=8, delay_s=0.0, queue=32, instances=3)
+
+    async def scenario() -> int:
+        await batcher.start()
+        request = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
+        await asyncio.to_thread(holding.acquire, True, HANG_GUARD_S)
+        rows_in_background = asyncio.create_task(background(batcher, rows(8, seed=2)))
+        await asyncio.to_thread(holding.acquire, True, HANG_GUARD_S)
+        for _ in range(20):  # a second background batch would start at any of these turns
+            await asyncio.sleep(0)
+        waiting = batcher.queued_images
+        release.set()
+        await asyncio.gather(request, rows_in_background)
+        await batcher.close(5)
+        return waiting
+
+    try:
+        assert run(scenario) == 4
+    finally:
+        release.set()
+    assert calls == [1, 4, 4]

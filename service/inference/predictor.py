@@ -100,20 +100,30 @@ class ClassMap:
     """(width, height) of the image as sent, upright: the pixels the crop box is given in."""
 
 
+_PIXEL_CHECK_VALUES = 1 << 20
+"""Values `uint8_pixels` checks at once: its temporaries stay a few MiB whatever the tensor's size."""
+
+
 def uint8_pixels(values: np.ndarray, what: str) -> np.ndarray:
     """`values` (numbers of any dtype) as uint8, when every one is a whole number in 0..255; else 422.
 
     A uint8 model's pixels may arrive as numbers of another dtype (JSON has no integer width): they
-    are taken when they are pixel values, and refused naming the first that is not."""
+    are taken when they are pixel values, and refused naming the first that is not. Checked in slices,
+    so the peak is the input and its uint8 copy, not several temporaries of the input's size."""
     if values.dtype == np.uint8:
         return values
-    bad = (values < 0) | (values > 255) | (values != np.floor(values))
-    if bad.any():
-        first = values.ravel()[int(np.argmax(bad.ravel()))]
-        raise InvalidInputError(
-            f"{what} must hold UINT8 pixel values, whole numbers from 0 to 255; got {first.item()!r}"
-        )
-    return values.astype(np.uint8)
+    flat = values.reshape(-1)
+    pixels = np.empty(flat.size, dtype=np.uint8)
+    for start in range(0, flat.size, _PIXEL_CHECK_VALUES):
+        part = flat[start : start + _PIXEL_CHECK_VALUES]
+        bad = (part < 0) | (part > 255) | (part != np.floor(part))
+        if bad.any():
+            first = part[int(np.argmax(bad))]
+            raise InvalidInputError(
+                f"{what} must hold UINT8 pixel values, whole numbers from 0 to 255; got {first.item()!r}"
+            )
+        pixels[start : start + len(part)] = part
+    return pixels.reshape(values.shape)
 
 
 ClassMapsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]

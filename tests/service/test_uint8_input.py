@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import tritonclient.http as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from modelcontract import EMBEDDING_NAME, UINT8, ModelMetadata, softmax
-from service.errors import StartupError
+from service.errors import InvalidInputError, StartupError
+from service.inference.predictor import uint8_pixels
 from service.inference.preprocessing import ImagePreprocessor
 from service.models.runtime import OnnxModel, load_model
 from service.protocols.v2codec import IMAGE_INPUT, TensorSpec, parse_infer_request, serialize_bytes
@@ -345,3 +347,20 @@ def test_the_codec_keeps_fp32_models_as_they_were() -> None:
     uint8 = dataclasses.replace(spec, input_datatype="UINT8")
     parsed = parse_infer_request(_json_request(values.astype(int).tolist(), [1, 3, 2, 2]), None, uint8)
     assert parsed.inputs.tensor is not None and parsed.inputs.tensor.dtype == np.uint8
+
+
+def test_pixels_sent_as_numbers_are_checked_without_temporaries_of_the_tensors_size() -> None:
+    # 8 Mi float32 values (32 MiB, what JSON parses into): the check may hold the uint8 result and a
+    # few MiB more, not the comparison masks and rounded copy of the whole tensor (~56 MiB).
+    values = np.tile(np.arange(256, dtype=np.float32), 32 * 1024)
+    tracemalloc.start()
+    try:
+        pixels = uint8_pixels(values, "the tensor")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(pixels, values.astype(np.uint8))
+    assert peak <= values.size + 16 * 2**20, peak
+    values[-1] = 255.5  # in the last slice: every slice is checked
+    with pytest.raises(InvalidInputError, match=r"got 255\.5"):
+        uint8_pixels(values, "the tensor")

@@ -154,23 +154,16 @@ class ModelMetadata:
             )
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"{_OUTPUT_KIND!r} must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
-        if self.output_kind != LOGITS and self.schema_version < _OUTPUT_KIND_SINCE:
-            # A reader of that version would take the probabilities for logits instead of refusing.
-            raise ValueError(
-                f"{_OUTPUT_KIND!r} {self.output_kind!r} needs schema version {_OUTPUT_KIND_SINCE} or later, "
-                f"got {self.schema_version}"
-            )
+        if self.output_kind != LOGITS:
+            # A reader of an older version would take the probabilities for logits instead of refusing.
+            self._require_version(f"{_OUTPUT_KIND!r} {self.output_kind!r}", _OUTPUT_KIND_SINCE)
         if (self.explain_output is None) != (self.explain_weights is None):
             raise ValueError(
                 f"{_EXPLAIN_OUTPUT!r} and {_EXPLAIN_WEIGHTS!r} go together: set both or neither, got "
                 f"{self.explain_output!r} and {self.explain_weights!r}"
             )
         if self.explain_output is not None:
-            if self.schema_version < _EXPLAIN_OUTPUT_SINCE:
-                raise ValueError(
-                    f"{_EXPLAIN_OUTPUT!r} needs schema version {_EXPLAIN_OUTPUT_SINCE} or later, "
-                    f"got {self.schema_version}"
-                )
+            self._require_version(repr(_EXPLAIN_OUTPUT), _EXPLAIN_OUTPUT_SINCE)
             if self.explain_output in ("", self.output_name, self.input_name):
                 raise ValueError(
                     f"{_EXPLAIN_OUTPUT!r} must name a graph output other than the input and "
@@ -179,15 +172,17 @@ class ModelMetadata:
         self._check_embedding()
         if self.input_dtype not in INPUT_DTYPES:
             raise ValueError(f"{_INPUT_DTYPE!r} must be one of {INPUT_DTYPES}, got {self.input_dtype!r}")
-        if self.input_dtype != FLOAT32 and self.schema_version < _INPUT_DTYPE_SINCE:
-            # A reader of that version would feed the graph float32 rows instead of refusing the file.
-            raise ValueError(
-                f"{_INPUT_DTYPE!r} {self.input_dtype!r} needs schema version {_INPUT_DTYPE_SINCE} or later, "
-                f"got {self.schema_version}"
-            )
+        if self.input_dtype != FLOAT32:
+            # A reader of an older version would feed the graph float32 rows instead of refusing the file.
+            self._require_version(f"{_INPUT_DTYPE!r} {self.input_dtype!r}", _INPUT_DTYPE_SINCE)
         clashes = sorted(CONTRACT_FIELDS & set(self.extra))
         if clashes:
             raise ValueError(f"extra metadata may not override contract fields {clashes}")
+
+    def _require_version(self, what: str, since: int) -> None:
+        """ValueError unless the schema version is `since` or later, the one that introduced `what`."""
+        if self.schema_version < since:
+            raise ValueError(f"{what} needs schema version {since} or later, got {self.schema_version}")
 
     def _check_embedding(self) -> None:
         output, size, normalized = self.embedding_output, self.embedding_size, self.embedding_normalized
@@ -198,11 +193,7 @@ class ModelMetadata:
                 f"{_EMBEDDING_OUTPUT!r}, {_EMBEDDING_SIZE!r} and {_EMBEDDING_NORMALIZED!r} go together: "
                 f"set all three or none, got {output!r}, {size!r} and {normalized!r}"
             )
-        if self.schema_version < _EMBEDDING_SINCE:
-            raise ValueError(
-                f"{_EMBEDDING_OUTPUT!r} needs schema version {_EMBEDDING_SINCE} or later, "
-                f"got {self.schema_version}"
-            )
+        self._require_version(repr(_EMBEDDING_OUTPUT), _EMBEDDING_SINCE)
         taken = [name for name in (self.input_name, self.output_name, self.explain_output) if name]
         if output in ("", *taken):
             raise ValueError(

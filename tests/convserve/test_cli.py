@@ -192,6 +192,13 @@ def test_train_without_torch_names_the_extra(
     assert "pip install 'convserve[train]'" in capsys.readouterr().err
 
 
+def run_fresh(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a new interpreter at the repository root: what it imports is what the command loads."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 def test_import_and_predict_never_load_torch_or_training(tmp_path: Path) -> None:
     model = save(classifier(), tmp_path / "m.onnx")
     labels = tmp_path / "labels.txt"
@@ -205,9 +212,7 @@ def test_import_and_predict_never_load_torch_or_training(tmp_path: Path) -> None
         "assert not loaded, loaded\n"
         "sys.exit(status)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_fresh(code)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "1" / "model.onnx").is_file()
 
@@ -225,7 +230,5 @@ def test_help_loads_neither_onnx_nor_onnx_runtime(command: list[str]) -> None:
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'torch'))\n"
         "assert not loaded, loaded\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_fresh(code)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,8 @@
 One collector task takes rows (images) from a FIFO queue of requests, at most `max_batch_size` per
 batch, waiting at most `max_queue_delay_s` after the oldest arrived; a bigger request is split over
 consecutive batches and reassembled in order. Batches run on `instances` worker threads, never the
-event loop; with several instances a batch takes at most an equal share of the rows waiting.
+event loop; with several instances a batch takes at most an equal share of the rows waiting, and at
+most the rows one instance computes in about `INSTANCE_BATCH_S` (`_instance_rows`).
 
 The queue is bounded in images, and admission happens before any work: `reserve(n)` holds room for
 a request's n images as soon as their count is known (before decoding), or refuses at once (503).
@@ -74,6 +75,17 @@ requests wait: under a load that never leaves an instance idle they still advanc
 second. Measured with 8 clients saturating 2 cores while 1,000 photos were added 10 per request: the
 clients' p99 rose 1.14x (1.03x with 1 s, 1.6x with no background queue at all), and the adds ran at
 12 images/s (5 with 1 s; 53 taking their turn with the requests)."""
+
+INSTANCE_BATCH_S = 0.06
+"""With several instances, a batch holds at most the rows one instance computes in about this long,
+as last measured. A batch on one core computes its rows no faster for being big (ONNX Runtime on one
+thread: 134 images/s at batch 1, 131 at 8, 118 at 32, EfficientNet-Lite0), but every row in it waits
+for the last, so a big batch only stretches the latency of the rows at its head. Measured with 32
+and 64 clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches
+held to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms at no cost in throughput;
+held to 2 rows, the batches' own cost (thread hand-offs, stacking, delivery) took 8 %. A model that
+computes a row in well under a millisecond is not held: its batches stay as big as the queue makes
+them."""
 
 Extras = Mapping[str, np.ndarray]
 """Named outputs besides the main one, each [N, ...] in the order of the rows."""
@@ -235,6 +247,9 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_batch_s = 0.0
+        self._row_s: float | None = None
+        """Seconds one instance takes per row of a batch, a moving average over its batches (not those
+        computed alone on every core); None until one was computed."""
 
     @property
     def queued_images(self) -> int:
@@ -258,7 +273,8 @@ class DynamicBatcher:
                 "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
             )
         if self._queued + size > self._max_queue:
-            retry_after = max(1, math.ceil((self._queued / self._max_batch + 1) * self._last_batch_s))
+            batches = self._queued / self._instance_rows() + 1
+            retry_after = max(1, math.ceil(batches * self._last_batch_s / self._instances))
             raise QueueFullError(
                 f"the queue is full ({self._queued} of {self._max_queue} images admitted and waiting); "
                 f"retry in {retry_after} s",
@@ -450,10 +466,18 @@ class DynamicBatcher:
 
         Each instance computes its batch on its own threads, so one batch of everything waiting would
         hold all those rows for a whole single-instance run while the busy instances free up. Free
-        instances each take a share now; the rest goes to the next instance that frees.
+        instances each take a share now, of at most `_instance_rows`; the rest goes to the next
+        instance that frees.
         """
         waiting = sum(request.untaken for request in self._queue)
-        return max(1, min(self._max_batch, math.ceil(waiting / self._instances)))
+        return max(1, min(self._instance_rows(), math.ceil(waiting / self._instances)))
+
+    def _instance_rows(self) -> int:
+        """The most rows a batch on one of several instances holds: those it computes in about
+        `INSTANCE_BATCH_S`, by the last batches' speed; `max_batch_size` with one instance."""
+        if self._instances == 1 or self._row_s is None:
+            return self._max_batch
+        return max(1, min(self._max_batch, round(INSTANCE_BATCH_S / self._row_s)))
 
     def _take_batch(self, space: int, queue: deque[_Request] | None = None) -> list[_Segment]:
         """Up to `space` rows from the head of `queue` (default: the requests' queue)."""
@@ -480,15 +504,21 @@ class DynamicBatcher:
     async def _run(self, segments: list[_Segment], alone: bool) -> None:
         try:
             loop = asyncio.get_running_loop()
-            outputs, extras = await loop.run_in_executor(self._executor, self._infer_batch, segments, alone)
+            outputs, extras, seconds = await loop.run_in_executor(
+                self._executor, self._infer_batch, segments, alone
+            )
         except Exception as exc:
             self._fail_batch(segments, exc)
         else:
+            if not alone:  # a batch on every core says nothing of one instance's speed
+                row_s = seconds / len(outputs)
+                self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             self._deliver(segments, outputs, extras)
 
-    def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, Extras]:
+    def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, Extras, float]:
         """Runs on the inference thread: stack the rows, run the model once (fetching the named outputs
-        any request in the batch asked for; on every core when `alone`)."""
+        any request in the batch asked for; on every core when `alone`); the outputs and the seconds the
+        model took."""
         rows = [s.request.inputs[s.start : s.stop] for s in segments]
         # The rows' own dtype: float32, or uint8 pixels for a model that normalizes in its graph.
         batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows))
@@ -501,9 +531,9 @@ class DynamicBatcher:
         padded = batch if self._batch_sizes is None else _pad(batch, self._batch_sizes)
         start = time.perf_counter()
         result = self._infer(padded, **options)
-        self._last_batch_s = time.perf_counter() - start
+        seconds = self._last_batch_s = time.perf_counter() - start
         if self._metrics is not None:
-            self._metrics.inference_duration.observe(self._last_batch_s)
+            self._metrics.inference_duration.observe(seconds)
         outputs, fetched = result if extra else (result, {})
         assert isinstance(outputs, np.ndarray)
         extras = {name: fetched[name] for name in extra}  # only what was asked for
@@ -511,7 +541,7 @@ class DynamicBatcher:
             counts = [len(outputs), *(len(part) for part in extras.values())]
             raise RuntimeError(f"the model returned {counts} rows for a batch of {len(padded)}")
         rows_formed = len(batch)  # padding rows dropped
-        return outputs[:rows_formed], {name: part[:rows_formed] for name, part in extras.items()}
+        return outputs[:rows_formed], {name: part[:rows_formed] for name, part in extras.items()}, seconds
 
     def _deliver(self, segments: list[_Segment], outputs: np.ndarray, extras: Extras) -> None:
         offset = 0

@@ -328,6 +328,36 @@ def test_with_several_instances_a_batch_takes_an_equal_share_of_the_waiting_rows
     assert sizes == [12]
 
 
+def test_with_several_instances_a_batch_holds_what_one_computes_in_instance_batch_s(
+    tiny_model: OnnxModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model taking at least 10 ms a row (it sleeps that long), against 20 ms a batch: once a batch
+    # was measured, two free instances take at most 2 of 12 waiting rows each, not 6. One instance
+    # is never held: it takes all 12, however slow.
+    monkeypatch.setattr(batching, "INSTANCE_BATCH_S", 0.02)
+    sizes: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        time.sleep(0.01 * len(batch))
+        return tiny_model.run(batch)
+
+    async def scenario(batcher: DynamicBatcher) -> np.ndarray:
+        await batcher.start()
+        await batcher.submit(rows(1, seed=1), later())  # measured: >= 10 ms a row
+        outputs = await batcher.submit(rows(12, seed=5), later())
+        await batcher.close(5)
+        return outputs
+
+    outputs = run(lambda: scenario(make(infer, max_batch=32, delay_s=0.0, queue=32, instances=2)))
+    np.testing.assert_allclose(outputs, tiny_model.run(rows(12, seed=5)), rtol=1e-5, atol=1e-5)
+    assert sizes[0] == 1 and sum(sizes[1:]) == 12 and max(sizes[1:]) <= 2, sizes
+
+    sizes.clear()
+    run(lambda: scenario(make(infer, max_batch=32, delay_s=0.0, queue=32, instances=1)))
+    assert sizes == [1, 12]
+
+
 def test_a_freed_instance_leaves_a_share_of_the_waiting_rows_to_the_busy_one(tiny_model: OnnxModel) -> None:
     # Instance one is held inside `infer`; eight rows then arrive. The free instance takes half (4)
     # rather than all 8, the rest in shares as it frees; nothing waits for the held instance forever.

@@ -246,10 +246,10 @@ class DynamicBatcher:
         )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._last_batch_s = 0.0
         self._row_s: float | None = None
         """Seconds one instance takes per row of a batch, a moving average over its batches (not those
-        computed alone on every core); None until one was computed."""
+        computed alone on every core); None until one was computed. It sizes batches on several
+        instances (`_instance_rows`) and the Retry-After of a full queue."""
 
     @property
     def queued_images(self) -> int:
@@ -273,8 +273,9 @@ class DynamicBatcher:
                 "(CONVSERVE_MAX_QUEUE_SIZE); split it into smaller requests"
             )
         if self._queued + size > self._max_queue:
-            batches = self._queued / self._instance_rows() + 1
-            retry_after = max(1, math.ceil(batches * self._last_batch_s / self._instances))
+            # Until what is queued, and one more batch, has been computed on every instance.
+            rows = self._queued + self._instance_rows()
+            retry_after = max(1, math.ceil(rows * (self._row_s or 0.0) / self._instances))
             raise QueueFullError(
                 f"the queue is full ({self._queued} of {self._max_queue} images admitted and waiting); "
                 f"retry in {retry_after} s",
@@ -531,7 +532,7 @@ class DynamicBatcher:
         padded = batch if self._batch_sizes is None else _pad(batch, self._batch_sizes)
         start = time.perf_counter()
         result = self._infer(padded, **options)
-        seconds = self._last_batch_s = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         if self._metrics is not None:
             self._metrics.inference_duration.observe(seconds)
         outputs, fetched = result if extra else (result, {})

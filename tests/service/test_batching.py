@@ -190,6 +190,29 @@ def test_full_queue_rejects_at_once_with_retry_after(tiny_model: OnnxModel) -> N
     assert "queue is full" in error.message
 
 
+def test_retry_after_counts_the_queued_rows_at_the_measured_speed(tiny_model: OnnxModel) -> None:
+    # A model taking at least 0.1 s a row: with 7 rows queued and a batch of 8 to come after them,
+    # the queue needs at least 1.5 s, so Retry-After says 2 s or more, not the 1 s of a fast model.
+    def infer(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.1 * len(batch))
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=8, delay_s=60.0, queue=8)
+
+    async def scenario() -> QueueFullError:
+        await batcher.start()
+        await batcher.submit(rows(8), later())  # a full batch: no delay, and measured
+        waiting = asyncio.ensure_future(batcher.submit(rows(7), later()))
+        await wait_until_async(lambda: batcher.queued_images == 7, "7 images queued")
+        with pytest.raises(QueueFullError) as refused:
+            await batcher.submit(rows(2), later())
+        await batcher.close(5)
+        await waiting
+        return refused.value
+
+    assert int(run(scenario).headers()["Retry-After"]) >= 2
+
+
 def test_request_larger_than_the_queue_is_refused_with_413(tiny_model: OnnxModel) -> None:
     batcher = make(tiny_model.run, max_batch=4, queue=8)
 

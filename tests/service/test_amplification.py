@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -42,6 +41,7 @@ from service.settings import Settings
 from service.transport.jsonparse import SKELETON_LIMIT, loads_bounded
 from service.transport.request_body import parse_json_tensor
 from tests.liveserver import live_server, wait_ready
+from tests.memory import traced_peak
 from tests.photos import jpeg
 from tests.tinymodel import TINY_LABELS, tiny_settings
 
@@ -580,12 +580,7 @@ def test_the_json_skeleton_costs_at_most_a_few_mib_of_objects() -> None:
         + b"]}"
     )
     assert SKELETON_LIMIT - 64 < len(body) <= SKELETON_LIMIT
-    tracemalloc.start()
-    try:
-        document = loads_bounded(body, "the body")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    document, peak = traced_peak(lambda: loads_bounded(body, "the body"))
     assert len(document.value["x"]) > 20_000
     assert peak < 2 * MIB, peak
 

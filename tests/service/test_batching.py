@@ -83,6 +83,14 @@ def later(seconds: float = HANG_GUARD_S) -> float:
     return time.monotonic() + seconds
 
 
+async def collector_turns(batcher: DynamicBatcher, turns: int = 20) -> int:
+    """The images still queued after `turns` turns of the event loop, at each of which the collector
+    runs: what it would start now, it has started."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return batcher.queued_images
+
+
 def submit_all(batcher: DynamicBatcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """Start the batcher, submit every input concurrently, drain it, and return the outputs in order."""
 
@@ -456,9 +464,7 @@ def test_a_batch_computing_alone_holds_every_instance_until_it_ends(tiny_model: 
         first = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
         await asyncio.to_thread(inside.wait, HANG_GUARD_S)
         second = asyncio.create_task(batcher.submit(rows(1, seed=2), later()))
-        for _ in range(20):  # the collector runs at every turn of the loop; a free instance would take it
-            await asyncio.sleep(0)
-        still_queued = batcher.queued_images
+        still_queued = await collector_turns(batcher)  # a free instance would have taken it
         release.set()
         await asyncio.gather(first, second)
         await batcher.close(5)
@@ -522,8 +528,7 @@ def test_background_rows_yield_to_requests_in_small_batches_of_their_own(
         rows_in_background = asyncio.create_task(background(batcher, rows(10, seed=2)))
         request = asyncio.create_task(batcher.submit(rows(3, seed=3), later()))
         await wait_until_async(lambda: batcher.queued_images == 13, "both queued")
-        for _ in range(20):  # the collector runs at every turn of the loop: let it see them
-            await asyncio.sleep(0)
+        await collector_turns(batcher)  # let it see them
         shift[0] = starved_s
         release.set()
         outputs = [await first, (await rows_in_background)[0], await request]
@@ -596,9 +601,7 @@ def test_while_requests_compute_one_background_batch_at_a_time(tiny_model: OnnxM
         await asyncio.to_thread(holding.acquire, True, HANG_GUARD_S)
         rows_in_background = asyncio.create_task(background(batcher, rows(8, seed=2)))
         await asyncio.to_thread(holding.acquire, True, HANG_GUARD_S)
-        for _ in range(20):  # a second background batch would start at any of these turns
-            await asyncio.sleep(0)
-        waiting = batcher.queued_images
+        waiting = await collector_turns(batcher)  # a second background batch would have started
         release.set()
         await asyncio.gather(request, rows_in_background)
         await batcher.close(5)

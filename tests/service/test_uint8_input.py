@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from service.models.runtime import OnnxModel, load_model
 from service.protocols.v2codec import IMAGE_INPUT, TensorSpec, parse_infer_request, serialize_bytes
 from tests.explainmodel import parity_photos
 from tests.liveserver import LiveServer, live_server
+from tests.memory import traced_peak
 from tests.photos import encode, jpeg, photo
 from tests.tinymodel import TINY_LABELS, TINY_SPEC, export_tiny, tiny_settings
 from training.backbones import create_model
@@ -353,12 +353,7 @@ def test_pixels_sent_as_numbers_are_checked_without_temporaries_of_the_tensors_s
     # 8 Mi float32 values (32 MiB, what JSON parses into): the check may hold the uint8 result and a
     # few MiB more, not the comparison masks and rounded copy of the whole tensor (~56 MiB).
     values = np.tile(np.arange(256, dtype=np.float32), 32 * 1024)
-    tracemalloc.start()
-    try:
-        pixels = uint8_pixels(values, "the tensor")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    pixels, peak = traced_peak(lambda: uint8_pixels(values, "the tensor"))
     np.testing.assert_array_equal(pixels, values.astype(np.uint8))
     assert peak <= values.size + 16 * 2**20, peak
     values[-1] = 255.5  # in the last slice: every slice is checked

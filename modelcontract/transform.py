@@ -7,7 +7,8 @@ with two shortcuts that keep the result within rounding of that pipeline:
 - only the pixels the center crop keeps are resampled: Pillow resizes the matching source box
   straight to the crop size, with the same filter scale and pixel centers as the full resize (about
   half the resampling work; a pixel here and there lands one grey level away; nearest-neighbour
-  resizing, cheap anyway, is done in full so no pixel choice can flip);
+  resizing, cheap anyway, is done in full so no pixel choice can flip). It does so in two bands of
+  rows (`EvalTransform.bands`), which two threads may share for one image with the same result;
 - conversion and normalization are one table lookup per channel (`(v / 255 - mean) / std` computed
   in float32 for all 256 values), bit-identical to ToTensor + Normalize and ~6x cheaper.
 When the resized image is smaller than the crop, CenterCrop's zero padding is reproduced exactly.
@@ -164,6 +165,7 @@ class EvalTransform:
         out: np.ndarray | None = None,
         *,
         source_size: tuple[int, int] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """The model input for `image` (mode RGB), written into `out` ([3, H, W] of `input_dtype`) when
         given.
@@ -171,6 +173,8 @@ class EvalTransform:
         `source_size` is the (width, height) of the picture `image` was decoded from at reduced size
         (a JPEG's DCT scaling divides both sides by a power of two and rounds up): the resize and crop
         are then laid out on the full picture, as for a full decode, and only sampled from `image`.
+        `rows`, one of `bands`, writes only that band of the input, so that two threads can each
+        write one band of an image's row; the rest of `out` is left as it was.
         """
         if image.mode != "RGB":
             raise ValueError(f"EvalTransform needs an RGB image, got mode {image.mode!r}")
@@ -179,12 +183,17 @@ class EvalTransform:
             out = np.empty((3, height, width), dtype=self.input_dtype)
         elif out.dtype != self.input_dtype:
             raise ValueError(f"this transform writes {self.input_dtype} rows, got an {out.dtype} array")
-        pixels = self.crop(image, source_size)
-        if self.input_dtype == UINT8:  # the graph normalizes: HWC -> CHW is all that is left
-            np.copyto(out, pixels.transpose(2, 0, 1))
-            return out
-        for channel in range(3):
-            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
+        # Band by band when resampling (None: the whole crop at once, a cut that needs no bands).
+        pieces = [rows] if rows or not self.resamples(image, source_size) else list(self.bands)
+        for piece in pieces:
+            start, stop = piece or (0, height)
+            pixels = self.crop(image, source_size, piece)
+            band = out[:, start:stop]
+            if self.input_dtype == UINT8:  # the graph normalizes: HWC -> CHW is all that is left
+                np.copyto(band, pixels.transpose(2, 0, 1))
+                continue
+            for channel in range(3):
+                np.take(self._table[channel], pixels[:, :, channel], out=band[channel])
         return out
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
@@ -198,27 +207,72 @@ class EvalTransform:
             np.take(self._table[channel], pixels[..., channel, :, :], out=rows[..., channel, :, :])
         return rows
 
-    def crop(self, image: Image.Image, source_size: tuple[int, int] | None = None) -> np.ndarray:
-        """The resized, center-cropped image as an HxWx3 uint8 array (before normalization)."""
+    @property
+    def bands(self) -> tuple[tuple[int, int], ...]:
+        """The (start, stop) row ranges of the input that `crop` resamples each on its own: the upper
+        half and the lower half (one band for a one-row input).
+
+        A band is resampled from its own box of the source, laid out with the whole crop's scale and
+        pixel centres, so its pixels are the same whichever thread computes it and whenever: a lone
+        image's two threads and one thread among many images write the same row, bit for bit. (One
+        box for the whole crop would differ from the bands in a rare pixel by one grey level, where a
+        band's box rounds differently in the last bit.)
+        """
+        height = self.input_size[0]
+        return ((0, height),) if height < 2 else ((0, height // 2), (height // 2, height))
+
+    def crop(
+        self,
+        image: Image.Image,
+        source_size: tuple[int, int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """The resized, center-cropped image as an HxWx3 uint8 array (before normalization); with `rows`,
+        one of `bands`, only that band of it."""
         height, width = self.input_size
+        if rows is not None and rows not in self.bands:
+            raise ValueError(f"rows must be one of the bands {list(self.bands)}, got {rows}")
+        start, stop = rows or (0, height)
         source = source_size or image.size
         size = resized_size(*source, self.resize_size)
         if size[0] < width or size[1] < height:
-            return self._padded(image, resized_size(*image.size, self.resize_size))
+            return self._padded(image, resized_size(*image.size, self.resize_size))[start:stop]
         top, left = crop_offsets(size, self.input_size)
         if size == image.size:
-            return np.asarray(image)[top : top + height, left : left + width]
+            return np.asarray(image)[top + start : top + stop, left : left + width]
         if self.interpolation == "nearest":
             # Which source pixel is nearest can flip with the box's rounding; nearest is cheap in full.
             size = resized_size(*image.size, self.resize_size)
             top, left = crop_offsets(size, self.input_size)
             resized = np.asarray(image.resize(size, _RESAMPLE["nearest"]))
-            return resized[top : top + height, left : left + width]
+            return resized[top + start : top + stop, left : left + width]
         # A reduced decode by r has pixel i covering source pixels [r*i, r*(i+1)): divide by r exactly.
         reduction = round(max(source) / max(image.size)) if source_size else 1
         scale_x, scale_y = source[0] / size[0] / reduction, source[1] / size[1] / reduction
-        box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
-        return np.asarray(image.resize((width, height), _RESAMPLE[self.interpolation], box=box))
+        parts = [
+            np.asarray(
+                image.resize(
+                    (width, band_stop - band_start),
+                    _RESAMPLE[self.interpolation],
+                    box=(
+                        left * scale_x,
+                        (top + band_start) * scale_y,
+                        (left + width) * scale_x,
+                        (top + band_stop) * scale_y,
+                    ),
+                )
+            )
+            for band_start, band_stop in ([rows] if rows else self.bands)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def resamples(self, image: Image.Image, source_size: tuple[int, int] | None = None) -> bool:
+        """Whether `crop` resamples `image` (a filter over a box of it, the bulk of the transform's
+        time, which its bands share), rather than cutting out, padding or nearest-resizing it."""
+        height, width = self.input_size
+        size = resized_size(*(source_size or image.size), self.resize_size)
+        fits = size[0] >= width and size[1] >= height
+        return fits and size != image.size and self.interpolation != "nearest"
 
     def _padded(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         """CenterCrop of an image smaller than the crop: zero padding first (rare, so no shortcut)."""

@@ -256,6 +256,12 @@ class DynamicBatcher:
         """Images admitted and not yet in a batch: reserved, being decoded, or queued here."""
         return self._queued
 
+    def has_alone(self, size: int) -> bool:
+        """Whether a request of `size` admitted images is all there is: no other image admitted and no
+        batch computing, with lone batches on. Its batch will then compute alone on every core, and its
+        images may be decoded on every core too."""
+        return self._lone_batches and not self._running and self._queued == size
+
     async def start(self) -> None:
         """Start the collector task on the running loop."""
         if self._task is None:

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -406,8 +406,11 @@ class Predictor:
                 for image, row in zip(images, tensor, strict=True)
             ]
             return tensor, sizes
+        # A lone image: while one decode thread decodes it, the others have nothing to do; they help
+        # resample it. Under load each image keeps to one thread, which is cheaper per image.
+        helper = self._decode_executor if len(images) == 1 and self.batcher.has_alone(1) else None
         jobs = [
-            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
+            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row, helper)
             for image, row in zip(images, tensor, strict=True)
         ]
         try:
@@ -418,7 +421,9 @@ class Predictor:
             raise
         return tensor, list(sizes)
 
-    def _preprocess_one(self, image: NamedImage, deadline: float, row: np.ndarray) -> tuple[int, int]:
+    def _preprocess_one(
+        self, image: NamedImage, deadline: float, row: np.ndarray, helper: Executor | None = None
+    ) -> tuple[int, int]:
         if time.monotonic() >= deadline:  # waited in the decode queue past the deadline: not worth decoding
             raise DeadlineExceededError(
                 f"the request waited {self._timeout_s:g} s for decoding (CONVSERVE_REQUEST_TIMEOUT_S); "
@@ -426,7 +431,7 @@ class Predictor:
             )
         start = time.perf_counter()
         # The deadline also holds inside the decode: it stops at the first read of the file after it.
-        size = self._preprocessor.transform_into(image.data, image.name, row, deadline)
+        size = self._preprocessor.transform_into(image.data, image.name, row, deadline, helper)
         self._metrics.preprocess_duration.observe(time.perf_counter() - start)
         return size
 

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,13 +150,43 @@ class ImagePreprocessor:
         return self.transform(image, out, source_size=source_size)
 
     def transform_into(
-        self, data: bytes, name: str, out: np.ndarray, deadline: float = math.inf
+        self,
+        data: bytes,
+        name: str,
+        out: np.ndarray,
+        deadline: float = math.inf,
+        helper: Executor | None = None,
     ) -> tuple[int, int]:
         """`self(data, name, out, deadline)`, returning the image's upright (width, height) as sent
-        (a JPEG decoded at reduced size still reports its full size)."""
+        (a JPEG decoded at reduced size still reports its full size).
+
+        `helper`: an executor that may have an idle thread (a lone image's): it resamples the lower band
+        of the row (`EvalTransform.bands`) while this thread does the upper, so one image's resize takes
+        two cores; the row is the same either way.
+        """
         image, source_size = self._decode(data, name, deadline)
-        self.transform(image, out, source_size=source_size)
+        if (
+            helper is None
+            or len(self.transform.bands) < 2
+            or not self.transform.resamples(image, source_size)
+        ):
+            self.transform(image, out, source_size=source_size)
+        else:
+            self._in_bands(image, out, source_size, helper)
         return source_size or image.size
+
+    def _in_bands(
+        self, image: Image.Image, out: np.ndarray, source_size: tuple[int, int] | None, helper: Executor
+    ) -> None:
+        upper, lower = self.transform.bands
+        job = helper.submit(self.transform, image, out, source_size=source_size, rows=lower)
+        self.transform(image, out, source_size=source_size, rows=upper)
+        # Never wait for a job no thread has taken (the helper may be this thread's own pool, with every
+        # thread busy, or waiting like this one): take it back and do it here.
+        if job.cancel():
+            self.transform(image, out, source_size=source_size, rows=lower)
+        else:
+            job.result()
 
     def decode(self, data: bytes, name: str = "image", deadline: float = math.inf) -> Image.Image:
         """Bytes -> upright 8-bit RGB PIL image; `InvalidInputError` naming `name` if it cannot be."""

@@ -14,7 +14,8 @@ session costs the memory of the weights once more (EfficientNet-Lite0: 24 → 43
 as the memory budget measures it; activations come from the arena every session shares), so with
 many models per box and a tight budget, INSTANCES=<cores> holds twice the versions. Explicit
 INSTANCES keeps exactly what it says, with no second session; a GPU computes one batch at a time on
-its own.
+its own. A lone image's decode takes every core in the same way: the decode threads that have
+nothing else to do resample it in bands (`Predictor`, `ImagePreprocessor.transform_into`).
 """
 
 from __future__ import annotations

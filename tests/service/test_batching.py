@@ -446,6 +446,47 @@ def test_a_lone_batch_runs_alone_and_company_runs_one_batch_per_instance(tiny_mo
     assert calls == [(1, True), (1, False), (1, False), (1, False)]
 
 
+def test_a_request_has_the_batcher_alone_with_nothing_else_admitted_or_computing(
+    tiny_model: OnnxModel,
+) -> None:
+    """What lets a lone image's decode take every core: it is the only image admitted, no batch is
+    computing, and lone batches are on."""
+    inside, release = threading.Event(), threading.Event()
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        inside.set()
+        release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+    without = make(tiny_model.run, max_batch=4, delay_s=0.0, instances=2, lone_batches=False)
+
+    async def scenario() -> list[bool]:
+        await batcher.start()
+        seen = []
+        with batcher.reserve(1):
+            seen.append(batcher.has_alone(1))
+            with batcher.reserve(1):  # another request's image
+                seen.append(batcher.has_alone(1))
+        computing = asyncio.create_task(batcher.submit(rows(1, seed=1), later()))
+        await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+        with batcher.reserve(1):  # a batch is computing
+            seen.append(batcher.has_alone(1))
+        release.set()
+        await computing
+        with batcher.reserve(1):
+            seen.append(batcher.has_alone(1))
+        with without.reserve(1):
+            seen.append(without.has_alone(1))
+        await batcher.close(5)
+        return seen
+
+    try:
+        assert run(scenario) == [True, False, False, True, False]
+    finally:
+        release.set()
+
+
 def test_a_batch_computing_alone_holds_every_instance_until_it_ends(tiny_model: OnnxModel) -> None:
     inside, release = threading.Event(), threading.Event()
     calls: list[bool] = []

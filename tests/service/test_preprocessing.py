@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -97,6 +99,63 @@ def test_transform_writes_into_a_preallocated_batch_row() -> None:
     assert returned is batch[1] or np.shares_memory(returned, batch)
     np.testing.assert_array_equal(batch[1], preprocessor(jpeg("coffee"), "coffee.jpg"))
     assert not batch[0].any()
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+@pytest.mark.parametrize("name", PHOTOS)
+def test_bands_of_rows_written_apart_are_the_whole_row(name: str, spec_name: str) -> None:
+    """Two threads may write a lone image's row band by band, in any order: the same row, bit for bit."""
+    spec = SPECS[spec_name]
+    transform = preprocessor_for(spec).transform
+    image = photo(name)
+    whole = transform(image)
+    assert (
+        len(transform.bands) == 2
+        and transform.bands[0][0] == 0
+        and transform.bands[-1][1] == spec.input_size[0]
+    )
+    banded = np.full_like(whole, np.nan)
+    for band in reversed(transform.bands):
+        transform(image, banded, rows=band)
+    np.testing.assert_array_equal(banded, whole)
+    np.testing.assert_array_equal(
+        np.concatenate([transform.crop(image, rows=band) for band in transform.bands]), transform.crop(image)
+    )
+    with pytest.raises(ValueError, match="rows must be one of the bands"):
+        transform(image, rows=(1, 3))
+
+
+def test_a_lone_jpeg_resampled_in_halves_on_two_threads_is_the_same_row() -> None:
+    """Decoded at reduced size (the resize laid out on the full picture) and resampled in two halves,
+    the upper here and the lower on the helper's thread: the row of the decode on one thread."""
+    preprocessor = preprocessor_for(SPECS["imagenet-bicubic"], use_draft=True)
+    shape = (3, *SPECS["imagenet-bicubic"].input_size)
+    for name in PHOTOS:
+        data = large_jpeg(name, long_side=1500)
+        assert preprocessor.transform.resamples(preprocessor.decode(data))  # the banded path applies
+        alone, helped = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        size = preprocessor.transform_into(data, name, alone)
+        with ThreadPoolExecutor(1) as helper:
+            assert preprocessor.transform_into(data, name, helped, helper=helper) == size
+        np.testing.assert_array_equal(helped, alone)
+
+
+def test_a_half_no_helper_thread_takes_is_resampled_by_the_decoding_thread() -> None:
+    """The helper's threads may all be busy (or waiting like this one, in the same pool): the lower
+    half is taken back rather than waited for, so the decode finishes on its own thread."""
+    preprocessor = preprocessor_for(SPECS["imagenet-bicubic"], use_draft=True)
+    data = large_jpeg("astronaut", long_side=1500)
+    alone, helped = (np.empty((3, 224, 224), np.float32) for _ in range(2))
+    preprocessor.transform_into(data, "astronaut.jpg", alone)
+    busy = threading.Event()
+    with ThreadPoolExecutor(1) as helper:
+        helper.submit(busy.wait, 60)  # the helper's only thread, taken until released
+        try:
+            preprocessor.transform_into(data, "astronaut.jpg", helped, helper=helper)
+            assert not busy.is_set()  # returned while the helper was still busy
+        finally:
+            busy.set()
+    np.testing.assert_array_equal(helped, alone)
 
 
 def test_drafted_jpeg_uploads_stay_close_to_the_full_decode(tiny_model: OnnxModel) -> None:

@@ -1,16 +1,28 @@
 """How batches use the CPU: the plan chosen from INSTANCES, INTRA_OP_THREADS and the usable cores (a
-cgroup quota included), and the second session a lone batch runs on, which must answer as the first."""
+cgroup quota included), the second session a lone batch runs on, which must answer as the first, and
+the decode threads a lone image takes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
+from service.inference.predictor import InferenceRequest, Inputs, NamedImage, Predictor
+from service.metrics import Metrics
 from service.models.runtime import load_model
 from service.models.threads import ThreadPlan, usable_cores
+from tests.photos import jpeg
+from tests.tinymodel import tiny_settings
 
 
 def affinity() -> int:
@@ -84,3 +96,51 @@ def test_a_lone_batch_runs_on_its_own_session_with_the_same_answers(tiny_model_p
 def test_without_lone_threads_every_batch_runs_on_the_one_session(tiny_model_path: Path) -> None:
     assert load_model(tiny_model_path, ["CPUExecutionProvider"], intra_op_threads=1).lone_session is None
     assert load_model(tiny_model_path, ["CPUExecutionProvider"], lone_threads=1).lone_session is None
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A decode pool that counts the jobs it is given: whole images, and the halves it helps with."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.jobs = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._lock:
+            self.jobs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize(("images", "lone_batches", "jobs"), [(1, True, 2), (2, True, 2), (1, False, 1)])
+def test_a_lone_image_takes_two_decode_threads_and_company_one_each(
+    tiny_model_path: Path, model_repository: Path, images: int, lone_batches: bool, jobs: int
+) -> None:
+    """A lone image (the batcher's only one, with lone batches on) is decoded on one thread and resampled
+    on two; images in company, or without lone batches, keep to one thread each."""
+    model = load_model(tiny_model_path, ["CPUExecutionProvider"], intra_op_threads=1, lone_threads=2)
+    settings = tiny_settings(model_repository, max_queue_delay_ms=0.0)
+    files = [NamedImage(f"{i}.jpg", jpeg("coffee")) for i in range(images)]
+
+    async def receive() -> list[NamedImage]:
+        return files
+
+    def parse(payload: list[NamedImage]) -> tuple[Inputs, None]:
+        return Inputs(images=payload), None
+
+    async def scenario() -> tuple[int, list[list[dict[str, Any]]]]:
+        metrics = Metrics(CollectorRegistry(), settings.max_batch_size).for_model("m", 1)
+        with CountingPool(2) as decode:
+            predictor = await Predictor.start(
+                model.metadata, model.run, settings, metrics, decode, instances=2, lone_batches=lone_batches
+            )
+            try:
+                request = InferenceRequest(time.monotonic(), receive, parse, parse_on_loop=True)
+                ranked, _, _ = await predictor.classify(request, top_k=1)
+            finally:
+                await predictor.close()
+            return decode.jobs, ranked
+
+    counted, ranked = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert counted == jobs
+    assert len(ranked) == images and all(len(row) == 1 for row in ranked)

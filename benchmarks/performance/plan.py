@@ -21,6 +21,7 @@ INT8_CONCURRENCY_LEVELS = (1, 32)
 """The headline level and the latency floor: enough to compare INT8 with FP32 at little cost."""
 # 2 GiB (the issue's figure) holds all 50 copies (~19 MiB each) and evicts nothing; 384 MiB holds ~40 %
 # of them, so the long tail of the mix is loaded on demand and evicted.
+FULL_PEER_WINDOW = Window(warmup_s=2.0, duration_s=12.0, max_requests=5_000)
 FULL_BUDGET = BudgetPlan(models=50, budgets_mb=(2048, 384), warmup_s=5.0, duration_s=60.0)
 
 
@@ -53,6 +54,11 @@ class BenchPlan:
     """How many copies of the model the memory scenario serves, one service start each."""
     budget: BudgetPlan = FULL_BUDGET
     """The budget scenario: copies served by one process, the memory budgets tried, the Zipf mix's timing."""
+    peer_rounds: int = 3
+    """Interleaved rounds of the service, the batch-per-core setting and the BentoML peer at 1 and 32
+    clients (`benchmarks.performance.peer_rounds`): the headline ratios are their medians."""
+    peer_window: Window = FULL_PEER_WINDOW
+    """Timing of each level of each round."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +77,8 @@ def quick_plan() -> BenchPlan:
         model_counts=(1, 4),
         # 64 MiB holds 3 of the 8 copies: evictions and on-demand loads in a short window.
         budget=BudgetPlan(models=8, budgets_mb=(64,), warmup_s=2.0, duration_s=10.0),
+        peer_rounds=1,
+        peer_window=Window(warmup_s=1.0, duration_s=5.0, max_requests=1_000),
         rss_checkpoints=(1_000, 2_500),
         rss_soak_concurrency=32,
         rss_soak_max_s=60.0,

@@ -103,27 +103,44 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _peer_table(results: Mapping[str, Any]) -> list[str]:
-    """The headline: convserve against the servers a user would pick instead, same run, same photos.
+    """The headline: convserve against the servers a user would pick instead, and against one batch per
+    core set explicitly; with interleaved rounds, their median and range.
 
     Only for runs that measured the BentoML peer, the reference of the headline: results from before it
     existed render as they always did."""
-    ratios = peer_ratios(results["levels"])
+    ratios = results.get("peer_ratios") or peer_ratios(results["levels"])
     if not any(key.startswith("service/bento@") for key in ratios):
         return []
+    rounds = len({row["round"] for row in results.get("peer_rounds") or []})
+    how = (
+        f"median over {rounds} interleaved rounds, range in brackets; the naive server: one run"
+        if rounds
+        else "same run"
+    )
+    per_core = (
+        ", and against one batch per core set explicitly" if any("instances@" in k for k in ratios) else ""
+    )
     lines = [
-        "convserve against the servers a user would pick instead (same run, same photos; img/s above "
-        "1 and latency below 1 favour convserve):",
+        f"convserve against the servers a user would pick instead{per_core} (same photos; {how}; img/s "
+        "above 1 and latency below 1 favour convserve):",
         "",
         "| convserve / | concurrency | img/s | p50 | p99 |",
         "|---|---|---|---|---|",
     ]
-    for key, ratio in ratios.items():
+    for key, ratio in sorted(ratios.items(), key=lambda item: _PEER_ORDER.index(item[0].split("@")[0])):
         peer, concurrency = key.removeprefix("service/").split("@c")
-        lines.append(
-            f"| {SHORT_TITLES[peer]} | {concurrency} | {cell(ratio['img_per_s'], 2)} | "
-            f"{cell(ratio['p50_ms'], 2)} | {cell(ratio['p99_ms'], 2)} |"
-        )
+        figures = [_ratio_cell(ratio, figure) for figure in ("img_per_s", "p50_ms", "p99_ms")]
+        lines.append(f"| {SHORT_TITLES[peer]} | {concurrency} | " + " | ".join(figures) + " |")
     return [*lines, ""]
+
+
+_PEER_ORDER = ("service/bento", "service/instances", "service/naive")
+
+
+def _ratio_cell(ratio: Mapping[str, Any], figure: str) -> str:
+    spread = ratio.get(f"{figure}_range")
+    text = cell(ratio.get(figure), 2)
+    return f"{text} ({cell(spread[0], 2)}–{cell(spread[1], 2)})" if spread else text
 
 
 def _concurrency_table(results: Mapping[str, Any]) -> list[str]:

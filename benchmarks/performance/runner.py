@@ -1,6 +1,8 @@
 """One benchmark run: INT8 quantization, the in-process rows, then the service, batching off, one
 batch per core (`instances`), the naive server, the BentoML peer and the service serving INT8, in
-that order; then the service serving copies of the model (`memory`, `budget`); then the results.
+that order; then interleaved rounds of the service, one batch per core and the BentoML peer, whose
+medians are the headline ratios (`peer_rounds`); then the service serving copies of the model
+(`memory`, `budget`); then the results.
 
 Servers run one at a time so they never compete with each other for the two cores; the load
 generator runs in this process throughout, so every server pays the same client overhead. The
@@ -10,6 +12,7 @@ quantization and the in-process measurements run with no server alive.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -32,7 +35,7 @@ from benchmarks.common.processes import (
     rss_mb,
 )
 from benchmarks.peers import peer_venv
-from benchmarks.performance import model_budget, model_memory
+from benchmarks.performance import model_budget, model_memory, peer_rounds
 from benchmarks.performance.in_process import in_worker_thread, run_in_process
 from benchmarks.performance.int8 import (
     Int8Unavailable,
@@ -196,6 +199,9 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         benches, in_process, int8_rows, rss = _measure(
             config, model, photos, plan, log_dir, variant=variant, not_measured=not_measured
         )
+        rounds = _peer_rounds(
+            config, model, photos, plan, log_dir, benches=benches, not_measured=not_measured
+        )
         # Last, one service start per count: nothing else runs meanwhile, and the RSS is read idle.
         memory = (
             model_memory.measure(config, model, plan.model_counts, log_dir)
@@ -231,7 +237,9 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         **cpu_per_image(profile),
         **int8_figures(levels, int8),
         **ceiling_check(levels, in_process),
-        "peer_ratios": peer_ratios(levels),
+        # The interleaved medians where measured; the one-after-the-other ratios otherwise (naive).
+        "peer_ratios": {**peer_ratios(levels), **peer_rounds.ratios(rounds)},
+        "peer_rounds": rounds,
         "levels": levels,  # the targets read rows of several servers
     }
     results["targets"] = check_targets(results)
@@ -267,6 +275,35 @@ def run(config: RunConfig, plan: BenchPlan, output: Path) -> dict[str, Any]:
         }
     )
     return results
+
+
+def _peer_rounds(
+    config: RunConfig,
+    model: ServedModel,
+    photos: Sequence[Photo],
+    plan: BenchPlan,
+    log_dir: Path,
+    *,
+    benches: Sequence[ServerBench],
+    not_measured: dict[str, str],
+) -> list[dict[str, Any]]:
+    """`peer_rounds.measure` of the contestants this run has: the service, one batch per core and the
+    BentoML peer (once its own levels were measured: its venv exists and it starts)."""
+    measured = {bench.server_name for bench in benches}
+    if "service" not in measured or "bento" not in measured or plan.peer_rounds < 1:
+        return []
+
+    def start(name: str, number: int) -> ServerProcess:
+        if name == "bento":
+            server = bento_process(model, log_dir, peer_venv.DEFAULT_VENV)
+        else:
+            server = service_process(config, model, log_dir, name)
+        return dataclasses.replace(server, log_path=log_dir / f"{name}-round{number}.log")
+
+    names = [name for name in peer_rounds.CONTESTANTS if name in measured]
+    return peer_rounds.measure(
+        names, start, photos, rounds=plan.peer_rounds, window=plan.peer_window, not_measured=not_measured
+    )
 
 
 def _measure(

@@ -281,13 +281,11 @@ def _peer_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     ratios = results.get("peer_ratios") or {}
     alone, loaded = ratios.get("service/bento@c1", {}), ratios.get("service/bento@c32", {})
     c = HEADLINE_CONCURRENCY
+    per_core_ratio = ratios.get(f"service/instances@c{c}", {}).get("img_per_s")  # interleaved rounds
     service = find_level(results.get("levels", []), "service", "concurrency", c)
     per_core = find_level(results.get("levels", []), "instances", "concurrency", c)
-    per_core_ratio = (
-        round(service["img_per_s"] / per_core["img_per_s"], 3)
-        if service and per_core and per_core["img_per_s"]
-        else None
-    )
+    if per_core_ratio is None and service and per_core and per_core["img_per_s"]:  # runs without rounds
+        per_core_ratio = round(service["img_per_s"] / per_core["img_per_s"], 3)
     return [
         _at_least(
             "peer_c1_img_per_s",

@@ -1,11 +1,14 @@
 """The headline comparisons, interleaved: the service at its defaults, the service with one
 single-threaded batch per core set explicitly, and the BentoML peer, each started fresh in turn and
-measured at 1 and 32 clients, round after round, the order reversed every other round.
+measured at 1 and 32 clients, round after round, the order rotated by one each round.
 
 A small VM's speed drifts by 15-20 % within minutes. Measured one after the other, minutes apart, a
 ratio between two servers would say as much about the drift as about the servers; the BentoML
 peer's lone-request figure moves with it more than the service's. Within a round the two sides of
 every ratio are measured a minute or two apart, and the spread over the rounds shows what is left.
+The order rotates (service, per-core, peer; then per-core, peer, service; ...) so that over as many
+rounds as contestants each one starts first, second and last once: reversing it instead put the
+service first in two rounds of three, which a first-place penalty would charge to it alone.
 The ratios of record (`ratios`) are the medians over the rounds, with their range.
 """
 
@@ -60,12 +63,13 @@ def measure(
     window: Window,
     not_measured: dict[str, str],
 ) -> list[dict[str, Any]]:
-    """`rounds` rounds of the contestants `names` (in the order given, reversed on odd rounds), each
-    started fresh by `start(name, round)`; each row of a level carries its `round`. A contestant that
+    """`rounds` rounds of the contestants `names` (in the order given, rotated by one each round),
+    each started fresh by `start(name, round)`; each row of a level carries its `round`. A contestant that
     does not start is left out of that round, and `not_measured` says why."""
     rows: list[dict[str, Any]] = []
     for number in range(rounds):
-        for name in names if number % 2 == 0 else names[::-1]:
+        shift = number % len(names) if names else 0
+        for name in [*names[shift:], *names[:shift]]:
             try:
                 measured = asyncio.run(_levels(name, start(name, number), photos, window))
             except ServerStartError as error:

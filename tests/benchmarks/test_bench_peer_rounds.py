@@ -1,5 +1,5 @@
 """The interleaved rounds behind the headline ratios: real services started fresh in turn, the order
-reversed every other round, and ratios that are medians over the rounds with their range."""
+rotated every round, and ratios that are medians over the rounds with their range."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.benchmarks.test_bench_bento_peer import LEVELS, _results, _row
 from tests.benchmarks.tinyrun import tiny_run_config
 
 
-def test_rounds_start_each_contestant_fresh_in_alternating_order(tmp_path: Path) -> None:
+def test_rounds_start_each_contestant_fresh_in_rotating_order(tmp_path: Path) -> None:
     config = tiny_run_config(tmp_path, "service")
     model = resolve_model(config)
     started: list[tuple[str, int]] = []
@@ -28,21 +28,26 @@ def test_rounds_start_each_contestant_fresh_in_alternating_order(tmp_path: Path)
 
     not_measured: dict[str, str] = {}
     rows = peer_rounds.measure(
-        ["service", "instances"],
+        ["service", "instances", "unbatched"],
         start,
         build_corpus((0.05, 0.1)),
-        rounds=2,
+        rounds=3,
         window=Window(duration_s=0.5, warmup_s=0.1),
         not_measured=not_measured,
     )
-    assert started == [("service", 0), ("instances", 0), ("instances", 1), ("service", 1)]
+    # Each starts first, second and last once.
+    assert started == [
+        *[("service", 0), ("instances", 0), ("unbatched", 0)],
+        *[("instances", 1), ("unbatched", 1), ("service", 1)],
+        *[("unbatched", 2), ("service", 2), ("instances", 2)],
+    ]
     assert [(row["round"], row["server"], row["level"]) for row in rows] == [
         (number, name, level) for name, number in started for level in peer_rounds.LEVELS
     ]
     assert all(row["ok"] > 0 and row["errors"] == 0 for row in rows) and not not_measured
     ratios = peer_rounds.ratios(rows)
     assert set(ratios) == {f"service/instances@c{level}" for level in peer_rounds.LEVELS}
-    assert all(entry["rounds"] == 2 for entry in ratios.values())
+    assert all(entry["rounds"] == 3 for entry in ratios.values())
 
 
 def _round(number: int, service: float, bento: float, instances: float) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from benchmarks.common.corpus import Photo
-from benchmarks.common.loadgen import Window, closed_loop
+from benchmarks.common.loadgen import Window
 from benchmarks.common.processes import ServerProcess, ServerStartError
 from benchmarks.performance.server_bench import ServerBench
 from benchmarks.performance.targets import HEADLINE_CONCURRENCY, find_level
@@ -34,9 +34,6 @@ LEVELS = (1, HEADLINE_CONCURRENCY)
 """The lone request and the headline load."""
 OTHERS = ("bento", "instances")
 """Whom the service is compared with: `ratios` keys are `service/<other>@c<level>`."""
-WARMUP_REQUESTS = 16
-"""Sequential requests before a server's levels: the BentoML dispatcher learns a batch's cost from its
-first ~11, holding two for a second or two to do so; the service is warm when ready, and gets the same."""
 FIGURES = ("img_per_s", "p50_ms", "p99_ms")
 
 
@@ -44,12 +41,8 @@ async def _levels(
     name: str, server: ServerProcess, photos: Sequence[Photo], window: Window
 ) -> list[dict[str, Any]]:
     with server:
-        warmup = await closed_loop(
-            f"{server.url}/predict", photos, 1, Window(duration_s=60.0, max_requests=WARMUP_REQUESTS)
-        )
-        if warmup.result().errors:
-            log.warning("%s: warm-up errors %s (see %s)", name, warmup.result().error_kinds, server.log_path)
         bench = ServerBench(name, server, photos)
+        await bench.warm_up()  # every contestant gets the peer's warm-up, the service included
         await bench.concurrency_levels(LEVELS, window)
         return bench.rows
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.corpus import Photo, build_corpus, describe_corpus
-from benchmarks.common.loadgen import Window, closed_loop
 from benchmarks.common.machine import describe_machine, other_processes_cpu
 from benchmarks.common.processes import (
     ServerProcess,
@@ -120,20 +119,10 @@ async def _bench_baseline(
         return bench
 
 
-BENTO_WARMUP_REQUESTS = 16
-"""Sequential requests sent to the BentoML peer before its levels: its dispatcher learns a batch's cost
-from its first ~11 requests, holding two of them for a second or two to do so. That is start-up, like
-the service's own warm-up before it reports ready, so it stays out of the measured levels."""
-
-
 async def _bench_bento(server: ServerProcess, photos: Sequence[Photo], plan: BenchPlan) -> ServerBench:
     with server:
-        warmup = await closed_loop(
-            f"{server.url}/predict", photos, 1, Window(duration_s=60.0, max_requests=BENTO_WARMUP_REQUESTS)
-        )
-        if warmup.result().errors:
-            log.warning("bento: warm-up errors %s (see %s)", warmup.result().error_kinds, server.log_path)
         bench = ServerBench("bento", server, photos)
+        await bench.warm_up()
         await bench.concurrency_levels(plan.concurrency_levels, plan.baseline_levels)
         return bench
 

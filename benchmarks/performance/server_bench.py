@@ -20,6 +20,11 @@ from benchmarks.performance.profiling import PySpyRecorder, summarize
 
 log = logging.getLogger(__name__)
 
+WARMUP_REQUESTS = 16
+"""Sequential requests sent before a peer's levels (`ServerBench.warm_up`): BentoML's dispatcher learns
+a batch's cost from its first ~11 requests, holding two of them for a second or two to do so. That is
+start-up, like the service's own warm-up before it reports ready, so it stays out of the measured levels."""
+
 
 def _own_cpu_seconds() -> float:
     """CPU seconds used so far by this process: the load generator's cost on the shared cores."""
@@ -78,6 +83,19 @@ class ServerBench:
         if keep:
             self.rows.append(row)
         return row
+
+    async def warm_up(self) -> None:
+        """`WARMUP_REQUESTS` sequential requests, unrecorded, before a server's levels."""
+        warmup = await closed_loop(
+            self.url, self.photos, 1, Window(duration_s=60.0, max_requests=WARMUP_REQUESTS)
+        )
+        if warmup.result().errors:
+            log.warning(
+                "%s: warm-up errors %s (see %s)",
+                self.server_name,
+                warmup.result().error_kinds,
+                self.server.log_path,
+            )
 
     async def concurrency_levels(self, levels: Sequence[int], timing: Window) -> None:
         for level in levels:

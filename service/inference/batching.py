@@ -16,7 +16,11 @@ batch fails every request in it (500) while the next batch runs normally.
 With `lone_batches`, a batch that has nothing else in sight — no batch computing, no other image
 admitted (a lone request) — and too few rows to share among the instances runs as
 `infer(batch, alone=True)`, taking every instance: the model may then compute it on every core
-(`service.models.threads` says why that is not how batches run under load).
+(`service.models.threads` says why that is not how batches run under load). A request that is alone
+when admitted can skip the queue altogether (`lone_run`): the thread that decodes its images computes
+them as soon as they are ready, with no hand-off to the event loop and the inference thread and back,
+as long as no other request was admitted meanwhile (the first one to be admitted takes that right
+away, and both are then batched as usual).
 
 Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape), a batch is padded
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
@@ -44,6 +48,7 @@ import asyncio
 import bisect
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -163,7 +168,57 @@ class Reservation:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._batcher._unreserve(self.size)
+            self._batcher._release(self)
+
+
+class LoneRun:
+    """A lone request's right to be computed on every core by the thread that prepared its rows, as
+    soon as they are ready, instead of through the queue (`DynamicBatcher.lone_run`).
+
+    It is pending until that thread calls `compute`, and lapses if another request is admitted first
+    (`DynamicBatcher.reserve`): the two are then batched as usual. Once computing, it holds every
+    instance until the event loop has seen it end. One lock orders the two transitions, so exactly
+    one of them happens.
+    """
+
+    def __init__(self, batcher: DynamicBatcher, reservation: Reservation, extra: frozenset[str]) -> None:
+        self._batcher = batcher
+        self._extra = extra
+        self.reservation = reservation
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._state = "pending"  # -> "computing" (compute) or "lapsed" (lapse)
+
+    @property
+    def computing(self) -> bool:
+        return self._state == "computing"
+
+    def lapse(self) -> bool:
+        """On the event loop: give up the right unless its rows are already computing; whether it lapsed."""
+        with self._lock:
+            if self._state == "pending":
+                self._state = "lapsed"
+            return self._state == "lapsed"
+
+    def compute(self, inputs: np.ndarray, deadline: float) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """On the thread that prepared `inputs` (the reserved rows): their outputs, computed here on every
+        core, as `Reservation.submit_with` would return them; None when the right lapsed or the deadline
+        passed (submit them: the queue batches them, or refuses them with 504). `InferenceError` when
+        the model fails on them."""
+        with self._lock:
+            if self._state != "pending" or self._batcher._clock() >= deadline:
+                self._state = "lapsed"
+                return None
+            self._state = "computing"
+        try:
+            outputs, extras, _ = self._batcher._compute(inputs, self._extra, alone=True)
+        except Exception as exc:
+            _log_failure(len(inputs), exc)
+            raise _inference_error(len(inputs), exc) from exc
+        finally:
+            with suppress(RuntimeError):  # the loop is gone: the server stopped without waiting for this
+                self._loop.call_soon_threadsafe(self._batcher._lone_ended, self)
+        return outputs, dict(extras)
 
 
 def _pad(batch: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
@@ -179,6 +234,17 @@ def _pad(batch: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
 def _rows_like(part: np.ndarray, rows: int) -> np.ndarray:
     """An empty array of `rows` rows shaped and typed as `part`'s."""
     return np.empty((rows, *part.shape[1:]), part.dtype)
+
+
+def _log_failure(rows: int, exc: Exception) -> None:
+    logger.error("inference failed on a batch of %d images: %s: %s", rows, type(exc).__name__, exc)
+
+
+def _inference_error(rows: int, exc: Exception) -> InferenceError:
+    return InferenceError(
+        f"inference failed on the batch of {rows} images this request was part of "
+        f"({type(exc).__name__}: {exc}); the request was not completed, retry it"
+    )
 
 
 def _fail(request: _Request, error: ServiceError) -> None:
@@ -234,6 +300,8 @@ class DynamicBatcher:
         self._lone_batches = lone_batches
         self._alone: asyncio.Task[None] | None = None
         """The batch computing alone, which takes every instance; None when there is none."""
+        self._lone: LoneRun | None = None
+        """The lone request pending or computing outside the queue (`lone_run`); None when there is none."""
         self._clock = clock
         self._background_batches: set[asyncio.Task[None]] = set()
         """The batches of background rows being computed, a subset of `_running`."""
@@ -260,7 +328,21 @@ class DynamicBatcher:
         """Whether a request of `size` admitted images is all there is: no other image admitted and no
         batch computing, with lone batches on. Its batch will then compute alone on every core, and its
         images may be decoded on every core too."""
-        return self._lone_batches and not self._running and self._queued == size
+        return (
+            self._lone_batches
+            and not self._closing
+            and not self._running
+            and self._lone is None
+            and self._queued == size
+        )
+
+    def lone_run(self, reservation: Reservation, extra: frozenset[str] = frozenset()) -> LoneRun | None:
+        """For a reserved request that is all there is (`has_alone`): the right to compute its rows, with
+        the named outputs `extra`, on the thread that prepares them (`LoneRun.compute`); None otherwise."""
+        if not self.has_alone(reservation.size):
+            return None
+        self._lone = LoneRun(self, reservation, extra)
+        return self._lone
 
     async def start(self) -> None:
         """Start the collector task on the running loop."""
@@ -291,12 +373,20 @@ class DynamicBatcher:
     def reserve(self, size: int) -> Reservation:
         """Admit a request of `size` images now or refuse it (503 full, 413 too big, 503 closing)."""
         self.check_room(size)
+        if self._lone is not None and self._lone.lapse():  # not alone anymore: both go through the queue
+            self._lone = None
         self._set_queued(self._queued + size)
         return Reservation(self, size)
 
     async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
         """Outputs for `inputs` ([N, ...] rows, N >= 1) in order; `deadline` is a `time.monotonic()` time."""
         return await self.reserve(len(inputs)).submit(inputs, deadline)
+
+    def _release(self, reservation: Reservation) -> None:
+        lone = self._lone
+        if lone is not None and lone.reservation is reservation and lone.lapse():  # it never got computed
+            self._lone = None
+        self._unreserve(reservation.size)
 
     def _unreserve(self, size: int) -> None:
         self._set_queued(self._queued - size)
@@ -378,6 +468,10 @@ class DynamicBatcher:
         while True:
             if len(self._running) >= self._instances or self._alone is not None:  # wait for an instance
                 await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if self._lone is not None and self._lone.computing:  # it holds every instance until it ends
+                self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
             if not self._queue and not self._background:
                 if self._closing and self._queued == 0:  # admitted images still decoding come first
@@ -529,9 +623,15 @@ class DynamicBatcher:
         rows = [s.request.inputs[s.start : s.stop] for s in segments]
         # The rows' own dtype: float32, or uint8 pixels for a model that normalizes in its graph.
         batch = np.ascontiguousarray(rows[0] if len(rows) == 1 else np.concatenate(rows))
+        extra = frozenset().union(*(segment.request.extra for segment in segments))
+        return self._compute(batch, extra, alone)
+
+    def _compute(
+        self, batch: np.ndarray, extra: frozenset[str], alone: bool
+    ) -> tuple[np.ndarray, Extras, float]:
+        """Run the model once on `batch` (on an inference thread, or a lone run's own thread)."""
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
-        extra = frozenset().union(*(segment.request.extra for segment in segments))
         options: dict[str, object] = {"extra": extra} if extra else {}
         if alone:
             options["alone"] = True
@@ -576,13 +676,17 @@ class DynamicBatcher:
 
     def _fail_batch(self, segments: list[_Segment], exc: Exception) -> None:
         rows = sum(s.stop - s.start for s in segments)
-        logger.error("inference failed on a batch of %d images: %s: %s", rows, type(exc).__name__, exc)
+        _log_failure(rows, exc)
         for request in {id(s.request): s.request for s in segments}.values():
             self._drop(request)  # the rest of a split request is useless without this part
-            _fail(
-                request,
-                InferenceError(
-                    f"inference failed on the batch of {rows} images this request was part of "
-                    f"({type(exc).__name__}: {exc}); the request was not completed, retry it"
-                ),
-            )
+            _fail(request, _inference_error(rows, exc))
+
+    def _lone_ended(self, run: LoneRun) -> None:
+        """On the event loop, once a lone run's thread is done with it: its rows leave the count of
+        admitted images (unless its request already gave them back), and the instances are free."""
+        if self._lone is run:
+            self._lone = None
+        if self._metrics is not None:
+            self._metrics.queue_wait.observe(0.0)  # it never waited in the queue
+        run.reservation.release()  # unless its request is gone and gave its rows back already
+        self._wakeup.set()  # what was admitted meanwhile may start

@@ -41,7 +41,7 @@ from PIL import Image
 
 from modelcontract import EMBEDDING_NAME, FEATURES_NAME, ModelMetadata
 from service.errors import DeadlineExceededError, InvalidInputError
-from service.inference.batching import DynamicBatcher, InferFn
+from service.inference.batching import DynamicBatcher, InferFn, LoneRun, Reservation
 from service.inference.preprocessing import ImagePreprocessor
 from service.metrics import ModelMetrics
 from service.models.runtime import check_outputs
@@ -259,8 +259,9 @@ class Predictor:
         if inputs.tensor is not None or not inputs.images:
             raise InvalidInputError("explanations need the images themselves, as multipart/form-data files")
         with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
-            tensor, sizes = await self._decode_all(inputs.images, deadline)
-            logits, extra = await reservation.submit_with(tensor, deadline, frozenset({features_name}))
+            logits, extra, sizes = await self._decode_and_compute(
+                reservation, inputs.images, deadline, frozenset({features_name})
+            )
         features = extra[features_name]
         probabilities = self.metadata.scores(logits)
         self._record(probabilities)
@@ -344,8 +345,9 @@ class Predictor:
                 logits, fetched = await reservation.submit_with(tensor, deadline, extra)
         else:
             with self.batcher.reserve(len(inputs.images)) as reservation:  # admitted before decoding
-                tensor, _ = await self._decode_all(inputs.images, deadline, one_at_a_time=background)
-                logits, fetched = await reservation.submit_with(tensor, deadline, extra, background)
+                logits, fetched, _ = await self._decode_and_compute(
+                    reservation, inputs.images, deadline, extra, background
+                )
         embedding = self.metadata.embedding_output
         if embedding in fetched:  # the one place an embedding is scaled to unit length, for every protocol
             fetched[embedding] = self.metadata.unit_embeddings(fetched[embedding])
@@ -393,11 +395,47 @@ class Predictor:
         """
         return (await self._decode_all(images, deadline))[0]
 
+    async def _decode_and_compute(
+        self,
+        reservation: Reservation,
+        images: Sequence[NamedImage],
+        deadline: float,
+        extra: frozenset[str],
+        background: bool = False,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], list[tuple[int, int]]]:
+        """Decode the reserved `images` and compute them: the logits, the named outputs `extra`, and
+        each image's upright (width, height) as sent. `background`: see `embed_images`.
+
+        A lone image (nothing else admitted, nothing computing) is decoded on every core — the decode
+        threads that have nothing else to do resample it in bands — and computed by the thread that
+        decoded it as soon as it is ready, on every core too, unless another request was admitted
+        meanwhile (`DynamicBatcher.lone_run`): it is then batched with the others. Under load each image
+        keeps to one thread and goes through the queue, which is cheaper per image."""
+        lone = None if background or len(images) != 1 else self.batcher.lone_run(reservation, extra)
+        if lone is None:
+            tensor, sizes = await self._decode_all(images, deadline, one_at_a_time=background)
+            logits, fetched = await reservation.submit_with(tensor, deadline, extra, background)
+            return logits, fetched, sizes
+        tensor = np.empty((1, *self.metadata.input_shape), dtype=self.metadata.input_dtype)
+        size, computed = await asyncio.get_running_loop().run_in_executor(
+            self._decode_executor, self._decode_then_compute, images[0], deadline, tensor, lone
+        )
+        if computed is None:  # no longer alone (or late): the queue batches it, or refuses it
+            computed = await reservation.submit_with(tensor, deadline, extra)
+        return *computed, [size]
+
+    def _decode_then_compute(
+        self, image: NamedImage, deadline: float, tensor: np.ndarray, lone: LoneRun
+    ) -> tuple[tuple[int, int], tuple[np.ndarray, dict[str, np.ndarray]] | None]:
+        size = self._preprocess_one(image, deadline, tensor[0], helper=self._decode_executor)
+        return size, lone.compute(tensor, deadline)
+
     async def _decode_all(
         self, images: Sequence[NamedImage], deadline: float, one_at_a_time: bool = False
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """`preprocess`, and each image's upright (width, height) as sent. `one_at_a_time` holds one
-        decode thread at most, so the requests' images never queue behind this request's."""
+        """`preprocess`, and each image's upright (width, height) as sent, each image on one decode
+        thread. `one_at_a_time` holds one decode thread at most, so the requests' images never queue
+        behind this request's."""
         loop = asyncio.get_running_loop()
         tensor = np.empty((len(images), *self.metadata.input_shape), dtype=self.metadata.input_dtype)
         if one_at_a_time:
@@ -406,11 +444,8 @@ class Predictor:
                 for image, row in zip(images, tensor, strict=True)
             ]
             return tensor, sizes
-        # A lone image: while one decode thread decodes it, the others have nothing to do; they help
-        # resample it. Under load each image keeps to one thread, which is cheaper per image.
-        helper = self._decode_executor if len(images) == 1 and self.batcher.has_alone(1) else None
         jobs = [
-            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row, helper)
+            loop.run_in_executor(self._decode_executor, self._preprocess_one, image, deadline, row)
             for image, row in zip(images, tensor, strict=True)
         ]
         try:

@@ -15,7 +15,8 @@ as the memory budget measures it; activations come from the arena every session 
 many models per box and a tight budget, INSTANCES=<cores> holds twice the versions. Explicit
 INSTANCES keeps exactly what it says, with no second session; a GPU computes one batch at a time on
 its own. A lone image's decode takes every core in the same way: the decode threads that have
-nothing else to do resample it in bands (`Predictor`, `ImagePreprocessor.transform_into`).
+nothing else to do resample it in bands (`Predictor`, `ImagePreprocessor.transform_into`), and the
+thread that decoded it computes it on the lone session right away (`DynamicBatcher.lone_run`).
 """
 
 from __future__ import annotations

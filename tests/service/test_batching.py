@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -516,6 +517,165 @@ def test_a_batch_computing_alone_holds_every_instance_until_it_ends(tiny_model: 
     finally:
         release.set()
     assert calls == [True, True]  # the second, alone again once the first ended
+
+
+def recording(tiny_model: OnnxModel, fail: bool = False) -> tuple[InferFn, list[tuple[int, bool, str]]]:
+    """An `infer` that records (rows, alone, thread name) of every batch; with `fail`, it then raises."""
+    calls: list[tuple[int, bool, str]] = []
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        calls.append((len(batch), alone, threading.current_thread().name))
+        if fail:
+            raise RuntimeError("the model broke")
+        return tiny_model.run(batch, alone=alone)
+
+    return infer, calls
+
+
+def test_a_lone_run_computes_on_the_thread_that_prepared_it_and_gives_its_room_back(
+    tiny_model: OnnxModel,
+) -> None:
+    infer, calls = recording(tiny_model)
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> tuple[np.ndarray, list[bool]]:
+        await batcher.start()
+        seen = []
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="decoder") as decoder,
+            batcher.reserve(1) as reservation,
+        ):
+            lone = batcher.lone_run(reservation)
+            assert lone is not None
+            seen.append(batcher.has_alone(1))  # the right is taken: no second one
+            loop = asyncio.get_running_loop()
+            computed = await loop.run_in_executor(decoder, lone.compute, rows(1, seed=1), later())
+            assert computed is not None
+            # The loop learns that the run ended before the thread's answer reaches the request.
+            seen.append(batcher.queued_images == 0)
+        with batcher.reserve(1) as reservation:
+            seen.append(batcher.lone_run(reservation) is not None)  # the next lone request has it again
+        await batcher.close(5)
+        return computed[0], seen
+
+    outputs, seen = run(scenario)
+    assert seen == [False, True, True]
+    assert calls == [(1, True, "decoder_0")]
+    np.testing.assert_allclose(outputs, tiny_model.run(rows(1, seed=1)), rtol=1e-5, atol=1e-5)
+    metrics = metrics_of(batcher)
+    assert batch_sizes(metrics) == (1.0, 1.0)
+    assert sample(metrics, "convserve_queue_wait_seconds_count") == 1.0
+    assert sample(metrics, "convserve_inference_duration_seconds_count") == 1.0
+
+
+def test_a_lone_run_lapses_when_another_request_is_admitted_and_both_are_batched(
+    tiny_model: OnnxModel,
+) -> None:
+    infer, calls = recording(tiny_model)
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> list[np.ndarray]:
+        await batcher.start()
+        with batcher.reserve(1) as first:
+            lone = batcher.lone_run(first)
+            assert lone is not None
+            with batcher.reserve(1) as second:  # admitted while the first is still being decoded
+                assert lone.compute(rows(1, seed=1), later()) is None
+                outputs = await asyncio.gather(
+                    first.submit(rows(1, seed=1), later()), second.submit(rows(1, seed=2), later())
+                )
+        await batcher.close(5)
+        return outputs
+
+    outputs = run(scenario)
+    assert [(size, alone) for size, alone, _ in calls] == [(1, False), (1, False)]  # one per instance
+    assert all(name.startswith("convserve-infer") for _, _, name in calls)
+    for output, seed in zip(outputs, (1, 2), strict=True):
+        np.testing.assert_allclose(output, tiny_model.run(rows(1, seed=seed)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_computing_lone_run_holds_every_instance_until_the_loop_sees_it_end(
+    tiny_model: OnnxModel, gone: bool
+) -> None:
+    """`gone`: the lone request is cancelled while its rows compute (a client that disconnects): the
+    instances stay held until the computation ends all the same, and are then freed."""
+    inside, release = threading.Event(), threading.Event()
+    calls: list[bool] = []
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        calls.append(alone)
+        if not inside.is_set():
+            inside.set()
+            release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> tuple[int, int]:
+        await batcher.start()
+        with batcher.reserve(1) as reservation:
+            lone = batcher.lone_run(reservation)
+            assert lone is not None
+            computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
+            await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+            second = asyncio.create_task(batcher.submit(rows(1, seed=2), later()))
+            # A free instance would have taken it; the lone run's image counts as admitted until it ends.
+            if gone:
+                reservation.release()
+            still_queued = await collector_turns(batcher)
+            batches_meanwhile = len(calls)
+            release.set()
+            assert await computing is not None  # admitted after it started: it was not lapsed
+        await second
+        await batcher.close(5)
+        return still_queued, batches_meanwhile
+
+    try:
+        assert run(scenario) == (1 if gone else 2, 1)
+    finally:
+        release.set()
+    assert calls == [True, True]  # the second, alone in its turn once the lone run ended
+
+
+@pytest.mark.parametrize("how", ["failed", "released", "late"])
+def test_a_lone_run_that_does_not_compute_leaves_the_batcher_as_it_was(
+    tiny_model: OnnxModel, how: str
+) -> None:
+    """A model error (500 for that request), a request gone before its rows were ready (a decode error,
+    a disconnect), or a deadline passed during the decode (504 from the queue): the next lone request
+    has every instance again."""
+    infer, calls = recording(tiny_model, fail=how == "failed")
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> tuple[BaseException | None, bool]:
+        await batcher.start()
+        error: BaseException | None = None
+        with batcher.reserve(1) as reservation:
+            lone = batcher.lone_run(reservation)
+            assert lone is not None
+            if how == "released":
+                reservation.release()
+                assert await asyncio.to_thread(lone.compute, rows(1), later()) is None
+            elif how == "late":
+                past = time.monotonic() - 1.0
+                assert await asyncio.to_thread(lone.compute, rows(1), past) is None
+                with pytest.raises(DeadlineExceededError):
+                    await reservation.submit(rows(1), past)
+            else:
+                with pytest.raises(InferenceError) as raised:
+                    await asyncio.to_thread(lone.compute, rows(1), later())
+                error = raised.value
+        with batcher.reserve(1) as reservation:
+            again = batcher.lone_run(reservation) is not None
+        await batcher.close(5)
+        return error, again
+
+    error, again = run(scenario)
+    assert again and batcher.queued_images == 0
+    assert len(calls) == (1 if how == "failed" else 0)
+    if how == "failed":
+        assert "the model broke" in str(error) and "retry it" in str(error)
 
 
 def background(batcher: DynamicBatcher, inputs: np.ndarray) -> Coroutine[Any, Any, Any]:

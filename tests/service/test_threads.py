@@ -102,7 +102,7 @@ class CountingPool(ThreadPoolExecutor):
     """A decode pool that counts the jobs it is given: whole images, and the halves it helps with."""
 
     def __init__(self, workers: int) -> None:
-        super().__init__(workers)
+        super().__init__(workers, thread_name_prefix="decode")
         self.jobs = 0
         self._lock = threading.Lock()
 
@@ -112,13 +112,29 @@ class CountingPool(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-@pytest.mark.parametrize(("images", "lone_batches", "jobs"), [(1, True, 2), (2, True, 2), (1, False, 1)])
+@pytest.mark.parametrize(
+    ("images", "lone_batches", "jobs", "computed_on"),
+    [(1, True, 2, "decode"), (2, True, 2, "convserve-infer"), (1, False, 1, "convserve-infer")],
+)
 def test_a_lone_image_takes_two_decode_threads_and_company_one_each(
-    tiny_model_path: Path, model_repository: Path, images: int, lone_batches: bool, jobs: int
+    tiny_model_path: Path,
+    model_repository: Path,
+    *,
+    images: int,
+    lone_batches: bool,
+    jobs: int,
+    computed_on: str,
 ) -> None:
-    """A lone image (the batcher's only one, with lone batches on) is decoded on one thread and resampled
-    on two; images in company, or without lone batches, keep to one thread each."""
+    """A lone image (the batcher's only one, with lone batches on) is decoded on one thread, resampled
+    on two, and computed by the thread that decoded it; images in company, or without lone batches,
+    keep to one decode thread each and are computed on an inference thread."""
     model = load_model(tiny_model_path, ["CPUExecutionProvider"], intra_op_threads=1, lone_threads=2)
+    threads: list[str] = []
+
+    def infer(batch: np.ndarray, **options: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return model.run(batch, **options)
+
     settings = tiny_settings(model_repository, max_queue_delay_ms=0.0)
     files = [NamedImage(f"{i}.jpg", jpeg("coffee")) for i in range(images)]
 
@@ -132,7 +148,7 @@ def test_a_lone_image_takes_two_decode_threads_and_company_one_each(
         metrics = Metrics(CollectorRegistry(), settings.max_batch_size).for_model("m", 1)
         with CountingPool(2) as decode:
             predictor = await Predictor.start(
-                model.metadata, model.run, settings, metrics, decode, instances=2, lone_batches=lone_batches
+                model.metadata, infer, settings, metrics, decode, instances=2, lone_batches=lone_batches
             )
             try:
                 request = InferenceRequest(time.monotonic(), receive, parse, parse_on_loop=True)
@@ -143,4 +159,5 @@ def test_a_lone_image_takes_two_decode_threads_and_company_one_each(
 
     counted, ranked = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert counted == jobs
+    assert threads and all(name.startswith(computed_on) for name in threads), threads
     assert len(ranked) == images and all(len(row) == 1 for row in ranked)

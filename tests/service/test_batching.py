@@ -638,6 +638,42 @@ def test_a_computing_lone_run_holds_every_instance_until_the_loop_sees_it_end(
     assert calls == [True, True]  # the second, alone in its turn once the lone run ended
 
 
+@pytest.mark.parametrize("gone", [False, True])
+def test_closing_waits_for_a_computing_lone_run(tiny_model: OnnxModel, gone: bool) -> None:
+    """A version being swapped out or a server draining: `close` returns only once a lone run computing
+    outside the queue has ended, even when its request is gone and no image is counted anymore."""
+    inside, release = threading.Event(), threading.Event()
+
+    def infer(batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        inside.set()
+        release.wait(HANG_GUARD_S)
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=4, delay_s=0.0, instances=2, lone_batches=True)
+
+    async def scenario() -> tuple[bool, bool]:
+        await batcher.start()
+        with batcher.reserve(1) as reservation:
+            lone = batcher.lone_run(reservation)
+            assert lone is not None
+            computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
+            await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+            if gone:
+                reservation.release()
+            closing = asyncio.create_task(batcher.close(HANG_GUARD_S))
+            await collector_turns(batcher)
+            closed_early = closing.done()
+            release.set()
+            answered = await computing is not None
+        await closing
+        return closed_early, answered
+
+    try:
+        assert run(scenario) == (False, True)
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("how", ["failed", "released", "late"])
 def test_a_lone_run_that_does_not_compute_leaves_the_batcher_as_it_was(
     tiny_model: OnnxModel, how: str

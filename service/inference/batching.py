@@ -17,10 +17,10 @@ With `lone_batches`, a batch that has nothing else in sight — no batch computi
 admitted (a lone request) — and too few rows to share among the instances runs as
 `infer(batch, alone=True)`, taking every instance: the model may then compute it on every core
 (`service.models.threads` says why that is not how batches run under load). A request that is alone
-when admitted can skip the queue altogether (`lone_run`): the thread that decodes its images computes
-them as soon as they are ready, with no hand-off to the event loop and the inference thread and back,
-as long as no other request was admitted meanwhile (the first one to be admitted takes that right
-away, and both are then batched as usual).
+when admitted can skip the queue altogether (`lone_run`) unless a queue delay is set: the thread that
+decodes its images computes them as soon as they are ready, with no hand-off to the event loop and the
+inference thread and back, as long as no other request was admitted meanwhile (the first one to be
+admitted takes that right away, and both are then batched as usual).
 
 Given `batch_sizes` (a model on a GPU, whose kernels are chosen per input shape), a batch is padded
 with zero rows to the next of those sizes, so it only ever runs shapes that were warmed up; the
@@ -338,8 +338,9 @@ class DynamicBatcher:
 
     def lone_run(self, reservation: Reservation, extra: frozenset[str] = frozenset()) -> LoneRun | None:
         """For a reserved request that is all there is (`has_alone`): the right to compute its rows, with
-        the named outputs `extra`, on the thread that prepares them (`LoneRun.compute`); None otherwise."""
-        if not self.has_alone(reservation.size):
+        the named outputs `extra`, on the thread that prepares them (`LoneRun.compute`); None otherwise,
+        and always None with a queue delay, which promises to hold a lone request for company."""
+        if self._max_delay > 0 or not self.has_alone(reservation.size):
             return None
         self._lone = LoneRun(self, reservation, extra)
         return self._lone

@@ -594,6 +594,31 @@ def test_a_lone_run_lapses_when_another_request_is_admitted_and_both_are_batched
         np.testing.assert_allclose(output, tiny_model.run(rows(1, seed=seed)), rtol=1e-5, atol=1e-5)
 
 
+def test_with_a_queue_delay_a_lone_request_waits_in_the_queue_for_company(tiny_model: OnnxModel) -> None:
+    # A one-minute delay and room for two: only the second request's arrival lets the first complete.
+    infer, calls = recording(tiny_model)
+    batcher = make(infer, max_batch=2, delay_s=60.0, lone_batches=True)
+
+    async def scenario() -> tuple[list[np.ndarray], list[bool]]:
+        await batcher.start()
+        seen = []
+        with batcher.reserve(1) as first:
+            seen.append(batcher.has_alone(1))  # alone, so its decode may still use every core
+            seen.append(batcher.lone_run(first) is None)  # but the delay promised to hold it for company
+            waiting = asyncio.ensure_future(first.submit(rows(1, seed=1), later()))
+            seen.append(await collector_turns(batcher) == 1)  # held in the queue, not computed
+            with batcher.reserve(1) as second:
+                outputs = await asyncio.gather(waiting, second.submit(rows(1, seed=2), later()))
+        await batcher.close(5)
+        return outputs, seen
+
+    outputs, seen = run(scenario)
+    assert seen == [True, True, True]
+    assert [(size, alone) for size, alone, _ in calls] == [(2, False)]  # one batch, formed by the delay
+    for output, seed in zip(outputs, (1, 2), strict=True):
+        np.testing.assert_allclose(output, tiny_model.run(rows(1, seed=seed)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("gone", [False, True])
 def test_a_computing_lone_run_holds_every_instance_until_the_loop_sees_it_end(
     tiny_model: OnnxModel, gone: bool

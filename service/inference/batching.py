@@ -205,6 +205,8 @@ class LoneRun:
         core, as `Reservation.submit_with` would return them; None when the right lapsed or the deadline
         passed (submit them: the queue batches them, or refuses them with 504). `InferenceError` when
         the model fails on them."""
+        if len(inputs) != self.reservation.size:
+            raise ValueError(f"reserved {self.reservation.size} rows but computing {len(inputs)}")
         with self._lock:
             if self._state != "pending" or self._batcher._clock() >= deadline:
                 self._state = "lapsed"
@@ -338,9 +340,10 @@ class DynamicBatcher:
 
     def lone_run(self, reservation: Reservation, extra: frozenset[str] = frozenset()) -> LoneRun | None:
         """For a reserved request that is all there is (`has_alone`): the right to compute its rows, with
-        the named outputs `extra`, on the thread that prepares them (`LoneRun.compute`); None otherwise,
-        and always None with a queue delay, which promises to hold a lone request for company."""
-        if self._max_delay > 0 or not self.has_alone(reservation.size):
+        the named outputs `extra`, on the thread that prepares them (`LoneRun.compute`); None otherwise.
+        Also None with a queue delay, which promises to hold a lone request for company, and for more
+        rows than one batch may hold, which the queue splits."""
+        if self._max_delay > 0 or reservation.size > self._max_batch or not self.has_alone(reservation.size):
             return None
         self._lone = LoneRun(self, reservation, extra)
         return self._lone

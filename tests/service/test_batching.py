@@ -594,6 +594,32 @@ def test_a_lone_run_lapses_when_another_request_is_admitted_and_both_are_batched
         np.testing.assert_allclose(output, tiny_model.run(rows(1, seed=seed)), rtol=1e-5, atol=1e-5)
 
 
+def test_a_lone_run_never_computes_more_rows_than_a_batch_holds(tiny_model: OnnxModel) -> None:
+    infer, calls = recording(tiny_model)
+    batcher = make(infer, max_batch=2, delay_s=0.0, lone_batches=True)
+
+    async def scenario() -> tuple[np.ndarray, list[bool]]:
+        await batcher.start()
+        seen = []
+        with batcher.reserve(3) as big:  # more than one batch: the queue splits it
+            seen.append(batcher.lone_run(big) is None)
+            outputs = await big.submit(rows(3, seed=1), later())
+        with batcher.reserve(1) as reservation:
+            lone = batcher.lone_run(reservation)
+            assert lone is not None
+            with pytest.raises(ValueError, match="reserved 1 rows but computing 3"):
+                lone.compute(rows(3), later())
+        with batcher.reserve(1) as reservation:  # the refused run left the batcher as it was
+            seen.append(batcher.lone_run(reservation) is not None)
+        await batcher.close(5)
+        return outputs, seen
+
+    outputs, seen = run(scenario)
+    assert seen == [True, True]
+    assert [size for size, _, _ in calls] == [2, 1]
+    np.testing.assert_allclose(outputs, tiny_model.run(rows(3, seed=1)), rtol=1e-5, atol=1e-5)
+
+
 def test_with_a_queue_delay_a_lone_request_waits_in_the_queue_for_company(tiny_model: OnnxModel) -> None:
     # A one-minute delay and room for two: only the second request's arrival lets the first complete.
     infer, calls = recording(tiny_model)

@@ -328,8 +328,7 @@ class DynamicBatcher:
 
     def has_alone(self, size: int) -> bool:
         """Whether a request of `size` admitted images is all there is: no other image admitted and no
-        batch computing, with lone batches on. Its batch will then compute alone on every core, and its
-        images may be decoded on every core too."""
+        batch computing, with lone batches on. Its batch will then compute alone on every core."""
         return (
             self._lone_batches
             and not self._closing

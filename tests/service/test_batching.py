@@ -21,7 +21,7 @@ from service.errors import (
     ServiceUnavailableError,
 )
 from service.inference import batching
-from service.inference.batching import DynamicBatcher, InferFn
+from service.inference.batching import DynamicBatcher, InferFn, Reservation
 from service.metrics import Metrics
 from service.models.runtime import OnnxModel
 from tests.waiting import wait_until_async
@@ -644,6 +644,18 @@ def test_with_a_queue_delay_a_lone_request_waits_in_the_queue_for_company(tiny_m
         np.testing.assert_allclose(output, tiny_model.run(rows(1, seed=seed)), rtol=1e-5, atol=1e-5)
 
 
+async def lone_run_inside(
+    batcher: DynamicBatcher, reservation: Reservation, inside: threading.Event
+) -> asyncio.Future[tuple[np.ndarray, dict[str, np.ndarray]] | None]:
+    """Start `reservation`'s lone run on a thread of its own; return its answer-to-be once the model,
+    which sets `inside` when called, is computing it."""
+    lone = batcher.lone_run(reservation)
+    assert lone is not None
+    computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
+    await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+    return computing
+
+
 @pytest.mark.parametrize("gone", [False, True])
 def test_a_computing_lone_run_holds_every_instance_until_the_loop_sees_it_end(
     tiny_model: OnnxModel, gone: bool
@@ -665,10 +677,7 @@ def test_a_computing_lone_run_holds_every_instance_until_the_loop_sees_it_end(
     async def scenario() -> tuple[int, int]:
         await batcher.start()
         with batcher.reserve(1) as reservation:
-            lone = batcher.lone_run(reservation)
-            assert lone is not None
-            computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
-            await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+            computing = await lone_run_inside(batcher, reservation, inside)
             second = asyncio.create_task(batcher.submit(rows(1, seed=2), later()))
             # A free instance would have taken it; the lone run's image counts as admitted until it ends.
             if gone:
@@ -704,10 +713,7 @@ def test_closing_waits_for_a_computing_lone_run(tiny_model: OnnxModel, gone: boo
     async def scenario() -> tuple[bool, bool]:
         await batcher.start()
         with batcher.reserve(1) as reservation:
-            lone = batcher.lone_run(reservation)
-            assert lone is not None
-            computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
-            await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+            computing = await lone_run_inside(batcher, reservation, inside)
             if gone:
                 reservation.release()
             closing = asyncio.create_task(batcher.close(HANG_GUARD_S))

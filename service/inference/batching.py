@@ -85,10 +85,15 @@ INSTANCE_BATCH_S = 0.06
 """With several instances, a batch holds at most the rows one instance computes in about this long,
 as last measured. A batch on one core computes its rows no faster for being big (ONNX Runtime on one
 thread: 134 images/s at batch 1, 131 at 8, 118 at 32, EfficientNet-Lite0), but every row in it waits
-for the last, so a big batch only stretches the latency of the rows at its head. Measured with 32
-and 64 clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches
-held to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms at no cost in throughput;
-held to 2 rows, the batches' own cost (thread hand-offs, stacking, delivery) took 8 %. A model that
+for the last, so a big batch stretches the latency of the rows at its head. Measured with 32 and 64
+clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches held
+to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms; held to 2 rows, the batches' own
+cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: in paired
+10-s rounds at 32 clients against batches of any size (5.2 rows on average) it computed 3-6.5 %
+fewer images a second, each instance idling while the next batch reaches it through the event loop
+(CPU idle 4.1 % against 2.4 %). A bound of ~9 rows (150 ms) cost little or none (0.98-1.02x in
+two runs), but ONNX Runtime's arena then keeps what the biggest batches need: the server's RSS grew
+14 % (482 -> 548 MB) between 1,000 and 20,000 requests, against 1 % with this bound. A model that
 computes a row in well under a millisecond is not held: its batches stay as big as the queue makes
 them."""
 

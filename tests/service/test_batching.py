@@ -652,7 +652,7 @@ async def lone_run_inside(
     lone = batcher.lone_run(reservation)
     assert lone is not None
     computing = asyncio.ensure_future(asyncio.to_thread(lone.compute, rows(1, seed=1), later()))
-    await asyncio.to_thread(inside.wait, HANG_GUARD_S)
+    assert await asyncio.to_thread(inside.wait, HANG_GUARD_S), "the lone run never reached the model"
     return computing
 
 

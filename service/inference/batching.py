@@ -1,10 +1,19 @@
 """Dynamic batching: many requests' images, one `session.run`.
 
-One collector task takes rows (images) from a FIFO queue of requests, at most `max_batch_size` per
-batch, waiting at most `max_queue_delay_s` after the oldest arrived; a bigger request is split over
+Batches take rows (images) from a FIFO queue of requests, at most `max_batch_size` per batch,
+waiting at most `max_queue_delay_s` after the oldest arrived; a bigger request is split over
 consecutive batches and reassembled in order. Batches run on `instances` worker threads, never the
 event loop; with several instances a batch takes at most an equal share of the rows waiting, and at
 most the rows one instance computes in about `INSTANCE_BATCH_S` (`_instance_rows`).
+
+The event loop decides which batch starts on a free instance (`_dispatch`): a collector task does
+when a request arrives, and a batch's own completion does in the event-loop turn that delivers its
+outputs. Under load, an instance's thread that finishes a batch takes its next one itself, by the
+same rules, under the lock both share (`_take_next`), and hands the finished outputs to the event
+loop only then: an instance does not wait for an event-loop turn, nor to be woken and get the GIL,
+between two batches (that wait had left each instance idle ~6 ms per ~40-ms batch at 32 clients).
+Anything else — background rows, a request past its deadline, a lone request, shutdown — it leaves
+to the event loop.
 
 The queue is bounded in images, and admission happens before any work: `reserve(n)` holds room for
 a request's n images as soon as their count is known (before decoding), or refuses at once (503).
@@ -88,14 +97,15 @@ thread: 134 images/s at batch 1, 131 at 8, 118 at 32, EfficientNet-Lite0), but e
 for the last, so a big batch stretches the latency of the rows at its head. Measured with 32 and 64
 clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches held
 to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms; held to 2 rows, the batches' own
-cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: in paired
-10-s rounds at 32 clients against batches of any size (5.2 rows on average) it computed 3-6.5 %
-fewer images a second, each instance idling while the next batch reaches it through the event loop
-(CPU idle 4.1 % against 2.4 %). A bound of ~9 rows (150 ms) cost little or none (0.98-1.02x in
-two runs), but ONNX Runtime's arena then keeps what the biggest batches need: the server's RSS grew
-14 % (482 -> 548 MB) between 1,000 and 20,000 requests, against 1 % with this bound. A model that
-computes a row in well under a millisecond is not held: its batches stay as big as the queue makes
-them."""
+cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: it makes
+more batches, each with its own cost, and more ends of batch. When the next batch reached an instance
+through the event loop, that cost 3-6.5 % of the images a second at 32 clients (paired 10-s rounds
+against batches of any size); now that an instance's thread takes its next batch itself, about 2 %
+(0.966x against 0.985x of the same reference, within the rounds' spread of 0.92-1.07). A bound of ~9
+rows (150 ms) cost little or none, but ONNX Runtime's arena then keeps what the biggest batches need:
+the server's RSS grew 14 % (482 -> 548 MB) between 1,000 and 20,000 requests, against 1 % with this
+bound. A model that computes a row in well under a millisecond is not held: its batches stay as big
+as the queue makes them."""
 
 Extras = Mapping[str, np.ndarray]
 """Named outputs besides the main one, each [N, ...] in the order of the rows."""
@@ -223,8 +233,7 @@ class LoneRun:
             _log_failure(len(inputs), exc)
             raise _inference_error(len(inputs), exc) from exc
         finally:
-            with suppress(RuntimeError):  # the loop is gone: the server stopped without waiting for this
-                self._loop.call_soon_threadsafe(self._batcher._lone_ended, self)
+            _call_on(self._loop, self._batcher._lone_ended, self)
         return outputs, dict(extras)
 
 
@@ -252,6 +261,12 @@ def _inference_error(rows: int, exc: Exception) -> InferenceError:
         f"inference failed on the batch of {rows} images this request was part of "
         f"({type(exc).__name__}: {exc}); the request was not completed, retry it"
     )
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """From any thread: `callback(*args)` on `loop`, unless the loop is already closed."""
+    with suppress(RuntimeError):  # the server stopped without waiting for this
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _fail(request: _Request, error: ServiceError) -> None:
@@ -302,20 +317,25 @@ class DynamicBatcher:
         """Background requests, served as the module docstring says."""
         self._queued = 0
         self._instances = instances
-        self._running: dict[asyncio.Task[None], list[_Segment]] = {}
-        """Batches being computed, at most `instances` at once, and the rows in each."""
+        self._running: dict[asyncio.Future[None], list[_Segment]] = {}
+        """Batches being computed, at most `instances` at once, and the rows in each; each future is
+        done once its batch's outputs were delivered (or its requests failed)."""
         self._lone_batches = lone_batches
-        self._alone: asyncio.Task[None] | None = None
+        self._alone: asyncio.Future[None] | None = None
         """The batch computing alone, which takes every instance; None when there is none."""
         self._lone: LoneRun | None = None
         """The lone request pending or computing outside the queue (`lone_run`); None when there is none."""
         self._clock = clock
-        self._background_batches: set[asyncio.Task[None]] = set()
+        self._background_batches: set[asyncio.Future[None]] = set()
         """The batches of background rows being computed, a subset of `_running`."""
         self._background_turn = -math.inf
         """When background rows last started a batch (`clock`): their wait is counted from
         there or from their arrival, whichever is later, so going first under load is one batch a turn."""
         self._wakeup = asyncio.Event()
+        self._lock = threading.RLock()
+        """Held while the queues, the count of queued images or the running batches change, or while a
+        decision is made from them: the event loop makes them, and an instance's thread too when it
+        takes its next batch itself (`_take_next`)."""
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix="convserve-infer", initializer=yield_to_the_event_loop
         )
@@ -383,7 +403,7 @@ class DynamicBatcher:
         self.check_room(size)
         if self._lone is not None and self._lone.lapse():  # not alone anymore: both go through the queue
             self._lone = None
-        self._set_queued(self._queued + size)
+        self._count_queued(size)
         return Reservation(self, size)
 
     async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
@@ -397,7 +417,7 @@ class DynamicBatcher:
         self._unreserve(reservation.size)
 
     def _unreserve(self, size: int) -> None:
-        self._set_queued(self._queued - size)
+        self._count_queued(-size)
         self._wakeup.set()  # a draining collector may be waiting for the last reservations
 
     async def _enqueue(
@@ -413,22 +433,30 @@ class DynamicBatcher:
         if now >= deadline:
             self._unreserve(request.size)
             raise DeadlineExceededError("the request's deadline passed before it could be queued")
-        (self._background if background else self._queue).append(request)
+        with self._lock:
+            (self._background if background else self._queue).append(request)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout=deadline - now)
         except TimeoutError:
-            if request.taken == 0 and not request.future.done():
-                self._drop(request)
+            if self._drop_untaken(request):
                 raise DeadlineExceededError(
                     f"the request waited {deadline - now:.3g} s in the queue without reaching the model "
                     "(CONVSERVE_REQUEST_TIMEOUT_S); the server is overloaded, retry later"
                 ) from None
             return await request.future  # part of it is computing: accepted work is finished, not dropped
         except asyncio.CancelledError:
-            if request.taken == 0:
-                self._drop(request)
+            self._drop_untaken(request)
             raise
+
+    def _drop_untaken(self, request: _Request) -> bool:
+        """Take a request out of the queue unless some of its rows were taken (they will be answered);
+        whether it was. Atomic: an instance's thread may be taking rows."""
+        with self._lock:
+            untaken = request.taken == 0 and not request.future.done()
+            if untaken:
+                self._drop(request)
+            return untaken
 
     async def close(self, timeout_s: float) -> None:
         """Refuse new work, finish queued and in-flight batches (up to `timeout_s`), then stop."""
@@ -446,10 +474,14 @@ class DynamicBatcher:
     def _abandon(self, timeout_s: float) -> None:
         assert self._task is not None
         self._task.cancel()
-        for task in self._running:
-            task.cancel()
-        in_flight = [segment for segments in self._running.values() for segment in segments]
-        queued = (*self._queue, *self._background)
+        with self._lock:  # no instance's thread takes another batch from here on
+            in_flight = [segment for segments in self._running.values() for segment in segments]
+            for batch in self._running:
+                batch.cancel()
+            self._running.clear()  # their outputs, should they come, have nobody left to go to
+            self._alone = None
+            self._background_batches.clear()
+            queued = (*self._queue, *self._background)
         stranded = {id(s.request): s.request for s in in_flight} | {id(r): r for r in queued}
         logger.error(
             "batcher did not drain within %.3g s; failing %d unfinished requests", timeout_s, len(stranded)
@@ -461,53 +493,74 @@ class DynamicBatcher:
                 ServiceUnavailableError("the server shut down before this request finished; retry it"),
             )
 
-    def _set_queued(self, value: int) -> None:
-        self._queued = value
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(value)
+    def _count_queued(self, change: int) -> None:
+        with self._lock:
+            self._queued += change
+            if self._metrics is not None:
+                self._metrics.queue_depth.set(self._queued)
 
     def _drop(self, request: _Request) -> None:
         """Take a request's remaining rows out of the queue."""
-        with suppress(ValueError):
+        with self._lock, suppress(ValueError):
             (self._background if request.background else self._queue).remove(request)
-            self._set_queued(self._queued - request.untaken)
+            self._count_queued(-request.untaken)
 
     async def _collect(self) -> None:
         while True:
-            if len(self._running) >= self._instances or self._alone is not None:  # wait for an instance
-                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            if self._lone is not None and self._lone.computing:  # it holds every instance until it ends
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if not self._queue and not self._background:
-                if self._closing and self._queued == 0:  # admitted images still decoding come first
-                    if self._running:  # and the batches being computed still deliver
-                        await asyncio.wait(self._running)
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            try:
+            hold_s = self._dispatch()
+            with self._lock:
+                drained = not (self._queued or self._queue or self._background or self._lone)
+                running = list(self._running)
+            if self._closing and drained:  # nothing admitted is left to start (a lone run has ended too)
+                if running:  # but the batches computing still deliver
+                    await asyncio.wait(running)
+                return
+            # Until a request arrives or a batch ends, or the queue's head has waited its delay.
+            self._wakeup.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), hold_s)
+
+    def _dispatch(self) -> float | None:
+        """Start every batch that may start now, on the free instances (the module docstring says which
+        rows go first and how many go together). Called by the collector whenever something changed, and
+        by a batch as it ends, so that its instance's next batch starts in the same event-loop turn.
+        Returns how long the queue's head still waits for company (`max_queue_delay_s`) while an
+        instance is free for it, else None (nothing starts before a request arrives or a batch ends)."""
+        with self._lock:
+            return self._dispatch_locked()
+
+    def _dispatch_locked(self) -> float | None:
+        try:
+            while len(self._running) < self._instances and self._alone is None:
+                if self._lone is not None and self._lone.computing:  # it holds every instance until it ends
+                    return None
                 if self._background_due(starving_only=True):  # waited long enough to go first
                     self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                if self._queue:
-                    await self._wait_for_batch()
+                elif self._queue:
+                    hold_s = self._hold_s()
+                    if hold_s > 0:
+                        return hold_s
                     if self._is_alone():
                         self._start(self._take_batch(self._max_batch), alone=True)
-                        continue
+                        return None
                     share = self._share()
                     while self._queue and len(self._running) < self._instances:
                         self._start(self._take_batch(share))
-                if self._background_due(starving_only=False):  # then the next turn, for the next instance
+                elif self._background_due(starving_only=False):  # their turn: no request waits
                     self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                elif self._background and not self._queue:  # not their turn: a batch of theirs computes
-                    await self._wait_for_change()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop batching for everyone
-                logger.exception("batch collector error; continuing")
+                else:
+                    return None
+        except Exception:  # a bug here must not stop batching for everyone
+            logger.exception("batch scheduling error; continuing")
+        return None
+
+    def _hold_s(self) -> float:
+        """How much longer the queue's head waits for other requests to share its batch: until
+        `max_queue_delay_s` after it arrived, unless a full batch's worth of images was admitted or the
+        server is closing."""
+        if self._closing or self._queued >= self._max_batch:
+            return 0.0
+        return self._queue[0].enqueued_at + self._max_delay - self._clock()
 
     def _is_alone(self) -> bool:
         """Whether what waits is a batch with nothing else in sight, too small to share among instances:
@@ -530,45 +583,99 @@ class DynamicBatcher:
         idle = len(self._background_batches) == len(self._running)
         return not starving_only and not self._queue and (idle or not self._background_batches)
 
-    async def _wait_for_change(self) -> None:
-        """Until a request arrives or a batch ends (background rows wait for their turn)."""
-        self._wakeup.clear()
-        woken = asyncio.ensure_future(self._wakeup.wait())
-        try:
-            await asyncio.wait([woken, *self._running], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            woken.cancel()
-
     def _start(self, segments: list[_Segment], alone: bool = False, background: bool = False) -> None:
+        """Hand a batch to a free instance's thread."""
         if not segments:
             return
-        task = asyncio.create_task(self._run(segments, alone))
-        self._running[task] = segments
+        loop = asyncio.get_running_loop()
+        batch: asyncio.Future[None] = loop.create_future()
+        self._running[batch] = segments
         if alone:
-            self._alone = task
+            self._alone = batch
         if background:
-            self._background_batches.add(task)
+            self._background_batches.add(batch)
             self._background_turn = self._clock()
-        task.add_done_callback(self._finished)
+        self._executor.submit(self._work, loop, batch, segments, alone)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        del self._running[task]
-        if task is self._alone:
-            self._alone = None
-        self._background_batches.discard(task)
-        self._wakeup.set()
-
-    async def _wait_for_batch(self) -> None:
-        flush_at = self._queue[0].enqueued_at + self._max_delay
-        while self._queue and self._queued < self._max_batch and not self._closing:
-            remaining = flush_at - self._clock()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
+    def _work(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: asyncio.Future[None],
+        segments: list[_Segment],
+        alone: bool,
+    ) -> None:
+        """An instance's thread, from a batch the event loop gave it: compute it, take the next batch
+        from the queue itself if it may (`_take_next`), hand the outputs to the event loop, and go on
+        with that batch; return when there is none for it. Under load an instance thus never waits for
+        the event loop between batches, nor for this thread to be woken."""
+        while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+                outcome: tuple[np.ndarray, Extras, float] | Exception = self._infer_batch(segments, alone)
+            except Exception as exc:
+                outcome = exc
+            following = None
+            if not (alone or isinstance(outcome, Exception)):
+                try:
+                    following = self._take_next(loop, batch)
+                except Exception:  # a bug here must not keep this batch's outputs from their requests
+                    logger.exception("taking the next batch on an instance's thread failed; continuing")
+            _call_on(loop, self._computed, batch, segments, outcome)
+            if following is None:
                 return
+            batch, segments = following
+
+    def _take_next(
+        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]
+    ) -> tuple[asyncio.Future[None], list[_Segment]] | None:
+        """On the thread of an instance whose batch `done` just computed: the batch it takes next, as the
+        event loop would give it one; None when that is the event loop's to decide (background rows, a
+        lone run, a request past its deadline, a batch held or to run alone, shutdown) or nothing waits."""
+        with self._lock:
+            if (
+                self._closing
+                or self._background
+                or self._lone is not None
+                or not self._queue
+                or done not in self._running
+                or self._hold_s() > 0
+            ):
+                return None
+            computed = self._running.pop(done)  # its instance is free: for the rows waiting, as on the loop
+            segments = None if self._is_alone() else self._take_batch(self._share(), on_loop=False)
+            if not segments:
+                self._running[done] = computed  # still its instance's until the event loop delivers it
+                return None
+            batch: asyncio.Future[None] = loop.create_future()
+            self._running[batch] = segments
+            return batch, segments
+
+    def _computed(
+        self,
+        batch: asyncio.Future[None],
+        segments: list[_Segment],
+        outcome: tuple[np.ndarray, Extras, float] | Exception,
+    ) -> None:
+        """On the event loop, once a batch's thread is done with it: its requests get their outputs (or
+        fail), and a free instance takes the next batch, in this same event-loop turn."""
+        if batch.cancelled():  # abandoned at shutdown: its requests were failed already
+            return
+        with self._lock:
+            self._running.pop(batch, None)  # unless its thread already passed its instance on
+            alone = batch is self._alone
+            if alone:
+                self._alone = None
+            self._background_batches.discard(batch)
+        if isinstance(outcome, Exception):
+            self._fail_batch(segments, outcome)  # before the next batch takes the rest of a split request
+        else:
+            outputs, extras, seconds = outcome
+            if not alone:  # a batch on every core says nothing of one instance's speed
+                row_s = seconds / len(outputs)
+                self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
+            self._deliver(segments, outputs, extras)
+        self._dispatch()
+        batch.set_result(None)
+        self._wakeup.set()  # the collector: a queue delay to time anew, or a drain to finish
 
     def _share(self) -> int:
         """Rows per batch for the free instances now: an equal share of what waits, per instance.
@@ -588,14 +695,20 @@ class DynamicBatcher:
             return self._max_batch
         return max(1, min(self._max_batch, round(INSTANCE_BATCH_S / self._row_s)))
 
-    def _take_batch(self, space: int, queue: deque[_Request] | None = None) -> list[_Segment]:
-        """Up to `space` rows from the head of `queue` (default: the requests' queue)."""
+    def _take_batch(
+        self, space: int, queue: deque[_Request] | None = None, on_loop: bool = True
+    ) -> list[_Segment]:
+        """Up to `space` rows from the head of `queue` (default: the requests' queue), failing the
+        requests past their deadline on the way; off the event loop (`on_loop=False`), the rows before
+        the first such request (its failure is the event loop's to deliver)."""
         queue = self._queue if queue is None else queue
         segments: list[_Segment] = []
         now = self._clock()
         while queue and space > 0:
             request = queue[0]
             if request.taken == 0 and now >= request.deadline:
+                if not on_loop:
+                    break
                 self._drop(request)
                 _fail(request, DeadlineExceededError("the request's deadline passed while it was queued"))
                 continue
@@ -607,22 +720,8 @@ class DynamicBatcher:
             space -= rows
             if request.untaken == 0:
                 queue.popleft()
-            self._set_queued(self._queued - rows)
+            self._count_queued(-rows)
         return segments
-
-    async def _run(self, segments: list[_Segment], alone: bool) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-            outputs, extras, seconds = await loop.run_in_executor(
-                self._executor, self._infer_batch, segments, alone
-            )
-        except Exception as exc:
-            self._fail_batch(segments, exc)
-        else:
-            if not alone:  # a batch on every core says nothing of one instance's speed
-                row_s = seconds / len(outputs)
-                self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
-            self._deliver(segments, outputs, extras)
 
     def _infer_batch(self, segments: list[_Segment], alone: bool) -> tuple[np.ndarray, Extras, float]:
         """Runs on the inference thread: stack the rows, run the model once (fetching the named outputs

@@ -424,6 +424,52 @@ def test_a_freed_instance_leaves_a_share_of_the_waiting_rows_to_the_busy_one(tin
     assert sizes[:2] == [1, 4] and sum(sizes) == 9, sizes
 
 
+@pytest.mark.parametrize("instances", [1, 2])
+def test_an_instance_takes_its_next_batch_itself_while_the_event_loop_is_busy(
+    tiny_model: OnnxModel, instances: int
+) -> None:
+    """Under load an instance's thread goes from one batch to the next without an event-loop turn: with
+    the event loop held, the batch queued behind the one computing still starts, on the same thread,
+    and both requests get their own outputs once the loop runs again."""
+    held, release, next_started = threading.Event(), threading.Event(), threading.Event()
+    threads: list[int] = []
+    lock = threading.Lock()
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            threads.append(threading.get_ident())
+            calls = len(threads)
+        if calls <= instances:  # a row on each instance, held there
+            if calls == instances:
+                held.set()
+            release.wait(HANG_GUARD_S)
+        else:
+            next_started.set()
+        return tiny_model.run(batch)
+
+    batcher = make(infer, max_batch=instances, delay_s=0.0, instances=instances)
+
+    async def scenario() -> tuple[bool, list[np.ndarray]]:
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(instances, seed=1), later()))
+        await asyncio.to_thread(held.wait, HANG_GUARD_S)
+        second = asyncio.create_task(batcher.submit(rows(instances, seed=2), later()))
+        assert await collector_turns(batcher) == instances  # queued: no instance is free for it
+        release.set()
+        started_while_held = next_started.wait(HANG_GUARD_S)  # blocks the event loop meanwhile
+        return started_while_held, [await first, await second]
+
+    try:
+        started_while_held, (first, second) = run(scenario)
+    finally:
+        release.set()
+    assert started_while_held
+    assert len(set(threads[:instances])) == instances  # each instance's thread,
+    assert set(threads[instances:]) <= set(threads[:instances])  # then the same ones again
+    np.testing.assert_allclose(first, tiny_model.run(rows(instances, seed=1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, tiny_model.run(rows(instances, seed=2)), rtol=1e-5, atol=1e-5)
+
+
 def test_a_lone_batch_runs_alone_and_company_runs_one_batch_per_instance(tiny_model: OnnxModel) -> None:
     # (rows, alone) of every batch: a lone one-row request runs alone; one whose neighbour is still
     # being decoded (its room reserved), or with as many rows as instances, is shared out per instance.

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Largest number of images (rows) in one `session.run` call, in images; with several instances a
     batch holds at most what one instance computes in about 60 ms (a CPU core: a few images)."""
-    # 0 by default: the collector forms the next batch from whatever queued while the previous
+    # 0 by default: the next batch forms from whatever queued while the previous
     # `session.run` was busy, so under load batches fill by themselves, and a lone request is not held
     # back (measured on 2 CPU cores: p99 at concurrency 1 33.5 ms with 0 vs 39.9 ms with 5 ms, the same
     # throughput and mean batch size at concurrency 32). Raise it on a GPU, where bigger batches pay.

@@ -354,13 +354,14 @@ class DynamicBatcher:
     def has_alone(self, size: int) -> bool:
         """Whether a request of `size` admitted images is all there is: no other image admitted and no
         batch computing, with lone batches on. Its batch will then compute alone on every core."""
-        return (
-            self._lone_batches
-            and not self._closing
-            and not self._running
-            and self._lone is None
-            and self._queued == size
-        )
+        with self._lock:  # an instance's thread passes its instance from one batch to the next under it
+            return (
+                self._lone_batches
+                and not self._closing
+                and not self._running
+                and self._lone is None
+                and self._queued == size
+            )
 
     def lone_run(self, reservation: Reservation, extra: frozenset[str] = frozenset()) -> LoneRun | None:
         """For a reserved request that is all there is (`has_alone`): the right to compute its rows, with

@@ -97,11 +97,10 @@ thread: 134 images/s at batch 1, 131 at 8, 118 at 32, EfficientNet-Lite0), but e
 for the last, so a big batch stretches the latency of the rows at its head. Measured with 32 and 64
 clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches held
 to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms; held to 2 rows, the batches' own
-cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: it makes
-more batches, each with its own cost, and more ends of batch. When the next batch reached an instance
-through the event loop, that cost 3-6.5 % of the images a second at 32 clients (paired 10-s rounds
-against batches of any size); now that an instance's thread takes its next batch itself, about 2 %
-(0.966x against 0.985x of the same reference, within the rounds' spread of 0.92-1.07). A bound of ~9
+cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: its
+smaller batches each have their own cost, about 2 % of the images a second at 32 clients against
+batches of any size (paired 10-s rounds: 0.966x against 0.985x of the same reference, within the
+rounds' spread of 0.92-1.07). A bound of ~9
 rows (150 ms) cost little or none, but ONNX Runtime's arena then keeps what the biggest batches need:
 the server's RSS grew 14 % (482 -> 548 MB) between 1,000 and 20,000 requests, against 1 % with this
 bound. A model that computes a row in well under a millisecond is not held: its batches stay as big
@@ -527,30 +526,28 @@ class DynamicBatcher:
         by a batch as it ends, so that its instance's next batch starts in the same event-loop turn.
         Returns how long the queue's head still waits for company (`max_queue_delay_s`) while an
         instance is free for it, else None (nothing starts before a request arrives or a batch ends)."""
-        with self._lock:
-            return self._dispatch_locked()
-
-    def _dispatch_locked(self) -> float | None:
         try:
-            while len(self._running) < self._instances and self._alone is None:
-                if self._lone is not None and self._lone.computing:  # it holds every instance until it ends
-                    return None
-                if self._background_due(starving_only=True):  # waited long enough to go first
-                    self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                elif self._queue:
-                    hold_s = self._hold_s()
-                    if hold_s > 0:
-                        return hold_s
-                    if self._is_alone():
-                        self._start(self._take_batch(self._max_batch), alone=True)
+            with self._lock:
+                while len(self._running) < self._instances and self._alone is None:
+                    lone_computing = self._lone is not None and self._lone.computing
+                    if lone_computing:  # it holds every instance until it ends
                         return None
-                    share = self._share()
-                    while self._queue and len(self._running) < self._instances:
-                        self._start(self._take_batch(share))
-                elif self._background_due(starving_only=False):  # their turn: no request waits
-                    self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
-                else:
-                    return None
+                    if self._background_due(starving_only=True):  # waited long enough to go first
+                        self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
+                    elif self._queue:
+                        hold_s = self._hold_s()
+                        if hold_s > 0:
+                            return hold_s
+                        if self._is_alone():
+                            self._start(self._take_batch(self._max_batch), alone=True)
+                            return None
+                        share = self._share()
+                        while self._queue and len(self._running) < self._instances:
+                            self._start(self._take_batch(share))
+                    elif self._background_due(starving_only=False):  # their turn: no request waits
+                        self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
+                    else:
+                        return None
         except Exception:  # a bug here must not stop batching for everyone
             logger.exception("batch scheduling error; continuing")
         return None

@@ -25,7 +25,7 @@ help:
 	@echo "make peers  - build .venv/peers/bentoml, the BentoML peer's own venv (make bench does it)"
 	@echo "make bench-fewshot - galleries of a few examples per class against raw pixels (~5 min)"
 	@echo "make bench-galleries - galleries of 10^4 and 10^5 entries through a real server (~10 min)"
-	@echo "make docs   - regenerate docs/configuration.md and the figures in docs/ from the results JSON"
+	@echo "make docs   - regenerate docs/configuration.md, docs/cli.md and the figures in docs/ from the results JSON"
 	@echo "make proto  - regenerate the gRPC message classes from service/protocols/v2proto/*.proto"
 	@echo "make lock   - regenerate requirements/*.txt from pyproject.toml (LOCK_FLAGS=--upgrade to move every pin)"
 

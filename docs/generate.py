@@ -1,5 +1,5 @@
 """Write the docs that come from the code: docs/configuration.md from the service's `Settings` class,
-and the README's block of `convserve --help` output from the command's parser.
+and docs/cli.md's block of `convserve --help` output from the command's parser.
 
     .venv/bin/python docs/generate.py          # rewrite both
     .venv/bin/python docs/generate.py --check  # exit 1 if either differs from what would be written
@@ -28,11 +28,11 @@ from pydantic.fields import FieldInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = REPO_ROOT / "docs" / "configuration.md"
-README = REPO_ROOT / "README.md"
+CLI_DOC = REPO_ROOT / "docs" / "cli.md"
 CLI_START, CLI_END = "<!-- generated: convserve --help -->", "<!-- end generated: convserve --help -->"
 CLI_COMMANDS = ((), ("serve",), ("import",), ("predict",))
 HELP_COLUMNS = "100"
-"""argparse wraps help to the terminal's width; the README's copy is made at a fixed one."""
+"""argparse wraps help to the terminal's width; docs/cli.md's copy is made at a fixed one."""
 
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
@@ -164,7 +164,7 @@ def command_help(words: tuple[str, ...]) -> str:
 
 
 def render_cli_block() -> str:
-    """The README's block: the help of `convserve` and of each subcommand that has its own options."""
+    """docs/cli.md's block: the help of `convserve` and of each subcommand that has its own options."""
     parts = [CLI_START]
     for words in CLI_COMMANDS:
         parts += [
@@ -178,11 +178,11 @@ def render_cli_block() -> str:
     return "\n".join(parts)
 
 
-def render_readme(current: str) -> str:
-    """`current` README text with its CLI block replaced by `render_cli_block()`."""
+def render_cli_doc(current: str) -> str:
+    """`current` docs/cli.md text with its CLI block replaced by `render_cli_block()`."""
     start, end = current.find(CLI_START), current.find(CLI_END)
     if start < 0 or end < start:
-        raise SystemExit(f"README.md has no {CLI_START} ... {CLI_END} block to fill")
+        raise SystemExit(f"docs/cli.md has no {CLI_START} ... {CLI_END} block to fill")
     return current[:start] + render_cli_block() + current[end + len(CLI_END) :]
 
 
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the docs that come from the code.")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a file is stale")
     args = parser.parse_args(argv)
-    readme = README.read_text(encoding="utf-8")
-    wanted = {OUTPUT: render(), README: render_readme(readme)}
+    cli_doc = CLI_DOC.read_text(encoding="utf-8")
+    wanted = {OUTPUT: render(), CLI_DOC: render_cli_doc(cli_doc)}
     stale = [
         path
         for path, text in wanted.items()

@@ -98,13 +98,12 @@ for the last, so a big batch stretches the latency of the rows at its head. Meas
 clients on 2 cores (EfficientNet-Lite0, ~16 ms a row on a core shared with decoding): batches held
 to 4 rows brought the p99 from 481 to 358 ms and from 951 to 661 ms; held to 2 rows, the batches' own
 cost (thread hand-offs, stacking, delivery) took 8 %. The 4-row bound is not free either: its
-smaller batches each have their own cost, about 2 % of the images a second at 32 clients against
-batches of any size (paired 10-s rounds: 0.966x against 0.985x of the same reference, within the
-rounds' spread of 0.92-1.07). A bound of ~9
-rows (150 ms) cost little or none, but ONNX Runtime's arena then keeps what the biggest batches need:
-the server's RSS grew 14 % (482 -> 548 MB) between 1,000 and 20,000 requests, against 1 % with this
-bound. A model that computes a row in well under a millisecond is not held: its batches stay as big
-as the queue makes them."""
+smaller batches each have their own cost, about 2-3 % of the images a second at 32 clients against
+batches of any size (paired 10-s rounds: 0.962-0.966x against 0.985-0.990x of the same reference,
+within the rounds' spread of 0.90-1.17). A bound of ~9 rows (150 ms) cost little or none, but ONNX
+Runtime's arena then keeps what the biggest batches need: the server's RSS grew 14 % (482 -> 548 MB)
+between 1,000 and 20,000 requests, against 1 % with this bound. A model that computes a row in well
+under a millisecond is not held: its batches stay as big as the queue makes them."""
 
 Extras = Mapping[str, np.ndarray]
 """Named outputs besides the main one, each [N, ...] in the order of the rows."""
@@ -529,8 +528,7 @@ class DynamicBatcher:
         try:
             with self._lock:
                 while len(self._running) < self._instances and self._alone is None:
-                    lone_computing = self._lone is not None and self._lone.computing
-                    if lone_computing:  # it holds every instance until it ends
+                    if self._lone is not None and self._lone.computing:  # it holds every instance
                         return None
                     if self._background_due(starving_only=True):  # waited long enough to go first
                         self._start(self._take_batch(BACKGROUND_BATCH, self._background), background=True)
